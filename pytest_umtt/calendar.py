@@ -1,0 +1,851 @@
+"""The calendar: a controller for UML's ``time-travel=ext`` protocol.
+
+It owns the virtual clock, the listening socket, the shared memory (schedshm v2) and
+the queue of every participant's next event. It never runs on its own: the caller's
+thread drives it with :meth:`Calendar.run_until` (and friends), so whatever the caller
+does between two calls happens at one virtual instant.
+
+The design differs from the reference controller (usfstl, PROTOCOL.md §3) in one
+structural way: it never waits for one client inside the handler of another. Every
+outgoing message that expects an ACK is queued on its client with a continuation, and
+a broadcast's ACK to its sender is deferred until every recipient has answered. That
+removes usfstl's nested ``wait_for`` pitfalls (§6g) and lets any client misbehave at
+any point without taking the others down.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import functools
+import heapq
+import itertools
+import mmap
+import os
+import selectors
+import socket
+import time
+from array import array
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CalendarClosedError, ProtocolError, StallError, format_ns
+from .trace import Trace, TraceEvent
+from .wire import (
+    FREE_RUN_SPAN,
+    MESSAGE_SIZE,
+    NO_ID,
+    S64_MAX,
+    SHM_HEADER_SIZE,
+    START_ACK_ID_MASK,
+    U64_MAX,
+    ClientFlag,
+    Message,
+    Op,
+    SharedMemory,
+    op_name,
+    shm_size,
+)
+
+DEFAULT_SHM_CLIENTS = 63
+"""Clients served over shared memory; the map has one more entry, the controller's (§2)."""
+
+MAX_CLIENT_ID = START_ACK_ID_MASK
+DEFAULT_STALL_TIMEOUT = 30.0
+SEND_TIMEOUT = 5.0
+
+
+class ClientState(enum.Enum):
+    """Where a socket client is in its life (§3 client states)."""
+
+    CONNECTED = "connected"
+    STARTING = "starting"
+    RUNNING = "running"
+    WAITING = "waiting"
+    GONE = "gone"
+
+
+class StopReason(enum.Enum):
+    """Why :meth:`Calendar.run_until` returned."""
+
+    CONDITION = "condition"
+    DEADLINE = "deadline"
+    QUIESCENT = "quiescent"
+    DOORBELL = "doorbell"
+    PAUSE = "pause"
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """The outcome of a run: why it stopped, when, and for a doorbell who rang it."""
+
+    reason: StopReason
+    time: int
+    client: Client | None = None
+    value: int | None = None
+
+
+@dataclass(eq=False)
+class _Job:
+    """An entry in the event queue; ``cancelled`` implements lazy deletion."""
+
+    time: int
+    order: int
+    owner: Client | ScheduledCall
+    cancelled: bool = False
+
+    def __lt__(self, other: _Job) -> bool:
+        return (self.time, self.order) < (other.time, other.order)
+
+
+@dataclass(eq=False)
+class _PendingAck:
+    seq: int
+    op: Op
+    then: Callable[[Message], None] | None = None
+
+
+@dataclass(eq=False)
+class _Broadcast:
+    sender: Client
+    seq: int
+    value: int
+    waiting: set[Client] = field(default_factory=set)
+
+
+class ScheduledCall:
+    """An in-process participant: a callback at a virtual time. Cancel it with cancel()."""
+
+    def __init__(self, calendar: Calendar, fn: Callable[[], object], name: str) -> None:
+        self._calendar = calendar
+        self.fn = fn
+        self.name = name
+        self._job: _Job | None = None
+
+    @property
+    def time(self) -> int | None:
+        """When it will run, or None once it ran or was cancelled."""
+        return None if self._job is None or self._job.cancelled else self._job.time
+
+    def cancel(self) -> None:
+        if self._job is not None:
+            self._job.cancelled = True
+            self._job = None
+
+    def __repr__(self) -> str:
+        return f"<ScheduledCall {self.name} at {self.time}>"
+
+
+class Client:
+    """A participant connected over the socket: normally one UML kernel."""
+
+    def __init__(self, sock: socket.socket, serial: int, label: str | None) -> None:
+        self.sock = sock
+        self.serial = serial
+        self.label = label
+        self.state = ClientState.CONNECTED
+        self.start_id: int | None = None
+        self.start_seq = 0
+        self.id = 0
+        self.shm = False
+        self.offset = 0
+        self.job: _Job | None = None
+        self.pending_acks: deque[_PendingAck] = deque()
+        self.error: ProtocolError | None = None
+
+    @property
+    def name(self) -> str:
+        """A label for messages: the caller's label, else the START id, else the serial."""
+        if self.label:
+            return self.label
+        if self.start_id is not None and self.start_id != NO_ID:
+            return f"client {self.start_id:#x}"
+        return f"client #{self.serial}"
+
+    @property
+    def request(self) -> int | None:
+        """The absolute virtual time this client asked to run at next, if any."""
+        return None if self.job is None or self.job.cancelled else self.job.time
+
+    @property
+    def started(self) -> bool:
+        return self.state in (ClientState.RUNNING, ClientState.WAITING)
+
+    def __repr__(self) -> str:
+        mode = "shm" if self.shm else "msg"
+        return f"<Client {self.name} id={self.id} {mode} {self.state.value}>"
+
+
+class Calendar:
+    """The virtual clock and scheduler that UML kernels and in-process jobs share.
+
+    ``shm`` enables the shared-memory scheduler for clients that join at time 0;
+    ``expected_clients`` holds back every START ACK until that many STARTs arrived
+    (usfstl's ``--clients``); ``time_at_start`` is what GET_TOD adds to the clock.
+    """
+
+    def __init__(
+        self,
+        *,
+        shm: bool = True,
+        shm_clients: int = DEFAULT_SHM_CLIENTS,
+        time_at_start: int = 0,
+        expected_clients: int = 0,
+        pause_on_broadcast: bool = True,
+        trace: Trace | None = None,
+    ) -> None:
+        self._now = 0
+        self.time_at_start = time_at_start
+        self.pause_on_broadcast = pause_on_broadcast
+        self.trace = trace
+        self.expected_clients = expected_clients
+        self.errors: list[ProtocolError] = []
+        self.on_drop: list[Callable[[Client, ProtocolError | None], None]] = []
+        self.on_broadcast: list[Callable[[Client, int], None]] = []
+        self.clients: list[Client] = []
+        self._selector = selectors.DefaultSelector()
+        self._listener: socket.socket | None = None
+        self._socket_path: Path | None = None
+        self._queue: list[_Job] = []
+        self._order = itertools.count()
+        self._serials = itertools.count(1)
+        self._seq = itertools.count(1)
+        self._starting: list[Client] = []
+        self._starts_seen = 0
+        self._runner: Client | None = None
+        self._horizon = U64_MAX
+        self._limit: int | None = None
+        self._broadcasts: list[_Broadcast] = []
+        self._stops: deque[Stop] = deque()
+        self._closed = False
+        self._shm_entries = shm_clients + 1
+        self._shm_fd, self._shm_map = _create_memfd("umtt-schedshm", shm_size(self._shm_entries))
+        self._shm = SharedMemory(self._shm_map)
+        self._shm.init_header(self._shm_entries)
+        self.shm_enabled = shm
+        # Clients served over messages still get two fds in the START ACK: a memfd whose
+        # version is not 2, because a kernel given no fds mmaps and closes garbage (§6b).
+        self._decoy_fd, self._decoy_map = _create_memfd("umtt-noshm", SHM_HEADER_SIZE)
+        self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        self._handlers: dict[Op, Callable[[Client, Message], None]] = {
+            Op.ACK: self._on_ack,
+            Op.START: self._on_start,
+            Op.REQUEST: self._on_request,
+            Op.WAIT: self._on_wait,
+            Op.GET: self._on_get,
+            Op.UPDATE: self._on_update,
+            Op.RUN: self._on_controller_op,
+            Op.FREE_UNTIL: self._on_controller_op,
+            Op.GET_TOD: self._on_get_tod,
+            Op.BROADCAST: self._on_broadcast,
+        }
+
+    # --- public surface -------------------------------------------------------------
+
+    @property
+    def now(self) -> int:
+        """The virtual time in nanoseconds."""
+        return self._now
+
+    @property
+    def runner(self) -> Client | None:
+        """The client that holds the CPU right now, if any."""
+        return self._runner
+
+    @property
+    def socket_path(self) -> Path | None:
+        return self._socket_path
+
+    @property
+    def shm(self) -> SharedMemory:
+        """The shared-memory view (for inspection and tests)."""
+        return self._shm
+
+    def __repr__(self) -> str:
+        return f"<Calendar now={format_ns(self._now)} clients={len(self.live_clients())}>"
+
+    def __enter__(self) -> Calendar:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def live_clients(self) -> list[Client]:
+        """Clients that have not left."""
+        return [c for c in self.clients if c.state is not ClientState.GONE]
+
+    def listen(self, path: str | os.PathLike[str]) -> Path:
+        """Listen for clients on a Unix socket at ``path``, replacing a stale socket."""
+        self._check_open()
+        socket_path = Path(path)
+        if socket_path.is_socket():
+            socket_path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(socket_path))
+        os.chmod(socket_path, 0o600)
+        listener.listen(128)
+        listener.setblocking(False)
+        self._selector.register(listener, selectors.EVENT_READ, None)
+        self._listener, self._socket_path = listener, socket_path
+        return socket_path
+
+    def attach(self, sock: socket.socket, label: str | None = None) -> Client:
+        """Serve an already connected socket (one end of a socketpair, say) as a client."""
+        self._check_open()
+        sock.settimeout(SEND_TIMEOUT)
+        client = Client(sock, next(self._serials), label)
+        self.clients.append(client)
+        self._selector.register(sock, selectors.EVENT_READ, client)
+        self._record("connect", client)
+        return client
+
+    def call_at(self, when: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
+        """Run ``fn`` in-process at virtual time ``when`` (ns), on the shared clock."""
+        if when < self._now:
+            raise ValueError(f"cannot schedule {name or fn!r} at {format_ns(when)}: "
+                             f"the clock is already at {format_ns(self._now)}")
+        call = ScheduledCall(self, fn, name or getattr(fn, "__name__", "call"))
+        call._job = self._push(when, call)
+        return call
+
+    def call_later(self, delay: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
+        """Run ``fn`` ``delay`` nanoseconds from now."""
+        return self.call_at(self._now + delay, fn, name)
+
+    def pause(self) -> None:
+        """Stop the current run_until at the present instant (for use from callbacks)."""
+        self._stops.append(Stop(StopReason.PAUSE, self._now))
+
+    def run_until(
+        self,
+        condition: Callable[[], bool] | None = None,
+        *,
+        deadline: int | None = None,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+    ) -> Stop:
+        """Run the simulation until ``condition()`` holds, a doorbell or pause, the
+        virtual ``deadline`` (ns, exact: nothing later runs and the clock ends on it),
+        or quiescence (every client waits with nothing due). Raises StallError when
+        virtual time does not move for ``stall_timeout`` wall seconds.
+        """
+        self._check_open()
+        if deadline is not None and deadline < self._now:
+            raise ValueError(f"deadline {format_ns(deadline)} is before now "
+                             f"({format_ns(self._now)})")
+        self._limit = deadline
+        try:
+            return self._run(condition, deadline, stall_timeout)
+        finally:
+            self._limit = None
+
+    def advance(self, nanoseconds: int, *, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> Stop:
+        """Run for exactly ``nanoseconds`` of virtual time unless something stops it first."""
+        return self.run_until(deadline=self._now + nanoseconds, stall_timeout=stall_timeout)
+
+    def serve_until(self, condition: Callable[[], bool], wall_timeout: float) -> bool:
+        """Serve socket traffic without advancing the schedule until ``condition()``;
+        False when ``wall_timeout`` wall seconds passed first. For things that happen
+        outside virtual time: a process connecting, a START arriving."""
+        self._check_open()
+        give_up = time.monotonic() + wall_timeout
+        while not condition():
+            left = give_up - time.monotonic()
+            if left <= 0:
+                return False
+            self._pump(left)
+        return True
+
+    def step(self, timeout: float = 0.0) -> bool:
+        """Do one unit of work: serve I/O (waiting up to ``timeout``), or, when nobody
+        runs, ack one START or dispatch one due event. True if anything happened."""
+        self._check_open()
+        if self._busy():
+            return self._pump(timeout)
+        return self._pump(0) or self._advance() or self._pump(timeout)
+
+    def close(self) -> None:
+        """Disconnect every client, stop listening, remove the socket, free the memory."""
+        if self._closed:
+            return
+        for client in self.live_clients():
+            self._remove(client, None)
+        if self._listener is not None:
+            self._selector.unregister(self._listener)
+            self._listener.close()
+        if self._socket_path is not None:
+            self._socket_path.unlink(missing_ok=True)
+        self._selector.close()
+        for fd, mapping in ((self._shm_fd, self._shm_map), (self._decoy_fd, self._decoy_map)):
+            mapping.close()
+            os.close(fd)
+        os.close(self._log_fd)
+        self._closed = True
+
+    # --- the run loop ---------------------------------------------------------------
+
+    def _run(self, condition: Callable[[], bool] | None, deadline: int | None,
+             stall_timeout: float) -> Stop:
+        last_progress = (self._now, time.monotonic())
+        while True:
+            if not self._busy():
+                stop = self._stop_if_done(condition)
+                if stop is not None:
+                    return stop
+                if self._advance():
+                    continue
+                return self._idle_stop(deadline)
+            if not self._pump(min(stall_timeout, 1.0)):
+                last_progress = self._check_stall(last_progress, stall_timeout)
+
+    def _stop_if_done(self, condition: Callable[[], bool] | None) -> Stop | None:
+        if self._stops:
+            return self._stops.popleft()
+        if condition is not None and condition():
+            return Stop(StopReason.CONDITION, self._now)
+        return None
+
+    def _idle_stop(self, deadline: int | None) -> Stop:
+        if deadline is None:
+            return Stop(StopReason.QUIESCENT, self._now)
+        self._set_now(deadline)
+        return Stop(StopReason.DEADLINE, deadline)
+
+    def _check_stall(self, last: tuple[int, float], budget: float) -> tuple[int, float]:
+        vtime, since = last
+        if vtime != self._now:
+            return self._now, time.monotonic()
+        waited = time.monotonic() - since
+        if waited >= budget:
+            who = self._runner.name if self._runner else "acknowledgements or STARTs"
+            raise StallError(self._now, waited, who)
+        return last
+
+    def _busy(self) -> bool:
+        """True while the schedule cannot move: a client runs, a broadcast is still being
+        acknowledged, or STARTs are held until ``expected_clients`` arrived."""
+        gated = bool(self._starting) and self._starts_seen < self.expected_clients
+        return self._runner is not None or bool(self._broadcasts) or gated
+
+    def _advance(self) -> bool:
+        """At top level (nobody runs): ack a START, or dispatch the next due event."""
+        if self._starting and self._starts_seen >= self.expected_clients:
+            self._process_start(min(self._starting, key=_start_order))
+            return True
+        self._collect_shm_requests()
+        job = self._peek()
+        if job is None or (self._limit is not None and job.time > self._limit):
+            return False
+        heapq.heappop(self._queue)
+        self._set_now(job.time)
+        owner = job.owner
+        if isinstance(owner, Client):
+            owner.job = None
+            self._grant(owner)
+        else:
+            owner._job = None
+            self._record("call", None, detail=owner.name)
+            self._shm.running_id = 0
+            owner.fn()
+        return True
+
+    # --- I/O ------------------------------------------------------------------------
+
+    def _pump(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for socket events and handle them all."""
+        events = self._selector.select(timeout)
+        for key, _ in events:
+            if key.data is None:
+                self._accept()
+            elif key.data.state is not ClientState.GONE:
+                self._receive(key.data)
+        return bool(events)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            sock, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        self.attach(sock)
+
+    def _receive(self, client: Client) -> None:
+        try:
+            data = client.sock.recv(MESSAGE_SIZE)
+        except OSError as exc:
+            self._fail(client, f"read error: {exc.strerror}")
+            return
+        if not data:
+            self._disconnected(client)
+            return
+        if len(data) != MESSAGE_SIZE:
+            # One read, one message, as both the kernel and usfstl expect (§1).
+            self._fail(client, f"short message of {len(data)} bytes: {data.hex()}")
+            return
+        message = Message.unpack(data)
+        self._record("rx", client, message)
+        handler = self._handlers.get(Op(message.op)) if message.op in _KNOWN_OPS else None
+        if handler is None:
+            # usfstl ACKs unknown ops with time 0 (§1, scenario 27); so do we.
+            self._send(client, Message(Op.ACK, message.seq, 0))
+            return
+        handler(client, message)
+
+    def _send(self, client: Client, message: Message,
+              then: Callable[[Message], None] | None = None, fds: list[int] | None = None) -> None:
+        """Send a message; if ``then`` is given, an ACK is expected and ``then`` runs on it."""
+        if client.state is ClientState.GONE:
+            return
+        if then is not None:
+            client.pending_acks.append(_PendingAck(message.seq, Op(message.op), then))
+        self._record("tx", client, message)
+        try:
+            if fds:
+                client.sock.sendmsg([message.pack()],
+                                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))])
+            else:
+                client.sock.sendall(message.pack())
+        except OSError as exc:
+            self._fail(client, f"write error: {exc.strerror or exc}", message)
+
+    def _send_expecting_ack(self, client: Client, op: Op, value: int,
+                            then: Callable[[Message], None] = lambda _: None) -> None:
+        self._send(client, Message(op, next(self._seq), value), then)
+
+    def _ack(self, client: Client, request: Message, value: int = 0) -> None:
+        self._send(client, Message(Op.ACK, request.seq, value))
+
+    # --- message handlers (§3 "Messages arriving while waiting") ---------------------
+
+    def _on_start(self, client: Client, message: Message) -> None:
+        if client.state is not ClientState.CONNECTED:
+            self._fail(client, "START sent twice", message)
+            return
+        client.start_id = message.time
+        client.start_seq = message.seq
+        client.state = ClientState.STARTING
+        self._starting.append(client)
+        self._starts_seen += 1
+
+    def _on_request(self, client: Client, message: Message) -> None:
+        if not self._require_started(client, message):
+            return
+        if not self._set_request(client, message.time, message):
+            return
+        if client.shm:
+            # Mirror into shared memory, so a later collection sees this, not a stale entry.
+            entry = self._shm.entry(client.id)
+            entry.req_time = min(message.time + client.offset, U64_MAX)
+            entry.flags = entry.flags | ClientFlag.REQ_RUN
+        self._ack(client, message)
+
+    def _on_wait(self, client: Client, message: Message) -> None:
+        if client is self._runner:
+            self._end_run(client, message)
+        elif self._runner is None and client.started:
+            if not client.shm:
+                self._ack(client, message)
+        else:
+            self._fail(client, "WAIT from a client that is not running", message)
+
+    def _on_get(self, client: Client, message: Message) -> None:
+        if self._require_started(client, message):
+            self._ack(client, message, self._now - client.offset)
+
+    def _on_get_tod(self, client: Client, message: Message) -> None:
+        # GET_TOD is absolute: no offset, even for late joiners (M:474, §2).
+        if self._require_started(client, message):
+            self._ack(client, message, self.time_at_start + self._now)
+
+    def _on_update(self, client: Client, message: Message) -> None:
+        if client is not self._runner:
+            self._fail(client, "UPDATE from a client that is not running", message)
+            return
+        new_time = message.time + client.offset
+        if new_time < self._now:
+            self._fail(client, f"UPDATE goes backwards to {format_ns(new_time)}", message)
+            return
+        nxt = self._peek()
+        if nxt is not None and new_time > nxt.time:
+            self._fail(client, f"UPDATE to {format_ns(new_time)} passes the next event "
+                               f"at {format_ns(nxt.time)}", message)
+            return
+        self._set_now(new_time)
+        self._ack(client, message)
+
+    def _on_controller_op(self, client: Client, message: Message) -> None:
+        self._fail(client, f"{op_name(message.op)} is the controller's to send", message)
+
+    def _on_ack(self, client: Client, message: Message) -> None:
+        if not client.pending_acks:
+            self._fail(client, "ACK that answers nothing", message)
+            return
+        expected = client.pending_acks.popleft()
+        if expected.seq != message.seq:
+            self._fail(client, f"ACK with seq {message.seq}, expected {expected.seq} "
+                               f"for {expected.op.name}", message)
+            return
+        if expected.then is not None:
+            expected.then(message)
+
+    def _on_broadcast(self, client: Client, message: Message) -> None:
+        if not self._require_started(client, message):
+            return
+        value = message.time
+        pending = _Broadcast(client, message.seq, value)
+        if self.pause_on_broadcast:
+            self._ring_doorbell(client, value)
+        for other in self.live_clients():
+            if other is not client and other.started:
+                pending.waiting.add(other)
+                self._send_expecting_ack(other, Op.BROADCAST, value,
+                                         functools.partial(self._broadcast_acked, pending, other))
+        self._broadcasts.append(pending)
+        self._maybe_finish_broadcast(pending)
+        for hook in self.on_broadcast:
+            hook(client, value)
+
+    def _ring_doorbell(self, client: Client, value: int) -> None:
+        """Make the ringing client yield at its very next time step (DESIGN.md fact 6)."""
+        self._stops.append(Stop(StopReason.DOORBELL, self._now, client, value))
+        if client is self._runner:
+            # Only the kernel's view shrinks: the calendar's horizon still bounds how far
+            # the client may have run, which _end_run needs.
+            self._tell_horizon(client, self._now)
+
+    def _broadcast_acked(self, pending: _Broadcast, recipient: Client,
+                         _ack: Message | None = None) -> None:
+        pending.waiting.discard(recipient)
+        self._maybe_finish_broadcast(pending)
+
+    def _maybe_finish_broadcast(self, pending: _Broadcast) -> None:
+        if pending.waiting or pending not in self._broadcasts:
+            return
+        self._broadcasts.remove(pending)
+        self._send(pending.sender, Message(Op.ACK, pending.seq, 0))
+
+    def _require_started(self, client: Client, message: Message) -> bool:
+        if client.started:
+            return True
+        self._fail(client, f"{op_name(message.op)} before START was acknowledged", message)
+        return False
+
+    # --- scheduling ---------------------------------------------------------------
+
+    def _set_request(self, client: Client, local_time: int, message: Message | None) -> bool:
+        """Queue ``client`` at ``local_time`` in its own time domain; False if it was dropped."""
+        if local_time >= S64_MAX:
+            # "Sleep forever" (§4): nothing to schedule, and a RUN there would panic it.
+            self._unqueue(client)
+            return True
+        when = local_time + client.offset
+        if when < self._now:
+            self._fail(client, f"request for {format_ns(when)}, which is in the past", message)
+            return False
+        if client.job is not None and not client.job.cancelled and client.job.time == when:
+            return True  # already queued there: keep its place among ties
+        self._unqueue(client)
+        client.job = self._push(when, client)
+        return True
+
+    def _unqueue(self, client: Client) -> None:
+        if client.job is not None:
+            client.job.cancelled = True
+            client.job = None
+
+    def _push(self, when: int, owner: Client | ScheduledCall) -> _Job:
+        job = _Job(when, next(self._order), owner)
+        heapq.heappush(self._queue, job)
+        if self._runner is not None and when < self._horizon:
+            self._lower_horizon(when)
+        return job
+
+    def _peek(self) -> _Job | None:
+        while self._queue and self._queue[0].cancelled:
+            heapq.heappop(self._queue)
+        return self._queue[0] if self._queue else None
+
+    def _collect_shm_requests(self) -> None:
+        """Pick up requests that shm clients wrote straight into shared memory (§3 step 1)."""
+        for client in self.clients:
+            if not client.shm or client.state is not ClientState.WAITING:
+                continue
+            entry = self._shm.entry(client.id)
+            if entry.flags & ClientFlag.REQ_RUN:
+                self._set_request(client, entry.req_time, None)
+
+    def _next_horizon(self) -> int:
+        """How far a client may free-run: the next event, bounded by the run's deadline."""
+        horizon = min(self._now + FREE_RUN_SPAN, U64_MAX)
+        job = self._peek()
+        if job is not None:
+            horizon = min(horizon, job.time)
+        if self._limit is not None:
+            horizon = min(horizon, self._limit + 1)
+        return horizon
+
+    def _lower_horizon(self, when: int) -> None:
+        """A new event before the runner's horizon: tell the runner before anyone else
+        learns of it (the invariant of §3, scenario 13)."""
+        assert self._runner is not None
+        self._horizon = min(self._horizon, when)
+        self._tell_horizon(self._runner, when)
+
+    def _tell_horizon(self, runner: Client, when: int) -> None:
+        if runner.shm:
+            self._shm.free_until = min(self._shm.free_until, when)
+        else:
+            self._send_expecting_ack(runner, Op.FREE_UNTIL, when - runner.offset)
+
+    def _grant(self, client: Client) -> None:
+        """RUN ``client`` now (§3 run_client)."""
+        self._begin_run(client)
+        if not client.shm:
+            self._send_expecting_ack(client, Op.FREE_UNTIL, self._horizon - client.offset)
+        run = Message(Op.RUN, next(self._seq), self._now - client.offset)
+        # A shm client does not ACK RUN (K:158-167).
+        self._send(client, run, None if client.shm else (lambda _m: None))
+
+    def _begin_run(self, client: Client) -> None:
+        # RUNNING first: its entry may still say REQ_RUN until the kernel reads the RUN,
+        # and collecting it now would queue it a second time.
+        client.state = ClientState.RUNNING
+        self._collect_shm_requests()
+        self._horizon = self._next_horizon()
+        self._runner = client
+        # running_id only ever names a shm client: a kernel indexes clients[] with it
+        # unchecked, and entry 0 (capa 0) sends everyone else back to messages (§2).
+        self._shm.running_id = client.id if client.shm else 0
+        self._shm.current_time = self._now
+        self._shm.free_until = self._horizon
+        self._record("run", client, time=self._now)
+
+    def _end_run(self, client: Client, message: Message) -> None:
+        self._runner = None
+        client.state = ClientState.WAITING
+        self._shm.running_id = 0
+        if not client.shm:
+            self._ack(client, message)
+        self._collect_shm_requests()
+        if self._starting:
+            # STARTs that came in while it ran join at its granted instant: that is how
+            # several shm kernels boot together at t=0 (§6a).
+            return
+        # A shm client free-ran without publishing its clock; the latest instant that is
+        # safe to call "now" is the earlier of its next event and its horizon (fact 7).
+        job = self._peek()
+        safe = min(self._horizon, job.time if job else U64_MAX)
+        if self._limit is not None:
+            safe = min(safe, self._limit)
+        if job is not None or self._limit is not None:
+            self._set_now(max(self._now, safe))
+
+    def _set_now(self, when: int) -> None:
+        assert when >= self._now, f"time going backwards {self._now} -> {when}"
+        self._now = when
+        if self._shm.running_id == 0:
+            self._shm.current_time = when
+
+    # --- joining ------------------------------------------------------------------
+
+    def _process_start(self, client: Client) -> None:
+        """ACK a START; the client then runs until its first WAIT (§3 process_starting_client)."""
+        self._starting.remove(client)
+        client.offset = self._now
+        with_shm = self._can_join_with_shm()
+        client.id = self._free_id(prefer_shm=with_shm)
+        client.shm = with_shm and 0 < client.id < self._shm_entries
+        if client.id == 0:
+            self._fail(client, f"no free client id (limit {MAX_CLIENT_ID})")
+            return
+        if client.shm:
+            entry = self._shm.entry(client.id)
+            entry.clear()
+            entry.name = 0 if client.start_id == NO_ID else (client.start_id or 0)
+        self._begin_run(client)
+        self._record("join", client, detail="shm" if client.shm else "messages")
+        fds = [self._shm_fd if client.shm else self._decoy_fd, self._log_fd]
+        self._send(client, Message(Op.ACK, client.start_seq, client.id & START_ACK_ID_MASK),
+                   fds=fds)
+
+    def _can_join_with_shm(self) -> bool:
+        # A shm kernel that attaches when the clock is not 0 BUGs on its first RUN (§6a).
+        return self.shm_enabled and self._now == 0 and self._shm.current_time == 0
+
+    def _free_id(self, prefer_shm: bool) -> int:
+        used = {c.id for c in self.clients if c.id and c.state is not ClientState.GONE}
+        first = 1 if prefer_shm else self._shm_entries
+        for candidate in itertools.chain(range(first, MAX_CLIENT_ID + 1), range(1, first)):
+            if candidate not in used:
+                return candidate
+        return 0
+
+    # --- leaving ------------------------------------------------------------------
+
+    def _fail(self, client: Client, detail: str, message: Message | None = None) -> None:
+        error = ProtocolError(client.name, detail, self._now, str(message) if message else None)
+        client.error = error
+        self.errors.append(error)
+        self._remove(client, error)
+
+    def _disconnected(self, client: Client) -> None:
+        self._remove(client, None)
+
+    def _remove(self, client: Client, error: ProtocolError | None) -> None:
+        """Drop a client: no trace of it remains in the schedule (§3 Removal)."""
+        if client.state is ClientState.GONE:
+            return
+        self._record("drop", client, detail=str(error) if error else "disconnected")
+        was_started = client.started
+        client.state = ClientState.GONE
+        self._selector.unregister(client.sock)
+        client.sock.close()
+        self._unqueue(client)
+        if client in self._starting:
+            self._starting.remove(client)
+        if client.shm and was_started:
+            self._shm.entry(client.id).clear()
+        if client is self._runner:
+            self._runner = None
+            self._shm.running_id = 0
+        for pending in list(self._broadcasts):
+            if pending.sender is client:
+                self._broadcasts.remove(pending)
+            elif client in pending.waiting:
+                self._broadcast_acked(pending, client)
+        for hook in self.on_drop:
+            hook(client, error)
+
+    # --- helpers ------------------------------------------------------------------
+
+    def _record(self, kind: str, client: Client | None, message: Message | None = None,
+                time: int = 0, detail: str = "") -> None:
+        if self.trace is None:
+            return
+        name = client.name if client is not None else "calendar"
+        if message is None:
+            self.trace.add(TraceEvent(self._now, kind, name, time=time, detail=detail))
+        else:
+            self.trace.add(TraceEvent(self._now, kind, name, op_name(message.op),
+                                      message.seq, message.time, detail))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CalendarClosedError("the calendar is closed")
+
+
+_KNOWN_OPS = frozenset(int(op) for op in Op)
+
+
+def _start_order(client: Client) -> tuple[int, int]:
+    """STARTs are served by ID, ascending and stable (§3, M:435-446)."""
+    return (client.start_id if client.start_id is not None else NO_ID, client.serial)
+
+
+def _create_memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
+    """A sealed-size memfd and a shared mapping of it (§2: sealed against grow/shrink)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+    return fd, mmap.mmap(fd, size)
