@@ -707,12 +707,12 @@ class Calendar:
         # A shm client does not ACK RUN (K:158-167).
         self._send(client, run, None if client.shm else (lambda _m: None))
 
-    def _begin_run(self, client: Client) -> None:
+    def _begin_run(self, client: Client, horizon: int | None = None) -> None:
         # RUNNING first: its entry may still say REQ_RUN until the kernel reads the RUN,
         # and collecting it now would queue it a second time.
         client.state = ClientState.RUNNING
         self._collect_shm_requests()
-        self._horizon = self._next_horizon()
+        self._horizon = self._next_horizon() if horizon is None else horizon
         self._runner = client
         # running_id only ever names a shm client: a kernel indexes clients[] with it
         # unchecked, and entry 0 (capa 0) sends everyone else back to messages (§2).
@@ -763,7 +763,10 @@ class Calendar:
             entry = self._shm.entry(client.id)
             entry.clear()
             entry.name = 0 if client.start_id == NO_ID else (client.start_id or 0)
-        self._begin_run(client)
+        # No free run for a joiner: it yields at its first time step, so clients that
+        # start together run together, and a late joiner cannot run past a pending
+        # event (usfstl 963e035, §6d).
+        self._begin_run(client, horizon=self._now)
         self._record("join", client, detail="shm" if client.shm else "messages")
         fds = [self._shm_fd if client.shm else self._decoy_fd, self._log_fd]
         self._send(client, Message(Op.ACK, client.start_seq, client.id & START_ACK_ID_MASK),
