@@ -20,6 +20,7 @@ import fcntl
 import functools
 import heapq
 import itertools
+import math
 import mmap
 import os
 import selectors
@@ -255,6 +256,11 @@ class Calendar:
         return self._runner
 
     @property
+    def starts_seen(self) -> int:
+        """How many clients have sent START so far."""
+        return self._starts_seen
+
+    @property
     def socket_path(self) -> Path | None:
         return self._socket_path
 
@@ -454,7 +460,7 @@ class Calendar:
 
     def _pump(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for socket events and handle them all."""
-        events = self._selector.select(timeout)
+        events = self._selector.select(None if math.isinf(timeout) else timeout)
         for key, _ in events:
             if key.data is None:
                 self._accept()

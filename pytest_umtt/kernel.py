@@ -1,0 +1,539 @@
+"""A time-travel UML kernel out of the box: config fragment, cached build, entropy shim.
+
+Kernels land in ``<cache>/kernels/<KEY>/linux``; KEY hashes the source's identity and
+the config fragment. Builds are serialised by a file lock, compiled in a per-source
+object tree (so a changed fragment rebuilds incrementally) and published by renaming a
+staging directory, so an interrupted build never leaves a kernel that looks usable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from filelock import FileLock
+
+from .errors import UmttError
+
+RECIPE_VERSION = "1"
+DEBIAN_SOURCE_PACKAGE = "linux-source-6.12"
+DEBIAN_SOURCE_TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
+BUILD_TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc"}
+LIBELF_HEADER = Path("/usr/include/libelf.h")
+APT_BUILD_PACKAGES = ("make", "gcc", "flex", "bison", "bc", "libelf-dev")
+REPRODUCIBLE_ENV = {
+    # The guest's uname is part of the run: keep it the same on every machine.
+    "KBUILD_BUILD_TIMESTAMP": "1970-01-01 00:00:00 UTC",
+    "KBUILD_BUILD_USER": "umtt",
+    "KBUILD_BUILD_HOST": "umtt",
+}
+TIME_TRAVEL_MARKER = b"time-travel=ext:"
+SCHEDSHM_MARKER = b"setting time while not running"
+UML_MARKER = b"UML"
+SHIM_NAME = "libumtt_getrandom.so"
+LOG_TAIL_LINES = 25
+
+
+class KernelError(UmttError):
+    """Building or checking a kernel failed; the message says what and where."""
+
+
+class KernelBuildError(KernelError):
+    """A build failed: carries the log path and its last lines."""
+
+    def __init__(self, what: str, log: Path, tail: list[str]) -> None:
+        self.log = log
+        self.tail = tail
+        lines = "\n".join(f"    {line}" for line in tail)
+        super().__init__(f"{what}; full log: {log}\n  last lines:\n{lines}")
+
+
+# --- where things live ----------------------------------------------------------------
+
+def cache_root() -> Path:
+    """``$UMTT_CACHE_DIR``, else ``$XDG_CACHE_HOME/pytest-umtt``, else ``~/.cache/pytest-umtt``."""
+    explicit = os.environ.get("UMTT_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "pytest-umtt"
+
+
+def _writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise KernelError(f"cache directory {path} is not usable: {exc.strerror or exc} "
+                          f"(set UMTT_CACHE_DIR to a writable directory)") from None
+    return path
+
+
+def fragment_text() -> str:
+    """The config fragment shipped with the package."""
+    return resources.files("pytest_umtt").joinpath("data/umtt.config").read_text()
+
+
+def fragment_options(text: str) -> dict[str, str]:
+    """``{"CONFIG_X": "y", "CONFIG_Y": "n", ...}`` from a fragment (``is not set`` = n)."""
+    options = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("# CONFIG_") and line.endswith(" is not set"):
+            options[line[2:].split()[0]] = "n"
+        elif line.startswith("CONFIG_") and "=" in line:
+            name, value = line.split("=", 1)
+            options[name] = value
+    return options
+
+
+# --- sources --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class KernelSource:
+    """A Linux tree to build, with what identifies its contents for the cache key."""
+
+    path: Path
+    version: str
+    identity: str
+    default: bool = False
+
+
+def user_source(path: Path) -> KernelSource:
+    """A tree the user gives: validated, identified by git state where there is one."""
+    tree = path.resolve()
+    if not (tree / "Makefile").is_file() or not (tree / "arch" / "um").is_dir():
+        raise KernelError(f"{path} is not a Linux source tree (no Makefile or arch/um)")
+    header = tree / "include" / "uapi" / "linux" / "um_timetravel.h"
+    if not header.is_file():
+        raise KernelError(f"{path}: this Linux has no time-travel=ext protocol "
+                          f"(no include/uapi/linux/um_timetravel.h)")
+    if b"um_timetravel_schedshm" not in header.read_bytes():
+        raise KernelError(f"{path}: this Linux has time-travel=ext but not the shared-memory "
+                          f"scheduler (schedshm, Linux 6.11 and later)")
+    version = _make_kernelversion(tree)
+    return KernelSource(tree, version, f"{tree}\n{version}\n{_git_identity(tree)}")
+
+
+def _make_kernelversion(tree: Path) -> str:
+    result = subprocess.run(["make", "-s", "-C", str(tree), "kernelversion"],
+                            capture_output=True, text=True, check=False)
+    return result.stdout.strip() or "unknown"
+
+
+def _git_identity(tree: Path) -> str:
+    if not (tree / ".git").exists():
+        return "no-git"
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+    diff = subprocess.run(["git", "-C", str(tree), "diff", "HEAD"],
+                          capture_output=True, check=False).stdout
+    return f"{head} {hashlib.sha256(diff).hexdigest()[:16]}"
+
+
+def debian_source(cache: Path, say: Callable[[str], None]) -> KernelSource:
+    """Debian's linux-source-6.12, downloaded with apt if needed, extracted into the cache."""
+    tarball, version = _debian_tarball(cache, say)
+    target = cache / "src" / f"{DEBIAN_SOURCE_PACKAGE}_{version}"
+    with FileLock(str(target) + ".lock"):
+        if not (target / "Makefile").is_file():
+            say(f"extracting {tarball.name} into {target.parent}")
+            staging = target.with_name(target.name + f".partial-{os.getpid()}")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            try:
+                with tarfile.open(tarball) as archive:
+                    archive.extractall(staging, filter="tar")
+                (inner,) = list(staging.iterdir())
+                inner.rename(target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return KernelSource(target, version, f"debian {DEBIAN_SOURCE_PACKAGE} {version}", True)
+
+
+def _debian_tarball(cache: Path, say: Callable[[str], None]) -> tuple[Path, str]:
+    installed = subprocess.run(["dpkg-query", "-W", "-f=${Version}", DEBIAN_SOURCE_PACKAGE],
+                               capture_output=True, text=True, check=False)
+    if installed.returncode == 0 and DEBIAN_SOURCE_TARBALL.is_file():
+        return DEBIAN_SOURCE_TARBALL, installed.stdout.strip()
+    downloads = _writable_dir(cache / "downloads")
+    if shutil.which("apt-get") is None:
+        raise KernelError(f"no kernel source: {DEBIAN_SOURCE_PACKAGE} is not installed and "
+                          f"there is no apt-get; pass --source DIR with a Linux tree")
+    say(f"downloading {DEBIAN_SOURCE_PACKAGE} with apt-get")
+    fetched = subprocess.run(["apt-get", "download", DEBIAN_SOURCE_PACKAGE], cwd=downloads,
+                             capture_output=True, text=True, check=False)
+    debs = sorted(downloads.glob(f"{DEBIAN_SOURCE_PACKAGE}_*.deb"))
+    if fetched.returncode != 0 or not debs:
+        raise KernelError(f"apt-get download {DEBIAN_SOURCE_PACKAGE} failed: "
+                          f"{fetched.stderr.strip()[-500:]} (run apt-get update first?)")
+    deb = debs[-1]
+    version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    unpacked = downloads / deb.stem
+    tarball = unpacked / DEBIAN_SOURCE_TARBALL.relative_to("/")
+    if not tarball.is_file():
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
+    return tarball, version
+
+
+# --- build ----------------------------------------------------------------------------
+
+def missing_build_tools() -> list[str]:
+    """Debian packages whose tools a UML build needs but this machine lacks."""
+    missing = [pkg for tool, pkg in BUILD_TOOLS.items() if shutil.which(tool) is None]
+    if not LIBELF_HEADER.is_file():
+        missing.append("libelf-dev")
+    return missing
+
+
+def ensure_build_tools(say: Callable[[str], None]) -> None:
+    """Install missing build tools with apt-get when root, else say exactly what is missing."""
+    missing = missing_build_tools()
+    if not missing:
+        return
+    command = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise KernelError(f"missing build dependencies: {', '.join(missing)}; "
+                          f"install them with: sudo {' '.join(command)}")
+    say(f"installing build dependencies: {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        raise KernelError(f"could not install {', '.join(missing)}: "
+                          f"{result.stderr.strip()[-500:]}")
+
+
+def kernel_key(source: KernelSource, fragment: str) -> str:
+    """Cache key: the source's identity, the fragment and the recipe version."""
+    material = f"{RECIPE_VERSION}\n{source.identity}\n{fragment}"
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+@dataclass
+class BuildProgress:
+    """Condenses make's output into one line: objects done and time spent."""
+
+    label: str
+    stream: object = field(default_factory=lambda: sys.stderr)
+    started: float = field(default_factory=time.monotonic)
+    objects: int = 0
+    _last_shown: float = 0.0
+
+    def line(self, text: str) -> None:
+        if text.startswith(("  CC", "  AS", "  LD", "  AR")):
+            self.objects += 1
+        now = time.monotonic()
+        if now - self._last_shown >= self._interval():
+            self._last_shown = now
+            self.show()
+
+    def _interval(self) -> float:
+        return 0.5 if self._isatty() else 15.0
+
+    def _isatty(self) -> bool:
+        isatty = getattr(self.stream, "isatty", None)
+        return bool(isatty and isatty())
+
+    def show(self, final: bool = False) -> None:
+        elapsed = time.monotonic() - self.started
+        text = f"{self.label}: {self.objects} objects, {elapsed:.0f} s"
+        write = getattr(self.stream, "write")  # noqa: B009
+        if self._isatty():
+            write(f"\r\x1b[K{text}" + ("\n" if final else ""))
+        else:
+            write(text + "\n")
+        getattr(self.stream, "flush")()  # noqa: B009
+
+
+def build_kernel(source: KernelSource, jobs: int | None = None, force: bool = False,
+                 say: Callable[[str], None] = lambda _: None,
+                 progress_stream: object = None) -> Path:
+    """Build (or reuse) the kernel for ``source`` with the shipped fragment; its path."""
+    cache = _writable_dir(cache_root())
+    fragment = fragment_text()
+    key = kernel_key(source, fragment)
+    kernels = _writable_dir(cache / "kernels")
+    final_dir = kernels / key
+    with FileLock(str(final_dir) + ".lock"):
+        if (final_dir / "linux").is_file() and not force:
+            _mark_default(kernels, key, source)
+            return final_dir / "linux"
+        ensure_build_tools(say)
+        objdir = _writable_dir(cache / "build" / hashlib.sha256(
+            source.identity.encode()).hexdigest()[:16])
+        log = final_dir.with_name(f"{key}.build.log")
+        with FileLock(str(objdir) + ".lock"):
+            _run_build(source, objdir, fragment, jobs=jobs or os.cpu_count() or 1, log=log,
+                       progress=BuildProgress(f"building Linux {source.version} for UML",
+                                              progress_stream or sys.stderr))
+        _publish(objdir, final_dir, log)
+        _mark_default(kernels, key, source)
+    return final_dir / "linux"
+
+
+def _run_build(source: KernelSource, objdir: Path, fragment: str, *, jobs: int, log: Path,
+               progress: BuildProgress) -> None:
+    fragment_file = objdir / "umtt.config"
+    fragment_file.write_text(fragment)
+    make = ["make", "-C", str(source.path), "ARCH=um", f"O={objdir}"]
+    merge = [str(source.path / "scripts" / "kconfig" / "merge_config.sh"), "-m", "-O",
+             str(objdir), str(objdir / ".config"), str(fragment_file)]
+    with log.open("w") as out:
+        for step in ([*make, "defconfig"], merge, [*make, "olddefconfig"]):
+            _run_logged(step, out, log, progress, cwd=source.path)
+        _check_config(objdir / ".config", fragment, log)
+        _run_logged([*make, f"-j{jobs}", "linux"], out, log, progress, cwd=source.path)
+    progress.show(final=True)
+
+
+def _run_logged(command: list[str], out: object, log: Path, progress: BuildProgress,
+                cwd: Path) -> None:
+    write = getattr(out, "write")  # noqa: B009
+    write(f"$ {' '.join(command)}\n")
+    env = dict(os.environ, **REPRODUCIBLE_ENV)
+    with _process_group(command, cwd, env) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            write(line)
+            progress.line(line)
+        code = proc.wait()
+    getattr(out, "flush")()  # noqa: B009
+    if code != 0:
+        raise KernelBuildError(f"kernel build step failed (exit {code}): {' '.join(command)}",
+                               log, _tail(log))
+
+
+@contextmanager
+def _process_group(command: list[str], cwd: Path,
+                   env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """Run ``command`` in its own process group; on any exit path, end the whole group."""
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            # SIGINT lets make delete the targets it was writing.
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _check_config(config: Path, fragment: str, log: Path) -> None:
+    """Every option of the fragment must have survived olddefconfig, or say which did not."""
+    actual = fragment_options(config.read_text())
+    wrong = [f"{name}={want} (got {actual.get(name, 'n')})"
+             for name, want in fragment_options(fragment).items()
+             if actual.get(name, "n") != want]
+    if wrong:
+        raise KernelBuildError("the kernel config does not take these options: "
+                               + ", ".join(wrong), log, _tail(log))
+
+
+def _publish(objdir: Path, final_dir: Path, log: Path) -> None:
+    staging = final_dir.with_name(f"{final_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        shutil.copy2(objdir / "linux", staging / "linux")
+        shutil.copy2(objdir / ".config", staging / "config")
+        shutil.copy2(log, staging / "build.log")
+        shutil.rmtree(final_dir, ignore_errors=True)
+        staging.rename(final_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _mark_default(kernels: Path, key: str, source: KernelSource) -> None:
+    if not source.default:
+        return
+    link = kernels / "default"
+    staging = kernels / f"default.{os.getpid()}"
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(key)
+    staging.replace(link)
+
+
+def _tail(log: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    try:
+        with log.open(errors="replace") as stream:
+            return [line.rstrip("\n") for line in deque(stream, maxlen=lines)]
+    except OSError:
+        return []
+
+
+def default_kernel() -> Path | None:
+    """The kernel ``umtt-kernel build`` made from the default source, if there is one."""
+    path = cache_root() / "kernels" / "default" / "linux"
+    return path if path.is_file() else None
+
+
+# --- check ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class KernelCheck:
+    """What a kernel binary supports, as far as its contents tell."""
+
+    path: Path
+    problems: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_kernel(path: Path) -> KernelCheck:
+    """Can this binary run under ``time-travel=ext`` (with the shared-memory scheduler)?"""
+    if not path.is_file():
+        return KernelCheck(path, (f"{path} does not exist or is not a file",), ())
+    if not os.access(path, os.X_OK):
+        return KernelCheck(path, (f"{path} is not executable",), ())
+    data = path.read_bytes()
+    if not data.startswith(b"\x7fELF"):
+        return KernelCheck(path, (f"{path} is not an ELF executable",), ())
+    if TIME_TRAVEL_MARKER not in data:
+        what = "a User-Mode Linux kernel" if UML_MARKER in data else "an executable"
+        return KernelCheck(path, (
+            f"{path} is {what} without time-travel=ext support "
+            f"(CONFIG_UML_TIME_TRAVEL_SUPPORT is off; Debian's user-mode-linux package is "
+            f"built that way). Build one with: umtt-kernel build",), ())
+    warnings: tuple[str, ...] = ()
+    if SCHEDSHM_MARKER not in data:
+        warnings = (f"{path} has time-travel=ext but not the shared-memory scheduler "
+                    f"(Linux 6.11 and later): it will be served over messages, much slower",)
+    return KernelCheck(path, (), warnings)
+
+
+# --- deterministic entropy ------------------------------------------------------------
+
+def build_shim(say: Callable[[str], None] = lambda _: None) -> Path | None:
+    """Compile the getrandom shim into the cache; None (with a reason said) without a compiler."""
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        say("warning: no C compiler (cc): the getrandom shim cannot be built, "
+            "runs will not be deterministic")
+        return None
+    source = resources.files("pytest_umtt").joinpath("data/umtt_getrandom.c").read_bytes()
+    key = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
+    target_dir = _writable_dir(cache_root() / "shim") / key
+    target = target_dir / SHIM_NAME
+    with FileLock(str(target_dir) + ".lock"):
+        if target.is_file():
+            return target
+        staging = target_dir.with_name(f"{key}.partial-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            (staging / "umtt_getrandom.c").write_bytes(source)
+            result = subprocess.run(
+                [compiler, "-O2", "-shared", "-fPIC", "-Wall", "-o", str(staging / SHIM_NAME),
+                 str(staging / "umtt_getrandom.c")], capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise KernelError(f"compiling the getrandom shim failed: {result.stderr.strip()}")
+            staging.rename(target_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# --- command line ---------------------------------------------------------------------
+
+def _say(text: str) -> None:
+    print(f"umtt-kernel: {text}", file=sys.stderr, flush=True)
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    cache = _writable_dir(cache_root())
+    source = user_source(Path(args.source)) if args.source else debian_source(cache, _say)
+    started = time.monotonic()
+    path = build_kernel(source, jobs=args.jobs, force=args.force, say=_say)
+    _say(f"kernel ready in {time.monotonic() - started:.1f} s")
+    if build_shim(_say) is None:
+        _say("warning: runs will not be deterministic without the getrandom shim")
+    print(path)
+    return 0
+
+
+def _cmd_path(_args: argparse.Namespace) -> int:
+    path = default_kernel()
+    if path is None:
+        _say(f"no default kernel in {cache_root()}; build one with: umtt-kernel build")
+        return 1
+    print(path)
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    result = check_kernel(Path(args.path))
+    for problem in result.problems:
+        print(f"umtt-kernel: {problem}", file=sys.stderr)
+    for warning in result.warnings:
+        print(f"umtt-kernel: warning: {warning}", file=sys.stderr)
+    if result.ok:
+        print(f"{args.path}: time-travel=ext supported"
+              + ("" if result.warnings else ", with the shared-memory scheduler"))
+    return 0 if result.ok else 1
+
+
+def _cmd_shim(_args: argparse.Namespace) -> int:
+    path = build_shim(_say)
+    if path is None:
+        return 1
+    print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``umtt-kernel``."""
+    parser = argparse.ArgumentParser(prog="umtt-kernel",
+                                     description="Build and check time-travel UML kernels.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="build (or reuse) a time-travel UML kernel")
+    build.add_argument("--source", metavar="DIR",
+                       help=f"Linux tree to build (default: Debian's {DEBIAN_SOURCE_PACKAGE})")
+    build.add_argument("--jobs", "-j", type=int, metavar="N", help="parallel jobs (default: CPUs)")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.set_defaults(run=_cmd_build)
+    commands.add_parser("path", help="print the default kernel's path").set_defaults(run=_cmd_path)
+    check = commands.add_parser("check", help="does a kernel support time-travel=ext?")
+    check.add_argument("path", metavar="PATH")
+    check.set_defaults(run=_cmd_check)
+    commands.add_parser("shim", help="build the getrandom shim; print its path").set_defaults(
+        run=_cmd_shim)
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except KernelError as exc:
+        _say(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        _say("interrupted; nothing half-built was kept")
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
