@@ -304,7 +304,6 @@ class Calendar:
         client = Client(sock, next(self._serials), label)
         self.clients.append(client)
         self._selector.register(sock, selectors.EVENT_READ, client)
-        self._record("connect", client)
         return client
 
     def call_at(self, when: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
@@ -490,7 +489,8 @@ class Calendar:
             self._fail(client, f"short message of {len(data)} bytes: {data.hex()}")
             return
         message = Message.unpack(data)
-        self._record("rx", client, message)
+        if message.op not in _RECORDED_LATER:
+            self._record("rx", client, message)
         handler = self._handlers.get(Op(message.op)) if message.op in _KNOWN_OPS else None
         if handler is None:
             # usfstl ACKs unknown ops with time 0 (§1, scenario 27); so do we.
@@ -588,6 +588,8 @@ class Calendar:
             self._fail(client, "ACK that answers nothing", message)
             return
         expected = client.pending_acks.popleft()
+        if expected.op is not Op.BROADCAST:
+            self._record("rx", client, message)
         if expected.seq != message.seq:
             self._fail(client, f"ACK with seq {message.seq}, expected {expected.seq} "
                                f"for {expected.op.name}", message)
@@ -629,6 +631,7 @@ class Calendar:
         if pending.waiting or pending not in self._broadcasts:
             return
         self._broadcasts.remove(pending)
+        self._record("bcast-acked", pending.sender, time=pending.value)
         self._send(pending.sender, Message(Op.ACK, pending.seq, 0))
 
     def _require_started(self, client: Client, message: Message) -> bool:
@@ -758,6 +761,7 @@ class Calendar:
     def _process_start(self, client: Client) -> None:
         """ACK a START; the client then runs until its first WAIT (§3 process_starting_client)."""
         self._starting.remove(client)
+        self._record("rx", client, Message(Op.START, client.start_seq, client.start_id or 0))
         client.offset = self._now
         with_shm = self._can_join_with_shm()
         client.id = self._free_id(prefer_shm=with_shm)
@@ -845,6 +849,10 @@ class Calendar:
 
 
 _KNOWN_OPS = frozenset(int(op) for op in Op)
+
+# Recorded when handled rather than when read, because they arrive in host-timing order:
+# STARTs from kernels booting side by side, ACKs from the recipients of a broadcast.
+_RECORDED_LATER = frozenset((Op.START, Op.ACK))
 
 
 def _start_order(client: Client) -> tuple[int, int]:

@@ -142,7 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     calendar.on_drop.append(report_drop)
     try:
         with calendar:
-            calendar.listen(args.time)
+            path = calendar.listen(args.time)
+            if args.debug:
+                print(f"umtt-controller: listening on {path}", file=log, flush=True)
             return serve(calendar, args.stall_timeout, log)
     except StallError as exc:
         print(f"umtt-controller: {exc}", file=log)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from pytest_umtt import Calendar, Client, Trace
+from pytest_umtt.kernel import build_shim, default_kernel
 from tests.refclient import RefClient
 
 Connect = Callable[..., tuple[Client, RefClient]]
@@ -39,3 +42,27 @@ def connect(calendar: Calendar) -> Iterator[Connect]:
     yield make
     for ref in made:
         ref.close()
+
+
+@pytest.fixture(scope="session")
+def uml_kernel() -> Path:
+    """A time-travel UML kernel: $UMTT_KERNEL, else the one umtt-kernel build made.
+
+    Without one the test is skipped, unless UMTT_REQUIRE_KERNEL is set (CI sets it),
+    in which case it fails.
+    """
+    explicit = os.environ.get("UMTT_KERNEL")
+    path = Path(explicit) if explicit else default_kernel()
+    if path is None or not path.is_file():
+        message = "no time-travel UML kernel: run `umtt-kernel build` or set UMTT_KERNEL"
+        if os.environ.get("UMTT_REQUIRE_KERNEL"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shim() -> Path:
+    path = build_shim()
+    assert path is not None, "the getrandom shim needs a C compiler"
+    return path

@@ -275,8 +275,8 @@ def test_12_request_message_while_shm_client_runs(calendar: Calendar,
 def test_13_message_runner_hears_of_earlier_request_first(connect: Connect) -> None:
     trace = Trace()
     with Calendar(shm=False, trace=trace) as cal:
-        ca, a = connect(cal, "A")
-        cb, b = connect(cal, "B")
+        _, a = connect(cal, "A")
+        _, b = connect(cal, "B")
         boot_together(cal, (a, 1, 500), (b, 2, 50))
         next_run(cal, b)
         b.free_until = None

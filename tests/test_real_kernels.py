@@ -1,0 +1,135 @@
+"""Real UML 6.12 kernels against the calendar: umtt-controller and in-process.
+
+Each guest runs an init script that measures its own clock around a sleep and powers
+off; the virtual durations must be exact, whatever the host's speed.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pytest_umtt import Calendar, StopReason, Trace
+from pytest_umtt.machine import derive_seed, kill_process_tree, uml_command, uml_environment
+
+pytestmark = pytest.mark.kernel
+
+NS = 10**9
+SLEEP_INIT = """#!/bin/sh
+mount -t proc proc /proc
+echo "before $(date +%s%N)"
+sleep "$UMTT_SLEEP"
+echo "after $(date +%s%N)"
+echo "entropy $(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')"
+echo o > /proc/sysrq-trigger
+sleep 1000
+"""
+
+
+@dataclass
+class Guest:
+    proc: subprocess.Popen[bytes]
+    console: Path
+
+    def measured_sleep(self) -> int:
+        text = self.console.read_text(errors="replace")
+        before = re.search(r"^before (\d+)$", text, re.M)
+        after = re.search(r"^after (\d+)$", text, re.M)
+        assert before and after, f"guest did not finish; console:\n{text[-2000:]}"
+        return int(after.group(1)) - int(before.group(1))
+
+    def entropy(self) -> str:
+        found = re.search(r"^entropy ([0-9a-f]+)$", self.console.read_text(), re.M)
+        assert found, self.console.read_text()[-2000:]
+        return found.group(1)
+
+
+@pytest.fixture
+def guests(uml_kernel: Path, tmp_path: Path) -> Iterator[list[Guest]]:
+    """Started guests; whatever happens, their process trees are gone afterwards."""
+    started: list[Guest] = []
+    yield started
+    for guest in started:
+        kill_process_tree(guest.proc.pid)
+        guest.proc.wait()
+
+
+def start_guest(kernel: Path, sim_dir: Path, client_id: int, sleep_s: float, *,
+                shim: Path | None = None, seed: int = 0) -> Guest:
+    """Boot a guest in ``sim_dir/m<id>``; the calendar listens on ``sim_dir/time.sock``."""
+    machine_dir = sim_dir / f"m{client_id}"
+    machine_dir.mkdir()
+    boot = machine_dir / "boot.sh"
+    boot.write_text(SLEEP_INIT)
+    boot.chmod(0o755)
+    console = machine_dir / "console.log"
+    command = uml_command(kernel, client_id=client_id, mem="64M",
+                          extra=[f"UMTT_SLEEP={sleep_s}"])
+    env = uml_environment(shim, derive_seed(seed, f"m{client_id}"))
+    with console.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=machine_dir, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    return Guest(proc, console)
+
+
+@pytest.mark.parametrize("shm", [True, False], ids=["shm", "messages"])
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_kernels_under_umtt_controller(uml_kernel: Path, tmp_path: Path,
+                                       guests: list[Guest], count: int, shm: bool) -> None:
+    socket_path = tmp_path / "time.sock"
+    command = ["umtt-controller", f"--time={socket_path}", f"--clients={count}", "--debug=1"]
+    controller = subprocess.Popen(command + ([] if shm else ["--no-shm"]),
+                                  stderr=subprocess.PIPE, text=True)
+    try:
+        assert controller.stderr is not None
+        assert "listening on" in controller.stderr.readline()
+        sleeps = [0.25 * (n + 1) for n in range(count)]
+        for n, sleep_s in enumerate(sleeps):
+            guests.append(start_guest(uml_kernel, tmp_path, n + 1, sleep_s))
+        log = controller.communicate(timeout=120)[1]
+    finally:
+        controller.kill()
+    assert controller.returncode == 0, log
+    assert not socket_path.exists()
+    assert [g.proc.wait(timeout=30) for g in guests] == [0] * count
+    mode = "shm" if shm else "messages"
+    assert log.count(" join ") == count and log.count(mode) == count, log
+    for guest, sleep_s in zip(guests, sleeps, strict=True):
+        # Exact virtual time: the sleep plus at most a jiffy (HZ=100) of rounding.
+        assert int(sleep_s * NS) <= guest.measured_sleep() <= int(sleep_s * NS) + 10**7
+
+
+def run_in_calendar(kernel: Path, tmp_path: Path, guests: list[Guest], shim: Path,
+                    seed: int) -> tuple[list[str], Trace]:
+    trace = Trace()
+    with Calendar(trace=trace, pause_on_broadcast=False) as calendar:
+        calendar.listen(tmp_path / "time.sock")
+        batch = [start_guest(kernel, tmp_path, n, 0.5 * n, shim=shim, seed=seed)
+                 for n in (1, 2)]
+        guests.extend(batch)
+        assert calendar.serve_until(lambda: calendar.starts_seen == 2, wall_timeout=30)
+        stop = calendar.run_until(stall_timeout=30)
+        assert stop.reason is StopReason.QUIESCENT and not calendar.live_clients()
+        assert not calendar.errors
+    assert [g.proc.wait(timeout=30) for g in batch] == [0, 0]
+    return [g.entropy() for g in batch], trace
+
+
+def test_seed_fixes_guest_entropy_and_trace(uml_kernel: Path, tmp_path: Path,
+                                            guests: list[Guest], shim: Path) -> None:
+    runs = []
+    for n, seed in enumerate((7, 7, 8)):
+        run_dir = tmp_path / f"run{n}"
+        run_dir.mkdir()
+        runs.append(run_in_calendar(uml_kernel, run_dir, guests, shim, seed))
+    (bytes_a, trace_a), (bytes_b, trace_b), (bytes_c, _) = runs
+    assert bytes_a == bytes_b
+    assert trace_a.events == trace_b.events
+    assert len(trace_a) > 10
+    assert bytes_c != bytes_a
+    assert bytes_a[0] != bytes_a[1]  # two machines, two streams
