@@ -195,9 +195,11 @@ class Calendar:
         time_at_start: int = 0,
         expected_clients: int = 0,
         pause_on_broadcast: bool = True,
+        max_free_run: int | None = None,
         trace: Trace | None = None,
     ) -> None:
         self._now = 0
+        self.max_free_run = max_free_run
         self.time_at_start = time_at_start
         self.pause_on_broadcast = pause_on_broadcast
         self.trace = trace
@@ -205,6 +207,7 @@ class Calendar:
         self.errors: list[ProtocolError] = []
         self.on_drop: list[Callable[[Client, ProtocolError | None], None]] = []
         self.on_broadcast: list[Callable[[Client, int], None]] = []
+        self.on_wait: list[Callable[[Client], None]] = []
         self.clients: list[Client] = []
         self._selector = selectors.DefaultSelector()
         self._listener: socket.socket | None = None
@@ -305,6 +308,16 @@ class Calendar:
         self.clients.append(client)
         self._selector.register(sock, selectors.EVENT_READ, client)
         return client
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``fd`` is readable, while the calendar serves I/O.
+        Consoles use this: a guest blocked on a full pipe must never stall the clock."""
+        self._check_open()
+        self._selector.register(fd, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        if not self._closed and fd in self._selector.get_map():
+            self._selector.unregister(fd)
 
     def call_at(self, when: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
         """Run ``fn`` in-process at virtual time ``when`` (ns), on the shared clock."""
@@ -463,8 +476,11 @@ class Calendar:
         for key, _ in events:
             if key.data is None:
                 self._accept()
-            elif key.data.state is not ClientState.GONE:
-                self._receive(key.data)
+            elif isinstance(key.data, Client):
+                if key.data.state is not ClientState.GONE:
+                    self._receive(key.data)
+            else:
+                key.data()
         return bool(events)
 
     def _accept(self) -> None:
@@ -686,7 +702,8 @@ class Calendar:
 
     def _next_horizon(self) -> int:
         """How far a client may free-run: the next event, bounded by the run's deadline."""
-        horizon = min(self._now + FREE_RUN_SPAN, U64_MAX)
+        span = FREE_RUN_SPAN if self.max_free_run is None else self.max_free_run
+        horizon = min(self._now + span, U64_MAX)
         job = self._peek()
         if job is not None:
             horizon = min(horizon, job.time)
@@ -737,12 +754,17 @@ class Calendar:
         if not client.shm:
             self._ack(client, message)
         self._collect_shm_requests()
+        self._move_to_safe_instant()
+        for hook in self.on_wait:
+            hook(client)
+
+    def _move_to_safe_instant(self) -> None:
+        """A shm client free-ran without publishing its clock; the latest instant that is
+        safe to call "now" is the earlier of its next event and its horizon (fact 7)."""
         if self._starting:
             # STARTs that came in while it ran join at its granted instant: that is how
             # several shm kernels boot together at t=0 (§6a).
             return
-        # A shm client free-ran without publishing its clock; the latest instant that is
-        # safe to call "now" is the earlier of its next event and its horizon (fact 7).
         job = self._peek()
         safe = min(self._horizon, job.time if job else U64_MAX)
         if self._limit is not None:

@@ -41,3 +41,39 @@ class StallError(UmttError):
 
 class CalendarClosedError(UmttError):
     """The calendar was used after close()."""
+
+
+class MachineError(UmttError):
+    """Something went wrong with one UML machine; says which, when, and shows its console."""
+
+    def __init__(self, machine: str, what: str, now: int, console_tail: str = "",
+                 log: str | None = None) -> None:
+        self.machine = machine
+        self.what = what
+        self.now = now
+        self.console_tail = console_tail
+        self.log = log
+        text = f"{machine}: {what} (at virtual time {format_ns(now)})"
+        if console_tail or log:
+            text += f"\n--- console tail{f' ({log})' if log else ''} ---\n{console_tail}"
+        super().__init__(text)
+
+
+class BootError(MachineError):
+    """The kernel did not come up: it could not run, connect, or start its agent."""
+
+
+class MachineCrashed(MachineError):
+    """The kernel panicked, oopsed or hit a BUG, or its process died."""
+
+
+class MachineStalled(MachineError):
+    """The guest stopped virtual time from moving (a busy loop, say)."""
+
+
+class CommandTimeout(MachineError):
+    """A command did not finish within its virtual timeout."""
+
+
+class ExpectTimeout(MachineError):
+    """The console did not show the expected pattern within the virtual timeout."""

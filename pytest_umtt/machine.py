@@ -1,17 +1,40 @@
-"""UML machines: the kernel command line and the teardown of a UML process tree.
+"""UML machines in virtual time: boot, console, command channel, crashes and teardown.
 
-The machine object (boot, console in virtual time, guest agent) grows here; what is
-here now is what every caller that starts a UML kernel needs.
+A :class:`Machine` is one UML kernel on a :class:`~pytest_umtt.simulation.Simulation`'s
+clock. Its init is the guest agent (data/agent.sh): commands go through files in the
+machine directory and come back with a doorbell, always while the simulation is paused,
+so results never depend on host speed (DESIGN.md facts 5-8).
 """
 
 from __future__ import annotations
 
+import enum
+import errno
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+import re
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pexpect
 import psutil
+
+from .console import Console
+from .errors import (
+    CommandTimeout,
+    ExpectTimeout,
+    MachineCrashed,
+    MachineError,
+    format_ns,
+)
+
+if TYPE_CHECKING:
+    from .calendar import Client
+    from .simulation import Simulation
 
 DEFAULT_TIME_TRAVEL_START = 1_700_000_000 * 10**9
 """The guest's wall clock at virtual time 0 (2023-11-14), fixed so its date is reproducible."""
@@ -54,8 +77,8 @@ def uml_command(
     kernel mixes it into its entropy pool, and "same seed, same run" depends on it.
     UML's own runtime files (``uml_dir``) stay in the machine directory too.
     """
-    init = (f"mount -t tmpfs -o mode=0755 none /run && mkdir {GUEST_MOUNT} && "
-            f"mount -t hostfs -o . none {GUEST_MOUNT} && exec {GUEST_MOUNT}/{boot_script}")
+    init = (f"mount -t tmpfs -o mode=0755 none /run && "
+            f"mount --mkdir -t hostfs -o . none {GUEST_MOUNT} && exec {GUEST_MOUNT}/{boot_script}")
     return [
         str(kernel),
         f"mem={mem}",
@@ -95,9 +118,10 @@ def derive_seed(run_seed: int, machine: str) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def kill_process_tree(pid: int, timeout: float = 5.0) -> list[int]:
+def kill_process_tree(pid: int, timeout: float = 5.0, *, reap_root: bool = True) -> list[int]:
     """Kill ``pid`` and every descendant (UML runs a host process per guest process);
-    the pids that were still alive."""
+    the pids that were still alive. With ``reap_root=False`` the root is left for its
+    owner (pexpect, say) to reap."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
@@ -108,7 +132,402 @@ def kill_process_tree(pid: int, timeout: float = 5.0) -> list[int]:
             proc.kill()
         except psutil.NoSuchProcess:
             continue
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    waited = procs if reap_root else procs[1:]
+    _, alive = psutil.wait_procs(waited, timeout=timeout)
     if alive:
         raise RuntimeError(f"processes survived SIGKILL: {[p.pid for p in alive]}")
     return [p.pid for p in procs]
+
+
+# --- the machine ----------------------------------------------------------------------
+
+NS_PER_S = 10**9
+AGENT_READY, AGENT_DONE, AGENT_STARTED = 1, 2, 3
+DEFAULT_IDLE_MAX = 0.1
+POWEROFF_COMMAND = "echo o > /proc/sysrq-trigger"
+
+
+def seconds_to_ns(seconds: float) -> int:
+    return round(seconds * NS_PER_S)
+
+
+class MachineState(enum.Enum):
+    """Where a machine is in its life."""
+
+    CREATED = "created"
+    BOOTING = "booting"
+    READY = "ready"
+    CRASHED = "crashed"
+    OFF = "off"
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """What a command did: exit status, output (byte-exact) and virtual start and end
+    times (ns) as the guest measured them."""
+
+    command: str
+    status: int
+    stdout: bytes
+    stderr: bytes
+    started: int
+    ended: int
+
+    @property
+    def duration(self) -> float:
+        """Virtual seconds the command took."""
+        return (self.ended - self.started) / NS_PER_S
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+    @property
+    def output(self) -> str:
+        """stdout as text."""
+        return self.stdout.decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return (f"<CommandResult {self.command!r} status={self.status} "
+                f"{format_ns(self.started)}..{format_ns(self.ended)}>")
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleMatch:
+    """A pattern found on the console, and the virtual time its line was seen."""
+
+    match: re.Match[str]
+    time: int
+
+    def group(self, index: int | str = 0) -> str:
+        return self.match.group(index)
+
+
+class BackgroundCommand:
+    """A command started with :meth:`Machine.start`; :meth:`wait` for its result."""
+
+    def __init__(self, machine: Machine, number: int, command: str, started: int) -> None:
+        self.machine = machine
+        self.number = number
+        self.command = command
+        self.started = started
+
+    @property
+    def done(self) -> bool:
+        return self.number in self.machine._finished
+
+    def wait(self, timeout: float | None = None) -> CommandResult:
+        """Run the simulation until the command ends (at most ``timeout`` virtual seconds)."""
+        return self.machine._await_result(self.number, self.command, timeout)
+
+
+class Machine:
+    """One UML kernel on the simulation's clock, with a guest agent to run commands."""
+
+    def __init__(self, sim: Simulation, name: str, client_id: int, *, kernel: Path,
+                 mem: str = "128M", cmdline: Sequence[str] = (),
+                 idle_max: float = DEFAULT_IDLE_MAX) -> None:
+        self.sim = sim
+        self.name = name
+        self.client_id = client_id
+        self.kernel = kernel
+        self.mem = mem
+        self.cmdline = list(cmdline)
+        self.idle_max = idle_max
+        self.directory = sim.directory / name
+        self.state = MachineState.CREATED
+        self.client: Client | None = None
+        self.process: pexpect.spawn[bytes] | None = None
+        self.console: Console | None = None
+        self.doorbells: list[tuple[int, int]] = []
+        self.error: MachineError | None = None
+        self._next_command = 1
+        self._finished: dict[int, int] = {}
+        self._started: dict[int, int] = {}
+        self._expect_from = 0
+        self._pty_fd = -1
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.name} {self.state.value}>"
+
+    # --- boot ---------------------------------------------------------------------
+
+    def spawn(self) -> None:
+        """Start the kernel process; the simulation then serves its START."""
+        self.directory.mkdir(mode=0o700)
+        (self.directory / "cmd").mkdir()
+        agent = self.directory / "boot.sh"
+        agent.write_bytes(resources.files("pytest_umtt").joinpath("data/agent.sh").read_bytes())
+        agent.chmod(0o755)
+        shutil.copyfile(Path(str(resources.files("pytest_umtt").joinpath("data/fstab"))),
+                        self.directory / "fstab")
+        self.console = Console(self.directory / "console.log")
+        extra = [f"UMTT_HOSTNAME={self.name}",
+                 f"UMTT_IDLE_MAX_US={seconds_to_ns(self.idle_max) // 1000}", *self.cmdline]
+        command = uml_command(self.kernel, client_id=self.client_id, mem=self.mem, extra=extra,
+                              time_travel_start=self.sim.time_travel_start)
+        env = uml_environment(self.sim.shim, derive_seed(self.sim.seed, self.name))
+        self.process = pexpect.spawn(command[0], command[1:], cwd=str(self.directory),
+                                     env=env, echo=False, timeout=None)
+        self._pty_fd = int(self.process.child_fd)
+        os.set_blocking(self._pty_fd, False)
+        self.sim.calendar.add_reader(self._pty_fd, self._read_console)
+        self.state = MachineState.BOOTING
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.isalive()
+
+    # --- console --------------------------------------------------------------------
+
+    def _read_console(self) -> None:
+        """Called by the calendar whenever the pty has data."""
+        assert self.console is not None
+        data = self._drain_pty()
+        if data is None:
+            return
+        if self.client is not None and self.client is self.sim.calendar.runner:
+            self.console.hold(data)
+        else:
+            self.console.feed(data, self.sim.calendar.now)
+
+    def _drain_pty(self) -> bytes | None:
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(self._pty_fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    raise
+                chunk = b""
+            if not chunk:  # the kernel closed its console: it exited
+                self.sim.calendar.remove_reader(self._pty_fd)
+                break
+            chunks.append(chunk)
+        return b"".join(chunks) if chunks else None
+
+    def on_wait(self) -> None:
+        """The kernel sent WAIT: all it printed is in the pty; stamp it with now."""
+        assert self.console is not None
+        data = self._drain_pty()
+        if data:
+            self.console.hold(data)
+        self.console.stamp(self.sim.calendar.now)
+
+    def expect(self, pattern: str | re.Pattern[str], timeout: float) -> ConsoleMatch:
+        """Run the simulation until the console shows ``pattern`` (after the previous
+        match), for at most ``timeout`` virtual seconds: exactly, not later."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        console = self.console
+        assert console is not None
+        found: list[re.Match[str]] = []
+
+        def seen() -> bool:
+            match = regex.search(console.text, self._expect_from)
+            if match:
+                found.append(match)
+            return bool(match)
+
+        # Bound free runs while waiting, so the match's time is exact to the resolution.
+        calendar = self.sim.calendar
+        calendar.max_free_run = self.sim.console_resolution
+        try:
+            self.sim.run_until(seen, deadline=self.sim.now + seconds_to_ns(timeout),
+                               machines=(self,))
+        finally:
+            calendar.max_free_run = None
+        if not found:
+            raise ExpectTimeout(self.name, f"{regex.pattern!r} did not appear on the console "
+                                f"within {timeout} s of virtual time", self.sim.now,
+                                console.tail(), str(console.log_path))
+        self._expect_from = found[0].end()
+        return ConsoleMatch(found[0], console.time_at(found[0].start()))
+
+    # --- commands -------------------------------------------------------------------
+
+    def run(self, command: str, *, timeout: float | None = None,
+            env: Mapping[str, str] | None = None, cwd: str | None = None,
+            check: bool = False) -> CommandResult:
+        """Run ``command`` with /bin/sh semantics in the guest and wait for it: exit
+        status, stdout and stderr apart (byte-exact), virtual start and end times.
+        ``timeout`` is in virtual seconds; the guest kills the command at that instant."""
+        number = self._submit(command, env, cwd, timeout, background=False)
+        result = self._await_result(number, command, None if timeout is None else timeout + 1)
+        if check and not result.ok:
+            raise MachineError(self.name, f"command {command!r} exited with {result.status}; "
+                               f"stderr: {result.stderr.decode(errors='replace')[-2000:]}",
+                               self.sim.now)
+        return result
+
+    def start(self, command: str, *, timeout: float | None = None,
+              env: Mapping[str, str] | None = None,
+              cwd: str | None = None) -> BackgroundCommand:
+        """Start ``command`` in the background; returns once the guest has started it."""
+        number = self._submit(command, env, cwd, timeout, background=True)
+        self.sim.run_until(lambda: number in self._started or number in self._finished,
+                           machines=(self,))
+        self._raise_if_down()
+        started = self._started.get(number, self._finished.get(number, self.sim.now))
+        return BackgroundCommand(self, number, command, started)
+
+    def _submit(self, command: str, env: Mapping[str, str] | None, cwd: str | None,
+                timeout: float | None, *, background: bool) -> int:
+        self._raise_if_down()
+        number = self._next_command
+        self._next_command += 1
+        directory = self.directory / "cmd" / str(number)
+        directory.mkdir()
+        (directory / "command").write_text(command + "\n")
+        if env:
+            (directory / "env").write_bytes(b"".join(f"{k}={v}".encode() + b"\0"
+                                                     for k, v in env.items()))
+        if cwd is not None:
+            (directory / "cwd").write_text(cwd)
+        if timeout is not None:
+            (directory / "timeout").write_text(f"{timeout:.9f}")
+        if background:
+            (directory / "background").touch()
+        (directory.parent / f"{number}.go").touch()  # last: the agent acts on this
+        return number
+
+    def _await_result(self, number: int, command: str, timeout: float | None) -> CommandResult:
+        deadline = None if timeout is None else self.sim.now + seconds_to_ns(timeout)
+        stop = self.sim.run_until(lambda: number in self._finished, deadline=deadline,
+                                  machines=(self,))
+        if number not in self._finished:
+            self._raise_if_down()
+            what = (f"command {command!r} did not finish within {timeout} s of virtual time"
+                    if deadline is not None else
+                    f"command {command!r} never finishes: the simulation went idle "
+                    f"({stop.reason.value}) with it still running")
+            raise CommandTimeout(self.name, what, self.sim.now, self.console_tail(),
+                                 self.console_log())
+        return self._read_result(number, command)
+
+    def _read_result(self, number: int, command: str) -> CommandResult:
+        directory = self.directory / "cmd" / str(number)
+        status, started, ended = (directory / "result").read_text().split()
+        return CommandResult(command, int(status), (directory / "stdout").read_bytes(),
+                             (directory / "stderr").read_bytes(),
+                             self._guest_clock_to_virtual(started),
+                             self._guest_clock_to_virtual(ended))
+
+    def _guest_clock_to_virtual(self, epoch_realtime: str) -> int:
+        seconds, _, micros = epoch_realtime.partition(".")
+        wall = int(seconds) * NS_PER_S + int(micros.ljust(6, "0")[:6]) * 1000
+        return wall - self.sim.time_travel_start
+
+    # --- doorbells and departures ------------------------------------------------------
+
+    def on_doorbell(self, value: int) -> None:
+        """The guest rang: the agent is ready, a command started or ended."""
+        kind, number = value & 0xFF, value >> 8
+        now = self.sim.calendar.now
+        self.doorbells.append((now, value))
+        if kind == AGENT_READY and self.state is MachineState.BOOTING:
+            self.state = MachineState.READY
+        elif kind == AGENT_DONE:
+            self._finished[number] = now
+        elif kind == AGENT_STARTED:
+            self._started[number] = now
+
+    def on_disconnect(self) -> None:
+        """The kernel left the calendar: powered off, or died."""
+        if self.state in (MachineState.OFF, MachineState.CRASHED):
+            return
+        if self._powering_off:
+            self.state = MachineState.OFF
+            return
+        self.crashed("the kernel left the calendar (its process ended)")
+
+    _powering_off = False
+
+    def crash_cause(self) -> str | None:
+        """Why the console says the kernel crashed, if it does."""
+        if self.console is None or self.console.crash is None:
+            return None
+        cause, line = self.console.crash
+        return f"{cause}: {line.text.strip()} (seen at {format_ns(line.time)})"
+
+    def crashed(self, cause: str) -> MachineCrashed:
+        """Mark the machine crashed, end its processes, and remember why."""
+        if self.error is None:
+            console_cause = self.crash_cause()
+            self.state = MachineState.CRASHED
+            self.kill()
+            self.error = MachineCrashed(self.name, console_cause or cause, self.sim.now,
+                                        self.console_tail(), self.console_log())
+        assert self.error is not None
+        return MachineCrashed(self.name, self.error.what, self.error.now,
+                              self.error.console_tail, self.error.log)
+
+    def _raise_if_down(self) -> None:
+        if self.error is not None:
+            raise MachineCrashed(self.name, self.error.what, self.error.now,
+                                 self.error.console_tail, self.error.log)
+        if self.state is not MachineState.READY:
+            raise MachineError(self.name, f"the machine is {self.state.value}, not ready",
+                               self.sim.now, self.console_tail(), self.console_log())
+
+    def console_tail(self, count: int = 25) -> str:
+        if self.console is None:
+            return ""
+        self._read_leftover_console()
+        return self.console.tail(count)
+
+    def console_log(self) -> str | None:
+        return None if self.console is None else str(self.console.log_path)
+
+    def _read_leftover_console(self) -> None:
+        if self.console is not None and self._pty_fd >= 0:
+            data = self._drain_pty()
+            if data:
+                self.console.hold(data)
+            self.console.stamp(self.sim.calendar.now)
+
+    # --- teardown -------------------------------------------------------------------
+
+    def poweroff(self, timeout: float = 5.0) -> None:
+        """Power off through the agent and wait (virtual ``timeout``) for the kernel to go."""
+        if self.state is not MachineState.READY:
+            return
+        self._powering_off = True
+        self._submit(POWEROFF_COMMAND, None, None, None, background=True)
+        self.sim.run_until(lambda: self.state is not MachineState.READY,
+                           deadline=self.sim.now + seconds_to_ns(timeout))
+
+    def kill(self) -> None:
+        """End the whole UML process tree now."""
+        if self.process is not None and self.process.pid is not None:
+            kill_process_tree(self.process.pid, reap_root=False)
+            self.process.wait()
+
+    def close(self, keep_directory: bool = False) -> None:
+        """Power off politely if possible, then make sure nothing of the machine remains."""
+        try:
+            if self.alive and self.state is MachineState.READY:
+                self.poweroff()
+        except MachineError:
+            pass  # the kill below ends it either way; the error stays in self.error
+        finally:
+            self._release(keep_directory)
+
+    def _release(self, keep_directory: bool) -> None:
+        self.kill()
+        self._read_leftover_console()
+        if self._pty_fd >= 0:
+            self.sim.calendar.remove_reader(self._pty_fd)
+            self._pty_fd = -1
+        if self.process is not None:
+            self.process.close(force=True)
+        if self.console is not None:
+            self.console.close()
+        if self.state is not MachineState.CRASHED:
+            self.state = MachineState.OFF
+        if not keep_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+DoorbellHandler = Callable[[Machine, int], None]

@@ -1,0 +1,80 @@
+#!/bin/bash
+# pytest-umtt guest agent: init of every UML machine.
+#
+# The machine directory is mounted read-write at /run/umtt; the host's root is
+# read-only. The host writes a command into cmd/N/ and then cmd/N.go, always while
+# the simulation is paused, so a run never depends on host speed (DESIGN.md fact 8).
+# The agent answers by ringing the doorbell (/sys/kernel/um-ext-time/bc-message,
+# DESIGN.md fact 6) with (N << 8) | KIND and then reading the clock: that clock read
+# is a time step, so the kernel yields right there and the host acts at that instant.
+#
+# While idle the agent polls with bash's builtin `read -t` on a private FIFO (no
+# process is created), backing off exponentially up to UMTT_IDLE_MAX_US; a finishing
+# background command pokes the FIFO so the agent looks again at once.
+
+X=/run/umtt
+BELL=/sys/kernel/um-ext-time/bc-message
+IDLE=/run/umtt-idle
+READY=1 DONE=2 STARTED=3
+IDLE_MIN_US=1000
+IDLE_MAX_US=${UMTT_IDLE_MAX_US:-100000}
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/tmp LANG=C.UTF-8
+
+setup() {
+    # One mount(8) for all: each process costs UML ~16 ms of wall time to create.
+    mount -a -T "$X/fstab"
+    [ -n "${UMTT_HOSTNAME:-}" ] && echo "$UMTT_HOSTNAME" > /proc/sys/kernel/hostname
+    mkfifo -m 600 "$IDLE" && exec 3<>"$IDLE"
+}
+
+ring() {
+    echo "$1" > "$BELL"
+    : "$EPOCHREALTIME"
+}
+
+run_one() {
+    local dir=$1 cwd=/ status started ended
+    [ -e "$dir/cwd" ] && cwd=$(<"$dir/cwd")
+    started=$EPOCHREALTIME
+    (
+        exec 3>&-
+        if [ -e "$dir/env" ]; then
+            while IFS= read -r -d '' assignment; do export "$assignment"; done < "$dir/env"
+        fi
+        cd "$cwd" || exit 126
+        if [ -e "$dir/timeout" ]; then
+            exec timeout -s KILL "$(<"$dir/timeout")" /bin/sh "$dir/command"
+        fi
+        . "$dir/command"
+    ) < /dev/null > "$dir/stdout" 2> "$dir/stderr"
+    status=$?
+    ended=$EPOCHREALTIME
+    echo "$status $started $ended" > "$dir/result"
+}
+
+serve() {
+    local n=1 idle_us=$IDLE_MIN_US dir timeout
+    ring $(( (0 << 8) | READY ))
+    while :; do
+        dir=$X/cmd/$n
+        if [ -e "$dir.go" ]; then
+            if [ -e "$dir/background" ]; then
+                { run_one "$dir"; ring $(( (n << 8) | DONE )); echo >&3; } &
+                ring $(( (n << 8) | STARTED ))
+            else
+                run_one "$dir"
+                ring $(( (n << 8) | DONE ))
+            fi
+            n=$(( n + 1 ))
+            idle_us=$IDLE_MIN_US
+            continue
+        fi
+        printf -v timeout '%d.%06d' $(( idle_us / 1000000 )) $(( idle_us % 1000000 ))
+        read -r -t "$timeout" -u 3 _
+        (( idle_us < IDLE_MAX_US )) && idle_us=$(( idle_us * 2 > IDLE_MAX_US ? IDLE_MAX_US : idle_us * 2 ))
+    done
+}
+
+setup
+serve

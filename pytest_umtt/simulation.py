@@ -1,0 +1,235 @@
+"""A simulation: one calendar, one private directory, and the machines on its clock.
+
+The clock moves only inside calls such as :meth:`Simulation.run_until`,
+:meth:`Machine.run <pytest_umtt.machine.Machine.run>` or
+:meth:`Machine.expect <pytest_umtt.machine.Machine.expect>`, so whatever the caller does
+between two calls happens at one virtual instant.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from .calendar import Calendar, Client, Stop, StopReason
+from .errors import BootError, MachineError, MachineStalled, ProtocolError, StallError
+from .kernel import build_shim, check_kernel, default_kernel
+from .machine import (
+    DEFAULT_TIME_TRAVEL_START,
+    Machine,
+    MachineState,
+    seconds_to_ns,
+)
+from .trace import Trace
+
+DEFAULT_CONSOLE_RESOLUTION = 1_000_000
+"""1 ms: while an expect() waits, how far a kernel may run without telling the calendar;
+it bounds how late a console line is stamped, at one round trip per busy virtual ms."""
+DEFAULT_STALL_TIMEOUT = 30.0
+DEFAULT_BOOT_TIMEOUT = 60.0
+CONNECT_WALL_TIMEOUT = 30.0
+
+
+class Simulation:
+    """Virtual time for a set of UML machines; use as a context manager."""
+
+    def __init__(
+        self,
+        *,
+        kernel: Path | None = None,
+        seed: int = 0,
+        directory: Path | None = None,
+        shm: bool = True,
+        deterministic: bool = True,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        console_resolution: int = DEFAULT_CONSOLE_RESOLUTION,
+        time_travel_start: int = DEFAULT_TIME_TRAVEL_START,
+        trace: bool = True,
+    ) -> None:
+        self.kernel = kernel
+        self.seed = seed
+        self.stall_timeout = stall_timeout
+        self.time_travel_start = time_travel_start
+        self.console_resolution = console_resolution
+        self._own_directory = directory is None
+        self.directory = Path(tempfile.mkdtemp(prefix="umtt-")) if directory is None else directory
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.shim = build_shim() if deterministic else None
+        self.calendar = Calendar(shm=shm,
+                                 trace=Trace() if trace else None, pause_on_broadcast=True,
+                                 time_at_start=time_travel_start)
+        self.calendar.listen(self.directory / "time.sock")
+        self.calendar.on_drop.append(self._on_drop)
+        self.calendar.on_wait.append(self._on_wait)
+        self.machines: dict[str, Machine] = {}
+        self.on_doorbell: list[Callable[[Machine, int], None]] = []
+        self._closed = False
+
+    def __enter__(self) -> Simulation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Simulation now={self.now / 1e9:.9f} s machines={list(self.machines)}>"
+
+    @property
+    def now(self) -> int:
+        """Virtual time in nanoseconds."""
+        return self.calendar.now
+
+    # --- machines -------------------------------------------------------------------
+
+    def machine(self, name: str | None = None, *, boot: bool = True, kernel: Path | None = None,
+                mem: str = "128M", cmdline: Sequence[str] = (),
+                idle_max: float = 0.1) -> Machine:
+        """Create a machine (and boot it, unless ``boot=False``)."""
+        name = name or f"m{len(self.machines) + 1}"
+        if name in self.machines or not name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"machine name {name!r} is taken or not a plain name")
+        machine = Machine(self, name, len(self.machines) + 1, kernel=self._kernel(kernel),
+                          mem=mem, cmdline=cmdline, idle_max=idle_max)
+        self.machines[name] = machine
+        if boot:
+            self.boot(machine)
+        return machine
+
+    def _kernel(self, explicit: Path | None) -> Path:
+        kernel = explicit or self.kernel or default_kernel()
+        if kernel is None:
+            raise BootError("simulation", "no kernel: pass one, or build the default with "
+                            "`umtt-kernel build`", self.now)
+        result = check_kernel(kernel)
+        if not result.ok:
+            raise BootError("simulation", "; ".join(result.problems), self.now)
+        return kernel
+
+    def boot(self, *machines: Machine, timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
+        """Start machines together and run until each agent is ready. Machines started
+        at virtual time 0 get shared memory; later ones are served over messages."""
+        for machine in machines:
+            machine.spawn()
+        connected = self.calendar.serve_until(
+            lambda: all(self._client_of(m) is not None or not m.alive for m in machines),
+            wall_timeout=CONNECT_WALL_TIMEOUT)
+        for machine in machines:
+            if self._client_of(machine) is None:
+                machine.kill()
+                what = ("the kernel exited before connecting to the calendar" if connected
+                        else f"no START from the kernel within {CONNECT_WALL_TIMEOUT} s wall")
+                raise BootError(machine.name, what, self.now, machine.console_tail(),
+                                machine.console_log())
+        self.run_until(lambda: all(m.state is MachineState.READY for m in machines),
+                       deadline=self.now + seconds_to_ns(timeout), machines=machines)
+        for machine in machines:
+            if machine.state is not MachineState.READY:
+                raise BootError(machine.name, f"the guest agent was not ready within {timeout} s"
+                                f" of virtual time", self.now, machine.console_tail(),
+                                machine.console_log())
+
+    def _client_of(self, machine: Machine) -> Client | None:
+        if machine.client is None:
+            for client in self.calendar.clients:
+                if client.start_id == machine.client_id:
+                    client.label = machine.name
+                    machine.client = client
+        return machine.client
+
+    def _machine_of(self, client: Client) -> Machine | None:
+        for machine in self.machines.values():
+            if machine.client is client:
+                return machine
+        return None
+
+    # --- running --------------------------------------------------------------------
+
+    def run_until(self, condition: Callable[[], bool] | None = None, *,
+                  deadline: int | None = None, machines: Iterable[Machine] = ()) -> Stop:
+        """Run until ``condition()``, the virtual ``deadline`` (ns) or quiescence; doorbells
+        are handled on the way. Raises when one of ``machines`` crashes or stalls."""
+        watched = tuple(machines)
+        while True:
+            self._raise_for(watched)
+            try:
+                stop = self.calendar.run_until(
+                    lambda: bool(condition and condition()) or self._trouble(watched),
+                    deadline=deadline, stall_timeout=self.stall_timeout)
+            except StallError as exc:
+                raise self._stalled(exc) from None
+            if stop.reason is StopReason.DOORBELL:
+                self._doorbell(stop)
+                if condition is not None and condition():
+                    return stop
+                continue
+            self._raise_for(watched)
+            return stop
+
+    def advance(self, seconds: float) -> Stop:
+        """Let exactly ``seconds`` of virtual time pass."""
+        return self.run_until(deadline=self.now + seconds_to_ns(seconds))
+
+    def _doorbell(self, stop: Stop) -> None:
+        assert stop.client is not None and stop.value is not None
+        machine = self._machine_of(stop.client)
+        if machine is None:
+            return
+        machine.on_doorbell(stop.value)
+        for handler in self.on_doorbell:
+            handler(machine, stop.value)
+
+    def _trouble(self, machines: tuple[Machine, ...]) -> bool:
+        return any(m.error is not None or m.crash_cause() is not None for m in machines)
+
+    def _raise_for(self, machines: tuple[Machine, ...]) -> None:
+        for machine in machines:
+            cause = machine.crash_cause()
+            if machine.error is None and cause is not None:
+                raise machine.crashed(cause)
+            if machine.error is not None:
+                raise machine.crashed(machine.error.what)
+
+    def _stalled(self, exc: StallError) -> MachineError:
+        runner = self.calendar.runner
+        machine = self._machine_of(runner) if runner is not None else None
+        if machine is None:
+            return MachineStalled("simulation", str(exc), exc.now)
+        machine.kill()
+        error = MachineStalled(machine.name, f"virtual time stalled at {exc.now / 1e9:.9f} s "
+                               f"for {exc.waited:.1f} s wall (the guest never lets time "
+                               f"advance: a busy loop?)", exc.now, machine.console_tail(),
+                               machine.console_log())
+        machine.state = MachineState.CRASHED
+        machine.error = error
+        return error
+
+    def _on_wait(self, client: Client) -> None:
+        machine = self._machine_of(client)
+        if machine is not None:
+            machine.on_wait()
+
+    def _on_drop(self, client: Client, error: ProtocolError | None) -> None:
+        machine = self._machine_of(client)
+        if machine is None:
+            return
+        if error is not None:
+            machine.crashed(f"protocol error: {error}")
+        else:
+            machine.on_disconnect()
+
+    # --- teardown -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Power off every machine, kill what remains, close the calendar, remove files."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for machine in self.machines.values():
+                machine.close()
+        finally:
+            self.calendar.close()
+            if self._own_directory:
+                shutil.rmtree(self.directory, ignore_errors=True)
