@@ -144,7 +144,10 @@ def kill_process_tree(pid: int, timeout: float = 5.0, *, reap_root: bool = True)
 NS_PER_S = 10**9
 AGENT_READY, AGENT_DONE, AGENT_STARTED = 1, 2, 3
 DEFAULT_IDLE_MAX = 0.1
+DEFAULT_COMMAND_TIMEOUT = 24 * 3600.0
+"""Virtual seconds a command may take when the caller gives no timeout."""
 POWEROFF_COMMAND = "echo o > /proc/sysrq-trigger"
+POWEROFF_WALL_TIMEOUT = 2.0
 
 
 def seconds_to_ns(seconds: float) -> int:
@@ -226,7 +229,8 @@ class Machine:
 
     def __init__(self, sim: Simulation, name: str, client_id: int, *, kernel: Path,
                  mem: str = "128M", cmdline: Sequence[str] = (),
-                 idle_max: float = DEFAULT_IDLE_MAX) -> None:
+                 idle_max: float = DEFAULT_IDLE_MAX, agent: Path | None = None,
+                 default_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> None:
         self.sim = sim
         self.name = name
         self.client_id = client_id
@@ -234,6 +238,8 @@ class Machine:
         self.mem = mem
         self.cmdline = list(cmdline)
         self.idle_max = idle_max
+        self.agent = agent
+        self.default_timeout = default_timeout
         self.directory = sim.directory / name
         self.state = MachineState.CREATED
         self.client: Client | None = None
@@ -257,7 +263,8 @@ class Machine:
         self.directory.mkdir(mode=0o700)
         (self.directory / "cmd").mkdir()
         agent = self.directory / "boot.sh"
-        agent.write_bytes(resources.files("pytest_umtt").joinpath("data/agent.sh").read_bytes())
+        source = self.agent or resources.files("pytest_umtt").joinpath("data/agent.sh")
+        agent.write_bytes(source.read_bytes())
         agent.chmod(0o755)
         shutil.copyfile(Path(str(resources.files("pytest_umtt").joinpath("data/fstab"))),
                         self.directory / "fstab")
@@ -332,12 +339,12 @@ class Machine:
 
         # Bound free runs while waiting, so the match's time is exact to the resolution.
         calendar = self.sim.calendar
-        calendar.max_free_run = self.sim.console_resolution
+        usual, calendar.max_free_run = calendar.max_free_run, self.sim.console_resolution
         try:
             self.sim.run_until(seen, deadline=self.sim.now + seconds_to_ns(timeout),
                                machines=(self,))
         finally:
-            calendar.max_free_run = None
+            calendar.max_free_run = usual
         if not found:
             raise ExpectTimeout(self.name, f"{regex.pattern!r} did not appear on the console "
                                 f"within {timeout} s of virtual time", self.sim.now,
@@ -352,9 +359,11 @@ class Machine:
             check: bool = False) -> CommandResult:
         """Run ``command`` with /bin/sh semantics in the guest and wait for it: exit
         status, stdout and stderr apart (byte-exact), virtual start and end times.
-        ``timeout`` is in virtual seconds; the guest kills the command at that instant."""
+        ``timeout`` is in virtual seconds; the guest kills the command at that instant.
+        Without one, the command may take ``default_timeout`` before this raises."""
         number = self._submit(command, env, cwd, timeout, background=False)
-        result = self._await_result(number, command, None if timeout is None else timeout + 1)
+        budget = self.default_timeout if timeout is None else timeout + 1
+        result = self._await_result(number, command, budget)
         if check and not result.ok:
             raise MachineError(self.name, f"command {command!r} exited with {result.status}; "
                                f"stderr: {result.stderr.decode(errors='replace')[-2000:]}",
@@ -393,15 +402,12 @@ class Machine:
         return number
 
     def _await_result(self, number: int, command: str, timeout: float | None) -> CommandResult:
-        deadline = None if timeout is None else self.sim.now + seconds_to_ns(timeout)
-        stop = self.sim.run_until(lambda: number in self._finished, deadline=deadline,
-                                  machines=(self,))
+        budget = self.default_timeout if timeout is None else timeout
+        self.sim.run_until(lambda: number in self._finished,
+                           deadline=self.sim.now + seconds_to_ns(budget), machines=(self,))
         if number not in self._finished:
             self._raise_if_down()
-            what = (f"command {command!r} did not finish within {timeout} s of virtual time"
-                    if deadline is not None else
-                    f"command {command!r} never finishes: the simulation went idle "
-                    f"({stop.reason.value}) with it still running")
+            what = f"command {command!r} did not finish within {budget} s of virtual time"
             raise CommandTimeout(self.name, what, self.sim.now, self.console_tail(),
                                  self.console_log())
         return self._read_result(number, command)
@@ -454,6 +460,7 @@ class Machine:
     def crashed(self, cause: str) -> MachineCrashed:
         """Mark the machine crashed, end its processes, and remember why."""
         if self.error is None:
+            self._read_leftover_console()
             console_cause = self.crash_cause()
             self.state = MachineState.CRASHED
             self.kill()
@@ -489,14 +496,19 @@ class Machine:
 
     # --- teardown -------------------------------------------------------------------
 
-    def poweroff(self, timeout: float = 5.0) -> None:
-        """Power off through the agent and wait (virtual ``timeout``) for the kernel to go."""
+    def poweroff(self, timeout: float = 5.0, wall_timeout: float = POWEROFF_WALL_TIMEOUT) -> None:
+        """Power off through the agent and wait (virtual ``timeout``, at most
+        ``wall_timeout`` wall seconds of stalled time) for the kernel to go."""
         if self.state is not MachineState.READY:
             return
         self._powering_off = True
         self._submit(POWEROFF_COMMAND, None, None, None, background=True)
-        self.sim.run_until(lambda: self.state is not MachineState.READY,
-                           deadline=self.sim.now + seconds_to_ns(timeout))
+        usual, self.sim.stall_timeout = self.sim.stall_timeout, wall_timeout
+        try:
+            self.sim.run_until(lambda: self.state is not MachineState.READY,
+                               deadline=self.sim.now + seconds_to_ns(timeout))
+        finally:
+            self.sim.stall_timeout = usual
 
     def kill(self) -> None:
         """End the whole UML process tree now."""
@@ -504,10 +516,10 @@ class Machine:
             kill_process_tree(self.process.pid, reap_root=False)
             self.process.wait()
 
-    def close(self, keep_directory: bool = False) -> None:
+    def close(self, keep_directory: bool = False, polite: bool = True) -> None:
         """Power off politely if possible, then make sure nothing of the machine remains."""
         try:
-            if self.alive and self.state is MachineState.READY:
+            if polite and self.alive and self.state is MachineState.READY:
                 self.poweroff()
         except MachineError:
             pass  # the kill below ends it either way; the error stays in self.error

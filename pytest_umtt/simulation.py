@@ -8,6 +8,7 @@ between two calls happens at one virtual instant.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -17,6 +18,7 @@ from .calendar import Calendar, Client, Stop, StopReason
 from .errors import BootError, MachineError, MachineStalled, ProtocolError, StallError
 from .kernel import build_shim, check_kernel, default_kernel
 from .machine import (
+    DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_TIME_TRAVEL_START,
     Machine,
     MachineState,
@@ -27,6 +29,10 @@ from .trace import Trace
 DEFAULT_CONSOLE_RESOLUTION = 1_000_000
 """1 ms: while an expect() waits, how far a kernel may run without telling the calendar;
 it bounds how late a console line is stamped, at one round trip per busy virtual ms."""
+DEFAULT_MAX_FREE_RUN = 24 * 3600 * 10**9
+"""A day: without a bound, a lone kernel free-runs through its own periodic timers for
+2^62 ns and the calendar never learns where it is. A day of virtual time costs a lone
+kernel about 1.5 s of wall time and two messages."""
 DEFAULT_STALL_TIMEOUT = 30.0
 DEFAULT_BOOT_TIMEOUT = 60.0
 CONNECT_WALL_TIMEOUT = 30.0
@@ -38,26 +44,27 @@ class Simulation:
     def __init__(
         self,
         *,
-        kernel: Path | None = None,
+        kernel: str | os.PathLike[str] | None = None,
         seed: int = 0,
-        directory: Path | None = None,
+        directory: str | os.PathLike[str] | None = None,
         shm: bool = True,
         deterministic: bool = True,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         console_resolution: int = DEFAULT_CONSOLE_RESOLUTION,
+        max_free_run: int = DEFAULT_MAX_FREE_RUN,
         time_travel_start: int = DEFAULT_TIME_TRAVEL_START,
         trace: bool = True,
     ) -> None:
-        self.kernel = kernel
+        self.kernel = None if kernel is None else Path(kernel)
         self.seed = seed
         self.stall_timeout = stall_timeout
         self.time_travel_start = time_travel_start
         self.console_resolution = console_resolution
         self._own_directory = directory is None
-        self.directory = Path(tempfile.mkdtemp(prefix="umtt-")) if directory is None else directory
+        self.directory = Path(tempfile.mkdtemp(prefix="umtt-") if directory is None else directory)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.shim = build_shim() if deterministic else None
-        self.calendar = Calendar(shm=shm,
+        self.calendar = Calendar(shm=shm, max_free_run=max_free_run,
                                  trace=Trace() if trace else None, pause_on_broadcast=True,
                                  time_at_start=time_travel_start)
         self.calendar.listen(self.directory / "time.sock")
@@ -70,8 +77,9 @@ class Simulation:
     def __enter__(self) -> Simulation:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        # After an error or Ctrl-C a guest may be spinning: no politeness, just the kill.
+        self.close(polite=exc_type is None)
 
     def __repr__(self) -> str:
         return f"<Simulation now={self.now / 1e9:.9f} s machines={list(self.machines)}>"
@@ -85,13 +93,16 @@ class Simulation:
 
     def machine(self, name: str | None = None, *, boot: bool = True, kernel: Path | None = None,
                 mem: str = "128M", cmdline: Sequence[str] = (),
-                idle_max: float = 0.1) -> Machine:
-        """Create a machine (and boot it, unless ``boot=False``)."""
+                idle_max: float = 0.1, agent: Path | None = None,
+                default_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> Machine:
+        """Create a machine (and boot it, unless ``boot=False``). ``agent`` replaces the
+        guest agent as init (it must ring the doorbell as data/agent.sh does)."""
         name = name or f"m{len(self.machines) + 1}"
         if name in self.machines or not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"machine name {name!r} is taken or not a plain name")
         machine = Machine(self, name, len(self.machines) + 1, kernel=self._kernel(kernel),
-                          mem=mem, cmdline=cmdline, idle_max=idle_max)
+                          mem=mem, cmdline=cmdline, idle_max=idle_max, agent=agent,
+                          default_timeout=default_timeout)
         self.machines[name] = machine
         if boot:
             self.boot(machine)
@@ -221,14 +232,15 @@ class Simulation:
 
     # --- teardown -------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Power off every machine, kill what remains, close the calendar, remove files."""
+    def close(self, polite: bool = True) -> None:
+        """Power off every machine (``polite``), kill what remains, close the calendar,
+        remove the files."""
         if self._closed:
             return
         self._closed = True
         try:
             for machine in self.machines.values():
-                machine.close()
+                machine.close(polite=polite)
         finally:
             self.calendar.close()
             if self._own_directory:

@@ -1,0 +1,250 @@
+"""Machines on real UML kernels: commands, console, several machines, crashes, teardown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pytest_umtt.errors import (
+    BootError,
+    CommandTimeout,
+    ExpectTimeout,
+    MachineCrashed,
+    MachineStalled,
+)
+from pytest_umtt.machine import Machine, MachineState
+from pytest_umtt.simulation import Simulation
+
+pytestmark = pytest.mark.kernel
+S = 10**9
+
+
+def uml_processes(directory: Path) -> list[psutil.Process]:
+    """UML processes whose working directory is inside ``directory``."""
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if proc.info["name"] == "linux" and proc.cwd().startswith(str(directory)):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.fixture
+def sim(uml_kernel: Path, tmp_path: Path) -> Iterator[Simulation]:
+    directory = tmp_path / "sim"
+    with Simulation(kernel=uml_kernel, directory=directory) as simulation:
+        yield simulation
+    assert not uml_processes(directory), "UML processes outlived the simulation"
+    assert not (directory / "time.sock").exists()
+
+
+@pytest.fixture
+def machine(sim: Simulation) -> Machine:
+    return sim.machine("alpha")
+
+
+# --- commands --------------------------------------------------------------------------
+
+def test_run_returns_status_and_separate_byte_exact_output(machine: Machine) -> None:
+    result = machine.run("printf 'out\\000\\377'; printf 'err\\n' >&2; exit 7")
+    assert result.status == 7
+    assert result.stdout == b"out\x00\xff"
+    assert result.stderr == b"err\n"
+    assert result.started <= result.ended
+
+
+def test_run_with_env_and_cwd(machine: Machine) -> None:
+    result = machine.run('echo "$GREETING" $(pwd)', env={"GREETING": "hi there"}, cwd="/usr")
+    assert result.output == "hi there /usr\n"
+
+
+def test_sleep_takes_exact_virtual_time(machine: Machine, sim: Simulation) -> None:
+    before = sim.now
+    result = machine.run("sleep 3600")
+    assert 3600 <= result.duration <= 3600.001
+    assert 3600 * S <= sim.now - before <= 3600 * S + 10**7
+    assert result.ended <= sim.now
+
+
+def test_virtual_timeout_kills_the_command_at_that_instant(machine: Machine) -> None:
+    result = machine.run("sleep 100", timeout=2.5)
+    assert result.status == 137  # SIGKILL from timeout(1)
+    assert 2.5 <= result.duration <= 2.501
+
+
+def test_command_that_never_ends_is_an_error_not_a_hang(sim: Simulation) -> None:
+    sleeper = sim.machine("sleeper", default_timeout=600)
+    start = sim.now
+    with pytest.raises(CommandTimeout, match="did not finish within 600 s of virtual time"):
+        sleeper.run("sleep infinity")
+    assert sim.now - start == 600 * S
+
+
+def test_background_command_and_foreground_meanwhile(machine: Machine, sim: Simulation) -> None:
+    job = machine.start("sleep 5; echo slept")
+    assert not job.done
+    quick = machine.run("echo quick")
+    assert quick.output == "quick\n" and quick.started - job.started < S
+    result = job.wait(timeout=10)
+    assert result.output == "slept\n"
+    assert 5 <= result.duration <= 5.001
+    after = machine.run("true")  # the agent is woken as the background job ends
+    assert after.started - result.ended < 10**6
+
+
+# --- console -----------------------------------------------------------------------------
+
+def test_expect_finds_kernel_output_at_its_virtual_time(machine: Machine, sim: Simulation) -> None:
+    start = sim.now
+    machine.start("sleep 2; echo marker-42 > /dev/kmsg")
+    found = machine.expect(r"marker-(\d+)", timeout=5)
+    assert found.group(1) == "42"
+    assert 2 * S <= found.time - start <= 2 * S + sim.console_resolution
+
+
+def test_expect_timeout_is_exact_and_shows_the_console(machine: Machine, sim: Simulation) -> None:
+    start = sim.now
+    with pytest.raises(ExpectTimeout) as failure:
+        machine.expect("never printed", timeout=1.5)
+    assert sim.now - start == int(1.5 * S)
+    message = str(failure.value)
+    assert "alpha" in message and "console tail" in message and "console.log" in message
+
+
+def test_command_output_never_mixes_with_kernel_messages(machine: Machine) -> None:
+    result = machine.run("echo noise > /dev/kmsg; echo clean")
+    assert result.stdout == b"clean\n"
+
+
+# --- several machines ------------------------------------------------------------------
+
+def test_machines_booted_together_share_memory_and_interleave(sim: Simulation) -> None:
+    one = sim.machine("one", boot=False)
+    two = sim.machine("two", boot=False)
+    sim.boot(one, two)
+    assert one.client is not None and two.client is not None
+    assert one.client.shm and two.client.shm
+    jobs = [one.start("for i in 1 2 3; do sleep 1; echo one-$i > /dev/kmsg; done"),
+            two.start("sleep 0.5; for i in 1 2 3; do sleep 1; echo two-$i > /dev/kmsg; done")]
+    for job in jobs:
+        job.wait(timeout=10)
+    events = sorted((line.time, name) for m, name in ((one, "one"), (two, "two"))
+                    for line in (m.console.lines if m.console else []) if f"{name}-" in line.text)
+    assert [name for _, name in events] == ["one", "two"] * 3
+    assert one.directory != two.directory
+
+
+def test_late_joiner_is_served_over_messages(sim: Simulation) -> None:
+    first = sim.machine("first")
+    sim.advance(1.0)
+    late = sim.machine("late")
+    assert late.client is not None and not late.client.shm
+    assert first.client is not None and first.client.shm
+    result = late.run("sleep 2")
+    assert 2 <= result.duration <= 2.001
+    assert first.run("echo still here").output == "still here\n"
+
+
+# --- crashes and hangs -------------------------------------------------------------------
+
+def test_panic_raises_with_cause_and_others_go_on(sim: Simulation) -> None:
+    victim = sim.machine("victim", boot=False)
+    survivor = sim.machine("survivor", boot=False)
+    sim.boot(victim, survivor)
+    with pytest.raises(MachineCrashed) as failure:
+        victim.run("echo c > /proc/sysrq-trigger")
+    message = str(failure.value)
+    assert "victim" in message and "kernel panic" in message and "sysrq" in message.lower()
+    assert victim.state is MachineState.CRASHED and not victim.alive
+    assert survivor.run("sleep 1; echo ok").output == "ok\n"
+    with pytest.raises(MachineCrashed):
+        victim.run("true")  # remembered: later calls fail with the same cause
+
+
+def test_init_that_exits_is_reported(sim: Simulation, tmp_path: Path) -> None:
+    agent = tmp_path / "agent.sh"
+    agent.write_text("#!/bin/sh\nexit 0\n")
+    with pytest.raises(MachineCrashed, match=r"the guest agent \(init\) exited"):
+        sim.machine("quitter", agent=agent)
+
+
+def test_busy_loop_is_stopped_by_the_wall_watchdog(sim: Simulation) -> None:
+    spinner = sim.machine("spinner")
+    sim.stall_timeout = 2.0
+    with pytest.raises(MachineStalled, match=r"spinner: virtual time stalled at \d+\.\d{9} s "
+                                             r"for 2\.\d s wall"):
+        spinner.run("while :; do :; done")
+    assert not spinner.alive
+
+
+def test_kernel_without_time_travel_fails_before_waiting(tmp_path: Path) -> None:
+    debian = Path(os.path.realpath("/usr/bin/linux"))
+    if not debian.exists():
+        pytest.skip("Debian's user-mode-linux is not installed (.ci/run installs it)")
+    with Simulation(kernel=debian, directory=tmp_path / "sim") as simulation:
+        with pytest.raises(BootError, match="without time-travel=ext support"):
+            simulation.machine("old")
+
+
+# --- safety and teardown -----------------------------------------------------------------
+
+def test_guest_cannot_write_host_files_outside_its_directory(machine: Machine) -> None:
+    for path in ("/etc/umtt-probe", "/root/umtt-probe"):
+        result = machine.run(f"touch {path}")
+        assert result.status != 0, path
+        assert not Path(path).exists()
+    assert machine.run("touch /tmp/x /run/umtt/x && echo ok").output == "ok\n"
+    assert (machine.directory / "x").exists()
+
+
+def test_sockets_and_directories_are_private(sim: Simulation, machine: Machine) -> None:
+    assert stat.S_IMODE(os.stat(sim.directory / "time.sock").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(machine.directory).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(sim.directory).st_mode) == 0o700
+
+
+def test_nothing_is_left_after_a_crash(uml_kernel: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "sim"
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with Simulation(kernel=uml_kernel, directory=directory) as simulation:
+        crasher = simulation.machine("c")
+        with pytest.raises(MachineCrashed):
+            crasher.run("echo c > /proc/sysrq-trigger")
+    assert not uml_processes(directory)
+    assert not (directory / "c").exists()
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # sockets, memfds, ptys closed
+
+
+INTERRUPTED = """
+import sys
+from pytest_umtt.simulation import Simulation
+with Simulation(kernel=sys.argv[1], directory=sys.argv[2] + "/sim") as sim:
+    m = sim.machine("busy")
+    sim.stall_timeout = 600
+    print("running", flush=True)
+    m.run("while :; do :; done")
+"""
+
+
+def test_nothing_is_left_after_ctrl_c(uml_kernel: Path, tmp_path: Path) -> None:
+    script = subprocess.Popen([sys.executable, "-c", INTERRUPTED, str(uml_kernel),
+                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    assert script.stdout is not None
+    assert script.stdout.readline() == "running\n"
+    script.send_signal(signal.SIGINT)
+    _, err = script.communicate(timeout=30)
+    assert "KeyboardInterrupt" in err
+    assert not uml_processes(tmp_path)
+    assert not (tmp_path / "sim" / "busy").exists()
+    assert not (tmp_path / "sim" / "time.sock").exists()
