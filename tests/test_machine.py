@@ -191,9 +191,9 @@ def test_kernel_without_time_travel_fails_before_waiting(tmp_path: Path) -> None
     debian = Path(os.path.realpath("/usr/bin/linux"))
     if not debian.exists():
         pytest.skip("Debian's user-mode-linux is not installed (.ci/run installs it)")
-    with Simulation(kernel=debian, directory=tmp_path / "sim") as simulation:
-        with pytest.raises(BootError, match="without time-travel=ext support"):
-            simulation.machine("old")
+    with (Simulation(kernel=debian, directory=tmp_path / "sim") as simulation,
+          pytest.raises(BootError, match="without time-travel=ext support")):
+        simulation.machine("old")
 
 
 # --- safety and teardown -----------------------------------------------------------------
