@@ -1,19 +1,49 @@
 """pytest-umtt: test Linux kernels and drivers in virtual time.
 
 User-Mode Linux kernels run under ``time-travel=ext`` against a calendar that lives in
-the test process; see :class:`pytest_umtt.calendar.Calendar`.
+the test process. Layers, each usable without pytest: :mod:`~pytest_umtt.wire` (the
+protocol's data), :class:`Calendar` (the controller), :class:`Machine` and
+:class:`Simulation` (kernels on one clock), :mod:`~pytest_umtt.kernel` (the builder).
 """
 
 from .calendar import Calendar, Client, ClientState, ScheduledCall, Stop, StopReason
-from .errors import ProtocolError, StallError, UmttError, format_ns
+from .console import ConsoleLine
+from .errors import (
+    BootError,
+    CommandTimeout,
+    ExpectTimeout,
+    MachineCrashed,
+    MachineError,
+    MachineStalled,
+    ProtocolError,
+    StallError,
+    UmttError,
+    format_ns,
+)
+from .machine import BackgroundCommand, CommandResult, ConsoleMatch, Machine, MachineState
+from .simulation import MachineFactory, Simulation
 from .trace import Trace, TraceEvent
 
 __all__ = [
+    "BackgroundCommand",
+    "BootError",
     "Calendar",
     "Client",
     "ClientState",
+    "CommandResult",
+    "CommandTimeout",
+    "ConsoleLine",
+    "ConsoleMatch",
+    "ExpectTimeout",
+    "Machine",
+    "MachineCrashed",
+    "MachineError",
+    "MachineFactory",
+    "MachineStalled",
+    "MachineState",
     "ProtocolError",
     "ScheduledCall",
+    "Simulation",
     "StallError",
     "Stop",
     "StopReason",

@@ -438,7 +438,20 @@ class Calendar:
         if waited >= budget:
             who = self._runner.name if self._runner else "acknowledgements or STARTs"
             raise StallError(self._now, waited, who)
+        if waited >= budget / 2:
+            self._probe_runner()
         return last
+
+    def _probe_runner(self) -> None:
+        """A shm runner that has said nothing for half the stall budget may be working
+        hard or spinning. Lowering its free_until makes a working kernel yield at its next
+        time step (a RUN at the time it requests changes nothing in its timeline); a
+        userspace busy loop takes no time steps and stays silent. Only silences this long
+        are probed, so ordinary runs keep identical traces."""
+        runner = self._runner
+        if runner is not None and runner.shm and self._shm.free_until > self._now:
+            self._shm.free_until = self._now
+            self._record("probe", runner)
 
     def _busy(self) -> bool:
         """True while the schedule cannot move: a client runs, a broadcast is still being

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -382,6 +383,15 @@ def _tail(log: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
             return [line.rstrip("\n") for line in deque(stream, maxlen=lines)]
     except OSError:
         return []
+
+
+def kernel_version(path: Path) -> str | None:
+    """The release a kernel binary was built from ("6.12.117"), if it says."""
+    try:
+        found = re.search(rb"Linux version (\S+)", path.read_bytes())
+    except OSError:
+        return None
+    return found.group(1).decode(errors="replace") if found else None
 
 
 def default_kernel() -> Path | None:

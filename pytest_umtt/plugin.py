@@ -1,17 +1,415 @@
-"""The pytest plugin: thin glue over the calendar (and, later, machines)."""
+"""The pytest plugin: options, fixtures, markers and reports over Simulation and Machine.
+
+Thin by design: everything here delegates to :mod:`pytest_umtt.simulation` and
+:mod:`pytest_umtt.machine`, which work without pytest.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .calendar import Calendar
-from .trace import Trace
+from . import hookspecs
+from .errors import format_ns
+from .kernel import default_kernel, kernel_version
+from .machine import DEFAULT_COMMAND_TIMEOUT, Machine
+from .simulation import DEFAULT_STALL_TIMEOUT, MachineFactory, Simulation
+
+MEM_PATTERN = re.compile(r"^\d+[KMG]$")
+PROTOCOL_TAIL = 30
+CONSOLE_TAIL = 40
+
+
+# --- settings: every one as CLI, env and ini, resolved in one place ---------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective configuration of a test's simulation."""
+
+    kernel: Path | None
+    seed: int
+    mem: str = "128M"
+    cmdline: tuple[str, ...] = ()
+    virtual_timeout: float = DEFAULT_COMMAND_TIMEOUT
+    wall_timeout: float = DEFAULT_STALL_TIMEOUT
+    artifacts: Path | None = None
+    seed_source: str = "default"
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # ini key; the CLI flag and env variable derive from it
+    flag: str
+    help: str
+    metavar: str
+
+    @property
+    def env(self) -> str:
+        return self.name.upper()
+
+
+OPTIONS = (
+    Option("umtt_kernel", "--uml-kernel", "UML kernel with time-travel support "
+           "(default: the one `umtt-kernel build` made)", "PATH"),
+    Option("umtt_seed", "--umtt-seed", "seed of every simulation: an integer, or 'random' "
+           "(default 0: plain runs are reproducible)", "N"),
+    Option("umtt_mem", "--umtt-mem", "memory of each machine, e.g. 128M (default 128M)", "SIZE"),
+    Option("umtt_cmdline", "--umtt-cmdline", "extra kernel command-line arguments for every "
+           "machine (shell quoting)", "ARGS"),
+    Option("umtt_virtual_timeout", "--umtt-virtual-timeout", "virtual seconds a command may "
+           f"take when the test gives no timeout (default {DEFAULT_COMMAND_TIMEOUT:g})",
+           "SECONDS"),
+    Option("umtt_wall_timeout", "--umtt-wall-timeout", "wall seconds virtual time may stand "
+           f"still before a machine counts as hung (default {DEFAULT_STALL_TIMEOUT:g})",
+           "SECONDS"),
+    Option("umtt_artifacts", "--umtt-artifacts", "directory for per-test artifacts: consoles, "
+           "commands, protocol trace (default: none kept)", "DIR"),
+)
+
+
+def _raw_setting(config: pytest.Config, option: Option) -> tuple[str, str] | None:
+    """The first of CLI, environment and ini that sets ``option``, with where it came from."""
+    cli = config.getoption(option.name)
+    if cli is not None:
+        return str(cli), option.flag
+    if option.env in os.environ:
+        return os.environ[option.env], f"${option.env}"
+    ini = config.getini(option.name)
+    if ini:
+        return str(ini), f"ini {option.name}"
+    return None
+
+
+def _positive_float(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise pytest.UsageError(f"{where}: expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _seed(text: str, where: str) -> tuple[int, str]:
+    if text == "random":
+        return random.SystemRandom().randrange(2**32), f"random ({where})"
+    try:
+        return int(text, 0), where
+    except ValueError:
+        raise pytest.UsageError(f"{where}: expected an integer seed or 'random', "
+                                f"got {text!r}") from None
+
+
+def _mem(text: str, where: str) -> str:
+    if not MEM_PATTERN.match(text):
+        raise pytest.UsageError(f"{where}: expected a size like 64M or 1G, got {text!r}")
+    return text
+
+
+def _kernel(text: str, where: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise pytest.UsageError(f"{where}: no kernel at {text!r}")
+    return path
+
+
+def resolve_settings(config: pytest.Config) -> Settings:
+    """Settings from CLI > environment > ini; bad values are a UsageError naming the fix."""
+    raw = {option.name: _raw_setting(config, option) for option in OPTIONS}
+
+    def get(name: str, parse: Callable[[str, str], Any], default: Any) -> Any:
+        found = raw[name]
+        return default if found is None else parse(*found)
+
+    seed, seed_source = get("umtt_seed", _seed, (0, "default"))
+    return Settings(
+        kernel=get("umtt_kernel", _kernel, None) or default_kernel(),
+        seed=seed,
+        seed_source=seed_source,
+        mem=get("umtt_mem", _mem, "128M"),
+        cmdline=tuple(get("umtt_cmdline", lambda text, _: shlex.split(text), [])),
+        virtual_timeout=get("umtt_virtual_timeout", _positive_float, DEFAULT_COMMAND_TIMEOUT),
+        wall_timeout=get("umtt_wall_timeout", _positive_float, DEFAULT_STALL_TIMEOUT),
+        artifacts=get("umtt_artifacts", lambda text, _: Path(text), None),
+    )
+
+
+# --- markers ------------------------------------------------------------------------
+
+MARKERS = {
+    "uml": "uml(mem=None, cmdline=None, kernel=None): options for this test's machines",
+    "virtual_timeout": "virtual_timeout(seconds): virtual-time budget of each command",
+    "wall_timeout": "wall_timeout(seconds): wall seconds virtual time may stand still",
+    "umtt_seed": "umtt_seed(n): this test's simulation seed",
+}
+_MARKER_ARGS = {"uml": ((), {"mem", "cmdline", "kernel"}),
+                "virtual_timeout": (("seconds",), set()),
+                "wall_timeout": (("seconds",), set()),
+                "umtt_seed": (("n",), set())}
+
+
+def _marker_values(item: pytest.Item, name: str) -> dict[str, Any] | None:
+    marker = item.get_closest_marker(name)
+    if marker is None:
+        return None
+    positional, keywords = _MARKER_ARGS[name]
+    where = f"{item.nodeid}: @pytest.mark.{MARKERS[name].split(':')[0]}"
+    if len(marker.args) > len(positional) or set(marker.kwargs) - keywords - set(positional):
+        raise pytest.UsageError(f"{where} got {marker.args} {marker.kwargs}")
+    values = dict(zip(positional, marker.args, strict=False))
+    values.update(marker.kwargs)
+    if set(positional) - set(values):
+        raise pytest.UsageError(f"{where} needs {', '.join(positional)}")
+    return values
+
+
+def item_settings(item: pytest.Item, base: Settings) -> Settings:
+    """The settings of one test: markers override everything else."""
+    settings = base
+    where = f"{item.nodeid}: marker"
+    if (uml := _marker_values(item, "uml")) is not None:
+        cmdline = uml.get("cmdline") or ()
+        if isinstance(cmdline, str):
+            cmdline = shlex.split(cmdline)
+        settings = replace(
+            settings,
+            mem=_mem(uml["mem"], where) if uml.get("mem") else settings.mem,
+            cmdline=settings.cmdline + tuple(cmdline),
+            kernel=_kernel(str(uml["kernel"]), where) if uml.get("kernel") else settings.kernel)
+    if (value := _marker_values(item, "virtual_timeout")) is not None:
+        settings = replace(settings,
+                           virtual_timeout=_positive_float(str(value["seconds"]), where))
+    if (value := _marker_values(item, "wall_timeout")) is not None:
+        settings = replace(settings, wall_timeout=_positive_float(str(value["seconds"]), where))
+    if (value := _marker_values(item, "umtt_seed")) is not None:
+        seed, source = _seed(str(value["n"]), where)
+        settings = replace(settings, seed=seed, seed_source=source)
+    return settings
+
+
+# --- session state ------------------------------------------------------------------
+
+@dataclass
+class SessionState:
+    """What the plugin keeps for a session (in config.stash, never in globals)."""
+
+    settings: Settings
+    simulations: int = 0
+    virtual_ns: int = 0
+    wall_seconds: float = 0.0
+    open: set[Simulation] = field(default_factory=set)
+
+
+STATE = pytest.StashKey[SessionState]()
+ITEM_SIM = pytest.StashKey[Simulation]()
+ITEM_SETTINGS = pytest.StashKey[Settings]()
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("umtt", "virtual-time UML kernels (pytest-umtt)")
+    for option in OPTIONS:
+        group.addoption(option.flag, dest=option.name, metavar=option.metavar,
+                        help=f"{option.help}; env {option.env}, ini {option.name}")
+        parser.addini(option.name, option.help)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for text in MARKERS.values():
+        config.addinivalue_line("markers", text)
+    config.stash[STATE] = SessionState(resolve_settings(config))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(STATE, None)
+    for sim in list(state.open if state else ()):
+        sim.close(polite=False)  # interrupted runs: no machine outlives the session
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    base = config.stash[STATE].settings
+    for item in items:
+        item.stash[ITEM_SETTINGS] = item_settings(item, base)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    settings = config.stash[STATE].settings
+    if settings.kernel is None:
+        kernel = "none (build one with `umtt-kernel build` or pass --uml-kernel)"
+    else:
+        kernel = f"{settings.kernel} (Linux {kernel_version(settings.kernel) or 'unknown'})"
+    return [f"umtt: kernel {kernel}", f"umtt: seed {settings.seed} ({settings.seed_source})"]
+
+
+# --- fixtures -----------------------------------------------------------------------
+
+def _open_simulation(config: pytest.Config, settings: Settings) -> Simulation:
+    sim = Simulation(kernel=settings.kernel, seed=settings.seed,
+                     stall_timeout=settings.wall_timeout)
+    sim.on_doorbell.append(
+        lambda machine, value: config.hook.pytest_umtt_doorbell(machine=machine, value=value))
+    config.stash[STATE].open.add(sim)
+    return sim
+
+
+def _close_simulation(config: pytest.Config, sim: Simulation, started: float,
+                      artifacts: Path | None) -> None:
+    state = config.stash[STATE]
+    state.open.discard(sim)
+    state.simulations += 1
+    state.virtual_ns += sim.now
+    state.wall_seconds += time.monotonic() - started
+    sim.close(keep_files=artifacts is not None)
+    if artifacts is not None:
+        save_artifacts(sim, artifacts)
+        shutil.rmtree(sim.directory, ignore_errors=True)
+
+
+def _factory(config: pytest.Config, sim: Simulation, settings: Settings) -> MachineFactory:
+    def make(name: str | None = None, *, boot: bool = True, mem: str | None = None,
+             cmdline: Sequence[str] = ()) -> Machine:
+        name = name or f"m{len(sim.machines) + 1}"
+        hooked = [arg for args in config.hook.pytest_umtt_kernel_cmdline(name=name) or []
+                  for arg in args or []]
+        return sim.machine(name, boot=boot, kernel=settings.kernel, mem=mem or settings.mem,
+                           cmdline=[*settings.cmdline, *hooked, *cmdline],
+                           default_timeout=settings.virtual_timeout)
+    return make
+
+
+def _artifacts_dir(settings: Settings, nodeid: str) -> Path | None:
+    if settings.artifacts is None:
+        return None
+    return settings.artifacts / re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")
 
 
 @pytest.fixture
-def umtt_calendar() -> Iterator[Calendar]:
-    """A fresh calendar with tracing on, closed after the test."""
-    with Calendar(trace=Trace()) as calendar:
-        yield calendar
+def umtt_sim(request: pytest.FixtureRequest) -> Iterator[Simulation]:
+    """This test's simulation: the virtual clock (``now``, ``advance``, ``run_until``,
+    ``elapsed``) shared by all of its machines."""
+    item = request.node
+    settings = item.stash.get(ITEM_SETTINGS, request.config.stash[STATE].settings)
+    started = time.monotonic()
+    sim = _open_simulation(request.config, settings)
+    item.stash[ITEM_SIM] = sim
+    try:
+        yield sim
+    finally:
+        item.user_properties.append(("umtt_virtual_seconds", f"{sim.seconds:.9f}"))
+        item.user_properties.append(("umtt_seed", str(settings.seed)))
+        _close_simulation(request.config, sim, started, _artifacts_dir(settings, item.nodeid))
+
+
+@pytest.fixture
+def uml_factory(request: pytest.FixtureRequest, umtt_sim: Simulation) -> MachineFactory:
+    """Make more machines on this test's clock: ``uml_factory("name", mem="256M")``.
+    Pass ``boot=False`` to several and ``umtt_sim.boot(*machines)`` to boot them together."""
+    item = request.node
+    settings = item.stash.get(ITEM_SETTINGS, request.config.stash[STATE].settings)
+    return _factory(request.config, umtt_sim, settings)
+
+
+@pytest.fixture
+def uml(uml_factory: MachineFactory) -> Machine:
+    """One booted UML machine, named ``uml``."""
+    return uml_factory("uml")
+
+
+@pytest.fixture(scope="module")
+def umtt_module_sim(request: pytest.FixtureRequest) -> Iterator[Simulation]:
+    """A simulation shared by every test of a module (boot once, run many)."""
+    settings = request.config.stash[STATE].settings
+    started = time.monotonic()
+    sim = _open_simulation(request.config, settings)
+    try:
+        yield sim
+    finally:
+        _close_simulation(request.config, sim, started,
+                          _artifacts_dir(settings, request.node.nodeid))
+
+
+@pytest.fixture(scope="module")
+def uml_module(request: pytest.FixtureRequest, umtt_module_sim: Simulation) -> Machine:
+    """One machine booted once for the whole module."""
+    settings = request.config.stash[STATE].settings
+    return _factory(request.config, umtt_module_sim, settings)("uml")
+
+
+# --- reports ------------------------------------------------------------------------
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    sim = item.stash.get(ITEM_SIM, None)
+    if sim is not None and report.failed and report.when != "teardown":
+        _add_failure_sections(item, sim, report)
+    return report
+
+
+def _add_failure_sections(item: pytest.Item, sim: Simulation, report: pytest.TestReport) -> None:
+    for name, machine in sim.machines.items():
+        report.sections.append((f"umtt console: {name} ({machine.console_log()})",
+                                machine.console_tail(CONSOLE_TAIL)))
+    if sim.calendar.trace is not None:
+        events = sim.calendar.trace.events[-PROTOCOL_TAIL:]
+        report.sections.append(("umtt protocol (last events)", "\n".join(
+            f"{format_ns(e.now)} {e.kind:5} {e.client} {e.op}({e.time}) {e.detail}".rstrip()
+            for e in events)))
+    settings = item.stash.get(ITEM_SETTINGS, item.config.stash[STATE].settings)
+    report.sections.append(("umtt reproduce", reproduce_text(item.nodeid, settings)))
+
+
+def reproduce_text(nodeid: str, settings: Settings) -> str:
+    """The seed, and a command that reruns this test the same way."""
+    command = f"pytest {shlex.quote(nodeid)} --umtt-seed={settings.seed}"
+    if settings.kernel is not None:
+        command += f" --uml-kernel={shlex.quote(str(settings.kernel))}"
+    lines = [f"seed {settings.seed} ({settings.seed_source}); to reproduce:", f"  {command}"]
+    artifacts = _artifacts_dir(settings, nodeid)
+    if artifacts is not None:
+        lines.append(f"artifacts: {artifacts}")
+    return "\n".join(lines)
+
+
+def save_artifacts(sim: Simulation, target: Path) -> None:
+    """Consoles, command records and the protocol trace of a finished simulation."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name, machine in sim.machines.items():
+        if machine.console is not None and machine.console.log_path.exists():
+            shutil.copyfile(machine.console.log_path, target / f"{name}.console.log")
+        commands = machine.directory / "cmd"
+        if commands.is_dir():
+            shutil.copytree(commands, target / f"{name}.commands", dirs_exist_ok=True)
+    if sim.calendar.trace is not None:
+        with (target / "trace.jsonl").open("w") as stream:
+            sim.calendar.trace.write_jsonl(stream)
+    (target / "simulation.json").write_text(json.dumps(
+        {"seed": sim.seed, "virtual_ns": sim.now, "machines": list(sim.machines)}, indent=2))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    state = config.stash.get(STATE, None)
+    if state is None or not state.simulations:
+        return
+    speedup = state.virtual_ns / 1e9 / state.wall_seconds if state.wall_seconds else 0.0
+    terminalreporter.write_sep("-", "pytest-umtt")
+    terminalreporter.write_line(
+        f"{state.simulations} simulations: {format_ns(state.virtual_ns)} of virtual time in "
+        f"{state.wall_seconds:.2f} s wall ({speedup:.1f}x)")
+

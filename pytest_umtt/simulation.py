@@ -11,11 +11,21 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .calendar import Calendar, Client, Stop, StopReason
-from .errors import BootError, MachineError, MachineStalled, ProtocolError, StallError
+from .errors import (
+    BootError,
+    MachineError,
+    MachineStalled,
+    ProtocolError,
+    StallError,
+    format_ns,
+)
 from .kernel import build_shim, check_kernel, default_kernel
 from .machine import (
     DEFAULT_COMMAND_TIMEOUT,
@@ -36,6 +46,30 @@ kernel about 1.5 s of wall time and two messages."""
 DEFAULT_STALL_TIMEOUT = 30.0
 DEFAULT_BOOT_TIMEOUT = 60.0
 CONNECT_WALL_TIMEOUT = 30.0
+
+
+class MachineFactory(Protocol):
+    """What the ``uml_factory`` fixture is: make (and by default boot) a machine."""
+
+    def __call__(self, name: str | None = None, *, boot: bool = True, mem: str | None = None,
+                 cmdline: Sequence[str] = ()) -> Machine: ...
+
+
+@dataclass
+class Elapsed:
+    """Virtual time spent in a ``with sim.elapsed():`` block (``end`` set on exit)."""
+
+    start: int
+    end: int | None = None
+
+    @property
+    def ns(self) -> int:
+        assert self.end is not None, "the block has not ended"
+        return self.end - self.start
+
+    @property
+    def seconds(self) -> float:
+        return self.ns / 1e9
 
 
 class Simulation:
@@ -88,6 +122,35 @@ class Simulation:
     def now(self) -> int:
         """Virtual time in nanoseconds."""
         return self.calendar.now
+
+    @property
+    def seconds(self) -> float:
+        """Virtual time in seconds."""
+        return self.calendar.now / 1e9
+
+    @contextmanager
+    def elapsed(self, *, at_least: float | None = None, at_most: float | None = None,
+                exactly: float | None = None) -> Iterator[Elapsed]:
+        """Assert how much virtual time (seconds) the block takes::
+
+            with sim.elapsed(at_least=5, at_most=5.001):
+                machine.run("sleep 5")
+        """
+        __tracebackhide__ = True
+        measured = Elapsed(self.now)
+        yield measured
+        measured.end = self.now
+        took = measured.seconds
+        wanted = [(exactly is not None and measured.ns != round(exactly * 1e9),
+                   f"exactly {exactly}"),
+                  (at_least is not None and took < at_least, f"at least {at_least}"),
+                  (at_most is not None and took > at_most, f"at most {at_most}")]
+        for failed, expectation in wanted:
+            if failed:
+                raise AssertionError(
+                    f"the block took {format_ns(measured.ns)} of virtual time, expected "
+                    f"{expectation} s (from {format_ns(measured.start)} to "
+                    f"{format_ns(measured.end)})")
 
     # --- machines -------------------------------------------------------------------
 
@@ -232,16 +295,16 @@ class Simulation:
 
     # --- teardown -------------------------------------------------------------------
 
-    def close(self, polite: bool = True) -> None:
-        """Power off every machine (``polite``), kill what remains, close the calendar,
-        remove the files."""
+    def close(self, polite: bool = True, keep_files: bool = False) -> None:
+        """Power off every machine (``polite``), kill what remains, close the calendar and
+        remove the files (unless ``keep_files``: then the caller removes the directory)."""
         if self._closed:
             return
         self._closed = True
         try:
             for machine in self.machines.values():
-                machine.close(polite=polite)
+                machine.close(polite=polite, keep_directory=keep_files)
         finally:
             self.calendar.close()
-            if self._own_directory:
+            if self._own_directory and not keep_files:
                 shutil.rmtree(self.directory, ignore_errors=True)
