@@ -1,0 +1,184 @@
+"""The pytest plugin, through pytester: options, markers, fixtures, hooks and reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pytest_umtt.kernel import cache_root
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def kernel_args(uml_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    # pytester moves HOME; keep using the real cache (kernel, shim) in the child runs.
+    monkeypatch.setenv("UMTT_CACHE_DIR", str(cache_root()))
+    return [f"--uml-kernel={uml_kernel}", "-p", "no:cacheprovider"]
+
+
+# --- settings -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--umtt-seed=abc"], "--umtt-seed: expected an integer seed or 'random', got 'abc'"),
+    (["--umtt-mem=lots"], "--umtt-mem: expected a size like 64M or 1G, got 'lots'"),
+    (["--umtt-wall-timeout=-3"], "--umtt-wall-timeout: expected a positive number"),
+    (["--uml-kernel=/nonexistent/linux"], "--uml-kernel: no kernel at '/nonexistent/linux'"),
+])
+def test_bad_option_values_are_usage_errors(pytester: pytest.Pytester, args: list[str],
+                                            message: str) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest_subprocess(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{message}*"])
+
+
+def test_precedence_marker_cli_env_ini(pytester: pytest.Pytester,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makeini("[pytest]\numtt_seed = 11\numtt_mem = 96M\n")
+    pytester.makepyfile("""
+        import pytest
+        from pytest_umtt.plugin import ITEM_SETTINGS
+
+        def test_plain(request):
+            s = request.node.stash[ITEM_SETTINGS]
+            print("SETTINGS", s.seed, s.seed_source, s.mem)
+
+        @pytest.mark.umtt_seed(99)
+        def test_marked(request):
+            s = request.node.stash[ITEM_SETTINGS]
+            print("SETTINGS", s.seed, s.seed_source, s.mem)
+    """)
+    monkeypatch.setenv("UMTT_SEED", "22")
+    result = pytester.runpytest_subprocess("-s", "--umtt-seed=33")
+    result.stdout.fnmatch_lines(["*SETTINGS 33 --umtt-seed 96M*", "*SETTINGS 99 *marker 96M*"])
+    result = pytester.runpytest_subprocess("-s")
+    result.stdout.fnmatch_lines(["*SETTINGS 22 $UMTT_SEED 96M*"])
+    monkeypatch.delenv("UMTT_SEED")
+    result = pytester.runpytest_subprocess("-s")
+    result.stdout.fnmatch_lines(["*SETTINGS 11 ini umtt_seed 96M*"])
+
+
+def test_marker_with_unknown_argument_is_rejected(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.uml(memory="1G")
+        def test_x(): pass
+    """)
+    result = pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*::test_x: @pytest.mark.uml(mem=None, cmdline=None, kernel=None) got () {'memory': '1G'}"])
+
+
+def test_header_names_kernel_and_seed(pytester: pytest.Pytester, kernel_args: list[str]) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest_subprocess(*kernel_args, "--umtt-seed=5")
+    result.stdout.fnmatch_lines(["umtt: kernel *linux (Linux 6.12*)", "umtt: seed 5 (--umtt-seed)"])
+
+
+# --- fixtures and assertions -------------------------------------------------------------
+
+def test_fixtures_and_virtual_time_assertions(pytester: pytest.Pytester,
+                                              kernel_args: list[str]) -> None:
+    pytester.makepyfile("""
+        import pytest
+
+        def test_sleep(uml, umtt_sim):
+            with umtt_sim.elapsed(at_least=3, at_most=3.001):
+                assert uml.run("sleep 3").duration == pytest.approx(3, abs=1e-3)
+
+        def test_too_slow(uml, umtt_sim):
+            with umtt_sim.elapsed(at_most=1):
+                uml.run("sleep 2")
+
+        def test_two(uml_factory, umtt_sim):
+            a, b = uml_factory("a", boot=False), uml_factory("b", boot=False)
+            umtt_sim.boot(a, b)
+            assert a.run("hostname").output == "a\\n"
+            assert b.run("hostname").output == "b\\n"
+    """)
+    result = pytester.runpytest_subprocess(*kernel_args)
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines([
+        "*the block took 2.00* s of virtual time, expected at most 1 s*",
+        "*3 simulations: * s of virtual time in * s wall (*x)*",
+    ])
+
+
+def test_module_scoped_machine_boots_once(pytester: pytest.Pytester,
+                                          kernel_args: list[str]) -> None:
+    pytester.makepyfile("""
+        def test_one(uml_module):
+            uml_module.run("touch /tmp/mark")
+
+        def test_two(uml_module):
+            assert uml_module.run("ls /tmp/mark").status == 0
+    """)
+    pytester.runpytest_subprocess(*kernel_args).assert_outcomes(passed=2)
+
+
+# --- hooks ---------------------------------------------------------------------------------
+
+def test_hooks_add_cmdline_and_see_doorbells(pytester: pytest.Pytester,
+                                             kernel_args: list[str]) -> None:
+    pytester.makeconftest("""
+        RUNG = []
+
+        def pytest_umtt_kernel_cmdline(name):
+            return [f"umtt_probe={name}"]
+
+        def pytest_umtt_doorbell(machine, value):
+            RUNG.append((machine.name, value))
+    """)
+    pytester.makepyfile("""
+        from conftest import RUNG
+
+        def test_x(uml):
+            assert "umtt_probe=uml" in uml.run("cat /proc/cmdline").output
+            uml.run("echo 12345 > /sys/kernel/um-ext-time/bc-message")
+            assert ("uml", 12345) in RUNG
+    """)
+    pytester.runpytest_subprocess(*kernel_args).assert_outcomes(passed=1)
+
+
+# --- reports --------------------------------------------------------------------------------
+
+def test_failure_report_has_console_protocol_and_reproduce(pytester: pytest.Pytester,
+                                                           kernel_args: list[str]) -> None:
+    pytester.makepyfile("""
+        def test_fails(uml):
+            uml.run("echo from-the-guest > /dev/kmsg")
+            assert uml.run("false").ok
+    """)
+    artifacts = pytester.path / "artifacts"
+    result = pytester.runpytest_subprocess(*kernel_args, "--umtt-seed=4",
+                                           f"--umtt-artifacts={artifacts}",
+                                           "--junitxml=report.xml")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*umtt console: uml (*console.log)*",
+        "[[]*.* s[]] from-the-guest",
+        "*umtt protocol (last events)*",
+        "*umtt reproduce*",
+        "*pytest test_failure_report_has_console_protocol_and_reproduce.py::test_fails"
+        " --umtt-seed=4 --uml-kernel=*",
+    ])
+    saved = next(artifacts.iterdir())
+    assert "from-the-guest" in (saved / "uml.console.log").read_text()
+    events = [json.loads(line) for line in (saved / "trace.jsonl").read_text().splitlines()]
+    assert any(event["op"] == "BROADCAST" for event in events)
+    assert 'name="umtt_virtual_seconds"' in (pytester.path / "report.xml").read_text()
+
+
+def test_a_crash_fails_the_test_with_its_cause(pytester: pytest.Pytester,
+                                               kernel_args: list[str]) -> None:
+    pytester.makepyfile("""
+        def test_crash(uml):
+            uml.run("echo c > /proc/sysrq-trigger")
+    """)
+    result = pytester.runpytest_subprocess(*kernel_args)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*MachineCrashed: uml: kernel panic: *sysrq*"])
