@@ -69,8 +69,8 @@ def test_marker_with_unknown_argument_is_rejected(pytester: pytest.Pytester) -> 
     """)
     result = pytester.runpytest_subprocess()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(
-        ["*::test_x: @pytest.mark.uml(mem=None, cmdline=None, kernel=None) got () {'memory': '1G'}"])
+    result.stderr.fnmatch_lines(["*::test_x: @pytest.mark.uml(mem=None, cmdline=None, "
+                                 "kernel=None) got () {'memory': '1G'}"])
 
 
 def test_header_names_kernel_and_seed(pytester: pytest.Pytester, kernel_args: list[str]) -> None:
