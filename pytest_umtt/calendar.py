@@ -414,7 +414,8 @@ class Calendar:
                 if self._advance():
                     continue
                 return self._idle_stop(deadline)
-            if not self._pump(min(stall_timeout, 1.0)):
+            # Poll often enough that the probe at half the budget comes before the end.
+            if not self._pump(min(stall_timeout / 4, 1.0)):
                 last_progress = self._check_stall(last_progress, stall_timeout)
 
     def _stop_if_done(self, condition: Callable[[], bool] | None) -> Stop | None:
