@@ -15,7 +15,7 @@ import threading
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_umtt import Calendar, StopReason, Trace
+from pytest_umtt import Calendar, StallError, StopReason, Trace
 from pytest_umtt.wire import Op
 from tests.refclient import RefClient
 
@@ -96,9 +96,9 @@ def test_random_workloads_keep_the_invariants(workload: list[list[int]], shm: bo
             if event.kind == "run":
                 assert running is None, f"{event.client} runs while {running} runs"
                 running = event.client
-            elif (event.kind == "rx" and event.op == Op.WAIT.name) or event.kind == "drop":
-                if event.client == running:
-                    running = None
+            elif ((event.kind == "rx" and event.op == Op.WAIT.name) or event.kind == "drop") \
+                    and event.client == running:
+                running = None
     finally:
         calendar.close()
 
@@ -106,8 +106,6 @@ def test_random_workloads_keep_the_invariants(workload: list[list[int]], shm: bo
 def test_silent_shm_runner_is_probed_and_a_spinning_one_stalls() -> None:
     """Half the stall budget of silence lowers free_until: a working client yields at
     its next time step (no error); one that takes no time steps raises StallError."""
-    from pytest_umtt import StallError
-
     with Calendar(trace=Trace()) as calendar:
         ours, theirs = socket.socketpair()
         calendar.attach(ours)
