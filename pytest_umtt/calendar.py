@@ -205,6 +205,8 @@ class Calendar:
         self.trace = trace
         self.expected_clients = expected_clients
         self.errors: list[ProtocolError] = []
+        self.messages_received = 0
+        self.messages_sent = 0
         self.on_drop: list[Callable[[Client, ProtocolError | None], None]] = []
         self.on_broadcast: list[Callable[[Client, int], None]] = []
         self.on_wait: list[Callable[[Client], None]] = []
@@ -217,12 +219,14 @@ class Calendar:
         self._serials = itertools.count(1)
         self._seq = itertools.count(1)
         self._starting: list[Client] = []
+        self._shm_clients: list[Client] = []
         self._starts_seen = 0
         self._runner: Client | None = None
         self._horizon = U64_MAX
         self._limit: int | None = None
         self._broadcasts: list[_Broadcast] = []
         self._stops: deque[Stop] = deque()
+        self._outbox: deque[tuple[Client, bytearray]] = deque()
         self._closed = False
         self._shm_entries = shm_clients + 1
         self._shm_fd, self._shm_map = _create_memfd("umtt-schedshm", shm_size(self._shm_entries))
@@ -233,7 +237,8 @@ class Calendar:
         # version is not 2, because a kernel given no fds mmaps and closes garbage (§6b).
         self._decoy_fd, self._decoy_map = _create_memfd("umtt-noshm", SHM_HEADER_SIZE)
         self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        self._handlers: dict[Op, Callable[[Client, Message], None]] = {
+        # Keyed by int: an IntEnum hashes like its value, and unknown ops must be looked up.
+        self._handlers: dict[int, Callable[[Client, Message], None]] = {
             Op.ACK: self._on_ack,
             Op.START: self._on_start,
             Op.REQUEST: self._on_request,
@@ -387,6 +392,7 @@ class Calendar:
         """Disconnect every client, stop listening, remove the socket, free the memory."""
         if self._closed:
             return
+        self._flush()
         for client in self.live_clients():
             self._remove(client, None)
         if self._listener is not None:
@@ -462,10 +468,15 @@ class Calendar:
 
     def _advance(self) -> bool:
         """At top level (nobody runs): ack a START, or dispatch the next due event."""
+        try:
+            return self._dispatch_next()
+        finally:
+            self._flush()
+
+    def _dispatch_next(self) -> bool:
         if self._starting and self._starts_seen >= self.expected_clients:
             self._process_start(min(self._starting, key=_start_order))
             return True
-        self._collect_shm_requests()
         job = self._peek()
         if job is None or (self._limit is not None and job.time > self._limit):
             return False
@@ -486,6 +497,7 @@ class Calendar:
 
     def _pump(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for socket events and handle them all."""
+        self._flush()
         events = self._selector.select(None if math.isinf(timeout) else timeout)
         for key, _ in events:
             if key.data is None:
@@ -495,6 +507,7 @@ class Calendar:
                     self._receive(key.data)
             else:
                 key.data()
+        self._flush()
         return bool(events)
 
     def _accept(self) -> None:
@@ -519,9 +532,10 @@ class Calendar:
             self._fail(client, f"short message of {len(data)} bytes: {data.hex()}")
             return
         message = Message.unpack(data)
+        self.messages_received += 1
         if message.op not in _RECORDED_LATER:
             self._record("rx", client, message)
-        handler = self._handlers.get(Op(message.op)) if message.op in _KNOWN_OPS else None
+        handler = self._handlers.get(message.op)
         if handler is None:
             # usfstl ACKs unknown ops with time 0 (§1, scenario 27); so do we.
             self._send(client, Message(Op.ACK, message.seq, 0))
@@ -530,20 +544,40 @@ class Calendar:
 
     def _send(self, client: Client, message: Message,
               then: Callable[[Message], None] | None = None, fds: list[int] | None = None) -> None:
-        """Send a message; if ``then`` is given, an ACK is expected and ``then`` runs on it."""
+        """Queue a message; if ``then`` is given, an ACK is expected and ``then`` runs on it.
+
+        Messages go out at the end of the step that made them (:meth:`_flush`), in order,
+        and consecutive ones to one client in a single write: ACK(WAIT), FREE_UNTIL and
+        RUN to a kernel cost one syscall and one wake-up instead of three."""
         if client.state is ClientState.GONE:
             return
         if then is not None:
             client.pending_acks.append(_PendingAck(message.seq, Op(message.op), then))
         self._record("tx", client, message)
-        try:
-            if fds:
+        self.messages_sent += 1
+        if fds:
+            self._flush()
+            try:
                 client.sock.sendmsg([message.pack()],
                                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))])
-            else:
-                client.sock.sendall(message.pack())
-        except OSError as exc:
-            self._fail(client, f"write error: {exc.strerror or exc}", message)
+            except OSError as exc:
+                self._fail(client, f"write error: {exc.strerror or exc}", message)
+            return
+        if self._outbox and self._outbox[-1][0] is client:
+            self._outbox[-1][1].extend(message.pack())
+        else:
+            self._outbox.append((client, bytearray(message.pack())))
+
+    def _flush(self) -> None:
+        """Write every queued message, in the order they were made."""
+        while self._outbox:
+            client, data = self._outbox.popleft()
+            if client.state is ClientState.GONE:
+                continue
+            try:
+                client.sock.sendall(data)
+            except OSError as exc:
+                self._fail(client, f"write error: {exc.strerror or exc}")
 
     def _send_expecting_ack(self, client: Client, op: Op, value: int,
                             then: Callable[[Message], None] = lambda _: None) -> None:
@@ -706,13 +740,17 @@ class Calendar:
         return self._queue[0] if self._queue else None
 
     def _collect_shm_requests(self) -> None:
-        """Pick up requests that shm clients wrote straight into shared memory (§3 step 1)."""
-        for client in self.clients:
-            if not client.shm or client.state is not ClientState.WAITING:
-                continue
-            entry = self._shm.entry(client.id)
-            if entry.flags & ClientFlag.REQ_RUN:
-                self._set_request(client, entry.req_time, None)
+        """Pick up requests that shm clients wrote straight into shared memory (§3 step 1).
+
+        Called when a runner WAITs: shm requests are only ever written while a shm client
+        runs (running_id names no shm client otherwise, so everyone uses messages), and
+        the runner itself is WAITING by then, so nothing written can be missed."""
+        pending_request = self._shm.pending_request
+        for client in self._shm_clients:
+            if client.state is ClientState.WAITING:
+                when = pending_request(client.id)
+                if when is not None:
+                    self._set_request(client, when, None)
 
     def _next_horizon(self) -> int:
         """How far a client may free-run: the next event, bounded by the run's deadline."""
@@ -748,10 +786,7 @@ class Calendar:
         self._send(client, run, None if client.shm else (lambda _m: None))
 
     def _begin_run(self, client: Client, horizon: int | None = None) -> None:
-        # RUNNING first: its entry may still say REQ_RUN until the kernel reads the RUN,
-        # and collecting it now would queue it a second time.
         client.state = ClientState.RUNNING
-        self._collect_shm_requests()
         self._horizon = self._next_horizon() if horizon is None else horizon
         self._runner = client
         # running_id only ever names a shm client: a kernel indexes clients[] with it
@@ -806,6 +841,7 @@ class Calendar:
             self._fail(client, f"no free client id (limit {MAX_CLIENT_ID})")
             return
         if client.shm:
+            self._shm_clients.append(client)
             entry = self._shm.entry(client.id)
             entry.clear()
             entry.name = 0 if client.start_id == NO_ID else (client.start_id or 0)
@@ -853,6 +889,8 @@ class Calendar:
         self._unqueue(client)
         if client in self._starting:
             self._starting.remove(client)
+        if client in self._shm_clients:
+            self._shm_clients.remove(client)
         if client.shm and was_started:
             self._shm.entry(client.id).clear()
         if client is self._runner:
@@ -883,8 +921,6 @@ class Calendar:
         if self._closed:
             raise CalendarClosedError("the calendar is closed")
 
-
-_KNOWN_OPS = frozenset(int(op) for op in Op)
 
 # Recorded when handled rather than when read, because they arrive in host-timing order:
 # STARTs from kernels booting side by side, ACKs from the recipients of a broadcast.

@@ -94,6 +94,7 @@ SHM_HEADER_SIZE = 4096
 SHM_ENTRY_SIZE = 128
 
 _U16 = struct.Struct("=H")
+_ENTRY_HEAD = struct.Struct("=IIQ")  # capa, flags, req_time: one read on the hot path
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 
@@ -162,6 +163,12 @@ class SharedMemory:
     @running_id.setter
     def running_id(self, value: int) -> None:
         self._put(_U16, _RUNNING_ID, value)
+
+    def pending_request(self, client_id: int) -> int | None:
+        """The client's req_time if its REQ_RUN flag is set (the scheduler's hot path)."""
+        _, flags, req_time = _ENTRY_HEAD.unpack_from(
+            self._buf, SHM_HEADER_SIZE + SHM_ENTRY_SIZE * client_id)
+        return req_time if flags & ClientFlag.REQ_RUN.value else None
 
     def entry(self, client_id: int) -> ShmEntry:
         """The entry of client ``client_id``."""

@@ -1,0 +1,105 @@
+"""Wall time of 4 real UML kernels, each doing 1,000 timer wake-ups, under
+umtt-controller and under usfstl's C controller, side by side in one run.
+
+Each guest wakes 1,000 times (bash's builtin `read -t`, no process creation) with its
+own period (1.0, 1.1, 1.2, 1.3 ms), so the kernels interleave and every wake-up goes
+through the controller. usfstl's controller is not part of this project: build it
+yourself (git clone linux-test-project/usfstl; make -C control) and pass its path.
+
+Run: python bench/kernels_vs_usfstl.py --usfstl /path/to/usfstl/control/controller
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pytest_umtt.kernel import default_kernel
+from pytest_umtt.machine import uml_command
+
+GUEST = """#!/bin/bash
+mount -t proc proc /proc
+mkfifo /run/idle; exec 3<>/run/idle
+for ((i = 0; i < 1000; i++)); do read -t "$PERIOD" -u 3; done
+echo "done $EPOCHREALTIME"
+echo o > /proc/sysrq-trigger
+sleep 10
+"""
+KERNELS = 4
+
+
+def run_once(controller: list[str], kernel: Path, shm: bool) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        sim = Path(tmp)
+        socket_path = sim / "time.sock"
+        command = [*controller, f"--time={socket_path}", f"--clients={KERNELS}"]
+        ctl = subprocess.Popen(command + ([] if shm else ["--no-shm"]),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while not socket_path.exists():
+                if ctl.poll() is not None:
+                    raise RuntimeError(f"{controller[0]} exited with {ctl.returncode}")
+                time.sleep(0.005)  # bench start-up only: waits for the socket to appear
+            started = time.perf_counter()
+            guests = [start_guest(kernel, sim, n) for n in range(1, KERNELS + 1)]
+            for guest in guests:
+                guest.wait(timeout=300)
+            wall = time.perf_counter() - started
+            for n in range(1, KERNELS + 1):
+                log = (sim / f"m{n}" / "console.log").read_text(errors="replace")
+                if "done " not in log:
+                    raise RuntimeError(f"guest m{n} did not finish:\n{log[-1500:]}")
+            return wall
+        finally:
+            ctl.kill()
+            ctl.wait()
+
+
+def start_guest(kernel: Path, sim: Path, n: int) -> subprocess.Popen[bytes]:
+    machine = sim / f"m{n}"
+    machine.mkdir()
+    boot = machine / "boot.sh"
+    boot.write_text(GUEST)
+    boot.chmod(0o755)
+    period = f"0.00{10 + n - 1:02d}"[:-1] + str(n - 1)  # 0.0010 .. 0.0013
+    command = uml_command(kernel, client_id=n, mem="64M", extra=[f"PERIOD={period}"])
+    with (machine / "console.log").open("wb") as out:
+        return subprocess.Popen(command, cwd=machine, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--usfstl", type=Path, help="usfstl's built control/controller")
+    parser.add_argument("--kernel", type=Path, default=default_kernel())
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    if args.kernel is None:
+        sys.exit("no kernel: run `umtt-kernel build` or pass --kernel")
+    controllers = {"umtt-controller": ["umtt-controller"]}
+    if args.usfstl:
+        controllers["usfstl"] = [str(args.usfstl)]
+    print(f"{KERNELS} kernels x 1000 wake-ups, median of {args.runs} runs (wall seconds)")
+    print(f"{'mode':>8} " + " ".join(f"{name:>16}" for name in controllers) + "   ratio")
+    for shm in (True, False):
+        walls: dict[str, list[float]] = {name: [] for name in controllers}
+        for _ in range(args.runs):  # interleaved, so load drift hits both alike
+            for name, command in controllers.items():
+                walls[name].append(run_once(command, args.kernel, shm))
+        medians = {name: statistics.median(values) for name, values in walls.items()}
+        ratio = (f"{medians['umtt-controller'] / medians['usfstl']:.2f}"
+                 if "usfstl" in medians else "n/a")
+        print(f"{'shm' if shm else 'messages':>8} "
+              + " ".join(f"{medians[name]:>16.3f}" for name in controllers) + f"   {ratio:>5}")
+
+
+if __name__ == "__main__":
+    main()
