@@ -50,8 +50,10 @@ HOST_ROOT_FROM_CWD = "../" * 64
 """The root mount, relative to that: enough ``..`` to reach ``/`` from any directory, so
 the command line names no per-run path."""
 
-GUEST_MOUNT = "/run/umtt"
-"""Where the guest sees its machine directory (read-write); everything else is read-only."""
+GUEST_MOUNT = "/mnt"
+"""Where the guest sees its machine directory (read-write); everything else is read-only.
+/mnt exists on every FHS host, so mounting there needs no mkdir (one process less: each
+costs UML about 16 ms of wall time)."""
 
 SOCKET_FROM_MACHINE_DIR = "../time.sock"
 """The calendar's socket, relative to each machine's directory (its parent is the
@@ -72,13 +74,12 @@ def uml_command(
 
     Run it with the machine's directory as the working directory: the host's root is
     mounted read-only through hostfs (DESIGN.md fact 2), the machine directory is
-    mounted read-write at /run/umtt, and ``boot_script`` there becomes init. Every path
+    mounted read-write at /mnt, and ``boot_script`` there becomes init. Every path
     is relative, so the command line is the same in every run and on every host: the
     kernel mixes it into its entropy pool, and "same seed, same run" depends on it.
     UML's own runtime files (``uml_dir``) stay in the machine directory too.
     """
-    init = (f"mount -t tmpfs -o mode=0755 none /run && "
-            f"mount --mkdir -t hostfs -o . none {GUEST_MOUNT} && exec {GUEST_MOUNT}/{boot_script}")
+    init = f"mount -t hostfs -o . none {GUEST_MOUNT} && exec {GUEST_MOUNT}/{boot_script}"
     return [
         str(kernel),
         f"mem={mem}",
@@ -95,7 +96,7 @@ def uml_command(
         f"time-travel-start={time_travel_start}",
         f"time-travel=ext:{client_id}:{socket_path}",
         *extra,
-        "init=/bin/sh",
+        "init=/bin/bash",
         "--",
         "-c",
         f'"{init}"',

@@ -1,7 +1,7 @@
 #!/bin/bash
 # pytest-umtt guest agent: init of every UML machine.
 #
-# The machine directory is mounted read-write at /run/umtt; the host's root is
+# The machine directory is mounted read-write at /mnt; the host's root is
 # read-only. The host writes a command into cmd/N/ and then cmd/N.go, always while
 # the simulation is paused, so a run never depends on host speed (DESIGN.md fact 8).
 # The agent answers by ringing the doorbell (/sys/kernel/um-ext-time/bc-message,
@@ -12,7 +12,7 @@
 # process is created), backing off exponentially up to UMTT_IDLE_MAX_US; a finishing
 # background command pokes the FIFO so the agent looks again at once.
 
-X=/run/umtt
+X=/mnt
 BELL=/sys/kernel/um-ext-time/bc-message
 IDLE=/run/umtt-idle
 READY=1 DONE=2 STARTED=3
@@ -25,6 +25,12 @@ setup() {
     # One mount(8) for all: each process costs UML ~16 ms of wall time to create.
     mount -a -T "$X/fstab"
     [ -n "${UMTT_HOSTNAME:-}" ] && echo "$UMTT_HOSTNAME" > /proc/sys/kernel/hostname
+}
+
+# The FIFO costs a process, so it is made only when first needed: before the agent first
+# idles, or before a background command that will poke it.
+idle_fd() {
+    [ -p "$IDLE" ] && return
     mkfifo -m 600 "$IDLE" && exec 3<>"$IDLE"
 }
 
@@ -60,6 +66,7 @@ serve() {
         dir=$X/cmd/$n
         if [ -e "$dir.go" ]; then
             if [ -e "$dir/background" ]; then
+                idle_fd
                 { run_one "$dir"; ring $(( (n << 8) | DONE )); echo >&3; } &
                 ring $(( (n << 8) | STARTED ))
             else
@@ -70,6 +77,7 @@ serve() {
             idle_us=$IDLE_MIN_US
             continue
         fi
+        idle_fd
         printf -v timeout '%d.%06d' $(( idle_us / 1000000 )) $(( idle_us % 1000000 ))
         read -r -t "$timeout" -u 3 _
         (( idle_us < IDLE_MAX_US )) && idle_us=$(( idle_us * 2 > IDLE_MAX_US ? IDLE_MAX_US : idle_us * 2 ))

@@ -1,0 +1,76 @@
+"""Machine-level numbers against their targets: boot to ready, a command's round trip,
+`sleep 3600`, messages per command with shared memory, virtual/wall speedup.
+
+Run: python bench/machine.py [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pytest_umtt import Machine, Simulation
+
+
+def timed(action: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def messages(sim: Simulation) -> int:
+    return sim.calendar.messages_received + sim.calendar.messages_sent
+
+
+def one_run() -> dict[str, float]:
+    with Simulation() as sim:
+        machine: list[Machine] = []
+        ready = timed(lambda: machine.append(sim.machine("bench")))
+        uml = machine[0]
+        uml.run("true")  # warm the agent's path once
+        round_trip = statistics.median(timed(lambda: uml.run("true")) for _ in range(20))
+        before = messages(sim)
+        uml.run("true")
+        per_command = messages(sim) - before
+        virtual_before = sim.now
+        sleep_wall = timed(lambda: uml.run("sleep 3600"))
+        speedup = (sim.now - virtual_before) / 1e9 / sleep_wall
+    return {"ready": ready, "round_trip": round_trip, "sleep": sleep_wall,
+            "messages": per_command, "speedup": speedup}
+
+
+ROWS = (  # key, label, unit, target, lower is better
+    ("ready", "boot to ready", "s wall", 0.3, True),
+    ("round_trip", 'run("true") round trip', "s wall", 0.040, True),
+    ("sleep", 'run("sleep 3600")', "s wall", 0.15, True),
+    ("messages", "messages per command (shm)", "", 4, True),
+    ("speedup", "virtual/wall speedup (sleep 3600)", "x", None, False),
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    runs = [one_run() for _ in range(args.runs)]
+    print(f"median of {args.runs} runs")
+    print(f"{'what':<36} {'measured':>12} {'target':>10}  ok")
+    for key, label, unit, target, lower in ROWS:
+        value = statistics.median(run[key] for run in runs)
+        shown = f"{value:.0f}" if key in ("messages", "speedup") else f"{value:.4f}"
+        if target is None:
+            verdict, wanted = "", ""
+        else:
+            verdict = "yes" if (value <= target if lower else value >= target) else "NO"
+            wanted = f"<= {target:g}"
+        print(f"{label:<36} {shown + ' ' + unit:>12} {wanted:>10}  {verdict}")
+
+
+if __name__ == "__main__":
+    main()
