@@ -22,7 +22,8 @@ import pytest
 
 from . import hookspecs
 from .errors import format_ns
-from .kernel import default_kernel, kernel_version
+from .kernel import build_shim, default_kernel, kernel_version
+from .ktap import KtapCase, parse_ktap
 from .machine import DEFAULT_COMMAND_TIMEOUT, Machine
 from .simulation import DEFAULT_STALL_TIMEOUT, MachineFactory, Simulation
 
@@ -45,6 +46,7 @@ class Settings:
     wall_timeout: float = DEFAULT_STALL_TIMEOUT
     artifacts: Path | None = None
     seed_source: str = "default"
+    kunit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ OPTIONS = (
            "SECONDS"),
     Option("umtt_artifacts", "--umtt-artifacts", "directory for per-test artifacts: consoles, "
            "commands, protocol trace (default: none kept)", "DIR"),
+    Option("umtt_kunit", "--umtt-kunit", "run the kernel's KUnit suites matching GLOB at boot "
+           "and report each test case as a test", "GLOB"),
 )
 
 
@@ -142,6 +146,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         virtual_timeout=get("umtt_virtual_timeout", _positive_float, DEFAULT_COMMAND_TIMEOUT),
         wall_timeout=get("umtt_wall_timeout", _positive_float, DEFAULT_STALL_TIMEOUT),
         artifacts=get("umtt_artifacts", lambda text, _: Path(text), None),
+        kunit=get("umtt_kunit", lambda text, _: text, None),
     )
 
 
@@ -240,10 +245,64 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         sim.close(polite=False)  # interrupted runs: no machine outlives the session
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
     base = config.stash[STATE].settings
     for item in items:
         item.stash[ITEM_SETTINGS] = item_settings(item, base)
+    if base.kunit is not None:
+        # First, so that -k and other deselection apply to KUnit cases too.
+        items.extend(KunitRun.from_parent(session, name="kunit").collect())
+
+
+class KunitFailure(Exception):
+    """A KUnit case reported ``not ok``."""
+
+
+class KunitRun(pytest.Collector):
+    """The kernel's KUnit suites, run at boot; one item per test case (KTAP)."""
+
+    def collect(self) -> list[pytest.Item]:
+        settings = self.config.stash[STATE].settings
+        glob = settings.kunit or "*"
+        with Simulation(kernel=settings.kernel, seed=settings.seed,
+                        stall_timeout=settings.wall_timeout) as sim:
+            machine = sim.machine("kunit", mem=settings.mem, cmdline=[
+                *settings.cmdline, "kunit.enable=1", f"kunit.filter_glob={glob}"])
+            assert machine.console is not None
+            text, tail = machine.console.text, machine.console_tail()
+        cases = parse_ktap(text)
+        if not cases:
+            return [KunitCase.from_parent(self, name="no-cases", case=None, detail=(
+                f"no KUnit test case matched {glob!r} (is the suite built in?)\n{tail}"))]
+        return [KunitCase.from_parent(self, name=case.name, case=case) for case in cases]
+
+
+class KunitCase(pytest.Item):
+    """One KUnit test case's result, as the kernel reported it."""
+
+    def __init__(self, *, case: KtapCase | None, detail: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.case = case
+        self.detail = detail
+
+    def runtest(self) -> None:
+        if self.case is None:
+            raise KunitFailure(self.detail)
+        if self.case.skipped:
+            pytest.skip(self.case.reason or "skipped by KUnit")
+        if not self.case.ok:
+            raise KunitFailure("\n".join(self.case.diagnostics) or "not ok")
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
+                     style: Any = None) -> str:
+        if isinstance(excinfo.value, KunitFailure):
+            return f"KUnit: {self.name} failed\n{excinfo.value}"
+        return str(super().repr_failure(excinfo, style))
+
+    def reportinfo(self) -> tuple[Path, None, str]:
+        return self.path, None, f"kunit: {self.name}"
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -252,7 +311,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         kernel = "none (build one with `umtt-kernel build` or pass --uml-kernel)"
     else:
         kernel = f"{settings.kernel} (Linux {kernel_version(settings.kernel) or 'unknown'})"
-    return [f"umtt: kernel {kernel}", f"umtt: seed {settings.seed} ({settings.seed_source})"]
+    shim = build_shim()
+    entropy = ("seeded by the getrandom shim" if shim is not None else
+               "NOT deterministic: no C compiler to build the getrandom shim")
+    return [f"umtt: kernel {kernel}", f"umtt: seed {settings.seed} ({settings.seed_source}), "
+            f"guest entropy {entropy}"]
 
 
 # --- fixtures -----------------------------------------------------------------------

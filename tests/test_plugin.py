@@ -76,7 +76,8 @@ def test_marker_with_unknown_argument_is_rejected(pytester: pytest.Pytester) -> 
 def test_header_names_kernel_and_seed(pytester: pytest.Pytester, kernel_args: list[str]) -> None:
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-seed=5")
-    result.stdout.fnmatch_lines(["umtt: kernel *linux (Linux 6.12*)", "umtt: seed 5 (--umtt-seed)"])
+    result.stdout.fnmatch_lines(["umtt: kernel *linux (Linux 6.12*)",
+                                 "umtt: seed 5 (--umtt-seed), guest entropy seeded by the getrandom shim"])
 
 
 # --- fixtures and assertions -------------------------------------------------------------
@@ -182,3 +183,19 @@ def test_a_crash_fails_the_test_with_its_cause(pytester: pytest.Pytester,
     result = pytester.runpytest_subprocess(*kernel_args)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*MachineCrashed: uml: kernel panic: *sysrq*"])
+
+
+# --- KUnit ----------------------------------------------------------------------------------
+
+def test_kunit_cases_become_test_items(pytester: pytest.Pytester, kernel_args: list[str]) -> None:
+    result = pytester.runpytest_subprocess(*kernel_args, "--umtt-kunit=list-kunit-test", "-v")
+    result.stdout.fnmatch_lines(["*kunit::list-kunit-test.list_test_list_init PASSED*"])
+    outcomes = result.parseoutcomes()
+    assert outcomes["passed"] > 30 and "failed" not in outcomes
+
+
+def test_kunit_glob_that_matches_nothing_fails_clearly(pytester: pytest.Pytester,
+                                                       kernel_args: list[str]) -> None:
+    result = pytester.runpytest_subprocess(*kernel_args, "--umtt-kunit=no-such-suite")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*no KUnit test case matched 'no-such-suite'*"])
