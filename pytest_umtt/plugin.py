@@ -466,6 +466,24 @@ def save_artifacts(sim: Simulation, target: Path) -> None:
         {"seed": sim.seed, "virtual_ns": sim.now, "machines": list(sim.machines)}, indent=2))
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    state = session.config.stash.get(STATE, None)
+    if workeroutput is not None and state is not None:  # an xdist worker: report home
+        workeroutput["umtt"] = [state.simulations, state.virtual_ns, state.wall_seconds]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """xdist controller: add up what each worker simulated."""
+    done = getattr(node, "workeroutput", {}).get("umtt")
+    if done:
+        state = node.config.stash[STATE]
+        state.simulations += done[0]
+        state.virtual_ns += done[1]
+        state.wall_seconds += done[2]
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     state = config.stash.get(STATE, None)
     if state is None or not state.simulations:

@@ -77,7 +77,8 @@ def test_header_names_kernel_and_seed(pytester: pytest.Pytester, kernel_args: li
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-seed=5")
     result.stdout.fnmatch_lines(["umtt: kernel *linux (Linux 6.12*)",
-                                 "umtt: seed 5 (--umtt-seed), guest entropy seeded by the getrandom shim"])
+                                 "umtt: seed 5 (--umtt-seed), guest entropy seeded by the "
+                                 "getrandom shim"])
 
 
 # --- fixtures and assertions -------------------------------------------------------------
@@ -199,3 +200,21 @@ def test_kunit_glob_that_matches_nothing_fails_clearly(pytester: pytest.Pytester
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-kunit=no-such-suite")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*no KUnit test case matched 'no-such-suite'*"])
+
+
+# --- xdist ----------------------------------------------------------------------------------
+
+def test_xdist_workers_have_their_own_simulations(pytester: pytest.Pytester,
+                                                  kernel_args: list[str]) -> None:
+    pytester.makepyfile("""
+        import os
+        import pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        def test_machine(uml, umtt_sim, n):
+            print("SIM", os.environ["PYTEST_XDIST_WORKER"], umtt_sim.directory)
+            assert uml.run(f"sleep {n + 1}").duration == pytest.approx(n + 1, abs=1e-3)
+    """)
+    result = pytester.runpytest_subprocess(*kernel_args, "-n", "2", "-s")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*4 simulations: * s of virtual time in * s wall*"])
