@@ -93,15 +93,7 @@ SHM_VERSION = 2
 SHM_HEADER_SIZE = 4096
 SHM_ENTRY_SIZE = 128
 
-_U16 = struct.Struct("=H")
 _ENTRY_HEAD = struct.Struct("=IIQ")  # capa, flags, req_time: one read on the hot path
-_U32 = struct.Struct("=I")
-_U64 = struct.Struct("=Q")
-
-# Header offsets.
-_VERSION, _LEN, _FREE_UNTIL, _CURRENT_TIME, _RUNNING_ID, _MAX_CLIENTS = 0, 4, 8, 16, 24, 26
-# Client entry offsets, relative to the entry.
-_CAPA, _FLAGS, _REQ_TIME, _NAME = 0, 4, 8, 16
 
 
 def shm_size(entries: int) -> int:
@@ -109,60 +101,46 @@ def shm_size(entries: int) -> int:
     return SHM_HEADER_SIZE + SHM_ENTRY_SIZE * entries
 
 
-class SharedMemory:
-    """Typed access to a schedshm mapping. Does not own the mapping's lifetime."""
+class _View:
+    """A window on the mapping: the header (base 0) or one client entry."""
 
-    def __init__(self, buffer: mmap.mmap) -> None:
+    def __init__(self, buffer: mmap.mmap, base: int = 0) -> None:
         self._buf = buffer
+        self._base = base
 
-    def _get(self, fmt: struct.Struct, offset: int) -> int:
-        value: int = fmt.unpack_from(self._buf, offset)[0]
+
+class _Field:
+    """One unsigned field of the layout; values past its width saturate."""
+
+    def __init__(self, fmt: str, offset: int) -> None:
+        self._struct = struct.Struct("=" + fmt)
+        self._offset = offset
+        self._max = 2 ** (8 * self._struct.size) - 1
+
+    def __get__(self, view: _View, owner: object = None) -> int:
+        value: int = self._struct.unpack_from(view._buf, view._base + self._offset)[0]
         return value
 
-    def _put(self, fmt: struct.Struct, offset: int, value: int) -> None:
-        fmt.pack_into(self._buf, offset, value)
+    def __set__(self, view: _View, value: int) -> None:
+        self._struct.pack_into(view._buf, view._base + self._offset, min(value, self._max))
+
+
+class SharedMemory(_View):
+    """Typed access to a schedshm mapping (header at offset 0, H:um_timetravel_schedshm).
+    Does not own the mapping's lifetime."""
+
+    version = _Field("I", 0)
+    length = _Field("I", 4)
+    free_until = _Field("Q", 8)
+    current_time = _Field("Q", 16)
+    running_id = _Field("H", 24)
+    max_clients = _Field("H", 26)
 
     def init_header(self, entries: int) -> None:
         """Write the header as the controller does once at creation (§2)."""
-        self._put(_U32, _VERSION, SHM_VERSION)
-        self._put(_U32, _LEN, shm_size(entries))
-        self._put(_U16, _MAX_CLIENTS, entries)
-
-    @property
-    def version(self) -> int:
-        return self._get(_U32, _VERSION)
-
-    @property
-    def length(self) -> int:
-        return self._get(_U32, _LEN)
-
-    @property
-    def max_clients(self) -> int:
-        return self._get(_U16, _MAX_CLIENTS)
-
-    @property
-    def free_until(self) -> int:
-        return self._get(_U64, _FREE_UNTIL)
-
-    @free_until.setter
-    def free_until(self, value: int) -> None:
-        self._put(_U64, _FREE_UNTIL, min(value, U64_MAX))
-
-    @property
-    def current_time(self) -> int:
-        return self._get(_U64, _CURRENT_TIME)
-
-    @current_time.setter
-    def current_time(self, value: int) -> None:
-        self._put(_U64, _CURRENT_TIME, value)
-
-    @property
-    def running_id(self) -> int:
-        return self._get(_U16, _RUNNING_ID)
-
-    @running_id.setter
-    def running_id(self, value: int) -> None:
-        self._put(_U16, _RUNNING_ID, value)
+        self.version = SHM_VERSION
+        self.length = shm_size(entries)
+        self.max_clients = entries
 
     def pending_request(self, client_id: int) -> int | None:
         """The client's req_time if its REQ_RUN flag is set (the scheduler's hot path)."""
@@ -172,48 +150,17 @@ class SharedMemory:
 
     def entry(self, client_id: int) -> ShmEntry:
         """The entry of client ``client_id``."""
-        return ShmEntry(self, SHM_HEADER_SIZE + SHM_ENTRY_SIZE * client_id)
+        return ShmEntry(self._buf, SHM_HEADER_SIZE + SHM_ENTRY_SIZE * client_id)
 
 
-class ShmEntry:
-    """One client's 128-byte entry in shared memory."""
+class ShmEntry(_View):
+    """One client's 128-byte entry (H:um_timetravel_schedshm_client)."""
 
-    def __init__(self, shm: SharedMemory, base: int) -> None:
-        self._shm = shm
-        self._base = base
-
-    @property
-    def capa(self) -> Capability:
-        return Capability(self._shm._get(_U32, self._base + _CAPA))
-
-    @capa.setter
-    def capa(self, value: int) -> None:
-        self._shm._put(_U32, self._base + _CAPA, value)
-
-    @property
-    def flags(self) -> ClientFlag:
-        return ClientFlag(self._shm._get(_U32, self._base + _FLAGS))
-
-    @flags.setter
-    def flags(self, value: int) -> None:
-        self._shm._put(_U32, self._base + _FLAGS, value)
-
-    @property
-    def req_time(self) -> int:
-        return self._shm._get(_U64, self._base + _REQ_TIME)
-
-    @req_time.setter
-    def req_time(self, value: int) -> None:
-        self._shm._put(_U64, self._base + _REQ_TIME, value)
-
-    @property
-    def name(self) -> int:
-        return self._shm._get(_U64, self._base + _NAME)
-
-    @name.setter
-    def name(self, value: int) -> None:
-        self._shm._put(_U64, self._base + _NAME, value)
+    capa = _Field("I", 0)
+    flags = _Field("I", 4)
+    req_time = _Field("Q", 8)
+    name = _Field("Q", 16)
 
     def clear(self) -> None:
         """Zero the entry, as on a client's removal (§3 Removal)."""
-        self._shm._buf[self._base : self._base + SHM_ENTRY_SIZE] = bytes(SHM_ENTRY_SIZE)
+        self._buf[self._base : self._base + SHM_ENTRY_SIZE] = bytes(SHM_ENTRY_SIZE)
