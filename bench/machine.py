@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pytest_umtt import Machine, Simulation
+from pytest_umtt import Machine, MachineCrashed, Simulation
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -41,8 +41,17 @@ def one_run() -> dict[str, float]:
         virtual_before = sim.now
         sleep_wall = timed(lambda: uml.run("sleep 3600"))
         speedup = (sim.now - virtual_before) / 1e9 / sleep_wall
+        crash = timed(lambda: expect_crash(uml))
     return {"ready": ready, "round_trip": round_trip, "sleep": sleep_wall,
-            "messages": per_command, "speedup": speedup}
+            "messages": per_command, "speedup": speedup, "crash": crash}
+
+
+def expect_crash(machine: Machine) -> None:
+    try:
+        machine.run("echo c > /proc/sysrq-trigger")
+    except MachineCrashed:
+        return
+    raise AssertionError("the panic went unnoticed")
 
 
 ROWS = (  # key, label, unit, target, lower is better
@@ -51,6 +60,7 @@ ROWS = (  # key, label, unit, target, lower is better
     ("sleep", 'run("sleep 3600")', "s wall", 0.15, True),
     ("messages", "messages per command (shm)", "", 4, True),
     ("speedup", "virtual/wall speedup (sleep 3600)", "x", None, False),
+    ("crash", "panic to MachineCrashed raised", "s wall", 1.0, True),
 )
 
 
