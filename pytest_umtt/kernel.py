@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TextIO
 
 from filelock import FileLock
 
@@ -232,7 +233,7 @@ class BuildProgress:
     """Condenses make's output into one line: objects done and time spent."""
 
     label: str
-    stream: object = field(default_factory=lambda: sys.stderr)
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
     started: float = field(default_factory=time.monotonic)
     objects: int = 0
     _last_shown: float = 0.0
@@ -249,23 +250,21 @@ class BuildProgress:
         return 0.5 if self._isatty() else 15.0
 
     def _isatty(self) -> bool:
-        isatty = getattr(self.stream, "isatty", None)
-        return bool(isatty and isatty())
+        return self.stream.isatty()
 
     def show(self, final: bool = False) -> None:
         elapsed = time.monotonic() - self.started
         text = f"{self.label}: {self.objects} objects, {elapsed:.0f} s"
-        write = getattr(self.stream, "write")  # noqa: B009
         if self._isatty():
-            write(f"\r\x1b[K{text}" + ("\n" if final else ""))
+            self.stream.write(f"\r\x1b[K{text}" + ("\n" if final else ""))
         else:
-            write(text + "\n")
-        getattr(self.stream, "flush")()  # noqa: B009
+            self.stream.write(text + "\n")
+        self.stream.flush()
 
 
 def build_kernel(source: KernelSource, jobs: int | None = None, force: bool = False,
                  say: Callable[[str], None] = lambda _: None,
-                 progress_stream: object = None) -> Path:
+                 progress_stream: TextIO | None = None) -> Path:
     """Build (or reuse) the kernel for ``source`` with the shipped fragment; its path."""
     cache = _writable_dir(cache_root())
     fragment = fragment_text()
@@ -304,18 +303,17 @@ def _run_build(source: KernelSource, objdir: Path, fragment: str, *, jobs: int, 
     progress.show(final=True)
 
 
-def _run_logged(command: list[str], out: object, log: Path, progress: BuildProgress,
+def _run_logged(command: list[str], out: TextIO, log: Path, progress: BuildProgress,
                 cwd: Path) -> None:
-    write = getattr(out, "write")  # noqa: B009
-    write(f"$ {' '.join(command)}\n")
+    out.write(f"$ {' '.join(command)}\n")
     env = dict(os.environ, **REPRODUCIBLE_ENV)
     with _process_group(command, cwd, env) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
-            write(line)
+            out.write(line)
             progress.line(line)
         code = proc.wait()
-    getattr(out, "flush")()  # noqa: B009
+    out.flush()
     if code != 0:
         raise KernelBuildError(f"kernel build step failed (exit {code}): {' '.join(command)}",
                                log, _tail(log))

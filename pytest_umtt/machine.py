@@ -14,7 +14,7 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -253,6 +253,7 @@ class Machine:
         self._started: dict[int, int] = {}
         self._expect_from = 0
         self._pty_fd = -1
+        self._powering_off = False
 
     def __repr__(self) -> str:
         return f"<Machine {self.name} {self.state.value}>"
@@ -449,8 +450,6 @@ class Machine:
             return
         self.crashed("the kernel left the calendar (its process ended)")
 
-    _powering_off = False
-
     def crash_cause(self) -> str | None:
         """Why the console says the kernel crashed, if it does."""
         if self.console is None or self.console.crash is None:
@@ -542,5 +541,3 @@ class Machine:
         if not keep_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
 
-
-DoorbellHandler = Callable[[Machine, int], None]
