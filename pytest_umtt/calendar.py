@@ -23,6 +23,7 @@ import itertools
 import math
 import mmap
 import os
+import random
 import selectors
 import socket
 import time
@@ -196,6 +197,7 @@ class Calendar:
         expected_clients: int = 0,
         pause_on_broadcast: bool = True,
         max_free_run: int | None = None,
+        tie_seed: int | None = None,
         trace: Trace | None = None,
     ) -> None:
         self._now = 0
@@ -216,6 +218,9 @@ class Calendar:
         self._socket_path: Path | None = None
         self._queue: list[_Job] = []
         self._order = itertools.count()
+        # Ties run first-in-first-out, or in a seeded shuffled order when asked to (to
+        # shake out races between machines that happen to share an instant).
+        self._tie_breaker = None if tie_seed is None else random.Random(tie_seed)
         self._serials = itertools.count(1)
         self._seq = itertools.count(1)
         self._starting: list[Client] = []
@@ -728,7 +733,10 @@ class Calendar:
             client.job = None
 
     def _push(self, when: int, owner: Client | ScheduledCall) -> _Job:
-        job = _Job(when, next(self._order), owner)
+        order = next(self._order)
+        if self._tie_breaker is not None:
+            order |= self._tie_breaker.getrandbits(32) << 40
+        job = _Job(when, order, owner)
         heapq.heappush(self._queue, job)
         if self._runner is not None and when < self._horizon:
             self._lower_horizon(when)

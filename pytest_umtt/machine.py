@@ -81,6 +81,7 @@ def uml_command(
     """
     init = f"mount -t hostfs -o . none {GUEST_MOUNT} && exec {GUEST_MOUNT}/{boot_script}"
     return [
+        *NO_ASLR,
         str(kernel),
         f"mem={mem}",
         "root=/dev/root",
@@ -111,6 +112,13 @@ def uml_environment(shim: Path | None, seed: int,
         env["LD_PRELOAD"] = str(shim)
         env[SHIM_SEED_ENV] = str(seed)
     return env
+
+
+NO_ASLR = ("setarch", "-R")
+"""Prefix that starts UML without host address-space randomisation. UML sizes its physical
+memory around the host's layout ("exec-shield gap"), so with ASLR every boot gets another
+memory map and runs with one seed differ. (setarch execs UML: the kernel's own command
+line is unchanged.)"""
 
 
 def derive_seed(run_seed: int, machine: str) -> int:
@@ -247,6 +255,7 @@ class Machine:
         self.process: pexpect.spawn[bytes] | None = None
         self.console: Console | None = None
         self.doorbells: list[tuple[int, int]] = []
+        self.results: list[CommandResult] = []
         self.error: MachineError | None = None
         self._next_command = 1
         self._finished: dict[int, int] = {}
@@ -417,10 +426,12 @@ class Machine:
     def _read_result(self, number: int, command: str) -> CommandResult:
         directory = self.directory / "cmd" / str(number)
         status, started, ended = (directory / "result").read_text().split()
-        return CommandResult(command, int(status), (directory / "stdout").read_bytes(),
-                             (directory / "stderr").read_bytes(),
-                             self._guest_clock_to_virtual(started),
-                             self._guest_clock_to_virtual(ended))
+        result = CommandResult(command, int(status), (directory / "stdout").read_bytes(),
+                               (directory / "stderr").read_bytes(),
+                               self._guest_clock_to_virtual(started),
+                               self._guest_clock_to_virtual(ended))
+        self.results.append(result)
+        return result
 
     def _guest_clock_to_virtual(self, epoch_realtime: str) -> int:
         seconds, _, micros = epoch_realtime.partition(".")

@@ -25,7 +25,7 @@ from .errors import format_ns
 from .kernel import build_shim, default_kernel, kernel_version
 from .ktap import KtapCase, parse_ktap
 from .machine import DEFAULT_COMMAND_TIMEOUT, Machine
-from .simulation import DEFAULT_STALL_TIMEOUT, MachineFactory, Simulation
+from .simulation import DEFAULT_STALL_TIMEOUT, MachineFactory, Simulation, first_difference
 
 MEM_PATTERN = re.compile(r"^\d+[KMG]$")
 PROTOCOL_TAIL = 30
@@ -47,6 +47,9 @@ class Settings:
     artifacts: Path | None = None
     seed_source: str = "default"
     kunit: str | None = None
+    explore: int = 0
+    check_determinism: bool = False
+    perturb: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class Option:
     name: str  # ini key; the CLI flag and env variable derive from it
     flag: str
     help: str
-    metavar: str
+    metavar: str | None  # None: an on/off switch
 
     @property
     def env(self) -> str:
@@ -79,6 +82,12 @@ OPTIONS = (
            "commands, protocol trace (default: none kept)", "DIR"),
     Option("umtt_kunit", "--umtt-kunit", "run the kernel's KUnit suites matching GLOB at boot "
            "and report each test case as a test", "GLOB"),
+    Option("umtt_explore", "--umtt-explore", "run each test with K seeds (the seed, seed+1, "
+           "...) and report which seeds failed", "K"),
+    Option("umtt_check_determinism", "--umtt-check-determinism", "run each test twice with "
+           "one seed and fail if the runs differ (protocol, console, results)", None),
+    Option("umtt_perturb", "--umtt-perturb", "seeded perturbation of the order of events at "
+           "the same virtual instant, to shake out races between machines", None),
 )
 
 
@@ -121,6 +130,20 @@ def _mem(text: str, where: str) -> str:
     return text
 
 
+def _switch(text: str, where: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise pytest.UsageError(f"{where}: expected true or false, got {text!r}")
+
+
+def _count(text: str, where: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise pytest.UsageError(f"{where}: expected a number of seeds (1 or more), got {text!r}")
+    return int(text)
+
+
 def _kernel(text: str, where: str) -> Path:
     path = Path(text).expanduser()
     if not path.is_file():
@@ -147,6 +170,9 @@ def resolve_settings(config: pytest.Config) -> Settings:
         wall_timeout=get("umtt_wall_timeout", _positive_float, DEFAULT_STALL_TIMEOUT),
         artifacts=get("umtt_artifacts", lambda text, _: Path(text), None),
         kunit=get("umtt_kunit", lambda text, _: text, None),
+        explore=get("umtt_explore", _count, 0),
+        check_determinism=get("umtt_check_determinism", _switch, False),
+        perturb=get("umtt_perturb", _switch, False),
     )
 
 
@@ -214,11 +240,37 @@ class SessionState:
     virtual_ns: int = 0
     wall_seconds: float = 0.0
     open: set[Simulation] = field(default_factory=set)
+    first_runs: dict[str, list[str]] = field(default_factory=dict)
+    checked: int = 0
+    differed: list[str] = field(default_factory=list)
+    explored: dict[str, list[tuple[int, bool]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one item varies a test: an explored seed, a determinism run, or neither."""
+
+    seed: int | None = None
+    run: int | None = None
+
+    @property
+    def id(self) -> str:
+        parts = [] if self.seed is None else [f"seed={self.seed}"]
+        return "-".join(parts + ([] if self.run is None else [f"determinism-{self.run}"]))
+
+
+VARIANT_ID = re.compile(r"-?(seed=\d+|determinism-[12])")
+
+
+def base_nodeid(nodeid: str) -> str:
+    """The test's node id without the variant pytest-umtt added."""
+    return VARIANT_ID.sub("", nodeid).replace("[]", "").replace("[-", "[")
 
 
 STATE = pytest.StashKey[SessionState]()
 ITEM_SIM = pytest.StashKey[Simulation]()
 ITEM_SETTINGS = pytest.StashKey[Settings]()
+ITEM_VARIANT = pytest.StashKey[Variant]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -228,8 +280,13 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("umtt", "virtual-time UML kernels (pytest-umtt)")
     for option in OPTIONS:
-        group.addoption(option.flag, dest=option.name, metavar=option.metavar,
-                        help=f"{option.help}; env {option.env}, ini {option.name}")
+        help_text = f"{option.help}; env {option.env}, ini {option.name}"
+        if option.metavar is None:
+            group.addoption(option.flag, dest=option.name, action="store_const", const="true",
+                            help=help_text)
+        else:
+            group.addoption(option.flag, dest=option.name, metavar=option.metavar,
+                            help=help_text)
         parser.addini(option.name, option.help)
 
 
@@ -305,6 +362,18 @@ class KunitCase(pytest.Item):
         return self.path, None, f"kunit: {self.name}"
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """--umtt-explore and --umtt-check-determinism: one item per seed and per run."""
+    settings = metafunc.config.stash[STATE].settings
+    if "umtt_sim" not in metafunc.fixturenames:
+        return
+    variants = [Variant(seed=settings.seed + n) for n in range(settings.explore)] or [Variant()]
+    if settings.check_determinism:
+        variants = [replace(v, run=run) for v in variants for run in (1, 2)]
+    if variants != [Variant()]:
+        metafunc.parametrize("umtt_variant", variants, ids=[v.id for v in variants])
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     settings = config.stash[STATE].settings
     if settings.kernel is None:
@@ -322,7 +391,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def _open_simulation(config: pytest.Config, settings: Settings) -> Simulation:
     sim = Simulation(kernel=settings.kernel, seed=settings.seed,
-                     stall_timeout=settings.wall_timeout)
+                     stall_timeout=settings.wall_timeout, perturb=settings.perturb)
     sim.on_doorbell.append(
         lambda machine, value: config.hook.pytest_umtt_doorbell(machine=machine, value=value))
     config.stash[STATE].open.add(sim)
@@ -361,11 +430,23 @@ def _artifacts_dir(settings: Settings, nodeid: str) -> Path | None:
 
 
 @pytest.fixture
-def umtt_sim(request: pytest.FixtureRequest) -> Iterator[Simulation]:
+def umtt_variant(request: pytest.FixtureRequest) -> Variant:
+    """The seed or run this item stands for (``--umtt-explore``,
+    ``--umtt-check-determinism``); an empty Variant otherwise."""
+    return getattr(request, "param", Variant())
+
+
+@pytest.fixture
+def umtt_sim(request: pytest.FixtureRequest, umtt_variant: Variant) -> Iterator[Simulation]:
     """This test's simulation: the virtual clock (``now``, ``advance``, ``run_until``,
     ``elapsed``) shared by all of its machines."""
     item = request.node
     settings = item.stash.get(ITEM_SETTINGS, request.config.stash[STATE].settings)
+    if umtt_variant.seed is not None:
+        settings = replace(settings, seed=umtt_variant.seed, seed_source="--umtt-explore")
+    item.stash[ITEM_SETTINGS] = settings
+    item.stash[ITEM_VARIANT] = umtt_variant
+    item.user_properties.append(("umtt_seed", str(settings.seed)))
     started = time.monotonic()
     sim = _open_simulation(request.config, settings)
     item.stash[ITEM_SIM] = sim
@@ -373,8 +454,23 @@ def umtt_sim(request: pytest.FixtureRequest) -> Iterator[Simulation]:
         yield sim
     finally:
         item.user_properties.append(("umtt_virtual_seconds", f"{sim.seconds:.9f}"))
-        item.user_properties.append(("umtt_seed", str(settings.seed)))
         _close_simulation(request.config, sim, started, _artifacts_dir(settings, item.nodeid))
+    if umtt_variant.run is not None:
+        _compare_runs(request.config.stash[STATE], item.nodeid, sim.fingerprint())
+
+
+def _compare_runs(state: SessionState, nodeid: str, fingerprint: list[str]) -> None:
+    """The second of two runs with one seed: it must be the first one again."""
+    key = re.sub(r"determinism-[12]", "determinism", nodeid)
+    first = state.first_runs.pop(key, None)
+    if first is None:
+        state.first_runs[key] = fingerprint
+        return
+    state.checked += 1
+    difference = first_difference(first, fingerprint)
+    if difference is not None:
+        state.differed.append(base_nodeid(nodeid))
+        raise AssertionError(f"not deterministic: two runs with one seed differ; {difference}")
 
 
 @pytest.fixture
@@ -422,6 +518,11 @@ def pytest_runtest_makereport(
     sim = item.stash.get(ITEM_SIM, None)
     if sim is not None and report.failed and report.when != "teardown":
         _add_failure_sections(item, sim, report)
+    variant = item.stash.get(ITEM_VARIANT, None)
+    if variant is not None and variant.seed is not None and report.when == "call":
+        state = item.config.stash[STATE]
+        state.explored.setdefault(base_nodeid(item.nodeid), []).append(
+            (variant.seed, report.failed))
     return report
 
 
@@ -440,7 +541,7 @@ def _add_failure_sections(item: pytest.Item, sim: Simulation, report: pytest.Tes
 
 def reproduce_text(nodeid: str, settings: Settings) -> str:
     """The seed, and a command that reruns this test the same way."""
-    command = f"pytest {shlex.quote(nodeid)} --umtt-seed={settings.seed}"
+    command = f"pytest {shlex.quote(base_nodeid(nodeid))} --umtt-seed={settings.seed}"
     if settings.kernel is not None:
         command += f" --uml-kernel={shlex.quote(str(settings.kernel))}"
     lines = [f"seed {settings.seed} ({settings.seed_source}); to reproduce:", f"  {command}"]
@@ -493,4 +594,15 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     terminalreporter.write_line(
         f"{state.simulations} simulations: {format_ns(state.virtual_ns)} of virtual time in "
         f"{state.wall_seconds:.2f} s wall ({speedup:.1f}x)")
+    if state.checked:
+        terminalreporter.write_line(
+            f"determinism: {state.checked} tests run twice, {len(state.differed)} differed"
+            + "".join(f"\n  differs: {nodeid}" for nodeid in state.differed))
+    for nodeid, outcomes in state.explored.items():
+        failed = sorted(seed for seed, bad in outcomes if bad)
+        line = f"explore: {nodeid}: {len(failed)} of {len(outcomes)} seeds failed"
+        if failed:
+            line += (f" ({', '.join(map(str, failed))}); reproduce: pytest "
+                     f"{shlex.quote(nodeid)} --umtt-seed={failed[0]}")
+        terminalreporter.write_line(line)
 

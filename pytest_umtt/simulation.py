@@ -8,12 +8,14 @@ between two calls happens at one virtual instant.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -46,6 +48,27 @@ kernel about 1.5 s of wall time and two messages."""
 DEFAULT_STALL_TIMEOUT = 30.0
 DEFAULT_BOOT_TIMEOUT = 60.0
 CONNECT_WALL_TIMEOUT = 30.0
+
+
+def _digest(data: bytes) -> str:
+    return f"{len(data)}:{hashlib.sha256(data).hexdigest()[:16]}"
+
+
+def first_difference(one: Sequence[str], two: Sequence[str], context: int = 3) -> str | None:
+    """Where two fingerprints part, with a little context; None when they are equal."""
+    index = next((i for i, (a, b) in enumerate(zip(one, two, strict=False)) if a != b),
+                 None if len(one) == len(two) else min(len(one), len(two)))
+    if index is None:
+        return None
+    start = max(0, index - context)
+
+    def show(lines: Sequence[str]) -> str:
+        part = lines[start:index + context + 1]
+        return "\n".join(f"  {'>' if start + i == index else ' '} {start + i}: {line}"
+                         for i, line in enumerate(part)) or "  (ends here)"
+
+    return (f"first difference at item {index} of {len(one)} / {len(two)}:\n"
+            f"first run:\n{show(one)}\nsecond run:\n{show(two)}")
 
 
 class MachineFactory(Protocol):
@@ -88,6 +111,7 @@ class Simulation:
         max_free_run: int = DEFAULT_MAX_FREE_RUN,
         time_travel_start: int = DEFAULT_TIME_TRAVEL_START,
         trace: bool = True,
+        perturb: bool = False,
     ) -> None:
         self.kernel = None if kernel is None else Path(kernel)
         self.seed = seed
@@ -99,6 +123,7 @@ class Simulation:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.shim = build_shim() if deterministic else None
         self.calendar = Calendar(shm=shm, max_free_run=max_free_run,
+                                 tie_seed=seed if perturb else None,
                                  trace=Trace() if trace else None, pause_on_broadcast=True,
                                  time_at_start=time_travel_start)
         self.calendar.listen(self.directory / "time.sock")
@@ -244,6 +269,22 @@ class Simulation:
     def advance(self, seconds: float) -> Stop:
         """Let exactly ``seconds`` of virtual time pass."""
         return self.run_until(deadline=self.now + seconds_to_ns(seconds))
+
+    def fingerprint(self) -> list[str]:
+        """Everything that makes a run this run, one line per item: every protocol event
+        with its virtual time, every console line with its virtual time, every command
+        result. Two runs with one seed must give the same list."""
+        lines = []
+        if self.calendar.trace is not None:
+            lines += [json.dumps(asdict(event), sort_keys=True) for event in self.calendar.trace]
+        for name, machine in self.machines.items():
+            if machine.console is not None:
+                lines += [f"console {name} {line}" for line in machine.console.lines]
+            lines += [f"result {name} {r.command!r} status={r.status} "
+                      f"{format_ns(r.started)}..{format_ns(r.ended)} "
+                      f"stdout={_digest(r.stdout)} stderr={_digest(r.stderr)}"
+                      for r in machine.results]
+        return lines
 
     def _doorbell(self, stop: Stop) -> None:
         assert stop.client is not None and stop.value is not None

@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 
 from pytest_umtt import Calendar, StopReason, Trace
-from pytest_umtt.machine import derive_seed, kill_process_tree, uml_command, uml_environment
+from pytest_umtt.machine import (
+    derive_seed,
+    kill_process_tree,
+    uml_command,
+    uml_environment,
+)
 
 pytestmark = pytest.mark.kernel
 
