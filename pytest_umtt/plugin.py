@@ -560,9 +560,13 @@ def save_artifacts(sim: Simulation, target: Path) -> None:
         commands = machine.directory / "cmd"
         if commands.is_dir():
             shutil.copytree(commands, target / f"{name}.commands", dirs_exist_ok=True)
-    if sim.calendar.trace is not None:
+    trace = sim.calendar.trace
+    if trace is not None:
         with (target / "trace.jsonl").open("w") as stream:
-            sim.calendar.trace.write_jsonl(stream)
+            trace.write_jsonl(stream)
+        for name in sim.machines:
+            with (target / f"{name}.trace.jsonl").open("w") as stream:
+                trace.write_jsonl(stream, client=name)
     (target / "simulation.json").write_text(json.dumps(
         {"seed": sim.seed, "virtual_ns": sim.now, "machines": list(sim.machines)}, indent=2))
 

@@ -64,8 +64,11 @@ def first_difference(one: Sequence[str], two: Sequence[str], context: int = 3) -
 
     def show(lines: Sequence[str]) -> str:
         part = lines[start:index + context + 1]
-        return "\n".join(f"  {'>' if start + i == index else ' '} {start + i}: {line}"
-                         for i, line in enumerate(part)) or "  (ends here)"
+        shown = [f"  {'>' if start + i == index else ' '} {start + i}: {line}"
+                 for i, line in enumerate(part)]
+        if index >= len(lines):
+            shown.append(f"  > {index}: (ends here)")
+        return "\n".join(shown)
 
     return (f"first difference at item {index} of {len(one)} / {len(two)}:\n"
             f"first run:\n{show(one)}\nsecond run:\n{show(two)}")

@@ -48,7 +48,7 @@ class Trace:
         """The events whose kind is one of ``kinds``."""
         return [event for event in self.events if event.kind in kinds]
 
-    def write_jsonl(self, stream: TextIO) -> None:
-        """Write one JSON object per line."""
-        for event in self.events:
-            stream.write(json.dumps(asdict(event), sort_keys=True) + "\n")
+    def write_jsonl(self, stream: TextIO, client: str | None = None) -> None:
+        """Write one JSON object per line (only ``client``'s events, if given)."""
+        stream.writelines(json.dumps(asdict(event), sort_keys=True) + "\n"
+                          for event in self.events if client is None or event.client == client)

@@ -1,0 +1,122 @@
+"""Same seed, same run: checking it, exploring seeds, perturbing ties, reading traces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pytest_umtt import Calendar, Trace
+from pytest_umtt.kernel import cache_root
+from pytest_umtt.simulation import first_difference
+from pytest_umtt.tracetool import main as trace_main
+from tests.conftest import Connect
+from tests.test_scenarios import boot_together
+
+# --- the pieces, without kernels -------------------------------------------------------
+
+
+def tie_order(tie_seed: int | None) -> list[str]:
+    with Calendar(tie_seed=tie_seed) as calendar:
+        order: list[str] = []
+        for name in "abcdefgh":
+            calendar.call_at(100, lambda n=name: order.append(n))
+        calendar.run_until()
+        return order
+
+
+def test_ties_are_fifo_unless_perturbed_and_then_seeded() -> None:
+    assert tie_order(None) == list("abcdefgh")
+    assert tie_order(1) == tie_order(1)
+    assert {"".join(tie_order(seed)) for seed in range(6)} - {"abcdefgh"}
+
+
+def test_first_difference_shows_both_sides() -> None:
+    assert first_difference(["a", "b"], ["a", "b"]) is None
+    text = first_difference(["a", "b", "c"], ["a", "x", "c"])
+    assert text is not None and "item 1 of 3 / 3" in text
+    assert "> 1: b" in text and "> 1: x" in text
+    shorter = first_difference(["a", "b"], ["a"])
+    assert shorter is not None and "(ends here)" in shorter
+
+
+def traced_run(connect: Connect, path: Path, first: int) -> Path:
+    trace = Trace()
+    with Calendar(trace=trace) as calendar:
+        _, ref = connect(calendar, "m1")
+        boot_together(calendar, (ref, 1, first))
+        with path.open("w") as stream:
+            trace.write_jsonl(stream)
+    return path
+
+
+def test_trace_tool_show_diff_and_perfetto(connect: Connect, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    one = traced_run(connect, tmp_path / "one.jsonl", 500)
+    two = traced_run(connect, tmp_path / "two.jsonl", 600)
+    assert trace_main(["show", str(one)]) == 0
+    assert "m1" in capsys.readouterr().out
+    assert trace_main(["diff", str(one), str(one)]) == 0
+    assert "identical" in capsys.readouterr().out
+    assert trace_main(["diff", str(one), str(two)]) == 1
+    assert "first difference" in capsys.readouterr().out
+    out = tmp_path / "perfetto.json"
+    assert trace_main(["perfetto", str(one), "-o", str(out)]) == 0
+    slices = [e for e in json.loads(out.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert slices and all(e["name"] == "run" for e in slices)
+
+
+def test_trace_tool_names_a_bad_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"now": 0}\nnot json\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: not a trace line"):
+        trace_main(["show", str(bad)])
+
+
+# --- on real kernels, through pytest -------------------------------------------------------
+
+@pytest.fixture
+def kernel_args(uml_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    monkeypatch.setenv("UMTT_CACHE_DIR", str(cache_root()))
+    return [f"--uml-kernel={uml_kernel}", "-p", "no:cacheprovider"]
+
+
+@pytest.mark.kernel
+def test_check_determinism_passes_same_runs_and_shows_where_others_part(
+        pytester: pytest.Pytester, kernel_args: list[str]) -> None:
+    pytester.makepyfile("""
+        import random
+
+        def test_same(uml):
+            uml.run("head -c 8 /dev/urandom | od -An -tx1; sleep 0.25")
+
+        def test_host_dependent(uml):
+            uml.run(f"sleep 0.{random.SystemRandom().randrange(1, 10)}")
+    """)
+    result = pytester.runpytest_subprocess(*kernel_args, "--umtt-check-determinism")
+    result.assert_outcomes(passed=4, errors=1)
+    result.stdout.fnmatch_lines([
+        "*not deterministic: two runs with one seed differ; first difference at item *",
+        "*determinism: 2 tests run twice, 1 differed*",
+        "*differs: test_check_determinism_passes_same_runs_and_shows_where_others_part.py"
+        "::test_host_dependent*",
+    ])
+
+
+@pytest.mark.kernel
+def test_explore_finds_failing_seeds_and_each_reproduces(pytester: pytest.Pytester,
+                                                         kernel_args: list[str]) -> None:
+    pytester.makepyfile("""
+        def test_coin(uml):
+            byte = int(uml.run("od -An -N1 -tu1 /dev/urandom").output)
+            assert byte % 2 == 0, f"odd byte {byte}"
+    """)
+    result = pytester.runpytest_subprocess(*kernel_args, "--umtt-explore=8")
+    line = next(line for line in result.outlines if line.startswith("explore:"))
+    failed = line.split("(")[1].split(")")[0].split(", ")
+    assert 0 < len(failed) < 8, line
+    assert f"--umtt-seed={failed[0]}" in line
+    for seed in failed[:2]:
+        rerun = pytester.runpytest_subprocess(*kernel_args, f"--umtt-seed={seed}")
+        rerun.assert_outcomes(failed=1)
