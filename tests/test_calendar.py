@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from pytest_umtt import Calendar, StopReason
@@ -13,8 +15,11 @@ from tests.test_scenarios import boot_together, next_run
 
 def test_in_process_jobs_run_at_their_time_in_fifo_order(calendar: Calendar) -> None:
     seen: list[tuple[str, int]] = []
+    def record(name: str) -> None:
+        seen.append((name, calendar.now))
+
     for name, when in (("b", 300), ("a", 100), ("c", 300)):
-        calendar.call_at(when, lambda n=name: seen.append((n, calendar.now)), name)
+        calendar.call_at(when, functools.partial(record, name), name)
     cancelled = calendar.call_at(200, lambda: seen.append(("x", calendar.now)))
     cancelled.cancel()
     assert calendar.run_until().reason is StopReason.QUIESCENT

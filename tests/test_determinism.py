@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def tie_order(tie_seed: int | None) -> list[str]:
     with Calendar(tie_seed=tie_seed) as calendar:
         order: list[str] = []
         for name in "abcdefgh":
-            calendar.call_at(100, lambda n=name: order.append(n))
+            calendar.call_at(100, functools.partial(order.append, name))
         calendar.run_until()
         return order
 

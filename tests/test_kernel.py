@@ -64,9 +64,10 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def umtt_kernel(*args: str, env_cache: Path, **kwargs: object) -> subprocess.Popen[str]:
     env = dict(os.environ, UMTT_CACHE_DIR=str(env_cache))
-    return subprocess.Popen([sys.executable, "-m", "pytest_umtt.kernel", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **kwargs)  # type: ignore[call-overload]
+    builder: subprocess.Popen[str] = subprocess.Popen(  # type: ignore[call-overload]
+        [sys.executable, "-m", "pytest_umtt.kernel", *args], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, **kwargs)
+    return builder
 
 
 # --- the fragment ---------------------------------------------------------------------
