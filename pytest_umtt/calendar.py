@@ -120,8 +120,7 @@ class _Broadcast:
 class ScheduledCall:
     """An in-process participant: a callback at a virtual time. Cancel it with cancel()."""
 
-    def __init__(self, calendar: Calendar, fn: Callable[[], object], name: str) -> None:
-        self._calendar = calendar
+    def __init__(self, fn: Callable[[], object], name: str) -> None:
         self.fn = fn
         self.name = name
         self._job: _Job | None = None
@@ -334,7 +333,7 @@ class Calendar:
         if when < self._now:
             raise ValueError(f"cannot schedule {name or fn!r} at {format_ns(when)}: "
                              f"the clock is already at {format_ns(self._now)}")
-        call = ScheduledCall(self, fn, name or getattr(fn, "__name__", "call"))
+        call = ScheduledCall(fn, name or getattr(fn, "__name__", "call"))
         call._job = self._push(when, call)
         return call
 
