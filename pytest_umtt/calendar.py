@@ -197,6 +197,7 @@ class Calendar:
         pause_on_broadcast: bool = True,
         max_free_run: int | None = None,
         tie_seed: int | None = None,
+        doorbell_latency: int = 0,
         trace: Trace | None = None,
     ) -> None:
         self._now = 0
@@ -220,6 +221,7 @@ class Calendar:
         # Ties run first-in-first-out, or in a seeded shuffled order when asked to (to
         # shake out races between machines that happen to share an instant).
         self._tie_breaker = None if tie_seed is None else random.Random(tie_seed)
+        self.doorbell_latency = doorbell_latency
         self._serials = itertools.count(1)
         self._seq = itertools.count(1)
         self._starting: list[Client] = []
@@ -683,7 +685,16 @@ class Calendar:
             hook(client, value)
 
     def _ring_doorbell(self, client: Client, value: int) -> None:
-        """Make the ringing client yield at its very next time step (DESIGN.md fact 6)."""
+        """Make the ringing client yield at its very next time step (DESIGN.md fact 6).
+
+        Under perturbation the pause comes a seeded 0..doorbell_latency ns later instead:
+        it is then an in-process job, whose arrival lowers the runner's horizon like any
+        other event, so the kernel yields exactly there."""
+        if self._tie_breaker is not None and self.doorbell_latency > 0:
+            delay = self._tie_breaker.randrange(self.doorbell_latency + 1)
+            self.call_at(self._now + delay, lambda: self._stops.append(
+                Stop(StopReason.DOORBELL, self._now, client, value)), "doorbell")
+            return
         self._stops.append(Stop(StopReason.DOORBELL, self._now, client, value))
         if client is self._runner:
             # Only the kernel's view shrinks: the calendar's horizon still bounds how far

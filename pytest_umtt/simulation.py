@@ -46,6 +46,8 @@ DEFAULT_MAX_FREE_RUN = 24 * 3600 * 10**9
 2^62 ns and the calendar never learns where it is. A day of virtual time costs a lone
 kernel about 1.5 s of wall time and two messages."""
 DEFAULT_STALL_TIMEOUT = 30.0
+PERTURBED_DOORBELL_LATENCY = 1_000_000
+"""With perturbation on, a doorbell's pause (a command's end, say) comes up to 1 ms late."""
 DEFAULT_BOOT_TIMEOUT = 60.0
 CONNECT_WALL_TIMEOUT = 30.0
 
@@ -127,6 +129,7 @@ class Simulation:
         self.shim = build_shim() if deterministic else None
         self.calendar = Calendar(shm=shm, max_free_run=max_free_run,
                                  tie_seed=seed if perturb else None,
+                                 doorbell_latency=PERTURBED_DOORBELL_LATENCY if perturb else 0,
                                  trace=Trace() if trace else None, pause_on_broadcast=True,
                                  time_at_start=time_travel_start)
         self.calendar.listen(self.directory / "time.sock")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
-from pytest_umtt import Calendar, Trace
+from pytest_umtt import Calendar, StopReason, Trace
 from pytest_umtt.kernel import cache_root
 from pytest_umtt.simulation import first_difference
 from pytest_umtt.tracetool import main as trace_main
+from pytest_umtt.wire import Op
 from tests.conftest import Connect
 from tests.test_scenarios import boot_together
 
@@ -31,6 +33,33 @@ def test_ties_are_fifo_unless_perturbed_and_then_seeded() -> None:
     assert tie_order(None) == list("abcdefgh")
     assert tie_order(1) == tie_order(1)
     assert {"".join(tie_order(seed)) for seed in range(6)} - {"abcdefgh"}
+
+
+def doorbell_time(connect: Connect, tie_seed: int) -> int:
+    with Calendar(tie_seed=tie_seed, doorbell_latency=1000) as calendar:
+        _, ref = connect(calendar)
+        boot_together(calendar, (ref, 1, 500))
+
+        def guest() -> None:  # already waiting for its RUN at 500: then ring, then sleep long
+            while ref.recv().op != Op.RUN:
+                pass
+            ref.broadcast(7)
+            ref.request(10**6)
+            ref.send(Op.WAIT, 2**64 - 1)
+
+        thread = threading.Thread(target=guest)
+        thread.start()
+        stop = calendar.run_until(deadline=10**5)
+        thread.join(timeout=5)
+        assert stop.reason is StopReason.DOORBELL and stop.value == 7
+        return stop.time
+
+
+def test_perturbed_doorbells_pause_later_by_a_seeded_bounded_delay(connect: Connect) -> None:
+    times = [doorbell_time(connect, seed) for seed in range(5)]
+    assert all(500 <= t <= 1500 for t in times), times
+    assert len(set(times)) > 1
+    assert doorbell_time(connect, 3) == times[3]
 
 
 def test_first_difference_shows_both_sides() -> None:
