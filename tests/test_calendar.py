@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from pytest_umtt import Calendar, StopReason
 from pytest_umtt.controller import main as controller_main
-from pytest_umtt.wire import U64_MAX, Op
+from pytest_umtt.wire import S64_MAX, U64_MAX, Op
 from tests.conftest import Connect, settle
+from tests.refclient import RefClient
 from tests.test_scenarios import boot_together, next_run
 
 
@@ -81,3 +85,21 @@ def test_controller_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) ->
         controller_main(["--time=/tmp/x.sock", "--clients=-1"])
     assert exit_info.value.code == 2
     assert "must not be negative: '-1'" in capsys.readouterr().err
+
+
+def test_controller_reports_quiescence_and_exits_2(tmp_path: Path) -> None:
+    socket_path = tmp_path / "time.sock"
+    controller = subprocess.Popen([sys.executable, "-m", "pytest_umtt.controller",
+                                   f"--time={socket_path}", "--clients=1", "--debug=1"],
+                                  stderr=subprocess.PIPE, text=True)
+    assert controller.stderr is not None
+    assert "listening on" in controller.stderr.readline()
+    client = RefClient.connect(str(socket_path))
+    client.start(1)
+    client.request(S64_MAX)  # nothing to do, ever
+    client.send(Op.WAIT, U64_MAX)
+    _, err = controller.communicate(timeout=30)
+    client.close()
+    assert controller.returncode == 2
+    assert "quiescent at 0.000000000 s: every client waits with nothing scheduled" in err
+    assert not socket_path.exists()

@@ -248,3 +248,12 @@ def test_nothing_is_left_after_ctrl_c(uml_kernel: Path, tmp_path: Path) -> None:
     assert not uml_processes(tmp_path)
     assert not (tmp_path / "sim" / "busy").exists()
     assert not (tmp_path / "sim" / "time.sock").exists()
+
+
+def test_kernel_that_exits_before_connecting_is_a_boot_error(tmp_path: Path) -> None:
+    impostor = tmp_path / "linux"
+    impostor.write_bytes(Path("/bin/true").read_bytes() + b"\0time-travel=ext:\0")
+    impostor.chmod(0o755)
+    with (Simulation(kernel=impostor, directory=tmp_path / "sim") as simulation,
+          pytest.raises(BootError, match="exited before connecting to the calendar")):
+        simulation.machine("quick")
