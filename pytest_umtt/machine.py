@@ -328,11 +328,7 @@ class Machine:
 
     def on_wait(self) -> None:
         """The kernel sent WAIT: all it printed is in the pty; stamp it with now."""
-        assert self.console is not None
-        data = self._drain_pty()
-        if data:
-            self.console.hold(data)
-        self.console.stamp(self.sim.calendar.now)
+        self._catch_up_console()
 
     def expect(self, pattern: str | re.Pattern[str], timeout: float) -> ConsoleMatch:
         """Run the simulation until the console shows ``pattern`` (after the previous
@@ -373,8 +369,8 @@ class Machine:
         ``timeout`` is in virtual seconds; the guest kills the command at that instant.
         Without one, the command may take ``default_timeout`` before this raises."""
         number = self._submit(command, env, cwd, timeout, background=False)
-        budget = self.default_timeout if timeout is None else timeout + 1
-        result = self._await_result(number, command, budget)
+        # The guest kills the command at ``timeout``; the host allows a second more.
+        result = self._await_result(number, command, None if timeout is None else timeout + 1)
         if check and not result.ok:
             raise MachineError(self.name, f"command {command!r} exited with {result.status}; "
                                f"stderr: {result.stderr.decode(errors='replace')[-2000:]}",
@@ -471,20 +467,23 @@ class Machine:
     def crashed(self, cause: str) -> MachineCrashed:
         """Mark the machine crashed, end its processes, and remember why."""
         if self.error is None:
-            self._read_leftover_console()
+            self._catch_up_console()
             console_cause = self.crash_cause()
             self.state = MachineState.CRASHED
             self.kill()
             self.error = MachineCrashed(self.name, console_cause or cause, self.sim.now,
                                         self.console_tail(), self.console_log())
+        return self._remembered_crash()
+
+    def _remembered_crash(self) -> MachineCrashed:
+        """A fresh exception carrying the first failure, for every later call to raise."""
         assert self.error is not None
         return MachineCrashed(self.name, self.error.what, self.error.now,
                               self.error.console_tail, self.error.log)
 
     def _raise_if_down(self) -> None:
         if self.error is not None:
-            raise MachineCrashed(self.name, self.error.what, self.error.now,
-                                 self.error.console_tail, self.error.log)
+            raise self._remembered_crash()
         if self.state is not MachineState.READY:
             raise MachineError(self.name, f"the machine is {self.state.value}, not ready",
                                self.sim.now, self.console_tail(), self.console_log())
@@ -492,13 +491,14 @@ class Machine:
     def console_tail(self, count: int = 25) -> str:
         if self.console is None:
             return ""
-        self._read_leftover_console()
+        self._catch_up_console()
         return self.console.tail(count)
 
     def console_log(self) -> str | None:
         return None if self.console is None else str(self.console.log_path)
 
-    def _read_leftover_console(self) -> None:
+    def _catch_up_console(self) -> None:
+        """Read what is still in the pty and give everything held the present time."""
         if self.console is not None and self._pty_fd >= 0:
             data = self._drain_pty()
             if data:
@@ -539,7 +539,7 @@ class Machine:
 
     def _release(self, keep_directory: bool) -> None:
         self.kill()
-        self._read_leftover_console()
+        self._catch_up_console()
         if self._pty_fd >= 0:
             self.sim.calendar.remove_reader(self._pty_fd)
             self._pty_fd = -1

@@ -306,11 +306,9 @@ class Simulation:
 
     def _raise_for(self, machines: tuple[Machine, ...]) -> None:
         for machine in machines:
-            cause = machine.crash_cause()
-            if machine.error is None and cause is not None:
+            cause = machine.error.what if machine.error is not None else machine.crash_cause()
+            if cause is not None:
                 raise machine.crashed(cause)
-            if machine.error is not None:
-                raise machine.crashed(machine.error.what)
 
     def _stalled(self, exc: StallError) -> MachineError:
         runner = self.calendar.runner
