@@ -323,12 +323,15 @@ class KunitRun(pytest.Collector):
     def collect(self) -> list[pytest.Item]:
         settings = self.config.stash[STATE].settings
         glob = settings.kunit or "*"
-        with Simulation(kernel=settings.kernel, seed=settings.seed,
-                        stall_timeout=settings.wall_timeout) as sim:
-            machine = sim.machine("kunit", mem=settings.mem, cmdline=[
-                *settings.cmdline, "kunit.enable=1", f"kunit.filter_glob={glob}"])
+        started = time.monotonic()
+        sim = _open_simulation(self.config, settings)
+        try:
+            machine = _factory(self.config, sim, settings)(
+                "kunit", cmdline=["kunit.enable=1", f"kunit.filter_glob={glob}"])
             assert machine.console is not None
             text, tail = machine.console.text, machine.console_tail()
+        finally:
+            _close_simulation(self.config, sim, started, None)
         cases = parse_ktap(text)
         if not cases:
             return [KunitCase.from_parent(self, name="no-cases", case=None, detail=(
@@ -389,6 +392,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 # --- fixtures -----------------------------------------------------------------------
 
+def _settings_of(item: pytest.Item) -> Settings:
+    """A test's settings: its markers applied at collection, else the session's."""
+    return item.stash.get(ITEM_SETTINGS, item.config.stash[STATE].settings)
+
+
 def _open_simulation(config: pytest.Config, settings: Settings) -> Simulation:
     sim = Simulation(kernel=settings.kernel, seed=settings.seed,
                      stall_timeout=settings.wall_timeout, perturb=settings.perturb)
@@ -441,7 +449,7 @@ def umtt_sim(request: pytest.FixtureRequest, umtt_variant: Variant) -> Iterator[
     """This test's simulation: the virtual clock (``now``, ``advance``, ``run_until``,
     ``elapsed``) shared by all of its machines."""
     item = request.node
-    settings = item.stash.get(ITEM_SETTINGS, request.config.stash[STATE].settings)
+    settings = _settings_of(item)
     if umtt_variant.seed is not None:
         settings = replace(settings, seed=umtt_variant.seed, seed_source="--umtt-explore")
     item.stash[ITEM_SETTINGS] = settings
@@ -477,9 +485,7 @@ def _compare_runs(state: SessionState, nodeid: str, fingerprint: list[str]) -> N
 def uml_factory(request: pytest.FixtureRequest, umtt_sim: Simulation) -> MachineFactory:
     """Make more machines on this test's clock: ``uml_factory("name", mem="256M")``.
     Pass ``boot=False`` to several and ``umtt_sim.boot(*machines)`` to boot them together."""
-    item = request.node
-    settings = item.stash.get(ITEM_SETTINGS, request.config.stash[STATE].settings)
-    return _factory(request.config, umtt_sim, settings)
+    return _factory(request.config, umtt_sim, _settings_of(request.node))
 
 
 @pytest.fixture
@@ -535,7 +541,7 @@ def _add_failure_sections(item: pytest.Item, sim: Simulation, report: pytest.Tes
         report.sections.append(("umtt protocol (last events)", "\n".join(
             f"{format_ns(e.now)} {e.kind:5} {e.client} {e.op}({e.time}) {e.detail}".rstrip()
             for e in events)))
-    settings = item.stash.get(ITEM_SETTINGS, item.config.stash[STATE].settings)
+    settings = _settings_of(item)
     report.sections.append(("umtt reproduce", reproduce_text(item.nodeid, settings)))
 
 
