@@ -117,6 +117,20 @@ class KernelSource:
     default: bool = False
 
 
+@contextmanager
+def _staging_beside(target: Path) -> Iterator[Path]:
+    """A fresh directory next to ``target`` to build it whole in; the caller renames it
+    (or something in it) into place, and whatever is left is removed on every exit path,
+    so an interrupted step never leaves a ``target`` that looks finished."""
+    staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def user_source(path: Path) -> KernelSource:
     """A tree the user gives: validated, identified by git state where there is one."""
     tree = path.resolve()
@@ -156,16 +170,10 @@ def debian_source(cache: Path, say: Callable[[str], None]) -> KernelSource:
     with FileLock(str(target) + ".lock"):
         if not (target / "Makefile").is_file():
             say(f"extracting {tarball.name} into {target.parent}")
-            staging = target.with_name(target.name + f".partial-{os.getpid()}")
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            try:
-                with tarfile.open(tarball) as archive:
-                    archive.extractall(staging, filter="tar")
+            with _staging_beside(target) as staging, tarfile.open(tarball) as archive:
+                archive.extractall(staging, filter="tar")
                 (inner,) = list(staging.iterdir())
                 inner.rename(target)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
     return KernelSource(target, version, f"debian {DEBIAN_SOURCE_PACKAGE} {version}", True)
 
 
@@ -352,17 +360,12 @@ def _check_config(config: Path, fragment: str, log: Path) -> None:
 
 
 def _publish(objdir: Path, final_dir: Path, log: Path) -> None:
-    staging = final_dir.with_name(f"{final_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with _staging_beside(final_dir) as staging:
         shutil.copy2(objdir / "linux", staging / "linux")
         shutil.copy2(objdir / ".config", staging / "config")
         shutil.copy2(log, staging / "build.log")
         shutil.rmtree(final_dir, ignore_errors=True)
         staging.rename(final_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _mark_default(kernels: Path, key: str, source: KernelSource) -> None:
@@ -451,10 +454,7 @@ def build_shim(say: Callable[[str], None] = lambda _: None) -> Path | None:
     with FileLock(str(target_dir) + ".lock"):
         if target.is_file():
             return target
-        staging = target_dir.with_name(f"{key}.partial-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        try:
+        with _staging_beside(target_dir) as staging:
             (staging / "umtt_getrandom.c").write_bytes(source)
             result = subprocess.run(
                 [compiler, "-O2", "-shared", "-fPIC", "-Wall", "-o", str(staging / SHIM_NAME),
@@ -462,8 +462,6 @@ def build_shim(say: Callable[[str], None] = lambda _: None) -> Path | None:
             if result.returncode != 0:
                 raise KernelError(f"compiling the getrandom shim failed: {result.stderr.strip()}")
             staging.rename(target_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
