@@ -30,7 +30,8 @@ from filelock import FileLock
 
 from .errors import UmttError
 
-RECIPE_VERSION = "1"
+# 2: KBUILD_BUILD_VERSION pinned (kernels built before carry a build counter).
+RECIPE_VERSION = "2"
 DEBIAN_SOURCE_PACKAGE = "linux-source-6.12"
 DEBIAN_SOURCE_TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
 BUILD_TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc"}
@@ -41,6 +42,9 @@ REPRODUCIBLE_ENV = {
     "KBUILD_BUILD_TIMESTAMP": "1970-01-01 00:00:00 UTC",
     "KBUILD_BUILD_USER": "umtt",
     "KBUILD_BUILD_HOST": "umtt",
+    # The "#N" in uname -v counts relinks of one object tree, and the kernel mixes its
+    # uname into the entropy pool: without this, a rebuild changes every seeded run.
+    "KBUILD_BUILD_VERSION": "1",
 }
 TIME_TRAVEL_MARKER = b"time-travel=ext:"
 SCHEDSHM_MARKER = b"setting time while not running"
@@ -395,6 +399,42 @@ def kernel_version(path: Path) -> str | None:
     return found.group(1).decode(errors="replace") if found else None
 
 
+PINNED_BANNER = re.compile(rb"\(umtt@umtt\) .* #1 .*1970")
+"""What umtt-kernel pins in the version string (REPRODUCIBLE_ENV), as ``uname -v`` shows it."""
+
+
+@dataclass(frozen=True, slots=True)
+class KernelIdentity:
+    """What names a kernel binary exactly: its version banner and its sha256."""
+
+    banner: str
+    sha256: str
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the banner carries no build counter, time, user or host of its own."""
+        return PINNED_BANNER.search(self.banner.encode()) is not None
+
+    def __str__(self) -> str:
+        return f"{self.banner} (sha256:{self.sha256[:12]})"
+
+
+_identities: dict[tuple[Path, int, int], KernelIdentity] = {}
+
+
+def kernel_identity(path: Path) -> KernelIdentity:
+    """The banner (``Linux version ... #1 ...``) and sha256 of a kernel binary (cached per
+    file version, so a header and every test can ask)."""
+    info = path.stat()
+    key = (path.resolve(), info.st_mtime_ns, info.st_size)
+    if key not in _identities:
+        data = path.read_bytes()
+        found = re.search(rb"Linux version [^\n\0]*", data)
+        banner = found.group(0).decode(errors="replace").strip() if found else "unknown"
+        _identities[key] = KernelIdentity(banner, hashlib.sha256(data).hexdigest())
+    return _identities[key]
+
+
 def default_kernel() -> Path | None:
     """The kernel ``umtt-kernel build`` made from the default source, if there is one."""
     path = cache_root() / "kernels" / "default" / "linux"
@@ -410,6 +450,7 @@ class KernelCheck:
     path: Path
     problems: tuple[str, ...]
     warnings: tuple[str, ...]
+    schedshm: bool = False
 
     @property
     def ok(self) -> bool:
@@ -431,11 +472,18 @@ def check_kernel(path: Path) -> KernelCheck:
             f"{path} is {what} without time-travel=ext support "
             f"(CONFIG_UML_TIME_TRAVEL_SUPPORT is off; Debian's user-mode-linux package is "
             f"built that way). Build one with: umtt-kernel build",), ())
-    warnings: tuple[str, ...] = ()
+    warnings: list[str] = []
     if SCHEDSHM_MARKER not in data:
-        warnings = (f"{path} has time-travel=ext but not the shared-memory scheduler "
-                    f"(Linux 6.11 and later): it will be served over messages, much slower",)
-    return KernelCheck(path, (), warnings)
+        warnings.append(f"{path} has time-travel=ext but not the shared-memory scheduler "
+                        f"(Linux 6.11 and later): it will be served over messages, much slower")
+    identity = kernel_identity(path)
+    if not identity.pinned:
+        warnings.append(f"{path}: the version string is not pinned ({identity.banner!r}): the "
+                        f"kernel mixes it into the guest's entropy, so a rebuild gives other "
+                        f"runs for one seed; build with KBUILD_BUILD_VERSION=1 "
+                        f"KBUILD_BUILD_TIMESTAMP='1970-01-01 00:00:00 UTC' "
+                        f"KBUILD_BUILD_USER=umtt KBUILD_BUILD_HOST=umtt (umtt-kernel build does)")
+    return KernelCheck(path, (), tuple(warnings), SCHEDSHM_MARKER in data)
 
 
 # --- deterministic entropy ------------------------------------------------------------
@@ -449,8 +497,11 @@ def build_shim(say: Callable[[str], None] = lambda _: None) -> Path | None:
         return None
     source = resources.files("pytest_umtt").joinpath("data/umtt_getrandom.c").read_bytes()
     key = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
-    target_dir = _writable_dir(cache_root() / "shim") / key
+    target_dir = cache_root() / "shim" / key
     target = target_dir / SHIM_NAME
+    if target.is_file():  # a read-only cache with the shim built is fine
+        return target
+    _writable_dir(target_dir.parent)
     with FileLock(str(target_dir) + ".lock"):
         if target.is_file():
             return target
@@ -500,7 +551,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"umtt-kernel: warning: {warning}", file=sys.stderr)
     if result.ok:
         print(f"{args.path}: time-travel=ext supported"
-              + ("" if result.warnings else ", with the shared-memory scheduler"))
+              + (", with the shared-memory scheduler" if result.schedshm else ""))
     return 0 if result.ok else 1
 
 
