@@ -59,7 +59,12 @@ class Console:
             self.feed(data, time)
 
     def feed(self, data: bytes, time: int) -> None:
-        """Output with a known time."""
+        """Output with a known time; output still held was printed before it and goes
+        first, with the same time."""
+        if self._pending:
+            self._pending.append(data)
+            self.stamp(time)
+            return
         self._log.write(data)
         self._log.flush()
         text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "")

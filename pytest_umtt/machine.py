@@ -39,7 +39,12 @@ if TYPE_CHECKING:
 DEFAULT_TIME_TRAVEL_START = 1_700_000_000 * 10**9
 """The guest's wall clock at virtual time 0 (2023-11-14), fixed so its date is reproducible."""
 
-SHIM_SEED_ENV = "UMTT_SEED"
+DEFAULT_MEM = "256M"
+"""Memory of a machine: the pinned root filesystem lives in it (about 55 MB, and as
+much again while the kernel unpacks it at boot)."""
+
+SHIM_SEED_ENV = "UMTT_SHIM_SEED"
+"""The getrandom shim's seed variable (a machine's own seed, derived from the run's)."""
 
 
 HOSTFS_PREFIX = "/proc/self/cwd"
@@ -59,36 +64,48 @@ SOCKET_FROM_MACHINE_DIR = "../time.sock"
 """The calendar's socket, relative to each machine's directory (its parent is the
 simulation's directory)."""
 
+ROOTFS_FROM_MACHINE_DIR = "../rootfs.cpio"
+"""The pinned root filesystem's image, linked into the simulation's directory: a relative
+name keeps the command line the same on every host."""
+
+UML_ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
+"""All of the host environment a UML process gets (plus the shim's): UML prints what it
+finds in TMPDIR, so the host's variables would change the console."""
+
 
 def uml_command(
     kernel: Path,
     *,
     client_id: int,
     boot_script: str = "boot.sh",
-    mem: str = "128M",
+    mem: str = DEFAULT_MEM,
     time_travel_start: int = DEFAULT_TIME_TRAVEL_START,
     socket_path: str = SOCKET_FROM_MACHINE_DIR,
     extra: Sequence[str] = (),
+    rootfs: bool = False,
 ) -> list[str]:
     """The command line that boots ``kernel`` under ``time-travel=ext``.
 
     Run it with the machine's directory as the working directory: the host's root is
     mounted read-only through hostfs (DESIGN.md fact 2), the machine directory is
-    mounted read-write at /mnt, and ``boot_script`` there becomes init. Every path
+    mounted read-write at /mnt, and ``boot_script`` there becomes init. With ``rootfs``
+    the root is instead the pinned image (:mod:`pytest_umtt.rootfs`) at
+    ``ROOTFS_FROM_MACHINE_DIR``, unpacked into the guest's memory at boot. Every path
     is relative, so the command line is the same in every run and on every host: the
     kernel mixes it into its entropy pool, and "same seed, same run" depends on it.
     UML's own runtime files (``uml_dir``) stay in the machine directory too.
     """
     init = f"mount -t hostfs -o . none {GUEST_MOUNT} && exec {GUEST_MOUNT}/{boot_script}"
+    if rootfs:
+        root = [f"initrd={ROOTFS_FROM_MACHINE_DIR}", f"hostfs={HOSTFS_PREFIX}"]
+    else:
+        root = ["root=/dev/root", "rootfstype=hostfs", f"hostfs={HOSTFS_PREFIX}",
+                f"rootflags={HOST_ROOT_FROM_CWD}", "ro"]
     return [
         *NO_ASLR,
         str(kernel),
         f"mem={mem}",
-        "root=/dev/root",
-        "rootfstype=hostfs",
-        f"hostfs={HOSTFS_PREFIX}",
-        f"rootflags={HOST_ROOT_FROM_CWD}",
-        "ro",
+        *root,
         "con=null",
         "con0=fd:0,fd:1",
         "uml_dir=.",
@@ -97,17 +114,17 @@ def uml_command(
         f"time-travel-start={time_travel_start}",
         f"time-travel=ext:{client_id}:{socket_path}",
         *extra,
-        "init=/bin/bash",
+        "rdinit=/bin/bash" if rootfs else "init=/bin/bash",
         "--",
         "-c",
         f'"{init}"',
     ]
 
 
-def uml_environment(shim: Path | None, seed: int,
-                    base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The host environment for a UML process: the getrandom shim seeded with ``seed``."""
-    env = dict(os.environ if base is None else base)
+def uml_environment(shim: Path | None, seed: int) -> dict[str, str]:
+    """The host environment for a UML process: a fixed minimal one, and the getrandom
+    shim seeded with ``seed``."""
+    env = dict(UML_ENVIRONMENT)
     if shim is not None:
         env["LD_PRELOAD"] = str(shim)
         env[SHIM_SEED_ENV] = str(seed)
@@ -175,8 +192,9 @@ class MachineState(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class CommandResult:
-    """What a command did: exit status, output (byte-exact) and virtual start and end
-    times (ns) as the guest measured them."""
+    """What a command did: exit status, output (byte-exact) and its virtual start and end
+    times (ns) on the simulation's clock, as the host saw the guest's doorbells (so a
+    guest that sets its own clock does not change them)."""
 
     command: str
     status: int
@@ -237,9 +255,9 @@ class Machine:
     """One UML kernel on the simulation's clock, with a guest agent to run commands."""
 
     def __init__(self, sim: Simulation, name: str, client_id: int, *, kernel: Path,
-                 mem: str = "128M", cmdline: Sequence[str] = (),
+                 mem: str = DEFAULT_MEM, cmdline: Sequence[str] = (),
                  idle_max: float = DEFAULT_IDLE_MAX, agent: Path | None = None,
-                 default_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> None:
+                 default_timeout: float = DEFAULT_COMMAND_TIMEOUT, rootfs: bool = False) -> None:
         self.sim = sim
         self.name = name
         self.client_id = client_id
@@ -249,6 +267,7 @@ class Machine:
         self.idle_max = idle_max
         self.agent = agent
         self.default_timeout = default_timeout
+        self.rootfs = rootfs
         self.directory = sim.directory / name
         self.state = MachineState.CREATED
         self.client: Client | None = None
@@ -260,6 +279,9 @@ class Machine:
         self._next_command = 1
         self._finished: dict[int, int] = {}
         self._started: dict[int, int] = {}
+        self._background: set[int] = set()
+        self._submitted: dict[int, int] = {}
+        self._last_loop_ring = 0
         self._expect_from = 0
         self._pty_fd = -1
         self._powering_off = False
@@ -282,8 +304,11 @@ class Machine:
         self.console = Console(self.directory / "console.log")
         extra = [f"UMTT_HOSTNAME={self.name}",
                  f"UMTT_IDLE_MAX_US={seconds_to_ns(self.idle_max) // 1000}", *self.cmdline]
+        # The guest's clock reads the simulation's: a machine booted at virtual time T
+        # starts its wall clock T after the others did.
         command = uml_command(self.kernel, client_id=self.client_id, mem=self.mem, extra=extra,
-                              time_travel_start=self.sim.time_travel_start)
+                              time_travel_start=self.sim.time_travel_start + self.sim.now,
+                              rootfs=self.rootfs)
         env = uml_environment(self.sim.shim, derive_seed(self.sim.seed, self.name))
         self.process = pexpect.spawn(command[0], command[1:], cwd=str(self.directory),
                                      env=env, echo=False, timeout=None)
@@ -405,6 +430,8 @@ class Machine:
             (directory / "timeout").write_text(f"{timeout:.9f}")
         if background:
             (directory / "background").touch()
+            self._background.add(number)
+        self._submitted[number] = self.sim.now
         (directory.parent / f"{number}.go").touch()  # last: the agent acts on this
         return number
 
@@ -421,23 +448,22 @@ class Machine:
 
     def _read_result(self, number: int, command: str) -> CommandResult:
         directory = self.directory / "cmd" / str(number)
-        status, started, ended = (directory / "result").read_text().split()
-        result = CommandResult(command, int(status), (directory / "stdout").read_bytes(),
+        status = int((directory / "result").read_text().split()[0])
+        result = CommandResult(command, status, (directory / "stdout").read_bytes(),
                                (directory / "stderr").read_bytes(),
-                               self._guest_clock_to_virtual(started),
-                               self._guest_clock_to_virtual(ended))
+                               self._started[number], self._finished[number])
         self.results.append(result)
         return result
-
-    def _guest_clock_to_virtual(self, epoch_realtime: str) -> int:
-        seconds, _, micros = epoch_realtime.partition(".")
-        wall = int(seconds) * NS_PER_S + int(micros.ljust(6, "0")[:6]) * 1000
-        return wall - self.sim.time_travel_start
 
     # --- doorbells and departures ------------------------------------------------------
 
     def on_doorbell(self, value: int) -> None:
-        """The guest rang: the agent is ready, a command started or ended."""
+        """The guest rang: the agent is ready, a command started or ended.
+
+        The agent's main loop rings when it is ready, when it starts a command after
+        having idled, and when a command it ran in the foreground ends; a foreground
+        command that it did not ring for started at the loop's previous ring (it looked
+        for the command right after that ring, at the same instant)."""
         kind, number = value & 0xFF, value >> 8
         now = self.sim.calendar.now
         self.doorbells.append((now, value))
@@ -445,8 +471,13 @@ class Machine:
             self.state = MachineState.READY
         elif kind == AGENT_DONE:
             self._finished[number] = now
+            if number in self._background:
+                return
+            self._started.setdefault(number, max(self._last_loop_ring,
+                                                 self._submitted.get(number, 0)))
         elif kind == AGENT_STARTED:
             self._started[number] = now
+        self._last_loop_ring = now
 
     def on_disconnect(self) -> None:
         """The kernel left the calendar: powered off, or died."""

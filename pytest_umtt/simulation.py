@@ -28,15 +28,18 @@ from .errors import (
     StallError,
     format_ns,
 )
-from .kernel import build_shim, check_kernel, default_kernel
+from .kernel import build_shim, check_kernel, default_kernel, kernel_identity
 from .machine import (
     DEFAULT_COMMAND_TIMEOUT,
+    DEFAULT_MEM,
     DEFAULT_TIME_TRAVEL_START,
+    ROOTFS_FROM_MACHINE_DIR,
     Machine,
     MachineState,
     seconds_to_ns,
 )
-from .trace import Trace
+from .rootfs import Rootfs
+from .trace import Trace, TraceEvent
 
 DEFAULT_CONSOLE_RESOLUTION = 1_000_000
 """1 ms: while an expect() waits, how far a kernel may run without telling the calendar;
@@ -117,8 +120,10 @@ class Simulation:
         time_travel_start: int = DEFAULT_TIME_TRAVEL_START,
         trace: bool = True,
         perturb: bool = False,
+        rootfs: Rootfs | None = None,
     ) -> None:
         self.kernel = None if kernel is None else Path(kernel)
+        self.rootfs = rootfs
         self.seed = seed
         self.stall_timeout = stall_timeout
         self.time_travel_start = time_travel_start
@@ -126,6 +131,8 @@ class Simulation:
         self._own_directory = directory is None
         self.directory = Path(tempfile.mkdtemp(prefix="umtt-") if directory is None else directory)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if rootfs is not None:
+            (self.directory / Path(ROOTFS_FROM_MACHINE_DIR).name).symlink_to(rootfs.image)
         self.shim = build_shim() if deterministic else None
         self.calendar = Calendar(shm=shm, max_free_run=max_free_run,
                                  tie_seed=seed if perturb else None,
@@ -186,7 +193,7 @@ class Simulation:
     # --- machines -------------------------------------------------------------------
 
     def machine(self, name: str | None = None, *, boot: bool = True, kernel: Path | None = None,
-                mem: str = "128M", cmdline: Sequence[str] = (),
+                mem: str = DEFAULT_MEM, cmdline: Sequence[str] = (),
                 idle_max: float = 0.1, agent: Path | None = None,
                 default_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> Machine:
         """Create a machine (and boot it, unless ``boot=False``). ``agent`` replaces the
@@ -196,7 +203,7 @@ class Simulation:
             raise ValueError(f"machine name {name!r} is taken or not a plain name")
         machine = Machine(self, name, len(self.machines) + 1, kernel=self._kernel(kernel),
                           mem=mem, cmdline=cmdline, idle_max=idle_max, agent=agent,
-                          default_timeout=default_timeout)
+                          default_timeout=default_timeout, rootfs=self.rootfs is not None)
         self.machines[name] = machine
         if boot:
             self.boot(machine)
@@ -217,6 +224,7 @@ class Simulation:
         at virtual time 0 get shared memory; later ones are served over messages."""
         for machine in machines:
             machine.spawn()
+            self._trace_identity(machine)
         connected = self.calendar.serve_until(
             lambda: all(self._client_of(m) is not None or not m.alive for m in machines),
             wall_timeout=CONNECT_WALL_TIMEOUT)
@@ -234,6 +242,16 @@ class Simulation:
                 raise BootError(machine.name, f"the guest agent was not ready within {timeout} s"
                                 f" of virtual time", self.now, machine.console_tail(),
                                 machine.console_log())
+
+    def identity(self, machine: Machine) -> str:
+        """What the machine runs: the kernel's banner and sha256, and the guest root."""
+        root = "host / (hostfs)" if self.rootfs is None else self.rootfs.identity
+        return f"kernel {kernel_identity(machine.kernel)}; root {root}"
+
+    def _trace_identity(self, machine: Machine) -> None:
+        if self.calendar.trace is not None:
+            self.calendar.trace.add(TraceEvent(self.now, "boot", machine.name,
+                                               detail=self.identity(machine)))
 
     def _client_of(self, machine: Machine) -> Client | None:
         if machine.client is None:

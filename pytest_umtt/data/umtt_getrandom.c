@@ -4,7 +4,7 @@
  * LD_PRELOADed into the UML kernel process. UML takes its entropy from the host
  * through glibc's getrandom() (os_getrandom in arch/um/os-Linux/util.c: the boot
  * seed and arch_get_random_longs). This replaces it with a PRNG seeded from
- * UMTT_SEED, so one seed gives one run. splitmix64 is plenty: the goal is
+ * UMTT_SHIM_SEED, so one seed gives one run. splitmix64 is plenty: the goal is
  * reproducibility, not secrecy.
  */
 #define _GNU_SOURCE
@@ -29,7 +29,7 @@ static uint64_t umtt_next(void)
 
 static void umtt_seed(void)
 {
-	const char *seed = getenv("UMTT_SEED");
+	const char *seed = getenv("UMTT_SHIM_SEED");
 
 	umtt_state = seed ? strtoull(seed, NULL, 0) : 0;
 	umtt_seeded = 1;
