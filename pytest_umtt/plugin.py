@@ -22,9 +22,10 @@ import pytest
 
 from . import hookspecs
 from .errors import format_ns
-from .kernel import build_shim, default_kernel, kernel_version
+from .kernel import KernelError, build_shim, default_kernel, kernel_identity
 from .ktap import KtapCase, parse_ktap
-from .machine import DEFAULT_COMMAND_TIMEOUT, Machine
+from .machine import DEFAULT_COMMAND_TIMEOUT, DEFAULT_MEM, Machine
+from .rootfs import Rootfs, build_rootfs
 from .simulation import DEFAULT_STALL_TIMEOUT, MachineFactory, Simulation, first_difference
 
 MEM_PATTERN = re.compile(r"^\d+[KMG]$")
@@ -40,7 +41,7 @@ class Settings:
 
     kernel: Path | None
     seed: int
-    mem: str = "128M"
+    mem: str = DEFAULT_MEM
     cmdline: tuple[str, ...] = ()
     virtual_timeout: float = DEFAULT_COMMAND_TIMEOUT
     wall_timeout: float = DEFAULT_STALL_TIMEOUT
@@ -50,6 +51,7 @@ class Settings:
     explore: int = 0
     check_determinism: bool = False
     perturb: bool = False
+    rootfs: str = "pinned"
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,8 @@ OPTIONS = (
            "(default: the one `umtt-kernel build` made)", "PATH"),
     Option("umtt_seed", "--umtt-seed", "seed of every simulation: an integer, or 'random' "
            "(default 0: plain runs are reproducible)", "N"),
-    Option("umtt_mem", "--umtt-mem", "memory of each machine, e.g. 128M (default 128M)", "SIZE"),
+    Option("umtt_mem", "--umtt-mem",
+           f"memory of each machine, e.g. 512M (default {DEFAULT_MEM})", "SIZE"),
     Option("umtt_cmdline", "--umtt-cmdline", "extra kernel command-line arguments for every "
            "machine (shell quoting)", "ARGS"),
     Option("umtt_virtual_timeout", "--umtt-virtual-timeout", "virtual seconds a command may "
@@ -88,7 +91,11 @@ OPTIONS = (
            "one seed and fail if the runs differ (protocol, console, results)", None),
     Option("umtt_perturb", "--umtt-perturb", "seeded perturbation of the order of events at "
            "the same virtual instant, to shake out races between machines", None),
+    Option("umtt_rootfs", "--umtt-rootfs", "the guest's root filesystem: 'pinned' (default; "
+           "built from Debian packages, the same on every host) or 'host' (the host's / "
+           "read-only through hostfs)", "pinned|host"),
 )
+ROOTFS_CHOICES = ("pinned", "host")
 
 
 def _raw_setting(config: pytest.Config, option: Option) -> tuple[str, str] | None:
@@ -144,8 +151,16 @@ def _count(text: str, where: str) -> int:
     return int(text)
 
 
+def _rootfs(text: str, where: str) -> str:
+    if text not in ROOTFS_CHOICES:
+        raise pytest.UsageError(f"{where}: expected one of {', '.join(ROOTFS_CHOICES)}, "
+                                f"got {text!r}")
+    return text
+
+
 def _kernel(text: str, where: str) -> Path:
-    path = Path(text).expanduser()
+    # Absolute: UML starts in its machine's directory, where a relative name means nothing.
+    path = Path(text).expanduser().absolute()
     if not path.is_file():
         raise pytest.UsageError(f"{where}: no kernel at {text!r}")
     return path
@@ -164,7 +179,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         kernel=get("umtt_kernel", _kernel, None) or default_kernel(),
         seed=seed,
         seed_source=seed_source,
-        mem=get("umtt_mem", _mem, "128M"),
+        mem=get("umtt_mem", _mem, DEFAULT_MEM),
         cmdline=tuple(get("umtt_cmdline", lambda text, _: shlex.split(text), [])),
         virtual_timeout=get("umtt_virtual_timeout", _positive_float, DEFAULT_COMMAND_TIMEOUT),
         wall_timeout=get("umtt_wall_timeout", _positive_float, DEFAULT_STALL_TIMEOUT),
@@ -173,6 +188,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         explore=get("umtt_explore", _count, 0),
         check_determinism=get("umtt_check_determinism", _switch, False),
         perturb=get("umtt_perturb", _switch, False),
+        rootfs=get("umtt_rootfs", _rootfs, "pinned"),
     )
 
 
@@ -244,6 +260,16 @@ class SessionState:
     checked: int = 0
     differed: list[str] = field(default_factory=list)
     explored: dict[str, list[tuple[int, bool]]] = field(default_factory=dict)
+    rootfs: Rootfs | None = None
+
+    def guest_root(self) -> Rootfs | None:
+        """The pinned root filesystem (built once per session, cached across sessions),
+        or None for the host's root."""
+        if self.settings.rootfs == "host":
+            return None
+        if self.rootfs is None:
+            self.rootfs = build_rootfs()
+        return self.rootfs
 
 
 @dataclass(frozen=True)
@@ -378,16 +404,30 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    settings = config.stash[STATE].settings
+    state = config.stash[STATE]
+    settings = state.settings
     if settings.kernel is None:
         kernel = "none (build one with `umtt-kernel build` or pass --uml-kernel)"
     else:
-        kernel = f"{settings.kernel} (Linux {kernel_version(settings.kernel) or 'unknown'})"
+        identity = kernel_identity(settings.kernel)
+        kernel = f"{settings.kernel}\n      {identity}"
+        if not identity.pinned:
+            kernel += "\n      (version string not pinned: a rebuild changes seeded runs)"
     shim = build_shim()
     entropy = ("seeded by the getrandom shim" if shim is not None else
                "NOT deterministic: no C compiler to build the getrandom shim")
-    return [f"umtt: kernel {kernel}", f"umtt: seed {settings.seed} ({settings.seed_source}), "
-            f"guest entropy {entropy}"]
+    return [f"umtt: kernel {kernel}", f"umtt: guest root {_root_description(state)}",
+            f"umtt: seed {settings.seed} ({settings.seed_source}), guest entropy {entropy}"]
+
+
+def _root_description(state: SessionState) -> str:
+    try:
+        rootfs = state.guest_root()
+    except KernelError as exc:
+        return f"pinned, but it cannot be built: {exc}"
+    if rootfs is None:
+        return "the host's / through hostfs (runs depend on the host's userspace)"
+    return f"{rootfs.identity} ({len(rootfs.packages)} Debian packages, {rootfs.image})"
 
 
 # --- fixtures -----------------------------------------------------------------------
@@ -399,7 +439,8 @@ def _settings_of(item: pytest.Item) -> Settings:
 
 def _open_simulation(config: pytest.Config, settings: Settings) -> Simulation:
     sim = Simulation(kernel=settings.kernel, seed=settings.seed,
-                     stall_timeout=settings.wall_timeout, perturb=settings.perturb)
+                     stall_timeout=settings.wall_timeout, perturb=settings.perturb,
+                     rootfs=config.stash[STATE].guest_root())
     sim.on_doorbell.append(
         lambda machine, value: config.hook.pytest_umtt_doorbell(machine=machine, value=value))
     config.stash[STATE].open.add(sim)
@@ -542,15 +583,21 @@ def _add_failure_sections(item: pytest.Item, sim: Simulation, report: pytest.Tes
             f"{format_ns(e.now)} {e.kind:5} {e.client} {e.op}({e.time}) {e.detail}".rstrip()
             for e in events)))
     settings = _settings_of(item)
-    report.sections.append(("umtt reproduce", reproduce_text(item.nodeid, settings)))
+    report.sections.append(("umtt reproduce", reproduce_text(item.nodeid, settings, sim)))
 
 
-def reproduce_text(nodeid: str, settings: Settings) -> str:
-    """The seed, and a command that reruns this test the same way."""
+def reproduce_text(nodeid: str, settings: Settings, sim: Simulation | None = None) -> str:
+    """The seed, a command that reruns this test the same way, and what the run's
+    outcome depends on besides the seed: the kernel and the guest root, exactly."""
     command = f"pytest {shlex.quote(base_nodeid(nodeid))} --umtt-seed={settings.seed}"
     if settings.kernel is not None:
         command += f" --uml-kernel={shlex.quote(str(settings.kernel))}"
+    if settings.rootfs != "pinned":
+        command += f" --umtt-rootfs={settings.rootfs}"
     lines = [f"seed {settings.seed} ({settings.seed_source}); to reproduce:", f"  {command}"]
+    if sim is not None:
+        lines += [f"same run where {sim.identity(machine)}" for machine in
+                  list(sim.machines.values())[:1]]
     artifacts = _artifacts_dir(settings, nodeid)
     if artifacts is not None:
         lines.append(f"artifacts: {artifacts}")
@@ -574,7 +621,9 @@ def save_artifacts(sim: Simulation, target: Path) -> None:
             with (target / f"{name}.trace.jsonl").open("w") as stream:
                 trace.write_jsonl(stream, client=name)
     (target / "simulation.json").write_text(json.dumps(
-        {"seed": sim.seed, "virtual_ns": sim.now, "machines": list(sim.machines)}, indent=2))
+        {"seed": sim.seed, "virtual_ns": sim.now,
+         "machines": {name: sim.identity(machine) for name, machine in sim.machines.items()}},
+        indent=2))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
