@@ -84,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.kernel is None:
         sys.exit("no kernel: run `umtt-kernel build` or pass --kernel")
-    controllers = {"umtt-controller": ["umtt-controller"]}
+    controllers = {"umtt-controller": [sys.executable, "-m", "pytest_umtt.controller"]}
     if args.usfstl:
         controllers["usfstl"] = [str(args.usfstl)]
     print(f"{KERNELS} kernels x 1000 wake-ups, median of {args.runs} runs (wall seconds)")

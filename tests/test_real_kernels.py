@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,8 @@ def start_guest(kernel: Path, sim_dir: Path, client_id: int, sleep_s: float, *,
 def test_kernels_under_umtt_controller(uml_kernel: Path, tmp_path: Path,
                                        guests: list[Guest], count: int, shm: bool) -> None:
     socket_path = tmp_path / "time.sock"
-    command = ["umtt-controller", f"--time={socket_path}", f"--clients={count}", "--debug=1"]
+    # By module, not by name: the README's `.venv/bin/pytest` runs without the venv on PATH.
+    command = [sys.executable, "-m", "pytest_umtt.controller", f"--time={socket_path}", f"--clients={count}", "--debug=1"]
     controller = subprocess.Popen(command + ([] if shm else ["--no-shm"]),
                                   stderr=subprocess.PIPE, text=True)
     try:
