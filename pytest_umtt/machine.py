@@ -8,12 +8,15 @@ so results never depend on host speed (DESIGN.md facts 5-8).
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno
 import hashlib
 import os
 import re
+import resource
 import shutil
+import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -129,6 +132,27 @@ def uml_environment(shim: Path | None, seed: int) -> dict[str, str]:
         env["LD_PRELOAD"] = str(shim)
         env[SHIM_SEED_ENV] = str(seed)
     return env
+
+
+UML_STACK_LIMIT = 8 * 1024 * 1024
+"""The stack limit UML sets for itself (arch/um/os-Linux/main.c), set before it starts:
+an unlimited stack also changes the host's memory layout for the process."""
+PR_SET_PDEATHSIG = 1
+
+
+def fix_uml_process() -> None:
+    """Between fork and exec of UML: die with the test process (even if it is SIGKILLed;
+    UML's own helpers already die with UML), and fixed resource limits (UML prints the
+    core-dump limits on its console)."""
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    soft = UML_STACK_LIMIT if hard == resource.RLIM_INFINITY else min(UML_STACK_LIMIT, hard)
+    resource.setrlimit(resource.RLIMIT_STACK, (soft, hard))
 
 
 NO_ASLR = ("setarch", "-R")
@@ -311,7 +335,8 @@ class Machine:
                               rootfs=self.rootfs)
         env = uml_environment(self.sim.shim, derive_seed(self.sim.seed, self.name))
         self.process = pexpect.spawn(command[0], command[1:], cwd=str(self.directory),
-                                     env=env, echo=False, timeout=None)
+                                     env=env, echo=False, timeout=None,
+                                     preexec_fn=fix_uml_process)
         self._pty_fd = int(self.process.child_fd)
         os.set_blocking(self._pty_fd, False)
         self.sim.calendar.add_reader(self._pty_fd, self._read_console)

@@ -52,6 +52,7 @@ DEFAULT_STALL_TIMEOUT = 30.0
 PERTURBED_DOORBELL_LATENCY = 1_000_000
 """With perturbation on, a doorbell's pause (a command's end, say) comes up to 1 ms late."""
 DEFAULT_BOOT_TIMEOUT = 60.0
+SUN_PATH_MAX = 108
 CONNECT_WALL_TIMEOUT = 30.0
 
 
@@ -139,12 +140,23 @@ class Simulation:
                                  doorbell_latency=PERTURBED_DOORBELL_LATENCY if perturb else 0,
                                  trace=Trace() if trace else None, pause_on_broadcast=True,
                                  time_at_start=time_travel_start)
-        self.calendar.listen(self.directory / "time.sock")
+        self._directory_fd = -1
+        self.calendar.listen(self._socket_path())
         self.calendar.on_drop.append(self._on_drop)
         self.calendar.on_wait.append(self._on_wait)
         self.machines: dict[str, Machine] = {}
         self.on_doorbell: list[Callable[[Machine, int], None]] = []
         self._closed = False
+
+    def _socket_path(self) -> Path:
+        """Where the calendar listens. A socket's path must fit in 108 bytes; UML finds it
+        relative to its directory, but binding needs a name: for a deep directory, the
+        name goes through a descriptor of the directory instead."""
+        path = self.directory / "time.sock"
+        if len(os.fsencode(path)) < SUN_PATH_MAX:
+            return path
+        self._directory_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        return Path(f"/proc/self/fd/{self._directory_fd}/time.sock")
 
     def __enter__(self) -> Simulation:
         return self
@@ -297,10 +309,17 @@ class Simulation:
     def fingerprint(self) -> list[str]:
         """Everything that makes a run this run, one line per item: every protocol event
         with its virtual time, every console line with its virtual time, every command
-        result. Two runs with one seed must give the same list."""
+        result. Two runs with one seed must give the same list.
+
+        Protocol events are listed per virtual instant, per client, per kind (each group
+        in the order it happened): what one kernel sent and received at one instant is
+        fixed by the seed, but how that interleaves with other kernels' messages at the
+        same instant, or a kernel's ACK with a reply the calendar sends it, follows the
+        order in which the host delivers socket data."""
         lines = []
         if self.calendar.trace is not None:
-            lines += [json.dumps(asdict(event), sort_keys=True) for event in self.calendar.trace]
+            events = sorted(self.calendar.trace, key=lambda e: (e.now, e.client, e.kind))
+            lines += [json.dumps(asdict(event), sort_keys=True) for event in events]
         for name, machine in self.machines.items():
             if machine.console is not None:
                 lines += [f"console {name} {line}" for line in machine.console.lines]
@@ -369,5 +388,7 @@ class Simulation:
                 machine.close(polite=polite, keep_directory=keep_files)
         finally:
             self.calendar.close()
+            if self._directory_fd >= 0:
+                os.close(self._directory_fd)
             if self._own_directory and not keep_files:
                 shutil.rmtree(self.directory, ignore_errors=True)

@@ -89,7 +89,8 @@ def test_kernels_under_umtt_controller(uml_kernel: Path, tmp_path: Path,
                                        guests: list[Guest], count: int, shm: bool) -> None:
     socket_path = tmp_path / "time.sock"
     # By module, not by name: the README's `.venv/bin/pytest` runs without the venv on PATH.
-    command = [sys.executable, "-m", "pytest_umtt.controller", f"--time={socket_path}", f"--clients={count}", "--debug=1"]
+    command = [sys.executable, "-m", "pytest_umtt.controller", f"--time={socket_path}",
+               f"--clients={count}", "--debug=1"]
     controller = subprocess.Popen(command + ([] if shm else ["--no-shm"]),
                                   stderr=subprocess.PIPE, text=True)
     try:

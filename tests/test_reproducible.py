@@ -1,0 +1,178 @@
+"""Same seed, same run on every host: the pinned kernel, the pinned root filesystem, a
+fixed UML environment, times from the shared clock, and a golden run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytest_umtt import Simulation
+from pytest_umtt.canary import CanaryResult
+from pytest_umtt.console import Console
+from pytest_umtt.kernel import KernelIdentity, check_kernel, kernel_identity
+from pytest_umtt.rootfs import (
+    Entry,
+    Rootfs,
+    RootfsError,
+    build_image,
+    build_rootfs,
+    cpio_paths,
+    elf_needed,
+    write_cpio,
+)
+
+GOLDEN = Path(__file__).parent / "golden" / "canary.json"
+
+# --- the pieces, without kernels ---------------------------------------------------------
+
+
+def test_cpio_is_a_function_of_its_contents() -> None:
+    tree = {"usr/bin/x": Entry(stat.S_IFREG | 0o755, b"#!/bin/sh\n"),
+            "usr": Entry(stat.S_IFDIR | 0o755), "usr/bin": Entry(stat.S_IFDIR | 0o755),
+            "bin": Entry(stat.S_IFLNK | 0o777, b"usr/bin"),
+            "dev/console": Entry(stat.S_IFCHR | 0o600, rdev=(5, 1))}
+    image = write_cpio(tree)
+    assert image == write_cpio(dict(reversed(tree.items())))
+    assert [name for name, _ in cpio_paths(image)] == sorted(tree)
+    assert dict(cpio_paths(image))["dev/console"] == stat.S_IFCHR | 0o600
+    assert len(image) % 4 == 0
+
+
+def test_elf_needed_reads_a_host_program() -> None:
+    assert "libc.so.6" in elf_needed(Path("/usr/bin/true").read_bytes())
+    assert elf_needed(b"#!/bin/sh\n") == []
+
+
+def test_a_package_list_without_libc_is_refused(tmp_path: Path) -> None:
+    deb = next(Path("/var/cache/apt/archives").glob("bash_*.deb"), None)
+    if deb is None:
+        subprocess.run(["apt-get", "download", "bash"], cwd=tmp_path, check=True,
+                       capture_output=True)
+        deb = next(tmp_path.glob("bash_*.deb"))
+    with pytest.raises(RootfsError, match=r"libc\.so\.6 \(needed by usr/bin/bash"):
+        build_image([deb])
+
+
+def test_kernel_identity_tells_a_pinned_banner() -> None:
+    pinned = KernelIdentity("Linux version 6.12.117 (umtt@umtt) (gcc 12) #1 "
+                            "1970-01-01 00:00:00 UTC", "ab" * 32)
+    counted = KernelIdentity("Linux version 6.12.117 (umtt@umtt) (gcc 12) #2 "
+                             "1970-01-01 00:00:00 UTC", "ab" * 32)
+    assert pinned.pinned and not counted.pinned
+    assert "sha256:abababababab" in str(pinned)
+
+
+def test_console_output_held_for_a_stamp_stays_first(tmp_path: Path) -> None:
+    console = Console(tmp_path / "console.log")
+    console.hold(b"printed first\n")
+    console.feed(b"printed second\n", 5)
+    console.close()
+    assert [line.text for line in console.lines] == ["printed first", "printed second"]
+    assert (tmp_path / "console.log").read_bytes() == b"printed first\nprinted second\n"
+
+
+# --- real kernels ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rootfs() -> Rootfs:
+    return build_rootfs()
+
+
+@pytest.mark.kernel
+def test_the_built_kernel_is_pinned(uml_kernel: Path) -> None:
+    identity = kernel_identity(uml_kernel)
+    assert identity.pinned, identity
+    assert not [w for w in check_kernel(uml_kernel).warnings if "not pinned" in w]
+
+
+@pytest.mark.kernel
+def test_the_pinned_root_owns_inodes_and_directory_order(uml_kernel: Path,
+                                                         rootfs: Rootfs) -> None:
+    with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
+        machine = sim.machine()
+        listing = machine.run("ls -id / /usr/bin/bash; ls -f /; python3 -c 'print(6*7)'",
+                              check=True).output.split("\n")
+    # Inode numbers come from the guest's own tmpfs, counted as the image unpacks.
+    root_inode, bash_inode = (int(line.split()[0]) for line in listing[:2])
+    entries = sum(1 for _ in cpio_paths(rootfs.image.read_bytes()))
+    assert root_inode == 1 and bash_inode < entries, listing
+    assert bash_inode != os.stat("/usr/bin/bash").st_ino
+    assert "42" in listing
+    host_order = [entry.name for entry in os.scandir("/")]
+    assert listing[2:-2] != host_order
+
+
+@pytest.mark.kernel
+def test_times_come_from_the_shared_clock(uml_kernel: Path, rootfs: Rootfs) -> None:
+    with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
+        first = sim.machine("first")
+        set_clock = first.run("date -s @1600000000 >/dev/null")
+        slept = first.run("sleep 1")
+        assert slept.started == set_clock.ended
+        assert slept.duration == pytest.approx(1.0, abs=1e-3)
+        sim.advance(10)
+        late = sim.machine("late")
+        clocks = [m.run("date +%s.%N").output for m in (first, late)]
+        late_sleep = late.run("sleep 2")
+    assert late_sleep.started >= 10 * 10**9, late_sleep
+    assert late_sleep.duration == pytest.approx(2.0, abs=1e-3)
+    # The late machine's clock is the simulation's, not 10 s behind (first set its own).
+    assert float(clocks[1]) - (1_700_000_000 + sim.now / 1e9) < 3
+
+
+def canary(*prefix: str, kernel: Path, env: dict[str, str] | None = None) -> CanaryResult:
+    """One canary run in a child process, under a host variation given as a prefix."""
+    command = [*prefix, sys.executable, "-m", "pytest_umtt.canary", f"--kernel={kernel}"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False,
+                          timeout=120)
+    assert done.returncode == 0, f"{' '.join(prefix)}: {done.stderr[-2000:]}"
+    fields = json.loads(done.stdout)
+    del fields["key"]
+    return CanaryResult(**fields)
+
+
+@pytest.mark.kernel
+def test_the_canary_matches_its_golden_digest(uml_kernel: Path) -> None:
+    result = canary(kernel=uml_kernel)
+    recorded = json.loads(GOLDEN.read_text())["digests"]
+    if result.key not in recorded:
+        pytest.skip(f"no golden digest for kernel/root {result.key} (recorded: "
+                    f"{', '.join(recorded)}); another kernel or package versions")
+    assert result.digest == recorded[result.key]["seed 0"]
+
+
+@pytest.mark.kernel
+def test_host_variations_do_not_change_the_run(uml_kernel: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "elsewhere" / "vmlinux-copy"
+    moved.parent.mkdir()
+    shutil.copy2(uml_kernel, moved)
+    other_tmp = tmp_path / ("deep" * 10)
+    other_tmp.mkdir()
+    bare = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    if "PYTHONPATH" in os.environ:  # a checkout under test, not the installed package
+        bare["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    last_cpu = max(os.sched_getaffinity(0))
+    variations = {
+        "as is": canary(kernel=uml_kernel),
+        "empty environment": canary(kernel=uml_kernel, env=bare),
+        "another TMPDIR": canary(kernel=uml_kernel, env={**os.environ, "TMPDIR": str(other_tmp)}),
+        f"pinned to CPU {last_cpu}": canary("taskset", "-c", str(last_cpu), kernel=uml_kernel),
+        "unlimited stack": canary("bash", "-c", 'ulimit -s unlimited; exec "$@"', "-",
+                                  kernel=uml_kernel),
+        "core dumps on": canary("bash", "-c", 'ulimit -c unlimited; exec "$@"', "-",
+                                kernel=uml_kernel),
+        "kernel at another path": canary(kernel=moved),
+    }
+    if os.geteuid() == 0:
+        variations["another hostname"] = canary(
+            "unshare", "-u", "bash", "-c", 'hostname other-host; exec "$@"', "-",
+            kernel=uml_kernel)
+    digests = {name: result.digest for name, result in variations.items()}
+    assert len(set(digests.values())) == 1, digests
