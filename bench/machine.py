@@ -1,5 +1,6 @@
 """Machine-level numbers against their targets: boot to ready, a command's round trip,
-`sleep 3600`, messages per command with shared memory, virtual/wall speedup.
+`sleep 3600`, messages per command with shared memory, virtual/wall speedup; with the
+pinned root filesystem and with the host's root, runs interleaved.
 
 Run: python bench/machine.py [--runs N]
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pytest_umtt import Machine, MachineCrashed, Simulation
+from pytest_umtt.rootfs import Rootfs, build_rootfs
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -28,8 +30,8 @@ def messages(sim: Simulation) -> int:
     return sim.calendar.messages_received + sim.calendar.messages_sent
 
 
-def one_run() -> dict[str, float]:
-    with Simulation() as sim:
+def one_run(rootfs: Rootfs | None) -> dict[str, float]:
+    with Simulation(rootfs=rootfs) as sim:
         machine: list[Machine] = []
         ready = timed(lambda: machine.append(sim.machine("bench")))
         uml = machine[0]
@@ -68,18 +70,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    runs = [one_run() for _ in range(args.runs)]
+    roots = {"pinned root": build_rootfs(), "host root": None}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in roots}
+    for _ in range(args.runs):
+        for name, rootfs in roots.items():
+            runs[name].append(one_run(rootfs))
     print(f"median of {args.runs} runs")
-    print(f"{'what':<36} {'measured':>12} {'target':>10}  ok")
+    print(f"{'what':<36} " + " ".join(f"{name:>16}" for name in roots) + f" {'target':>10}  ok")
     for key, label, unit, target, lower in ROWS:
-        value = statistics.median(run[key] for run in runs)
-        shown = f"{value:.0f}" if key in ("messages", "speedup") else f"{value:.4f}"
+        values = [statistics.median(run[key] for run in runs[name]) for name in roots]
+        shown = [f"{v:.0f}" if key in ("messages", "speedup") else f"{v:.4f}" for v in values]
         if target is None:
             verdict, wanted = "", ""
         else:
-            verdict = "yes" if (value <= target if lower else value >= target) else "NO"
+            verdict = "/".join("yes" if (v <= target if lower else v >= target) else "NO"
+                               for v in values)
             wanted = f"<= {target:g}"
-        print(f"{label:<36} {shown + ' ' + unit:>12} {wanted:>10}  {verdict}")
+        print(f"{label:<36} " + " ".join(f"{text + ' ' + unit:>16}" for text in shown)
+              + f" {wanted:>10}  {verdict}")
 
 
 if __name__ == "__main__":

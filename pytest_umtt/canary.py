@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import shutil
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,6 +62,61 @@ def run_canary(kernel: Path, seed: int = 0) -> CanaryResult:
     digest = hashlib.sha256("\n".join(fingerprint).encode()).hexdigest()
     return CanaryResult(kernel_identity(kernel).sha256, rootfs.digest, seed, digest,
                         len(fingerprint))
+
+
+def run_in_child(kernel: Path, prefix: Sequence[str] = (),
+                 env: Mapping[str, str] | None = None, seed: int = 0) -> CanaryResult:
+    """The canary in a child process started through ``prefix`` (``taskset -c 1``, say)."""
+    command = [*prefix, sys.executable, "-m", "pytest_umtt.canary", f"--kernel={kernel}",
+               f"--seed={seed}"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300,
+                          env=None if env is None else dict(env))
+    if done.returncode != 0:
+        raise RuntimeError(f"canary under {' '.join(prefix) or 'no prefix'} failed: "
+                           f"{done.stderr[-2000:]}")
+    fields = json.loads(done.stdout)
+    del fields["key"]
+    return CanaryResult(**fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Variation:
+    """A way the host may differ that must not change a run."""
+
+    kernel: Path
+    prefix: tuple[str, ...] = ()
+    env: Mapping[str, str] | None = None
+
+
+def host_variations(kernel: Path, scratch: Path) -> dict[str, Variation]:
+    """Host differences a run must not see: the environment, TMPDIR, the CPU, resource
+    limits, the kernel's path and (as root) the hostname. Files go under ``scratch``."""
+    moved = scratch / "elsewhere" / "vmlinux-copy"
+    moved.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(kernel, moved)
+    deep_tmp = scratch / ("deep" * 10)
+    deep_tmp.mkdir(exist_ok=True)
+    bare = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    if "PYTHONPATH" in os.environ:  # a checkout under test, not the installed package
+        bare["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    last_cpu = max(os.sched_getaffinity(0))
+
+    def shell(line: str) -> tuple[str, ...]:
+        return ("bash", "-c", f'{line}; exec "$@"', "-")
+
+    variations = {
+        "as is": Variation(kernel),
+        "empty environment": Variation(kernel, env=bare),
+        "another TMPDIR": Variation(kernel, env={**os.environ, "TMPDIR": str(deep_tmp)}),
+        f"pinned to CPU {last_cpu}": Variation(kernel, ("taskset", "-c", str(last_cpu))),
+        "unlimited stack": Variation(kernel, shell("ulimit -s unlimited")),
+        "core dumps on": Variation(kernel, shell("ulimit -c unlimited")),
+        "kernel at another path": Variation(moved),
+    }
+    if os.geteuid() == 0:
+        variations["another hostname"] = Variation(
+            kernel, ("unshare", "-u", *shell("hostname other-host")))
+    return variations
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pytest_umtt import Simulation
-from pytest_umtt.canary import CanaryResult
+from pytest_umtt.canary import host_variations, run_in_child
 from pytest_umtt.console import Console
 from pytest_umtt.kernel import KernelIdentity, check_kernel, kernel_identity
 from pytest_umtt.rootfs import (
@@ -127,20 +125,9 @@ def test_times_come_from_the_shared_clock(uml_kernel: Path, rootfs: Rootfs) -> N
     assert float(clocks[1]) - (1_700_000_000 + sim.now / 1e9) < 3
 
 
-def canary(*prefix: str, kernel: Path, env: dict[str, str] | None = None) -> CanaryResult:
-    """One canary run in a child process, under a host variation given as a prefix."""
-    command = [*prefix, sys.executable, "-m", "pytest_umtt.canary", f"--kernel={kernel}"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False,
-                          timeout=120)
-    assert done.returncode == 0, f"{' '.join(prefix)}: {done.stderr[-2000:]}"
-    fields = json.loads(done.stdout)
-    del fields["key"]
-    return CanaryResult(**fields)
-
-
 @pytest.mark.kernel
 def test_the_canary_matches_its_golden_digest(uml_kernel: Path) -> None:
-    result = canary(kernel=uml_kernel)
+    result = run_in_child(uml_kernel)
     recorded = json.loads(GOLDEN.read_text())["digests"]
     if result.key not in recorded:
         pytest.skip(f"no golden digest for kernel/root {result.key} (recorded: "
@@ -150,29 +137,7 @@ def test_the_canary_matches_its_golden_digest(uml_kernel: Path) -> None:
 
 @pytest.mark.kernel
 def test_host_variations_do_not_change_the_run(uml_kernel: Path, tmp_path: Path) -> None:
-    moved = tmp_path / "elsewhere" / "vmlinux-copy"
-    moved.parent.mkdir()
-    shutil.copy2(uml_kernel, moved)
-    other_tmp = tmp_path / ("deep" * 10)
-    other_tmp.mkdir()
-    bare = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
-    if "PYTHONPATH" in os.environ:  # a checkout under test, not the installed package
-        bare["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    last_cpu = max(os.sched_getaffinity(0))
-    variations = {
-        "as is": canary(kernel=uml_kernel),
-        "empty environment": canary(kernel=uml_kernel, env=bare),
-        "another TMPDIR": canary(kernel=uml_kernel, env={**os.environ, "TMPDIR": str(other_tmp)}),
-        f"pinned to CPU {last_cpu}": canary("taskset", "-c", str(last_cpu), kernel=uml_kernel),
-        "unlimited stack": canary("bash", "-c", 'ulimit -s unlimited; exec "$@"', "-",
-                                  kernel=uml_kernel),
-        "core dumps on": canary("bash", "-c", 'ulimit -c unlimited; exec "$@"', "-",
-                                kernel=uml_kernel),
-        "kernel at another path": canary(kernel=moved),
-    }
-    if os.geteuid() == 0:
-        variations["another hostname"] = canary(
-            "unshare", "-u", "bash", "-c", 'hostname other-host; exec "$@"', "-",
-            kernel=uml_kernel)
-    digests = {name: result.digest for name, result in variations.items()}
+    digests = {name: run_in_child(v.kernel, v.prefix, v.env).digest
+               for name, v in host_variations(uml_kernel, tmp_path).items()}
+    assert len(digests) >= 7
     assert len(set(digests.values())) == 1, digests
