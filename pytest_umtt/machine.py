@@ -162,6 +162,62 @@ memory map and runs with one seed differ. (setarch execs UML: the kernel's own c
 line is unchanged.)"""
 
 
+def _check_timeout(timeout: float | None) -> None:
+    # GNU timeout reads 0 as "no limit": anything that prints as 0.000000000 would be one.
+    if timeout is not None and not 1e-9 <= timeout <= MAX_COMMAND_TIMEOUT:
+        raise ValueError(f"timeout must be a number of virtual seconds from 1e-9 to "
+                         f"{MAX_COMMAND_TIMEOUT:g}, got {timeout!r}")
+
+
+class CommandChannel:
+    """The host's side of the command files in a machine's directory.
+
+    The guest can change anything in that directory, so the host never follows a link
+    there: it works through a descriptor of ``cmd/`` opened at boot, makes each command's
+    directory itself, and opens every file with O_NOFOLLOW. The guest cannot run while
+    the host does this (the simulation is paused), so nothing changes in between."""
+
+    def __init__(self, machine_directory: Path) -> None:
+        commands = machine_directory / "cmd"
+        commands.mkdir()
+        self._fd = os.open(commands, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+
+    def submit(self, number: int, files: Mapping[str, bytes]) -> None:
+        """Write command ``number``'s files, then its ``N.go`` (the agent acts on that)."""
+        os.mkdir(str(number), 0o700, dir_fd=self._fd)
+        directory = os.open(str(number), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                            dir_fd=self._fd)
+        try:
+            for name, data in files.items():
+                _write_new(name, data, directory)
+        finally:
+            os.close(directory)
+        _write_new(f"{number}.go", b"", self._fd)
+
+    def read(self, number: int, name: str) -> bytes:
+        """A file the guest wrote for command ``number``."""
+        directory = os.open(str(number), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                            dir_fd=self._fd)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
+        finally:
+            os.close(directory)
+        with os.fdopen(fd, "rb") as stream:
+            return stream.read()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _write_new(name: str, data: bytes, directory: int) -> None:
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                 dir_fd=directory)
+    with os.fdopen(fd, "wb") as stream:
+        stream.write(data)
+
+
 def derive_seed(run_seed: int, machine: str) -> int:
     """Each machine's own entropy seed: one run seed, distinct streams per machine."""
     digest = hashlib.sha256(f"{run_seed}/{machine}".encode()).digest()
@@ -196,6 +252,8 @@ AGENT_READY, AGENT_DONE, AGENT_STARTED = 1, 2, 3
 DEFAULT_IDLE_MAX = 0.1
 DEFAULT_COMMAND_TIMEOUT = 24 * 3600.0
 """Virtual seconds a command may take when the caller gives no timeout."""
+MAX_COMMAND_TIMEOUT = 1e9
+"""About 31 years of virtual time: its nanoseconds still fit the protocol's s64."""
 POWEROFF_COMMAND = "echo o > /proc/sysrq-trigger"
 POWEROFF_WALL_TIMEOUT = 2.0
 
@@ -309,6 +367,7 @@ class Machine:
         self._expect_from = 0
         self._pty_fd = -1
         self._powering_off = False
+        self._channel: CommandChannel | None = None
 
     def __repr__(self) -> str:
         return f"<Machine {self.name} {self.state.value}>"
@@ -318,14 +377,15 @@ class Machine:
     def spawn(self) -> None:
         """Start the kernel process; the simulation then serves its START."""
         self.directory.mkdir(mode=0o700)
-        (self.directory / "cmd").mkdir()
+        self._channel = CommandChannel(self.directory)
         agent = self.directory / "boot.sh"
         source = self.agent or resources.files("pytest_umtt").joinpath("data/agent.sh")
         agent.write_bytes(source.read_bytes())
         agent.chmod(0o755)
         shutil.copyfile(Path(str(resources.files("pytest_umtt").joinpath("data/fstab"))),
                         self.directory / "fstab")
-        self.console = Console(self.directory / "console.log")
+        # Beside the machine's directory, not in it: the guest can replace what is in it.
+        self.console = Console(self.sim.directory / f"{self.name}.console.log")
         extra = [f"UMTT_HOSTNAME={self.name}",
                  f"UMTT_IDLE_MAX_US={seconds_to_ns(self.idle_max) // 1000}", *self.cmdline]
         # The guest's clock reads the simulation's: a machine booted at virtual time T
@@ -341,6 +401,13 @@ class Machine:
         os.set_blocking(self._pty_fd, False)
         self.sim.calendar.add_reader(self._pty_fd, self._read_console)
         self.state = MachineState.BOOTING
+
+    @property
+    def channel(self) -> CommandChannel:
+        """The command files' host side (there once the machine is spawned)."""
+        if self._channel is None:
+            raise MachineError(self.name, "the machine was never started", self.sim.now)
+        return self._channel
 
     @property
     def alive(self) -> bool:
@@ -420,7 +487,8 @@ class Machine:
         Without one, the command may take ``default_timeout`` before this raises."""
         number = self._submit(command, env, cwd, timeout, background=False)
         # The guest kills the command at ``timeout``; the host allows a second more.
-        result = self._await_result(number, command, None if timeout is None else timeout + 1)
+        result = self._await_result(number, command, None if timeout is None else timeout + 1,
+                                    foreground=True)
         if check and not result.ok:
             raise MachineError(self.name, f"command {command!r} exited with {result.status}; "
                                f"stderr: {result.stderr.decode(errors='replace')[-2000:]}",
@@ -441,41 +509,55 @@ class Machine:
     def _submit(self, command: str, env: Mapping[str, str] | None, cwd: str | None,
                 timeout: float | None, *, background: bool) -> int:
         self._raise_if_down()
+        _check_timeout(timeout)
         number = self._next_command
         self._next_command += 1
-        directory = self.directory / "cmd" / str(number)
-        directory.mkdir()
-        (directory / "command").write_text(command + "\n")
+        files = {"command": (command + "\n").encode()}
         if env:
-            (directory / "env").write_bytes(b"".join(f"{k}={v}".encode() + b"\0"
-                                                     for k, v in env.items()))
+            files["env"] = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
         if cwd is not None:
-            (directory / "cwd").write_text(cwd)
+            files["cwd"] = cwd.encode()
         if timeout is not None:
-            (directory / "timeout").write_text(f"{timeout:.9f}")
+            files["timeout"] = f"{timeout:.9f}".encode()
         if background:
-            (directory / "background").touch()
+            files["background"] = b""
             self._background.add(number)
         self._submitted[number] = self.sim.now
-        (directory.parent / f"{number}.go").touch()  # last: the agent acts on this
+        try:
+            self.channel.submit(number, files)
+        except OSError as exc:
+            raise MachineError(self.name, f"cannot hand command {number} to the guest: the "
+                               f"guest changed its command directory ({exc})",
+                               self.sim.now) from None
         return number
 
-    def _await_result(self, number: int, command: str, timeout: float | None) -> CommandResult:
+    def _await_result(self, number: int, command: str, timeout: float | None, *,
+                      foreground: bool = False) -> CommandResult:
         budget = self.default_timeout if timeout is None else timeout
         self.sim.run_until(lambda: number in self._finished,
                            deadline=self.sim.now + seconds_to_ns(budget), machines=(self,))
         if number not in self._finished:
             self._raise_if_down()
             what = f"command {command!r} did not finish within {budget} s of virtual time"
-            raise CommandTimeout(self.name, what, self.sim.now, self.console_tail(),
-                                 self.console_log())
+            tail = self.console_tail()
+            if foreground:
+                # Still running, it would hold up every later command: stop the machine.
+                self.crashed(f"stopped after command {command!r} outlived its budget of "
+                             f"{budget} s (virtual)")
+                what += "; the machine was stopped (later calls on it raise)"
+            raise CommandTimeout(self.name, what, self.sim.now, tail, self.console_log())
         return self._read_result(number, command)
 
     def _read_result(self, number: int, command: str) -> CommandResult:
-        directory = self.directory / "cmd" / str(number)
-        status = int((directory / "result").read_text().split()[0])
-        result = CommandResult(command, status, (directory / "stdout").read_bytes(),
-                               (directory / "stderr").read_bytes(),
+        try:
+            status_text, stdout, stderr = (self.channel.read(number, name)
+                                           for name in ("result", "stdout", "stderr"))
+            status = int(status_text.split()[0])
+        except (OSError, ValueError, IndexError) as exc:
+            raise MachineError(self.name, f"the result of command {command!r} is unreadable: "
+                               f"the guest removed or replaced /mnt/cmd/{number} ({exc})",
+                               self.sim.now, self.console_tail(), self.console_log()) from None
+        result = CommandResult(command, status, stdout, stderr,
                                self._started[number], self._finished[number])
         self.results.append(result)
         return result
@@ -603,8 +685,12 @@ class Machine:
             self.process.close(force=True)
         if self.console is not None:
             self.console.close()
+        if self._channel is not None:
+            self._channel.close()
         if self.state is not MachineState.CRASHED:
             self.state = MachineState.OFF
         if not keep_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
+            if self.console is not None:
+                self.console.log_path.unlink(missing_ok=True)
 

@@ -7,11 +7,14 @@ Thin by design: everything here delegates to :mod:`pytest_umtt.simulation` and
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import shlex
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,12 +24,18 @@ from typing import Any
 import pytest
 
 from . import hookspecs
-from .errors import format_ns
+from .errors import UmttError, format_ns
 from .kernel import KernelError, build_shim, default_kernel, kernel_identity
 from .ktap import KtapCase, parse_ktap
 from .machine import DEFAULT_COMMAND_TIMEOUT, DEFAULT_MEM, Machine
 from .rootfs import Rootfs, build_rootfs
-from .simulation import DEFAULT_STALL_TIMEOUT, MachineFactory, Simulation, first_difference
+from .simulation import (
+    DEFAULT_STALL_TIMEOUT,
+    MachineFactory,
+    Simulation,
+    first_difference,
+    remove_stale_directories,
+)
 
 MEM_PATTERN = re.compile(r"^\d+[KMG]$")
 PROTOCOL_TAIL = 30
@@ -111,14 +120,33 @@ def _raw_setting(config: pytest.Config, option: Option) -> tuple[str, str] | Non
     return None
 
 
+MAX_SECONDS = 1e9
+"""About 31 years: far beyond any test, and its nanoseconds still fit the protocol's s64."""
+
+
 def _positive_float(text: str, where: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise pytest.UsageError(f"{where}: expected a positive number of seconds, got {text!r}")
+        value = math.nan
+    if not 0 < value <= MAX_SECONDS:  # also refuses nan
+        raise pytest.UsageError(f"{where}: expected a number of seconds above 0 and at most "
+                                f"{MAX_SECONDS:g}, got {text!r}")
     return value
+
+
+def _arguments(value: object, where: str) -> tuple[str, ...]:
+    """Kernel arguments: one shell-quoted string, or a list of strings."""
+    if isinstance(value, str):
+        try:
+            return tuple(shlex.split(value))
+        except ValueError as exc:
+            raise pytest.UsageError(f"{where}: cannot split {value!r} into kernel arguments "
+                                    f"({exc})") from None
+    if isinstance(value, list | tuple) and all(isinstance(arg, str) for arg in value):
+        return tuple(value)
+    raise pytest.UsageError(f"{where}: expected kernel arguments as a string or a list of "
+                            f"strings, got {value!r}")
 
 
 def _seed(text: str, where: str) -> tuple[int, str]:
@@ -131,8 +159,8 @@ def _seed(text: str, where: str) -> tuple[int, str]:
                                 f"got {text!r}") from None
 
 
-def _mem(text: str, where: str) -> str:
-    if not MEM_PATTERN.match(text):
+def _mem(text: object, where: str) -> str:
+    if not isinstance(text, str) or not MEM_PATTERN.match(text):
         raise pytest.UsageError(f"{where}: expected a size like 64M or 1G, got {text!r}")
     return text
 
@@ -180,7 +208,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         seed=seed,
         seed_source=seed_source,
         mem=get("umtt_mem", _mem, DEFAULT_MEM),
-        cmdline=tuple(get("umtt_cmdline", lambda text, _: shlex.split(text), [])),
+        cmdline=get("umtt_cmdline", _arguments, ()),
         virtual_timeout=get("umtt_virtual_timeout", _positive_float, DEFAULT_COMMAND_TIMEOUT),
         wall_timeout=get("umtt_wall_timeout", _positive_float, DEFAULT_STALL_TIMEOUT),
         artifacts=get("umtt_artifacts", lambda text, _: Path(text), None),
@@ -226,13 +254,11 @@ def item_settings(item: pytest.Item, base: Settings) -> Settings:
     settings = base
     where = f"{item.nodeid}: marker"
     if (uml := _marker_values(item, "uml")) is not None:
-        cmdline = uml.get("cmdline") or ()
-        if isinstance(cmdline, str):
-            cmdline = shlex.split(cmdline)
+        cmdline = _arguments(uml["cmdline"], where) if "cmdline" in uml else ()
         settings = replace(
             settings,
-            mem=_mem(uml["mem"], where) if uml.get("mem") else settings.mem,
-            cmdline=settings.cmdline + tuple(cmdline),
+            mem=_mem(uml["mem"], where) if "mem" in uml else settings.mem,
+            cmdline=settings.cmdline + cmdline,
             kernel=_kernel(str(uml["kernel"]), where) if uml.get("kernel") else settings.kernel)
     if (value := _marker_values(item, "virtual_timeout")) is not None:
         settings = replace(settings,
@@ -261,6 +287,7 @@ class SessionState:
     differed: list[str] = field(default_factory=list)
     explored: dict[str, list[tuple[int, bool]]] = field(default_factory=dict)
     rootfs: Rootfs | None = None
+    previous_sigterm: signal.Handlers | None = None
 
     def guest_root(self) -> Rootfs | None:
         """The pinned root filesystem (built once per session, cached across sessions),
@@ -319,13 +346,35 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for text in MARKERS.values():
         config.addinivalue_line("markers", text)
-    config.stash[STATE] = SessionState(resolve_settings(config))
+    state = SessionState(resolve_settings(config))
+    config.stash[STATE] = state
+    if not hasattr(config, "workerinput"):  # xdist workers' owners are alive anyway
+        remove_stale_directories()
+    state.previous_sigterm = _sigterm_as_interrupt()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(STATE, None)
-    for sim in list(state.open if state else ()):
+    if state is None:
+        return
+    for sim in list(state.open):
         sim.close(polite=False)  # interrupted runs: no machine outlives the session
+    if state.previous_sigterm is not None:
+        signal.signal(signal.SIGTERM, state.previous_sigterm)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _sigterm_as_interrupt() -> signal.Handlers | None:
+    """SIGTERM ends the session like Ctrl-C, so every machine is torn down (the default
+    action would leave no chance to). Only where nobody else handles it already."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        return None
+    signal.signal(signal.SIGTERM, _interrupt)
+    return signal.SIG_DFL
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -351,18 +400,26 @@ class KunitRun(pytest.Collector):
         glob = settings.kunit or "*"
         started = time.monotonic()
         sim = _open_simulation(self.config, settings)
+        boot_error: UmttError | None = None
         try:
-            machine = _factory(self.config, sim, settings)(
+            _factory(self.config, sim, settings)(
                 "kunit", cmdline=["kunit.enable=1", f"kunit.filter_glob={glob}"])
-            assert machine.console is not None
-            text, tail = machine.console.text, machine.console_tail()
+        except UmttError as exc:  # a case may crash the kernel: report it, run the rest
+            boot_error = exc
         finally:
+            machine = sim.machines.get("kunit")
+            text = machine.console.text if machine and machine.console else ""
+            tail = machine.console_tail() if machine else ""
             _close_simulation(self.config, sim, started, None)
-        cases = parse_ktap(text)
-        if not cases:
-            return [KunitCase.from_parent(self, name="no-cases", case=None, detail=(
-                f"no KUnit test case matched {glob!r} (is the suite built in?)\n{tail}"))]
-        return [KunitCase.from_parent(self, name=case.name, case=case) for case in cases]
+        items: list[pytest.Item] = [KunitCase.from_parent(self, name=case.name, case=case)
+                                    for case in parse_ktap(text)]
+        if boot_error is not None:
+            items.append(KunitCase.from_parent(self, name="boot", case=None, detail=(
+                f"the KUnit machine did not come up: {boot_error}")))
+        elif not items:
+            items.append(KunitCase.from_parent(self, name="no-cases", case=None, detail=(
+                f"no KUnit test case matched {glob!r} (is the suite built in?)\n{tail}")))
+        return items
 
 
 class KunitCase(pytest.Item):
@@ -456,8 +513,10 @@ def _close_simulation(config: pytest.Config, sim: Simulation, started: float,
     state.wall_seconds += time.monotonic() - started
     sim.close(keep_files=artifacts is not None)
     if artifacts is not None:
-        save_artifacts(sim, artifacts)
-        shutil.rmtree(sim.directory, ignore_errors=True)
+        try:
+            save_artifacts(sim, artifacts)
+        finally:
+            shutil.rmtree(sim.directory, ignore_errors=True)
 
 
 def _factory(config: pytest.Config, sim: Simulation, settings: Settings) -> MachineFactory:
@@ -612,7 +671,9 @@ def save_artifacts(sim: Simulation, target: Path) -> None:
             shutil.copyfile(machine.console.log_path, target / f"{name}.console.log")
         commands = machine.directory / "cmd"
         if commands.is_dir():
-            shutil.copytree(commands, target / f"{name}.commands", dirs_exist_ok=True)
+            # Links the guest made stay links: never copy what they point to.
+            shutil.copytree(commands, target / f"{name}.commands", symlinks=True,
+                            dirs_exist_ok=True)
     trace = sim.calendar.trace
     if trace is not None:
         with (target / "trace.jsonl").open("w") as stream:

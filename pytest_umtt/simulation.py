@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+import psutil
+
 from .calendar import Calendar, Client, Stop, StopReason
 from .errors import (
     BootError,
@@ -26,6 +28,7 @@ from .errors import (
     MachineStalled,
     ProtocolError,
     StallError,
+    UmttError,
     format_ns,
 )
 from .kernel import build_shim, check_kernel, default_kernel, kernel_identity
@@ -80,6 +83,48 @@ def first_difference(one: Sequence[str], two: Sequence[str], context: int = 3) -
             f"first run:\n{show(one)}\nsecond run:\n{show(two)}")
 
 
+OWNER_FILE = "owner"
+"""In a simulation's own directory: the pid and start time of the process that made it,
+so that a later session can remove what a killed one left behind."""
+
+
+def _make_directory(explicit: str | os.PathLike[str] | None) -> Path:
+    if explicit is not None:
+        path = Path(explicit)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return path
+    try:
+        path = Path(tempfile.mkdtemp(prefix="umtt-"))
+    except OSError as exc:
+        raise UmttError(f"cannot make a simulation directory in {tempfile.gettempdir()} "
+                        f"(TMPDIR={os.environ.get('TMPDIR', 'unset')}): {exc}") from None
+    (path / OWNER_FILE).write_text(_owner_stamp(os.getpid()))
+    return path
+
+
+def _owner_stamp(pid: int) -> str:
+    try:
+        return f"{pid} {psutil.Process(pid).create_time()}"
+    except psutil.NoSuchProcess:
+        return ""
+
+
+def remove_stale_directories(base: Path | None = None) -> list[Path]:
+    """Remove the simulation directories whose owner is gone (a session that was
+    SIGKILLed cannot clean up after itself); the paths removed."""
+    removed = []
+    for path in Path(base or tempfile.gettempdir()).glob("umtt-*"):
+        try:
+            stamp = (path / OWNER_FILE).read_text()
+        except OSError:
+            continue
+        pid = int(stamp.split()[0]) if stamp.split() else 0
+        if pid <= 0 or _owner_stamp(pid) != stamp:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 class MachineFactory(Protocol):
     """What the ``uml_factory`` fixture is: make (and by default boot) a machine."""
 
@@ -129,19 +174,22 @@ class Simulation:
         self.stall_timeout = stall_timeout
         self.time_travel_start = time_travel_start
         self.console_resolution = console_resolution
+        self.shim = build_shim() if deterministic else None  # first: it may fail
         self._own_directory = directory is None
-        self.directory = Path(tempfile.mkdtemp(prefix="umtt-") if directory is None else directory)
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if rootfs is not None:
-            (self.directory / Path(ROOTFS_FROM_MACHINE_DIR).name).symlink_to(rootfs.image)
-        self.shim = build_shim() if deterministic else None
+        self.directory = _make_directory(directory)
         self.calendar = Calendar(shm=shm, max_free_run=max_free_run,
                                  tie_seed=seed if perturb else None,
                                  doorbell_latency=PERTURBED_DOORBELL_LATENCY if perturb else 0,
                                  trace=Trace() if trace else None, pause_on_broadcast=True,
                                  time_at_start=time_travel_start)
         self._directory_fd = -1
-        self.calendar.listen(self._socket_path())
+        try:
+            if rootfs is not None:
+                (self.directory / Path(ROOTFS_FROM_MACHINE_DIR).name).symlink_to(rootfs.image)
+            self.calendar.listen(self._socket_path())
+        except BaseException:
+            self._remove_files()
+            raise
         self.calendar.on_drop.append(self._on_drop)
         self.calendar.on_wait.append(self._on_wait)
         self.machines: dict[str, Machine] = {}
@@ -387,8 +435,12 @@ class Simulation:
             for machine in self.machines.values():
                 machine.close(polite=polite, keep_directory=keep_files)
         finally:
-            self.calendar.close()
-            if self._directory_fd >= 0:
-                os.close(self._directory_fd)
-            if self._own_directory and not keep_files:
-                shutil.rmtree(self.directory, ignore_errors=True)
+            self._remove_files(keep=keep_files)
+
+    def _remove_files(self, keep: bool = False) -> None:
+        self.calendar.close()
+        if self._directory_fd >= 0:
+            os.close(self._directory_fd)
+            self._directory_fd = -1
+        if self._own_directory and not keep:
+            shutil.rmtree(self.directory, ignore_errors=True)
