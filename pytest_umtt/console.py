@@ -8,6 +8,7 @@ therefore stamped at the WAIT that ends the kernel's run: with the free run capp
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ CRASH_PATTERNS = (
     (re.compile(r"kernel BUG at .*"), "kernel BUG"),
     (re.compile(r"\bBUG: .*"), "kernel BUG"),
     (re.compile(r"\bOops: .*"), "kernel oops"),
+    # UML re-executes itself to reboot and would come back as a new client: unsupported.
+    (re.compile(r"reboot: Restarting system"), "the guest rebooted (reboot is not supported; "
+     "poweroff ends a machine)"),
 )
 
 
@@ -36,44 +40,84 @@ class ConsoleLine:
 
 
 class Console:
-    """Everything one machine printed, as stamped lines, plus a log file on disk."""
+    """Everything one machine printed, as stamped lines, plus a log file on disk.
+
+    Work is linear in the output: lines are kept with their offsets, the whole text is
+    joined only when asked for, and :meth:`search` looks at a window from a given
+    line on, so a waiting expect() rescans only what is new."""
 
     def __init__(self, log_path: Path) -> None:
         self.log_path = log_path
         self._log: BinaryIO = log_path.open("wb")
         self.lines: list[ConsoleLine] = []
-        self.text = ""
+        self._offsets: list[int] = []
+        self._length = 0
         self._partial = ""
+        self._joined = ""
+        self._joined_lines = 0
         self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self.crash: tuple[str, ConsoleLine] | None = None
+
+    @property
+    def text(self) -> str:
+        """Everything printed so far, as one string (lines end in ``\\n``)."""
+        if self._joined_lines < len(self.lines):
+            self._joined = "".join([self._joined, *(line.text + "\n" for line in
+                                                     self.lines[self._joined_lines:])])
+            self._joined_lines = len(self.lines)
+        return self._joined + self._partial
+
+    @property
+    def held_bytes(self) -> int:
+        """Output read but not yet stamped."""
+        return self._pending_bytes
+
+    @property
+    def end_of_lines(self) -> int:
+        """The offset in :attr:`text` where the line still being printed starts."""
+        return self._length
 
     def hold(self, data: bytes) -> None:
         """Output read while the kernel runs: its time is known only at the next WAIT."""
         self._pending.append(data)
+        self._pending_bytes += len(data)
 
     def stamp(self, time: int) -> None:
         """Give held output its time (the WAIT that ended the run)."""
         if self._pending:
             data = b"".join(self._pending)
             self._pending.clear()
-            self.feed(data, time)
+            self._pending_bytes = 0
+            self._feed(data, time)
 
     def feed(self, data: bytes, time: int) -> None:
         """Output with a known time; output still held was printed before it and goes
         first, with the same time."""
-        if self._pending:
-            self._pending.append(data)
-            self.stamp(time)
-            return
+        self.hold(data)
+        self.stamp(time)
+
+    def _feed(self, data: bytes, time: int) -> None:
         self._log.write(data)
         self._log.flush()
         text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "")
-        self.text += text
         *complete, self._partial = (self._partial + text).split("\n")
         for raw in complete:
             line = ConsoleLine(time, raw)
             self.lines.append(line)
+            self._offsets.append(self._length)
+            self._length += len(raw) + 1
             self._look_for_crash(line)
+
+    def search(self, regex: re.Pattern[str], start: int) -> tuple[int, re.Match[str]] | None:
+        """The first match of ``regex`` at or after offset ``start`` of :attr:`text`,
+        reading only from the line that holds ``start``: the match (its positions are
+        in that window) and the window's offset in :attr:`text`."""
+        first = max(0, bisect.bisect_right(self._offsets, start) - 1)
+        base = self._offsets[first] if first < len(self._offsets) else self._length
+        window = "".join([*(line.text + "\n" for line in self.lines[first:]), self._partial])
+        found = regex.search(window, start - base)
+        return None if found is None else (base, found)
 
     def _look_for_crash(self, line: ConsoleLine) -> None:
         if self.crash is not None:
@@ -92,12 +136,10 @@ class Console:
 
     def time_at(self, offset: int) -> int:
         """The virtual time of the line that holds ``offset`` of :attr:`text`."""
-        position = 0
-        for line in self.lines:
-            position += len(line.text) + 1
-            if offset < position:
-                return line.time
-        return self.lines[-1].time if self.lines else 0
+        if not self.lines:
+            return 0
+        index = bisect.bisect_right(self._offsets, offset) - 1
+        return self.lines[max(0, min(index, len(self.lines) - 1))].time
 
     def close(self) -> None:
         self._log.close()

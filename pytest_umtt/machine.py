@@ -17,6 +17,7 @@ import re
 import resource
 import shutil
 import signal
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -196,19 +197,28 @@ class CommandChannel:
 
     def read(self, number: int, name: str) -> bytes:
         """A file the guest wrote for command ``number``."""
-        directory = os.open(str(number), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                            dir_fd=self._fd)
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
-        finally:
-            os.close(directory)
-        with os.fdopen(fd, "rb") as stream:
-            return stream.read()
+        return _read_without_links(self._fd, (str(number), name))
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _read_without_links(top: int, parts: Sequence[str]) -> bytes:
+    """Read ``top/parts...`` where every component must be no link."""
+    directory = os.dup(top)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                            dir_fd=directory)
+            os.close(directory)
+            directory = inner
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
+    finally:
+        os.close(directory)
+    with os.fdopen(fd, "rb") as stream:
+        return stream.read()
 
 
 def _write_new(name: str, data: bytes, directory: int) -> None:
@@ -256,6 +266,9 @@ MAX_COMMAND_TIMEOUT = 1e9
 """About 31 years of virtual time: its nanoseconds still fit the protocol's s64."""
 POWEROFF_COMMAND = "echo o > /proc/sysrq-trigger"
 POWEROFF_WALL_TIMEOUT = 2.0
+REBOOT_MARK = b"reboot: Restarting system"
+MAX_HELD_CONSOLE = 1 << 20
+"""Bytes of console output held for a timestamp before they get the run's start time."""
 
 
 def seconds_to_ns(seconds: float) -> int:
@@ -368,6 +381,8 @@ class Machine:
         self._pty_fd = -1
         self._powering_off = False
         self._channel: CommandChannel | None = None
+        self._pidfd = -1
+        self._console_tail_bytes = b""
 
     def __repr__(self) -> str:
         return f"<Machine {self.name} {self.state.value}>"
@@ -400,7 +415,16 @@ class Machine:
         self._pty_fd = int(self.process.child_fd)
         os.set_blocking(self._pty_fd, False)
         self.sim.calendar.add_reader(self._pty_fd, self._read_console)
+        # Readable when the kernel's process ends: an exit at boot is seen at once.
+        assert self.process.pid is not None
+        self._pidfd = os.pidfd_open(self.process.pid)
+        self.sim.calendar.add_reader(self._pidfd, self._on_process_exit)
         self.state = MachineState.BOOTING
+
+    def _on_process_exit(self) -> None:
+        self.sim.calendar.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = -1
 
     @property
     def channel(self) -> CommandChannel:
@@ -421,8 +445,18 @@ class Machine:
         data = self._drain_pty()
         if data is None:
             return
+        if REBOOT_MARK in self._console_tail_bytes + data:
+            # UML re-executes itself to reboot: it would neither WAIT nor leave. Stop it.
+            self.console.hold(data)
+            self.console.stamp(self.sim.calendar.now)
+            self.crashed("the guest rebooted")
+            return
+        self._console_tail_bytes = data[-len(REBOOT_MARK):]
         if self.client is not None and self.client is self.sim.calendar.runner:
             self.console.hold(data)
+            if self.console.held_bytes > MAX_HELD_CONSOLE:
+                # A flood: stamp it with the start of the run that printed it.
+                self.console.stamp(self.sim.calendar.now)
         else:
             self.console.feed(data, self.sim.calendar.now)
 
@@ -453,13 +487,21 @@ class Machine:
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         console = self.console
         assert console is not None
-        found: list[re.Match[str]] = []
+        found: list[tuple[int, re.Match[str]]] = []
+        # Where to look again: a pattern that spans no line ends can only match in
+        # lines that were not complete at the previous look.
+        single_line = "\\n" not in regex.pattern and "\n" not in regex.pattern \
+            and not regex.flags & re.DOTALL
+        resume = self._expect_from
 
         def seen() -> bool:
-            match = regex.search(console.text, self._expect_from)
-            if match:
-                found.append(match)
-            return bool(match)
+            nonlocal resume
+            span = console.search(regex, resume)
+            if span is not None:
+                found.append(span)
+            elif single_line:
+                resume = max(resume, console.end_of_lines)
+            return span is not None
 
         # Bound free runs while waiting, so the match's time is exact to the resolution.
         calendar = self.sim.calendar
@@ -473,8 +515,9 @@ class Machine:
             raise ExpectTimeout(self.name, f"{regex.pattern!r} did not appear on the console "
                                 f"within {timeout} s of virtual time", self.sim.now,
                                 console.tail(), str(console.log_path))
-        self._expect_from = found[0].end()
-        return ConsoleMatch(found[0], console.time_at(found[0].start()))
+        base, match = found[0]
+        self._expect_from = base + match.end()
+        return ConsoleMatch(match, console.time_at(base + match.start()))
 
     # --- commands -------------------------------------------------------------------
 
@@ -561,6 +604,40 @@ class Machine:
                                self._started[number], self._finished[number])
         self.results.append(result)
         return result
+
+    # --- files ----------------------------------------------------------------------
+
+    def push(self, source: str | os.PathLike[str], name: str | None = None) -> str:
+        """Copy a host file or directory (a test's ``tmp_path``, a binary) into the
+        machine's directory; returns the path where the guest sees it (``/mnt/NAME``)."""
+        source = Path(source)
+        name = name or source.name
+        if not name or "/" in name or name in (".", "..", "cmd"):
+            raise ValueError(f"{self.name}: {name!r} is not a plain file name for /mnt")
+        target = self.directory / name
+        if os.path.lexists(target):
+            raise MachineError(self.name, f"/mnt/{name} exists already in the guest",
+                               self.sim.now)
+        if source.is_dir():
+            shutil.copytree(source, target, symlinks=True)
+        else:
+            shutil.copy2(source, target)
+        return f"{GUEST_MOUNT}/{name}"
+
+    def pull(self, guest_path: str) -> bytes:
+        """The bytes of a file the guest wrote under /mnt; links are never followed."""
+        parts = Path(guest_path).relative_to(GUEST_MOUNT).parts
+        if not parts or ".." in parts:
+            raise ValueError(f"{self.name}: {guest_path!r} is not a file under {GUEST_MOUNT}")
+        try:
+            top = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                return _read_without_links(top, parts)
+            finally:
+                os.close(top)
+        except OSError as exc:
+            raise MachineError(self.name, f"cannot read {guest_path} ({exc.strerror}; a link "
+                               f"or a missing file)", self.sim.now) from None
 
     # --- doorbells and departures ------------------------------------------------------
 
@@ -652,12 +729,18 @@ class Machine:
             return
         self._powering_off = True
         self._submit(POWEROFF_COMMAND, None, None, None, background=True)
-        usual, self.sim.stall_timeout = self.sim.stall_timeout, wall_timeout
+        # A guest that polls the clock moves virtual time 100-180x slower than real time:
+        # bound the wait in wall time too, and let no free run hide the clock from it.
+        give_up = time.monotonic() + wall_timeout
+        calendar = self.sim.calendar
+        usual = self.sim.stall_timeout, calendar.max_free_run
+        self.sim.stall_timeout, calendar.max_free_run = wall_timeout, self.sim.console_resolution
         try:
-            self.sim.run_until(lambda: self.state is not MachineState.READY,
+            self.sim.run_until(lambda: (self.state is not MachineState.READY
+                                        or time.monotonic() > give_up),
                                deadline=self.sim.now + seconds_to_ns(timeout))
         finally:
-            self.sim.stall_timeout = usual
+            self.sim.stall_timeout, calendar.max_free_run = usual
 
     def kill(self) -> None:
         """End the whole UML process tree now."""
@@ -681,6 +764,8 @@ class Machine:
         if self._pty_fd >= 0:
             self.sim.calendar.remove_reader(self._pty_fd)
             self._pty_fd = -1
+        if self._pidfd >= 0:
+            self._on_process_exit()
         if self.process is not None:
             self.process.close(force=True)
         if self.console is not None:

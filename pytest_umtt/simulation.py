@@ -56,7 +56,6 @@ PERTURBED_DOORBELL_LATENCY = 1_000_000
 """With perturbation on, a doorbell's pause (a command's end, say) comes up to 1 ms late."""
 DEFAULT_BOOT_TIMEOUT = 60.0
 SUN_PATH_MAX = 108
-CONNECT_WALL_TIMEOUT = 30.0
 
 
 def _digest(data: bytes) -> str:
@@ -287,12 +286,12 @@ class Simulation:
             self._trace_identity(machine)
         connected = self.calendar.serve_until(
             lambda: all(self._client_of(m) is not None or not m.alive for m in machines),
-            wall_timeout=CONNECT_WALL_TIMEOUT)
+            wall_timeout=self.stall_timeout)
         for machine in machines:
             if self._client_of(machine) is None:
                 machine.kill()
                 what = ("the kernel exited before connecting to the calendar" if connected
-                        else f"no START from the kernel within {CONNECT_WALL_TIMEOUT} s wall")
+                        else f"no START from the kernel within {self.stall_timeout} s wall")
                 raise BootError(machine.name, what, self.now, machine.console_tail(),
                                 machine.console_log())
         self.run_until(lambda: all(m.state is MachineState.READY for m in machines),
