@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 import pexpect
 import psutil
 
+from .confine import confine_to
 from .console import Console
 from .errors import (
     CommandTimeout,
@@ -141,10 +143,11 @@ an unlimited stack also changes the host's memory layout for the process."""
 PR_SET_PDEATHSIG = 1
 
 
-def fix_uml_process() -> None:
+def fix_uml_process(confine: Path | None = None) -> None:
     """Between fork and exec of UML: die with the test process (even if it is SIGKILLed;
-    UML's own helpers already die with UML), and fixed resource limits (UML prints the
-    core-dump limits on its console)."""
+    UML's own helpers already die with UML), fixed resource limits (UML prints the
+    core-dump limits on its console), and, given a directory, confinement to it
+    (:mod:`pytest_umtt.confine`)."""
     parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -154,6 +157,8 @@ def fix_uml_process() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_STACK)
     soft = UML_STACK_LIMIT if hard == resource.RLIM_INFINITY else min(UML_STACK_LIMIT, hard)
     resource.setrlimit(resource.RLIMIT_STACK, (soft, hard))
+    if confine is not None:
+        confine_to(confine)
 
 
 NO_ASLR = ("setarch", "-R")
@@ -411,7 +416,9 @@ class Machine:
         env = uml_environment(self.sim.shim, derive_seed(self.sim.seed, self.name))
         self.process = pexpect.spawn(command[0], command[1:], cwd=str(self.directory),
                                      env=env, echo=False, timeout=None,
-                                     preexec_fn=fix_uml_process)
+                                     preexec_fn=functools.partial(
+                                         fix_uml_process,
+                                         self.directory if self.sim.confined else None))
         self._pty_fd = int(self.process.child_fd)
         os.set_blocking(self._pty_fd, False)
         self.sim.calendar.add_reader(self._pty_fd, self._read_console)

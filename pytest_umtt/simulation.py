@@ -22,6 +22,7 @@ from typing import Protocol
 import psutil
 
 from .calendar import Calendar, Client, Stop, StopReason
+from .confine import confinement_available
 from .errors import (
     BootError,
     MachineError,
@@ -166,8 +167,12 @@ class Simulation:
         trace: bool = True,
         perturb: bool = False,
         rootfs: Rootfs | None = None,
+        confine: bool = True,
     ) -> None:
         self.kernel = None if kernel is None else Path(kernel)
+        self.confined = confine and confinement_available()
+        """Whether UML processes may change nothing outside their machine directory
+        (:mod:`pytest_umtt.confine`); False where the host allows no mount namespace."""
         self.rootfs = rootfs
         self.seed = seed
         self.stall_timeout = stall_timeout

@@ -198,11 +198,23 @@ def test_kernel_without_time_travel_fails_before_waiting(tmp_path: Path) -> None
 
 # --- safety and teardown -----------------------------------------------------------------
 
-def test_guest_cannot_write_host_files_outside_its_directory(machine: Machine) -> None:
+def test_guest_cannot_write_host_files_outside_its_directory(machine: Machine,
+                                                            tmp_path: Path) -> None:
+    assert machine.sim.confined
     for path in ("/etc/umtt-probe", "/root/umtt-probe"):
         result = machine.run(f"touch {path}")
         assert result.status != 0, path
         assert not Path(path).exists()
+    # Guest root tries harder: a read-write root, a fresh hostfs of any host path.
+    up = "../" * 64
+    attacks = {"remount": "mount -o remount,rw / && touch /etc/umtt-probe",
+               "hostfs": f"mkdir -p /tmp/h && mount -t hostfs -o {up}{tmp_path} none /tmp/h "
+                         f"&& touch /tmp/h/umtt-probe"}
+    for name, attack in attacks.items():
+        result = machine.run(attack)
+        assert result.status != 0 and b"Read-only file system" in result.stderr, name
+    assert not Path("/etc/umtt-probe").exists()
+    assert not (tmp_path / "umtt-probe").exists()
     assert machine.run("touch /tmp/x /mnt/x && echo ok").output == "ok\n"
     assert (machine.directory / "x").exists()
 

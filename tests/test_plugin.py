@@ -24,7 +24,7 @@ def kernel_args(uml_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.mark.parametrize(("args", "message"), [
     (["--umtt-seed=abc"], "--umtt-seed: expected an integer seed or 'random', got 'abc'"),
     (["--umtt-mem=lots"], "--umtt-mem: expected a size like 64M or 1G, got 'lots'"),
-    (["--umtt-wall-timeout=-3"], "--umtt-wall-timeout: expected a positive number"),
+    (["--umtt-wall-timeout=-3"], "--umtt-wall-timeout: expected a number of seconds above 0"),
     (["--uml-kernel=/nonexistent/linux"], "--uml-kernel: no kernel at '/nonexistent/linux'"),
 ])
 def test_bad_option_values_are_usage_errors(pytester: pytest.Pytester, args: list[str],
