@@ -134,6 +134,33 @@ def test_a_guest_reboot_is_reported_at_once(sim: Simulation) -> None:
     assert time.monotonic() - started < sim.stall_timeout
 
 
+FLOOD = """
+import sys, time
+from pytest_umtt.errors import MachineStalled
+from pytest_umtt.simulation import Simulation
+with Simulation(kernel=sys.argv[1], directory=sys.argv[2], stall_timeout=3) as sim:
+    flooder = sim.machine("flooder")
+    flooder.start("while :; do echo flood > /dev/kmsg; done")
+    started = time.monotonic()
+    try:
+        sim.advance(1)
+    except MachineStalled as exc:
+        print(f"stalled after {time.monotonic() - started:.1f} s: {exc.what}")
+"""
+
+
+@pytest.mark.kernel
+def test_a_console_flood_is_a_stall_not_a_hang(uml_kernel: Path, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", FLOOD, str(uml_kernel), str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.match(r"stalled after \d+\.\d s: virtual time stalled", done.stdout), done.stdout
+    assert float(done.stdout.split()[2]) < 3 + 5
+    assert not uml_processes(tmp_path)
+    assert not (tmp_path / "s" / "flooder").exists()
+    assert not (tmp_path / "s" / "time.sock").exists()
+
+
 # --- the guest's directory ---------------------------------------------------------------
 
 @pytest.mark.kernel
