@@ -161,6 +161,11 @@ class ShmEntry(_View):
     req_time = _Field("Q", 8)
     name = _Field("Q", 16)
 
+    def post_request(self, when: int) -> None:
+        """Set req_time and REQ_RUN, as a kernel does for a request (K:284-286)."""
+        self.req_time = when
+        self.flags = self.flags | ClientFlag.REQ_RUN
+
     def clear(self) -> None:
         """Zero the entry, as on a client's removal (§3 Removal)."""
         self._buf[self._base : self._base + SHM_ENTRY_SIZE] = bytes(SHM_ENTRY_SIZE)
