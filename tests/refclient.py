@@ -64,7 +64,11 @@ class RefClient:
     @classmethod
     def connect(cls, path: str, timeout: float = 10.0) -> RefClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(path)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
         return cls(sock, timeout)
 
     # --- raw messages -----------------------------------------------------------
