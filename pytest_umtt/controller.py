@@ -22,6 +22,7 @@ from .errors import ProtocolError, StallError, UmttError, format_ns
 from .trace import Trace, TraceEvent
 
 EXIT_STALLED = 3
+DEFAULT_BUSY_POLL = 0.0002
 EXIT_SIGNALLED = 128
 
 
@@ -69,6 +70,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="what GET_TOD reports at virtual time 0, in ns")
     parser.add_argument("--debug", type=_non_negative, default=0, metavar="LEVEL",
                         help="0: errors only; 1: joins and drops; 2: every message")
+    parser.add_argument("--busy-poll", type=float, default=DEFAULT_BUSY_POLL, metavar="SECONDS",
+                        help="spin this long for a running client's next message before "
+                             f"sleeping (default {DEFAULT_BUSY_POLL}; 0 = never spin)")
     parser.add_argument("--stall-timeout", type=float, default=0.0, metavar="SECONDS",
                         help="give up when virtual time does not move for this long "
                              "(wall seconds; 0 = never)")
@@ -130,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pause_on_broadcast=False,
         trace=_make_trace(args.debug, log),
         log_fd=sys.stdout.fileno(),  # as usfstl does; clients may write to it
+        busy_poll=args.busy_poll,
     )
 
     def report_drop(_client: Client, error: ProtocolError | None) -> None:
