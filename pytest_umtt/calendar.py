@@ -532,7 +532,7 @@ class Calendar:
 
     def _check_stall(self, last: tuple[int, float], budget: float) -> tuple[int, float]:
         vtime, since = last
-        if vtime != self._now:
+        if vtime != self._sync_now():  # a shm runner that publishes its clock moves on
             return self._now, time.monotonic()
         waited = time.monotonic() - since
         if waited >= budget:
@@ -866,6 +866,7 @@ class Calendar:
     def _on_broadcast(self, client: Client, message: Message) -> None:
         if not self._require_started(client, message):
             return
+        self._sync_now()  # the doorbell rings at the instant the runner published
         value = message.time
         pending = _Broadcast(client, message.seq, value)
         if self.pause_on_broadcast:
@@ -957,8 +958,9 @@ class Calendar:
         runs (running_id names no shm client otherwise, so everyone uses messages), and
         the runner itself is WAITING by then, so nothing written can be missed."""
         pending_request = self._shm.pending_request
+        waiting = ClientState.WAITING
         for client in self._entry_clients:
-            if client.state is ClientState.WAITING:
+            if client.state is waiting:
                 when = pending_request(client.id)
                 if when is None:
                     continue
@@ -1068,7 +1070,9 @@ class Calendar:
     def _publish_now(self) -> None:
         """current_time is never written back: a waiting kernel reads it on an interrupt,
         and one that saw a later value panics "time goes backwards" (K:50-53, 367)."""
-        self._shm.current_time = max(self._shm.current_time, self._now)
+        shm = self._shm
+        if shm.current_time < self._now:  # noqa: PLR1730 (a write only when it moves)
+            shm.current_time = self._now
 
     # --- joining ------------------------------------------------------------------
 
