@@ -348,6 +348,9 @@ def test_running_out_of_descriptors_drops_the_newcomer(tmp_path: Path) -> None:
                 ref.recv_start_ack()
             except (EOFError, ConnectionResetError):
                 refused = ref
+                assert controller.stderr is not None
+                line = read_until(controller.stderr, "dropped")[-1]
+                assert "no file descriptor left for it (Too many open files)" in line
                 break
             ref._attach_shm()
             ref.request(S64_MAX)
@@ -356,6 +359,8 @@ def test_running_out_of_descriptors_drops_the_newcomer(tmp_path: Path) -> None:
         assert refused is not None and kept, "the descriptor limit was never reached"
         refused.close()
         kept.pop().close()  # one descriptor free again: the next one gets in
+        assert controller.stderr is not None
+        read_until(controller.stderr, "disconnected")
         again = RefClient.connect(str(socket_path))
         again.send(Op.START, 99)
         assert again.recv_start_ack().op == Op.ACK
@@ -366,7 +371,6 @@ def test_running_out_of_descriptors_drops_the_newcomer(tmp_path: Path) -> None:
     finally:
         controller.kill()
     assert controller.returncode == 0, err
-    assert "no file descriptor left for it (Too many open files)" in err
 
 
 # 13: one controller per socket -----------------------------------------------------------------
