@@ -6,6 +6,10 @@ own period (1.0, 1.1, 1.2, 1.3 ms), so the kernels interleave and every wake-up 
 through the controller. usfstl's controller is not part of this project: build it
 yourself (git clone linux-test-project/usfstl; make -C control) and pass its path.
 
+Runs come in pairs, one per controller, the order alternating from pair to pair so that
+load drift and warm caches favour neither; the ratio shown is the median of the pairs'
+ratios (umtt-controller / usfstl), with the spread of those ratios beside it.
+
 Run: python bench/kernels_vs_usfstl.py --usfstl /path/to/usfstl/control/controller
 """
 
@@ -80,25 +84,37 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--usfstl", type=Path, help="usfstl's built control/controller")
     parser.add_argument("--kernel", type=Path, default=default_kernel())
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=7, help="pairs per mode (default 7)")
+    parser.add_argument("--umtt", default=f"{sys.executable} -m pytest_umtt.controller",
+                        help="umtt-controller command, with options (split on spaces; "
+                             "default: this Python's, so no PATH is needed)")
     args = parser.parse_args()
     if args.kernel is None:
         sys.exit("no kernel: run `umtt-kernel build` or pass --kernel")
-    controllers = {"umtt-controller": [sys.executable, "-m", "pytest_umtt.controller"]}
+    controllers = {"umtt-controller": args.umtt.split()}
     if args.usfstl:
         controllers["usfstl"] = [str(args.usfstl)]
-    print(f"{KERNELS} kernels x 1000 wake-ups, median of {args.runs} runs (wall seconds)")
-    print(f"{'mode':>8} " + " ".join(f"{name:>16}" for name in controllers) + "   ratio")
+    print(f"{KERNELS} kernels x 1000 wake-ups, {args.runs} interleaved pairs per mode "
+          f"(wall seconds, medians)")
+    print(f"{'mode':>8} " + " ".join(f"{name:>16}" for name in controllers)
+          + "   ratio  (min..max of pairs)")
     for shm in (True, False):
         walls: dict[str, list[float]] = {name: [] for name in controllers}
-        for _ in range(args.runs):  # interleaved, so load drift hits both alike
-            for name, command in controllers.items():
+        for pair in range(args.runs):
+            order = list(controllers.items())
+            for name, command in order if pair % 2 == 0 else reversed(order):
                 walls[name].append(run_once(command, args.kernel, shm))
-        medians = {name: statistics.median(values) for name, values in walls.items()}
-        ratio = (f"{medians['umtt-controller'] / medians['usfstl']:.2f}"
-                 if "usfstl" in medians else "n/a")
         print(f"{'shm' if shm else 'messages':>8} "
-              + " ".join(f"{medians[name]:>16.3f}" for name in controllers) + f"   {ratio:>5}")
+              + " ".join(f"{statistics.median(walls[name]):>16.3f}" for name in controllers)
+              + f"   {_ratios(walls)}", flush=True)
+
+
+def _ratios(walls: dict[str, list[float]]) -> str:
+    if "usfstl" not in walls:
+        return "n/a"
+    ratios = [ours / theirs for ours, theirs in zip(walls["umtt-controller"],
+                                                    walls["usfstl"], strict=True)]
+    return f"{statistics.median(ratios):.2f}  ({min(ratios):.2f}..{max(ratios):.2f})"
 
 
 if __name__ == "__main__":

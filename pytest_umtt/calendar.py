@@ -11,11 +11,17 @@ outgoing message that expects an ACK is queued on its client with a continuation
 a broadcast's ACK to its sender is deferred until every recipient has answered. That
 removes usfstl's nested ``wait_for`` pitfalls (§6g) and lets any client misbehave at
 any point without taking the others down.
+
+Every send is non-blocking and buffered per client (a client that stops reading is
+dropped once its backlog passes a bound, instead of stalling everybody), and whether a
+client uses shared memory is its own choice, read from its ``capa`` after the START
+ACK (PROTOCOL.md §7.4).
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import fcntl
 import functools
 import heapq
@@ -24,8 +30,9 @@ import math
 import mmap
 import os
 import random
-import selectors
+import select
 import socket
+import struct
 import time
 from array import array
 from collections import deque
@@ -33,7 +40,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CalendarClosedError, ProtocolError, StallError, format_ns
+from .errors import (
+    CalendarClosedError,
+    ClockError,
+    ProtocolError,
+    SocketInUseError,
+    StallError,
+    format_ns,
+)
 from .trace import Trace, TraceEvent
 from .wire import (
     FREE_RUN_SPAN,
@@ -43,7 +57,7 @@ from .wire import (
     SHM_HEADER_SIZE,
     START_ACK_ID_MASK,
     U64_MAX,
-    ClientFlag,
+    Capability,
     Message,
     Op,
     SharedMemory,
@@ -56,7 +70,9 @@ DEFAULT_SHM_CLIENTS = 63
 
 MAX_CLIENT_ID = START_ACK_ID_MASK
 DEFAULT_STALL_TIMEOUT = 30.0
-SEND_TIMEOUT = 5.0
+MAX_BACKLOG = 64 * 1024
+"""Bytes queued for one client that does not read (4096 messages) before it is dropped.
+A kernel never has more than a handful of messages outstanding."""
 
 
 class ClientState(enum.Enum):
@@ -104,9 +120,11 @@ class _Job:
 
 @dataclass(eq=False)
 class _PendingAck:
+    """An ACK a client owes; ``then`` runs on it, or with None when the client leaves."""
+
     seq: int
     op: Op
-    then: Callable[[Message], None] | None = None
+    then: Callable[[Message | None], None] | None = None
 
 
 @dataclass(eq=False)
@@ -115,6 +133,36 @@ class _Broadcast:
     seq: int
     value: int
     waiting: set[Client] = field(default_factory=set)
+
+
+_LISTENER = object()
+_IN = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+
+
+class _Poller:
+    """epoll and what each descriptor stands for. The selectors module's bookkeeping
+    costs microseconds per event, and the calendar handles one event per message."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self.data: dict[int, object] = {}
+
+    def register(self, fd: int, data: object) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
+        self.data[fd] = data
+
+    def want_write(self, fd: int, write: bool) -> None:
+        self._epoll.modify(fd, select.EPOLLIN | (select.EPOLLOUT if write else 0))
+
+    def unregister(self, fd: int) -> None:
+        if self.data.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+
+    def poll(self, timeout: float) -> list[tuple[int, int]]:
+        return self._epoll.poll(-1 if math.isinf(timeout) else timeout)
+
+    def close(self) -> None:
+        self._epoll.close()
 
 
 class ScheduledCall:
@@ -131,6 +179,7 @@ class ScheduledCall:
         return None if self._job is None or self._job.cancelled else self._job.time
 
     def cancel(self) -> None:
+        """Do not run it (a no-op once it ran)."""
         if self._job is not None:
             self._job.cancelled = True
             self._job = None
@@ -144,6 +193,7 @@ class Client:
 
     def __init__(self, sock: socket.socket, serial: int, label: str | None) -> None:
         self.sock = sock
+        self.fd = sock.fileno()
         self.serial = serial
         self.label = label
         self.state = ClientState.CONNECTED
@@ -151,10 +201,16 @@ class Client:
         self.start_seq = 0
         self.id = 0
         self.shm = False
+        # Whether its id has an entry inside the map (§2), and whether it was offered the
+        # map and has not yet said (through capa) whether it took it (§7.4).
+        self.in_map = False
+        self.capa_pending = False
         self.offset = 0
         self.job: _Job | None = None
         self.pending_acks: deque[_PendingAck] = deque()
         self.error: ProtocolError | None = None
+        self.outbox = bytearray()
+        self.blocked = False
 
     @property
     def name(self) -> str:
@@ -172,6 +228,7 @@ class Client:
 
     @property
     def started(self) -> bool:
+        """True once its START was acknowledged, until it leaves."""
         return self.state in (ClientState.RUNNING, ClientState.WAITING)
 
     def __repr__(self) -> str:
@@ -184,7 +241,11 @@ class Calendar:
 
     ``shm`` enables the shared-memory scheduler for clients that join at time 0;
     ``expected_clients`` holds back every START ACK until that many STARTs arrived
-    (usfstl's ``--clients``); ``time_at_start`` is what GET_TOD adds to the clock.
+    (usfstl's ``--clients``); ``time_at_start`` is what GET_TOD adds to the clock;
+    ``log_fd`` is passed to every client in the START ACK (usfstl passes its stdout),
+    and stays open: by default the calendar passes a descriptor of /dev/null it owns;
+    ``busy_poll`` (wall seconds) is how long to spin for a running client's next message
+    before sleeping in epoll_wait: lower latency for more CPU.
     """
 
     def __init__(
@@ -199,8 +260,11 @@ class Calendar:
         tie_seed: int | None = None,
         doorbell_latency: int = 0,
         trace: Trace | None = None,
+        log_fd: int | None = None,
+        busy_poll: float = 0.0,
     ) -> None:
         self._now = 0
+        self.busy_poll = busy_poll
         self.max_free_run = max_free_run
         self.time_at_start = time_at_start
         self.pause_on_broadcast = pause_on_broadcast
@@ -213,7 +277,7 @@ class Calendar:
         self.on_broadcast: list[Callable[[Client, int], None]] = []
         self.on_wait: list[Callable[[Client], None]] = []
         self.clients: list[Client] = []
-        self._selector = selectors.DefaultSelector()
+        self._poller = _Poller()
         self._listener: socket.socket | None = None
         self._socket_path: Path | None = None
         self._queue: list[_Job] = []
@@ -225,14 +289,15 @@ class Calendar:
         self._serials = itertools.count(1)
         self._seq = itertools.count(1)
         self._starting: list[Client] = []
-        self._shm_clients: list[Client] = []
+        self._entry_clients: list[Client] = []  # clients with an entry in the map, by start
+        self._dirty: list[Client] = []  # clients with queued output, in queueing order
+        self._held_acks = 0  # requesters' ACKs held for a runner's FREE_UNTIL ACK (§7.2)
         self._starts_seen = 0
         self._runner: Client | None = None
         self._horizon = U64_MAX
         self._limit: int | None = None
         self._broadcasts: list[_Broadcast] = []
         self._stops: deque[Stop] = deque()
-        self._outbox: deque[tuple[Client, bytearray]] = deque()
         self._closed = False
         self._shm_entries = shm_clients + 1
         self._shm_fd, self._shm_map = _create_memfd("umtt-schedshm", shm_size(self._shm_entries))
@@ -241,8 +306,16 @@ class Calendar:
         self.shm_enabled = shm
         # Clients served over messages still get two fds in the START ACK: a memfd whose
         # version is not 2, because a kernel given no fds mmaps and closes garbage (§6b).
+        # Its len is its size: usfstl's client library maps len bytes before it checks
+        # the version (§7.6), and the kernel needs 4096 readable bytes (K:81-91).
         self._decoy_fd, self._decoy_map = _create_memfd("umtt-noshm", SHM_HEADER_SIZE)
-        self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        SharedMemory(self._decoy_map).length = SHM_HEADER_SIZE
+        self._own_log_fd = log_fd is None
+        self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if log_fd is None \
+            else log_fd
+        # Held in reserve so that running out of descriptors can still accept, and so
+        # drop, a newcomer instead of spinning on a listener that stays readable.
+        self._spare_fd: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         # Keyed by int: an IntEnum hashes like its value, and unknown ops must be looked up.
         self._handlers: dict[int, Callable[[Client, Message], None]] = {
             Op.ACK: self._on_ack,
@@ -261,8 +334,9 @@ class Calendar:
 
     @property
     def now(self) -> int:
-        """The virtual time in nanoseconds."""
-        return self._now
+        """The virtual time in nanoseconds. While a shared-memory kernel runs, this is the
+        time it has published (§7.3), as far as the calendar let it run."""
+        return self._sync_now()
 
     @property
     def runner(self) -> Client | None:
@@ -276,6 +350,7 @@ class Calendar:
 
     @property
     def socket_path(self) -> Path | None:
+        """Where :meth:`listen` listens, if it does."""
         return self._socket_path
 
     @property
@@ -297,38 +372,47 @@ class Calendar:
         return [c for c in self.clients if c.state is not ClientState.GONE]
 
     def listen(self, path: str | os.PathLike[str]) -> Path:
-        """Listen for clients on a Unix socket at ``path``, replacing a stale socket."""
+        """Listen for clients on a Unix socket at ``path``. A stale socket there (nobody
+        accepts on it) is replaced; a live one raises SocketInUseError."""
         self._check_open()
         socket_path = Path(path)
         if socket_path.is_socket():
-            socket_path.unlink()
+            _remove_stale_socket(socket_path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(socket_path))
+        try:
+            listener.bind(str(socket_path))
+        except OSError as exc:
+            listener.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise SocketInUseError(f"{socket_path} exists and is not a stale socket: "
+                                       f"{exc.strerror}") from None
+            raise
         os.chmod(socket_path, 0o600)
         listener.listen(128)
         listener.setblocking(False)
-        self._selector.register(listener, selectors.EVENT_READ, None)
+        self._poller.register(listener.fileno(), _LISTENER)
         self._listener, self._socket_path = listener, socket_path
         return socket_path
 
     def attach(self, sock: socket.socket, label: str | None = None) -> Client:
         """Serve an already connected socket (one end of a socketpair, say) as a client."""
         self._check_open()
-        sock.settimeout(SEND_TIMEOUT)
+        sock.setblocking(False)
         client = Client(sock, next(self._serials), label)
         self.clients.append(client)
-        self._selector.register(sock, selectors.EVENT_READ, client)
+        self._poller.register(client.fd, client)
         return client
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever ``fd`` is readable, while the calendar serves I/O.
         Consoles use this: a guest blocked on a full pipe must never stall the clock."""
         self._check_open()
-        self._selector.register(fd, selectors.EVENT_READ, callback)
+        self._poller.register(fd, callback)
 
     def remove_reader(self, fd: int) -> None:
-        if not self._closed and fd in self._selector.get_map():
-            self._selector.unregister(fd)
+        """Stop watching ``fd`` (a no-op once the calendar is closed)."""
+        if not self._closed:
+            self._poller.unregister(fd)
 
     def call_at(self, when: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
         """Run ``fn`` in-process at virtual time ``when`` (ns), on the shared clock."""
@@ -402,15 +486,18 @@ class Calendar:
         for client in self.live_clients():
             self._remove(client, None)
         if self._listener is not None:
-            self._selector.unregister(self._listener)
+            self._poller.unregister(self._listener.fileno())
             self._listener.close()
         if self._socket_path is not None:
             self._socket_path.unlink(missing_ok=True)
-        self._selector.close()
+        self._poller.close()
         for fd, mapping in ((self._shm_fd, self._shm_map), (self._decoy_fd, self._decoy_map)):
             mapping.close()
             os.close(fd)
-        os.close(self._log_fd)
+        if self._own_log_fd:
+            os.close(self._log_fd)
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
         self._closed = True
 
     # --- the run loop ---------------------------------------------------------------
@@ -446,7 +533,7 @@ class Calendar:
 
     def _check_stall(self, last: tuple[int, float], budget: float) -> tuple[int, float]:
         vtime, since = last
-        if vtime != self._now:
+        if vtime != self._sync_now():  # a shm runner that publishes its clock moves on
             return self._now, time.monotonic()
         waited = time.monotonic() - since
         if waited >= budget:
@@ -463,15 +550,17 @@ class Calendar:
         userspace busy loop takes no time steps and stays silent. Only silences this long
         are probed, so ordinary runs keep identical traces."""
         runner = self._runner
-        if runner is not None and runner.shm and self._shm.free_until > self._now:
+        if runner is not None and runner.shm and self._shm.free_until > self._sync_now():
             self._shm.free_until = self._now
             self._record("probe", runner)
 
     def _busy(self) -> bool:
-        """True while the schedule cannot move: a client runs, a broadcast is still being
-        acknowledged, or STARTs are held until ``expected_clients`` arrived."""
+        """True while the schedule cannot move: a client runs, a broadcast or a lowered
+        horizon is still being acknowledged, or STARTs are held until
+        ``expected_clients`` arrived."""
         gated = bool(self._starting) and self._starts_seen < self.expected_clients
-        return self._runner is not None or bool(self._broadcasts) or gated
+        return (self._runner is not None or bool(self._broadcasts) or self._held_acks > 0
+                or gated)
 
     def _advance(self) -> bool:
         """At top level (nobody runs): ack a START, or dispatch the next due event."""
@@ -504,18 +593,37 @@ class Calendar:
 
     def _pump(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for socket events and handle them all."""
-        self._flush()
-        events = self._selector.select(None if math.isinf(timeout) else timeout)
-        for key, _ in events:
-            if key.data is None:
+        if self._dirty:
+            self._flush()
+        events = self._wait_for_events(timeout)
+        lookup = self._poller.data.get
+        for fd, mask in events:
+            data = lookup(fd)  # None: an earlier handler in this batch unregistered it
+            if type(data) is Client:
+                if mask & select.EPOLLOUT and data.state is not ClientState.GONE:
+                    self._write(data)
+                if mask & _IN and data.state is not ClientState.GONE:
+                    self._receive(data)
+            elif data is _LISTENER:
                 self._accept()
-            elif isinstance(key.data, Client):
-                if key.data.state is not ClientState.GONE:
-                    self._receive(key.data)
-            else:
-                key.data()
+            elif data is not None:
+                data()  # type: ignore[operator]
         self._flush()
         return bool(events)
+
+    def _wait_for_events(self, timeout: float) -> list[tuple[int, int]]:
+        """epoll_wait, after a short spin when a client holds the CPU: its next message
+        usually comes within microseconds, sooner than a sleeping process wakes up."""
+        poll = self._poller.poll
+        if self.busy_poll > 0 and timeout > 0 and self._runner is not None:
+            give_up = time.perf_counter() + min(self.busy_poll, timeout)
+            while True:
+                events = poll(0)
+                if events or time.perf_counter() >= give_up:
+                    break
+            if events:
+                return events
+        return poll(timeout)
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -523,11 +631,35 @@ class Calendar:
             sock, _ = self._listener.accept()
         except BlockingIOError:
             return
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self._refuse_for_lack_of_fds(exc)
+            return
         self.attach(sock)
+
+    def _refuse_for_lack_of_fds(self, exc: OSError) -> None:
+        """Out of descriptors: accept the newcomer on the spare one only to drop it with
+        an error; the clients already served go on."""
+        if self._spare_fd is None:
+            raise exc
+        os.close(self._spare_fd)
+        self._spare_fd = None
+        try:
+            sock, _ = self._listener.accept() if self._listener else (None, None)
+            if sock is not None:
+                self._fail(self.attach(sock), f"no file descriptor left for it "
+                                              f"({exc.strerror})")
+        finally:
+            self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     def _receive(self, client: Client) -> None:
         try:
             data = client.sock.recv(MESSAGE_SIZE)
+        except BlockingIOError:
+            return
+        except ConnectionResetError:
+            data = b""  # it left with messages unread: a departure like any other
         except OSError as exc:
             self._fail(client, f"read error: {exc.strerror}")
             return
@@ -540,7 +672,9 @@ class Calendar:
             return
         message = Message.unpack(data)
         self.messages_received += 1
-        if message.op not in _RECORDED_LATER:
+        if client.capa_pending:
+            self._read_capa(client)
+        if self.trace is not None and message.op not in _RECORDED_LATER:
             self._record("rx", client, message)
         handler = self._handlers.get(message.op)
         if handler is None:
@@ -550,44 +684,70 @@ class Calendar:
         handler(client, message)
 
     def _send(self, client: Client, message: Message,
-              then: Callable[[Message], None] | None = None, fds: list[int] | None = None) -> None:
+              then: Callable[[Message | None], None] | None = None,
+              fds: list[int] | None = None) -> None:
         """Queue a message; if ``then`` is given, an ACK is expected and ``then`` runs on it.
 
         Messages go out at the end of the step that made them (:meth:`_flush`), in order,
         and consecutive ones to one client in a single write: ACK(WAIT), FREE_UNTIL and
-        RUN to a kernel cost one syscall and one wake-up instead of three."""
+        RUN to a kernel cost one syscall and one wake-up instead of three. Writes never
+        block: what a client does not take stays queued, up to MAX_BACKLOG."""
         if client.state is ClientState.GONE:
             return
         if then is not None:
             client.pending_acks.append(_PendingAck(message.seq, Op(message.op), then))
-        self._record("tx", client, message)
+        if self.trace is not None:
+            self._record("tx", client, message)
         self.messages_sent += 1
         if fds:
-            self._flush()
-            try:
-                client.sock.sendmsg([message.pack()],
-                                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))])
-            except OSError as exc:
-                self._fail(client, f"write error: {exc.strerror or exc}", message)
+            self._send_with_fds(client, message, fds)
             return
-        if self._outbox and self._outbox[-1][0] is client:
-            self._outbox[-1][1].extend(message.pack())
-        else:
-            self._outbox.append((client, bytearray(message.pack())))
+        if not client.outbox:
+            self._dirty.append(client)
+        client.outbox += _pack(message.op, message.seq, message.time & U64_MAX)
+        if len(client.outbox) > MAX_BACKLOG:
+            self._fail(client, f"it does not read its messages ({len(client.outbox)} bytes "
+                               f"queued for it)")
+
+    def _send_with_fds(self, client: Client, message: Message, fds: list[int]) -> None:
+        if client.outbox:
+            self._write(client)  # what was queued before goes first
+        try:
+            if client.outbox:
+                raise BlockingIOError(errno.EAGAIN, "it does not read its messages")
+            client.sock.sendmsg([message.pack()],
+                                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))])
+        except OSError as exc:
+            self._fail(client, f"write error: {exc.strerror or exc}", message)
 
     def _flush(self) -> None:
         """Write every queued message, in the order they were made."""
-        while self._outbox:
-            client, data = self._outbox.popleft()
-            if client.state is ClientState.GONE:
-                continue
-            try:
-                client.sock.sendall(data)
-            except OSError as exc:
-                self._fail(client, f"write error: {exc.strerror or exc}")
+        dirty = self._dirty
+        while dirty:
+            client = dirty.pop(0)
+            if client.outbox and not client.blocked and client.state is not ClientState.GONE:
+                self._write(client)
+
+    def _write(self, client: Client) -> None:
+        """Write what ``client`` will take now; wait for it to be writable for the rest."""
+        try:
+            sent = client.sock.send(client.outbox)
+        except BlockingIOError:
+            sent = 0
+        except (BrokenPipeError, ConnectionResetError):
+            self._disconnected(client)  # it left; its EOF may not have been read yet
+            return
+        except OSError as exc:
+            self._fail(client, f"write error: {exc.strerror or exc}")
+            return
+        del client.outbox[:sent]
+        blocked = bool(client.outbox)
+        if blocked != client.blocked:
+            client.blocked = blocked
+            self._poller.want_write(client.fd, blocked)
 
     def _send_expecting_ack(self, client: Client, op: Op, value: int,
-                            then: Callable[[Message], None] = lambda _: None) -> None:
+                            then: Callable[[Message | None], None] = lambda _: None) -> None:
         self._send(client, Message(op, next(self._seq), value), then)
 
     def _ack(self, client: Client, request: Message, value: int = 0) -> None:
@@ -608,14 +768,38 @@ class Calendar:
     def _on_request(self, client: Client, message: Message) -> None:
         if not self._require_started(client, message):
             return
-        if not self._set_request(client, message.time, message):
+        when = _absolute(client, message.time)
+        if when is not None and when < self._now:
+            self._fail(client, f"request for {format_ns(when)}, which is in the past", message)
             return
-        if client.shm:
-            # Mirror into shared memory, so a later collection sees this, not a stale entry.
-            entry = self._shm.entry(client.id)
-            entry.req_time = min(message.time + client.offset, U64_MAX)
-            entry.flags = entry.flags | ClientFlag.REQ_RUN
-        self._ack(client, message)
+        if client.in_map:
+            # Mirrored, so that a later collection sees this and not a stale entry (§3).
+            self._shm.entry(client.id).post_request(
+                min(message.time + client.offset, U64_MAX))
+        runner = self._runner
+        if runner is not None and runner.shm and client.in_map:
+            # Picked up at the runner's WAIT with the requests written into shared memory,
+            # in start order, as usfstl does (§3); the runner only has to stop in time.
+            if when is not None and when < self._shm.free_until:
+                self._shm.free_until = when
+            self._ack(client, message)
+        elif runner is not None and not runner.shm and when is not None \
+                and when < self._horizon:
+            # The runner must know before the requester goes on (§7.2): a kernel polling
+            # a device socket could otherwise run past this event.
+            self._horizon = when
+            self._held_acks += 1
+            self._set_request(client, when)
+            self._send_expecting_ack(runner, Op.FREE_UNTIL, when - runner.offset,
+                                     functools.partial(self._release_ack, client, message))
+        else:
+            self._set_request(client, when)
+            self._ack(client, message)
+
+    def _release_ack(self, client: Client, request: Message, _ack: Message | None) -> None:
+        """The runner ACKed its lowered horizon (or left): the requester may go on."""
+        self._held_acks -= 1
+        self._ack(client, request)
 
     def _on_wait(self, client: Client, message: Message) -> None:
         if client is self._runner:
@@ -628,28 +812,40 @@ class Calendar:
 
     def _on_get(self, client: Client, message: Message) -> None:
         if self._require_started(client, message):
-            self._ack(client, message, self._now - client.offset)
+            self._ack(client, message, self._sync_now() - client.offset)
 
     def _on_get_tod(self, client: Client, message: Message) -> None:
         # GET_TOD is absolute: no offset, even for late joiners (M:474, §2).
         if self._require_started(client, message):
-            self._ack(client, message, self.time_at_start + self._now)
+            self._ack(client, message, self.time_at_start + self._sync_now())
 
     def _on_update(self, client: Client, message: Message) -> None:
         if client is not self._runner:
             self._fail(client, "UPDATE from a client that is not running", message)
             return
         new_time = message.time + client.offset
-        if new_time < self._now:
-            self._fail(client, f"UPDATE goes backwards to {format_ns(new_time)}", message)
-            return
-        nxt = self._peek()
-        if nxt is not None and new_time > nxt.time:
-            self._fail(client, f"UPDATE to {format_ns(new_time)} passes the next event "
-                               f"at {format_ns(nxt.time)}", message)
+        problem = self._update_problem(new_time)
+        if problem:
+            self._fail(client, f"UPDATE {problem}", message)
             return
         self._set_now(new_time)
         self._ack(client, message)
+
+    def _update_problem(self, new_time: int) -> str:
+        """Why the runner may not say its clock is at ``new_time``, or "" if it may:
+        it can neither go back nor pass what it was allowed to run to."""
+        if new_time < self._sync_now():
+            return f"goes backwards to {format_ns(new_time)}"
+        nxt = self._peek()
+        if nxt is not None and new_time > nxt.time:
+            return (f"to {format_ns(new_time)} passes the next event at "
+                    f"{format_ns(nxt.time)}")
+        if new_time > self._horizon:
+            return f"to {format_ns(new_time)} passes its horizon at {format_ns(self._horizon)}"
+        if self._limit is not None and new_time > self._limit:
+            return (f"to {format_ns(new_time)} passes the end of the run at "
+                    f"{format_ns(self._limit)}")
+        return ""
 
     def _on_controller_op(self, client: Client, message: Message) -> None:
         self._fail(client, f"{op_name(message.op)} is the controller's to send", message)
@@ -671,6 +867,7 @@ class Calendar:
     def _on_broadcast(self, client: Client, message: Message) -> None:
         if not self._require_started(client, message):
             return
+        self._sync_now()  # the doorbell rings at the instant the runner published
         value = message.time
         pending = _Broadcast(client, message.seq, value)
         if self.pause_on_broadcast:
@@ -722,21 +919,17 @@ class Calendar:
 
     # --- scheduling ---------------------------------------------------------------
 
-    def _set_request(self, client: Client, local_time: int, message: Message | None) -> bool:
-        """Queue ``client`` at ``local_time`` in its own time domain; False if it was dropped."""
-        if local_time >= S64_MAX:
-            # "Sleep forever" (§4): nothing to schedule, and a RUN there would panic it.
+    def _set_request(self, client: Client, when: int | None) -> None:
+        """Queue ``client`` at absolute time ``when``; None, or S64_MAX and beyond, is "no
+        request": the idle kernel's "sleep forever" (K:600-612), never to be granted, as a
+        RUN there panics it (K:55-56, §7.7). Callers check for the past."""
+        if when is None or when >= S64_MAX:
             self._unqueue(client)
-            return True
-        when = local_time + client.offset
-        if when < self._now:
-            self._fail(client, f"request for {format_ns(when)}, which is in the past", message)
-            return False
+            return
         if client.job is not None and not client.job.cancelled and client.job.time == when:
-            return True  # already queued there: keep its place among ties
+            return  # already queued there: keep its place among ties
         self._unqueue(client)
         client.job = self._push(when, client)
-        return True
 
     def _unqueue(self, client: Client) -> None:
         if client.job is not None:
@@ -759,17 +952,24 @@ class Calendar:
         return self._queue[0] if self._queue else None
 
     def _collect_shm_requests(self) -> None:
-        """Pick up requests that shm clients wrote straight into shared memory (§3 step 1).
+        """Pick up requests written into shared memory (§3 step 1), by kernels or mirrored
+        from REQUEST messages, in start order.
 
-        Called when a runner WAITs: shm requests are only ever written while a shm client
+        Called when a runner WAITs: requests are only written there while a shm client
         runs (running_id names no shm client otherwise, so everyone uses messages), and
         the runner itself is WAITING by then, so nothing written can be missed."""
         pending_request = self._shm.pending_request
-        for client in self._shm_clients:
-            if client.state is ClientState.WAITING:
+        waiting = ClientState.WAITING
+        for client in self._entry_clients:
+            if client.state is waiting:
                 when = pending_request(client.id)
-                if when is not None:
-                    self._set_request(client, when, None)
+                if when is None:
+                    continue
+                if when < self._now:
+                    self._fail(client, f"request for {format_ns(when)} in shared memory, "
+                                       f"which is in the past")
+                else:
+                    self._set_request(client, when)
 
     def _next_horizon(self) -> int:
         """How far a client may free-run: the next event, bounded by the run's deadline."""
@@ -799,23 +999,31 @@ class Calendar:
         """RUN ``client`` now (§3 run_client)."""
         self._begin_run(client)
         if not client.shm:
+            if client.in_map:
+                # Its request may have been mirrored into shared memory; a kernel clears
+                # REQ_RUN itself on RUN, a message client cannot (M:693-695).
+                self._shm.entry(client.id).flags = 0
             self._send_expecting_ack(client, Op.FREE_UNTIL, self._horizon - client.offset)
         run = Message(Op.RUN, next(self._seq), self._now - client.offset)
         # A shm client does not ACK RUN (K:158-167).
-        self._send(client, run, None if client.shm else (lambda _m: None))
+        self._send(client, run, None if client.shm else _ignore_ack)
 
     def _begin_run(self, client: Client, horizon: int | None = None) -> None:
         client.state = ClientState.RUNNING
         self._horizon = self._next_horizon() if horizon is None else horizon
         self._runner = client
-        # running_id only ever names a shm client: a kernel indexes clients[] with it
-        # unchecked, and entry 0 (capa 0) sends everyone else back to messages (§2).
-        self._shm.running_id = client.id if client.shm else 0
-        self._shm.current_time = self._now
+        # running_id names every runner whose entry is in the map: a waiting kernel reads
+        # the runner's capa to choose between shared memory and a REQUEST message
+        # (K:281-283), and indexes clients[] with it unchecked, so never beyond len (§7.4).
+        self._shm.running_id = client.id if client.in_map else 0
+        self._publish_now()
         self._shm.free_until = self._horizon
-        self._record("run", client, time=self._now)
+        if self.trace is not None:
+            self._record("run", client, time=self._now)
 
     def _end_run(self, client: Client, message: Message) -> None:
+        if client.shm:
+            self._sync_now()
         self._runner = None
         client.state = ClientState.WAITING
         self._shm.running_id = 0
@@ -830,7 +1038,7 @@ class Calendar:
         """A shm client free-ran without publishing its clock; the latest instant that is
         safe to call "now" is the earlier of its next event and its horizon (fact 7)."""
         if self._starting:
-            # STARTs that came in while it ran join at its granted instant: that is how
+            # STARTs that came in while it ran join at the instant it reached: that is how
             # several shm kernels boot together at t=0 (§6a).
             return
         job = self._peek()
@@ -840,11 +1048,32 @@ class Calendar:
         if job is not None or self._limit is not None:
             self._set_now(max(self._now, safe))
 
+    def _sync_now(self) -> int:
+        """While a shm kernel runs, now is the time it published in current_time, as far
+        as free_until (and the run's deadline) let it go (§7.3)."""
+        runner = self._runner
+        if runner is not None and runner.shm:
+            published = min(self._shm.current_time, self._shm.free_until)
+            if self._limit is not None:
+                published = min(published, self._limit)
+            self._now = max(self._now, published)
+        return self._now
+
     def _set_now(self, when: int) -> None:
-        assert when >= self._now, f"time going backwards {self._now} -> {when}"
+        if when < self._now:
+            raise ClockError(f"the calendar's clock would go backwards from "
+                             f"{format_ns(self._now)} to {format_ns(when)}")
         self._now = when
-        if self._shm.running_id == 0:
-            self._shm.current_time = when
+        runner = self._runner
+        if runner is None or not runner.shm:
+            self._publish_now()
+
+    def _publish_now(self) -> None:
+        """current_time is never written back: a waiting kernel reads it on an interrupt,
+        and one that saw a later value panics "time goes backwards" (K:50-53, 367)."""
+        shm = self._shm
+        if shm.current_time < self._now:  # noqa: PLR1730 (a write only when it moves)
+            shm.current_time = self._now
 
     # --- joining ------------------------------------------------------------------
 
@@ -853,14 +1082,14 @@ class Calendar:
         self._starting.remove(client)
         self._record("rx", client, Message(Op.START, client.start_seq, client.start_id or 0))
         client.offset = self._now
-        with_shm = self._can_join_with_shm()
-        client.id = self._free_id(prefer_shm=with_shm)
-        client.shm = with_shm and 0 < client.id < self._shm_entries
+        client.id = self._free_id()
         if client.id == 0:
             self._fail(client, f"no free client id (limit {MAX_CLIENT_ID})")
             return
-        if client.shm:
-            self._shm_clients.append(client)
+        client.in_map = client.id < self._shm_entries
+        client.capa_pending = client.in_map and self._can_join_with_shm()
+        if client.in_map:
+            self._entry_clients.append(client)
             entry = self._shm.entry(client.id)
             entry.clear()
             entry.name = 0 if client.start_id == NO_ID else (client.start_id or 0)
@@ -868,19 +1097,27 @@ class Calendar:
         # start together run together, and a late joiner cannot run past a pending
         # event (usfstl 963e035, §6d).
         self._begin_run(client, horizon=self._now)
-        self._record("join", client, detail="shm" if client.shm else "messages")
-        fds = [self._shm_fd if client.shm else self._decoy_fd, self._log_fd]
+        self._record("join", client, detail="offered shm" if client.capa_pending
+                     else "over messages")
+        fds = [self._shm_fd if client.capa_pending else self._decoy_fd, self._log_fd]
         self._send(client, Message(Op.ACK, client.start_seq, client.id & START_ACK_ID_MASK),
                    fds=fds)
+
+    def _read_capa(self, client: Client) -> None:
+        """Its first message after the START ACK: a kernel sets capa before it sends
+        anything (K:103, H:166-167), so capa now says whether it took the map (§7.4)."""
+        client.capa_pending = False
+        client.shm = bool(self._shm.entry(client.id).capa & Capability.TIME_SHARE)
+        self._record("mode", client, detail="uses shm" if client.shm
+                     else "declined shm: over messages")
 
     def _can_join_with_shm(self) -> bool:
         # A shm kernel that attaches when the clock is not 0 BUGs on its first RUN (§6a).
         return self.shm_enabled and self._now == 0 and self._shm.current_time == 0
 
-    def _free_id(self, prefer_shm: bool) -> int:
+    def _free_id(self) -> int:
         used = {c.id for c in self.clients if c.id and c.state is not ClientState.GONE}
-        first = 1 if prefer_shm else self._shm_entries
-        for candidate in itertools.chain(range(first, MAX_CLIENT_ID + 1), range(1, first)):
+        for candidate in range(1, MAX_CLIENT_ID + 1):
             if candidate not in used:
                 return candidate
         return 0
@@ -901,16 +1138,15 @@ class Calendar:
         if client.state is ClientState.GONE:
             return
         self._record("drop", client, detail=str(error) if error else "disconnected")
-        was_started = client.started
         client.state = ClientState.GONE
-        self._selector.unregister(client.sock)
+        self._poller.unregister(client.fd)
         client.sock.close()
+        client.outbox.clear()
         self._unqueue(client)
         if client in self._starting:
             self._starting.remove(client)
-        if client in self._shm_clients:
-            self._shm_clients.remove(client)
-        if client.shm and was_started:
+        if client in self._entry_clients:
+            self._entry_clients.remove(client)
             self._shm.entry(client.id).clear()
         if client is self._runner:
             self._runner = None
@@ -918,8 +1154,11 @@ class Calendar:
         for pending in list(self._broadcasts):
             if pending.sender is client:
                 self._broadcasts.remove(pending)
-            elif client in pending.waiting:
-                self._broadcast_acked(pending, client)
+        # What waited for its ACKs goes on: broadcasts, held requesters (§7.2).
+        while client.pending_acks:
+            owed = client.pending_acks.popleft()
+            if owed.then is not None:
+                owed.then(None)
         for hook in self.on_drop:
             hook(client, error)
 
@@ -941,14 +1180,40 @@ class Calendar:
             raise CalendarClosedError("the calendar is closed")
 
 
+_pack = struct.Struct("=IIQ").pack
+
 # Recorded when handled rather than when read, because they arrive in host-timing order:
 # STARTs from kernels booting side by side, ACKs from the recipients of a broadcast.
 _RECORDED_LATER = frozenset((Op.START, Op.ACK))
 
 
 def _start_order(client: Client) -> tuple[int, int]:
-    """STARTs are served by ID, ascending and stable (§3, M:435-446)."""
-    return (client.start_id if client.start_id is not None else NO_ID, client.serial)
+    """STARTs are served by ID, ascending and stable (§3, M:435-446); a kernel started
+    without one sorts as ID 0, since usfstl keeps its name at 0 (§7.5)."""
+    start_id = client.start_id
+    return (0 if start_id is None or start_id == NO_ID else start_id, client.serial)
+
+
+def _absolute(client: Client, local: int) -> int | None:
+    """A client's local request time on the shared clock; None for "no request"."""
+    return None if local >= S64_MAX else local + client.offset
+
+
+def _ignore_ack(_ack: Message | None) -> None:
+    """The continuation of an ACK that only has to arrive (RUN, FREE_UNTIL)."""
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Unlink ``path`` unless a controller accepts on it (§1: replace a stale socket)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise SocketInUseError(f"another controller is listening on {path}")
 
 
 def _create_memfd(name: str, size: int) -> tuple[int, mmap.mmap]:

@@ -3,7 +3,9 @@
 A drop-in for usfstl's controller (same options), for running UML by hand and for
 side-by-side comparisons: it waits for ``--clients`` STARTs before acking any, serves
 them in START-id order, exits 0 when the last client leaves, and removes its socket.
-Unlike usfstl it survives misbehaving clients: they are dropped and reported.
+Unlike usfstl it survives misbehaving clients (they are dropped and reported), and it
+keeps serving when every client waits with nothing scheduled: an idle kernel can still
+be woken by a device interrupt, and a new kernel may still connect.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import TextIO
 
-from .calendar import Calendar, Client, ClientState, StopReason
+from .calendar import Calendar, Client, StopReason
 from .errors import ProtocolError, StallError, UmttError, format_ns
 from .trace import Trace, TraceEvent
 
-EXIT_QUIESCENT = 2
 EXIT_STALLED = 3
+DEFAULT_BUSY_POLL = 0.0002
 EXIT_SIGNALLED = 128
 
 
@@ -48,7 +50,7 @@ class EventTrace(Trace):
         self._stream = stream
 
     def add(self, event: TraceEvent) -> None:
-        if event.kind in ("join", "drop"):
+        if event.kind in ("join", "mode", "drop"):
             print(f"{format_ns(event.now)} {event.kind} {event.client} {event.detail}",
                   file=self._stream, flush=True)
 
@@ -68,6 +70,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="what GET_TOD reports at virtual time 0, in ns")
     parser.add_argument("--debug", type=_non_negative, default=0, metavar="LEVEL",
                         help="0: errors only; 1: joins and drops; 2: every message")
+    parser.add_argument("--busy-poll", type=float, default=DEFAULT_BUSY_POLL, metavar="SECONDS",
+                        help="spin this long for a running client's next message before "
+                             f"sleeping (default {DEFAULT_BUSY_POLL}; 0 = never spin)")
     parser.add_argument("--stall-timeout", type=float, default=0.0, metavar="SECONDS",
                         help="give up when virtual time does not move for this long "
                              "(wall seconds; 0 = never)")
@@ -97,25 +102,20 @@ def serve(calendar: Calendar, stall_timeout: float, log: TextIO) -> int:
     forever = float("inf")
     calendar.serve_until(lambda: calendar.starts_seen >= max(calendar.expected_clients, 1),
                          forever)
+    noticed_at: int | None = None
     while True:
         stop = calendar.run_until(stall_timeout=stall_timeout or forever)
         if not calendar.live_clients():
             return 0
         if stop.reason is not StopReason.QUIESCENT:
             continue
-        if any(c.state in (ClientState.CONNECTED, ClientState.STARTING)
-               for c in calendar.live_clients()):
-            calendar.serve_until(lambda: _progress_possible(calendar), forever)
-            continue
-        names = ", ".join(c.name for c in calendar.live_clients())
-        print(f"umtt-controller: quiescent at {format_ns(calendar.now)}: every client "
-              f"waits with nothing scheduled ({names})", file=log)
-        return EXIT_QUIESCENT
-
-
-def _progress_possible(calendar: Calendar) -> bool:
-    live = calendar.live_clients()
-    return not live or any(c.state is ClientState.STARTING for c in live)
+        if noticed_at != calendar.now and all(c.started for c in calendar.live_clients()):
+            noticed_at = calendar.now
+            names = ", ".join(c.name for c in calendar.live_clients())
+            print(f"umtt-controller: quiescent at {format_ns(calendar.now)}: every client "
+                  f"waits with nothing scheduled ({names}); still serving", file=log,
+                  flush=True)
+        calendar.step(forever)  # whatever comes next: a request, a START, a departure
 
 
 def _raise_on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -133,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         expected_clients=args.clients,
         pause_on_broadcast=False,
         trace=_make_trace(args.debug, log),
+        log_fd=sys.stdout.fileno(),  # as usfstl does; clients may write to it
+        busy_poll=args.busy_poll,
     )
 
     def report_drop(_client: Client, error: ProtocolError | None) -> None:

@@ -77,3 +77,11 @@ class CommandTimeout(MachineError):
 
 class ExpectTimeout(MachineError):
     """The console did not show the expected pattern within the virtual timeout."""
+
+
+class SocketInUseError(UmttError):
+    """Another controller is listening on the socket path."""
+
+
+class ClockError(UmttError):
+    """The calendar was about to move its clock backwards: a bug in the calendar itself."""

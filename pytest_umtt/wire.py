@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import mmap
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MESSAGE_SIZE = 16
 """Every message is ``u32 op, u32 seq, u64 time`` in native byte order (§1)."""
@@ -65,9 +65,9 @@ def op_name(op: int) -> str:
         return f"op{op}"
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One 16-byte protocol message; ``op`` stays an int so unknown ops survive decoding."""
+class Message(NamedTuple):
+    """One 16-byte protocol message; ``op`` stays an int so unknown ops survive decoding.
+    A named tuple rather than a dataclass: one is made per message on the hot path."""
 
     op: int
     seq: int
@@ -80,8 +80,7 @@ class Message:
     @classmethod
     def unpack(cls, data: bytes) -> Message:
         """Decode exactly 16 bytes; anything else is a caller error."""
-        op, seq, time = _MESSAGE.unpack(data)
-        return cls(op, seq, time)
+        return cls._make(_MESSAGE.unpack(data))
 
     def __str__(self) -> str:
         return f"{op_name(self.op)}(seq={self.seq}, time={self.time})"
@@ -160,6 +159,11 @@ class ShmEntry(_View):
     flags = _Field("I", 4)
     req_time = _Field("Q", 8)
     name = _Field("Q", 16)
+
+    def post_request(self, when: int) -> None:
+        """Set req_time and REQ_RUN, as a kernel does for a request (K:284-286)."""
+        self.req_time = when
+        self.flags = self.flags | ClientFlag.REQ_RUN
 
     def clear(self) -> None:
         """Zero the entry, as on a client's removal (§3 Removal)."""

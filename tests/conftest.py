@@ -36,6 +36,7 @@ def connect(calendar: Calendar) -> Iterator[Connect]:
     def make(cal: Calendar = calendar, label: str | None = None) -> tuple[Client, RefClient]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ref = RefClient(theirs, timeout=5.0)
+        ref.after_reply = lambda: settle(cal)
         made.append(ref)
         return cal.attach(ours, label), ref
 

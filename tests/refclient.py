@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 from array import array
+from collections.abc import Callable
 
 from pytest_umtt.wire import (
     MESSAGE_SIZE,
@@ -30,11 +31,19 @@ from pytest_umtt.wire import (
 )
 
 
-class RefClient:
-    """One kernel-like client on a connected socket."""
+class KernelPanic(AssertionError):
+    """What the kernel would panic with (K:50-59, 146-149, 218-226)."""
 
-    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
+
+class RefClient:
+    """One kernel-like client on a connected socket. ``take_shm=False`` makes it decline
+    the offered memory, as a kernel whose mmap failed or a third-party participant does:
+    it leaves capa at 0 and speaks messages only (§7.4)."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 10.0,
+                 take_shm: bool = True) -> None:
         self.sock = sock
+        self.take_shm = take_shm
         self.sock.settimeout(timeout)
         self.seq = 0
         self.id = 0
@@ -48,11 +57,18 @@ class RefClient:
         self.broadcasts: list[int] = []
         self.runs: list[int] = []
         self.received: list[Message] = []
+        # Single-threaded tests let the calendar run here, after each message this client
+        # answers while it waits for an ACK (a FREE_UNTIL, say).
+        self.after_reply: Callable[[], None] | None = None
 
     @classmethod
     def connect(cls, path: str, timeout: float = 10.0) -> RefClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(path)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
         return cls(sock, timeout)
 
     # --- raw messages -----------------------------------------------------------
@@ -110,6 +126,8 @@ class RefClient:
         elif message.op == Op.RUN:
             raise AssertionError("RUN while not waiting")
         self.ack(message)
+        if self.after_reply is not None:
+            self.after_reply()
 
     # --- kernel behaviour ---------------------------------------------------------
 
@@ -129,7 +147,7 @@ class RefClient:
             header = mmap.mmap(memfd, SHM_HEADER_SIZE)
             version, length = struct.unpack_from("=II", header, 0)
             header.close()
-            if version == SHM_VERSION and length >= shm_size(self.id + 1):
+            if self.take_shm and version == SHM_VERSION and length >= shm_size(self.id + 1):
                 self._map = mmap.mmap(memfd, length)
                 self.shm = SharedMemory(self._map)
                 self.offset = self.shm.current_time
@@ -163,10 +181,14 @@ class RefClient:
         seq = self.send(Op.WAIT, 2**64 - 1)
         if self.shm is None:
             self.expect_ack(seq)
+        return self.until_run()
+
+    def until_run(self) -> int:
+        """Serve messages until RUN (the rest of K:335-362); the granted time."""
         while True:
             message = self.recv()
             if message.op == Op.RUN:
-                self.time = message.time
+                self.set_time(message.time)
                 self.runs.append(message.time)
                 if self.shm is not None:
                     entry = self.shm.entry(self.id)
@@ -177,6 +199,37 @@ class RefClient:
             if message.op == Op.ACK:
                 raise AssertionError(f"unexpected ACK while waiting: {message}")
             self._serve(message)
+
+    def set_time(self, when: int) -> None:
+        """time_travel_set_time (K:50-59): the kernel's clock never goes back, and a RUN
+        at S64_MAX or later means it was going to sleep forever."""
+        if when < self.time:
+            raise KernelPanic(f"time-travel: time goes backwards {self.time} -> {when}")
+        if when >= S64_MAX:
+            raise KernelPanic("The system was going to sleep forever, aborting")
+        self.time = when
+
+    def propagate(self) -> None:
+        """Publish the clock, as a virtio kick does (K:296-313): into current_time with
+        shared memory (only while running), else with an UPDATE message."""
+        if self.shm is not None:
+            if self.shm.running_id != self.id:
+                raise KernelPanic("time-travel: setting time while not running")
+            self.shm.current_time = self.time + self.offset
+            return
+        self.update(self.time)
+
+    def read_clock(self) -> int:
+        """time_travel_ext_get_time (K:364-370): what an interrupt reads the time from."""
+        if self.shm is not None:
+            self.set_time(self.shm.current_time - self.offset)
+        else:
+            self.set_time(self.get())
+        return self.time
+
+    def interrupt(self) -> None:
+        """A device interrupt while waiting (K:581-592): read the clock, request now."""
+        self.request(self.read_clock())
 
     def horizon(self) -> int | None:
         if self.shm is not None:

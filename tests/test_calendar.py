@@ -6,6 +6,7 @@ import functools
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -87,19 +88,44 @@ def test_controller_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) ->
     assert "must not be negative: '-1'" in capsys.readouterr().err
 
 
-def test_controller_reports_quiescence_and_exits_2(tmp_path: Path) -> None:
+def read_until(stream: IO[str], text: str) -> list[str]:
+    """Lines from ``stream`` up to and including the first that contains ``text``."""
+    lines = []
+    for line in stream:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never came; got {lines}")
+
+
+def test_controller_serves_on_at_quiescence_and_exits_0(tmp_path: Path) -> None:
+    """Every client waits with nothing scheduled: the controller logs it once and goes on
+    serving; a new kernel joins, the idle one is woken by an interrupt (§7.5)."""
     socket_path = tmp_path / "time.sock"
     controller = subprocess.Popen([sys.executable, "-m", "pytest_umtt.controller",
                                    f"--time={socket_path}", "--clients=1", "--debug=1"],
                                   stderr=subprocess.PIPE, text=True)
     assert controller.stderr is not None
-    assert "listening on" in controller.stderr.readline()
-    client = RefClient.connect(str(socket_path))
-    client.start(1)
-    client.request(S64_MAX)  # nothing to do, ever
-    client.send(Op.WAIT, U64_MAX)
-    _, err = controller.communicate(timeout=30)
-    client.close()
-    assert controller.returncode == 2
-    assert "quiescent at 0.000000000 s: every client waits with nothing scheduled" in err
+    try:
+        read_until(controller.stderr, "listening on")
+        idle = RefClient.connect(str(socket_path))
+        idle.start(1)
+        idle.request(S64_MAX)  # nothing to do, ever
+        idle.send(Op.WAIT, U64_MAX)
+        read_until(controller.stderr, "quiescent at 0.000000000 s: every client waits")
+        late = RefClient.connect(str(socket_path))
+        late.start(2)
+        late.request(1000)
+        assert late.wait() == 1000
+        idle.interrupt()  # a device interrupt: it reads the clock and asks for now
+        late.request(S64_MAX)
+        late.send(Op.WAIT, U64_MAX)
+        assert idle.until_run() == 1000
+        late.close()
+        idle.close()
+        _, err = controller.communicate(timeout=30)
+    finally:
+        controller.kill()
+    assert controller.returncode == 0, err
+    assert "quiescent at 0.000000000 s" not in err  # logged once, read above
     assert not socket_path.exists()

@@ -23,24 +23,30 @@ from tests.refclient import RefClient
 intervals = st.lists(st.sampled_from([0, 1, 2, 50, 100, 256, 1000, 10_000]), min_size=1,
                      max_size=8)
 workloads = st.lists(intervals, min_size=1, max_size=5)
+# Per client: does it take the offered memory (§7.4), does it publish its clock after
+# each sleep (as a virtio kick does, time.c:296-313)?
+manners = st.lists(st.tuples(st.booleans(), st.booleans()), min_size=5, max_size=5)
 
 
 class LoggingClient(RefClient):
     """A reference client that logs every wake-up into a shared, locked list."""
 
     def __init__(self, sock: socket.socket, log: list[tuple[int, int]], lock: threading.Lock,
-                 index: int) -> None:
-        super().__init__(sock)
-        self.log, self.lock, self.index = log, lock, index
+                 index: int, *, take_shm: bool = True, publish: bool = False) -> None:
+        super().__init__(sock, take_shm=take_shm)
+        self.log, self.lock, self.index, self.publish = log, lock, index, publish
 
     def sleep(self, delta: int) -> None:
         super().sleep(delta)
+        if self.publish:
+            self.propagate()
         with self.lock:
             self.log.append((self.time, self.index))
 
 
-def run_workload(workload: list[list[int]], shm: bool) -> tuple[list[tuple[int, int]],
-                                                               list[list[int]], Calendar]:
+def run_workload(workload: list[list[int]], shm: bool,
+                 manner: list[tuple[bool, bool]] | None = None,
+                 ) -> tuple[list[tuple[int, int]], list[list[int]], Calendar]:
     trace = Trace()
     calendar = Calendar(shm=shm, expected_clients=len(workload), trace=trace,
                         pause_on_broadcast=False)
@@ -51,7 +57,8 @@ def run_workload(workload: list[list[int]], shm: bool) -> tuple[list[tuple[int, 
     for index, sleeps in enumerate(workload):
         ours, theirs = socket.socketpair()
         calendar.attach(ours)
-        client = LoggingClient(theirs, log, lock, index)
+        take_shm, publish = manner[index] if manner else (True, False)
+        client = LoggingClient(theirs, log, lock, index, take_shm=take_shm, publish=publish)
 
         def body(client: LoggingClient = client, sleeps: list[int] = sleeps,
                  index: int = index) -> None:
@@ -71,9 +78,10 @@ def run_workload(workload: list[list[int]], shm: bool) -> tuple[list[tuple[int, 
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workload=workloads, shm=st.booleans())
-def test_random_workloads_keep_the_invariants(workload: list[list[int]], shm: bool) -> None:
-    log, results, calendar = run_workload(workload, shm)
+@given(workload=workloads, shm=st.booleans(), manner=manners)
+def test_random_workloads_keep_the_invariants(workload: list[list[int]], shm: bool,
+                                              manner: list[tuple[bool, bool]]) -> None:
+    log, results, calendar = run_workload(workload, shm, manner)
     try:
         assert not calendar.errors
         # Exactness: each client wakes at exactly the sums of its sleeps.

@@ -22,6 +22,9 @@ from pytest_umtt.machine import (
     uml_command,
     uml_environment,
 )
+from pytest_umtt.wire import S64_MAX, U64_MAX, Op
+from tests.refclient import RefClient
+from tests.test_calendar import read_until
 
 pytestmark = pytest.mark.kernel
 
@@ -66,8 +69,9 @@ def guests(uml_kernel: Path, tmp_path: Path) -> Iterator[list[Guest]]:
 
 
 def start_guest(kernel: Path, sim_dir: Path, client_id: int, sleep_s: float, *,
-                shim: Path | None = None, seed: int = 0) -> Guest:
-    """Boot a guest in ``sim_dir/m<id>``; the calendar listens on ``sim_dir/time.sock``."""
+                shim: Path | None = None, seed: int = 0, with_id: bool = True) -> Guest:
+    """Boot a guest in ``sim_dir/m<id>``; the calendar listens on ``sim_dir/time.sock``.
+    Without ``with_id`` the kernel is given ``time-travel=ext:SOCK`` (no ID)."""
     machine_dir = sim_dir / f"m{client_id}"
     machine_dir.mkdir()
     boot = machine_dir / "boot.sh"
@@ -76,6 +80,9 @@ def start_guest(kernel: Path, sim_dir: Path, client_id: int, sleep_s: float, *,
     console = machine_dir / "console.log"
     command = uml_command(kernel, client_id=client_id, mem="64M",
                           extra=[f"UMTT_SLEEP={sleep_s}"])
+    if not with_id:
+        command = [re.sub(r"^time-travel=ext:\d+:", "time-travel=ext:", arg)
+                   for arg in command]
     env = uml_environment(shim, derive_seed(seed, f"m{client_id}"))
     with console.open("wb") as out:
         proc = subprocess.Popen(command, cwd=machine_dir, stdin=subprocess.DEVNULL,
@@ -105,7 +112,7 @@ def test_kernels_under_umtt_controller(uml_kernel: Path, tmp_path: Path,
     assert controller.returncode == 0, log
     assert not socket_path.exists()
     assert [g.proc.wait(timeout=30) for g in guests] == [0] * count
-    mode = "shm" if shm else "messages"
+    mode = " uses shm" if shm else " over messages"
     assert log.count(" join ") == count and log.count(mode) == count, log
     for guest, sleep_s in zip(guests, sleeps, strict=True):
         # Exact virtual time: the sleep plus at most a jiffy (HZ=100) of rounding.
@@ -141,3 +148,80 @@ def test_seed_fixes_guest_entropy_and_trace(uml_kernel: Path, tmp_path: Path,
     assert len(trace_a) > 10
     assert bytes_c != bytes_a
     assert bytes_a[0] != bytes_a[1]  # two machines, two streams
+
+
+def start_controller(socket_path: Path, *args: str) -> subprocess.Popen[str]:
+    """umtt-controller, returned once it listens."""
+    controller = subprocess.Popen(["umtt-controller", f"--time={socket_path}", "--debug=1",
+                                   *args], stderr=subprocess.PIPE, text=True)
+    assert controller.stderr is not None
+    assert "listening on" in controller.stderr.readline()
+    return controller
+
+
+def test_kernel_without_an_id_starts_first(uml_kernel: Path, tmp_path: Path,
+                                           guests: list[Guest]) -> None:
+    socket_path = tmp_path / "time.sock"
+    controller = start_controller(socket_path, "--clients=2")
+    try:
+        guests.append(start_guest(uml_kernel, tmp_path, 1, 0.25))
+        guests.append(start_guest(uml_kernel, tmp_path, 2, 0.25, with_id=False))
+        log = controller.communicate(timeout=120)[1]
+    finally:
+        controller.kill()
+    assert controller.returncode == 0, log
+    joins = [line for line in log.splitlines() if " join " in line]
+    assert len(joins) == 2 and "join client #" in joins[0] and "0x1" in joins[1], log
+    for guest in guests:
+        assert 250_000_000 <= guest.measured_sleep() <= 260_000_000
+
+
+def test_quiescent_controller_is_woken_by_a_new_kernel(uml_kernel: Path, tmp_path: Path,
+                                                       guests: list[Guest]) -> None:
+    """A participant idles with nothing scheduled at 1 ms: the controller keeps serving,
+    and a kernel that connects then joins over messages and runs exactly (§7.5)."""
+    socket_path = tmp_path / "time.sock"
+    controller = start_controller(socket_path, "--clients=1")
+    idle = RefClient.connect(str(socket_path))
+    try:
+        idle.start(7)
+        idle.request(10**6)
+        assert idle.wait() == 10**6
+        idle.request(S64_MAX)
+        idle.send(Op.WAIT, U64_MAX)
+        assert controller.stderr is not None
+        assert "quiescent at 0.001000000 s" in read_until(controller.stderr, "quiescent")[-1]
+        guest = start_guest(uml_kernel, tmp_path, 1, 0.25)
+        guests.append(guest)
+        assert guest.proc.wait(timeout=120) == 0
+        idle.close()
+        log = controller.communicate(timeout=60)[1]
+    finally:
+        controller.kill()
+    assert controller.returncode == 0, log
+    assert "join client 0x1 over messages" in log, log  # it joined at 1 ms: no shm (§6a)
+    assert 250_000_000 <= guest.measured_sleep() <= 260_000_000
+
+
+def test_message_runner_with_a_joining_requester(uml_kernel: Path, tmp_path: Path,
+                                                 guests: list[Guest]) -> None:
+    """Over messages, a kernel joins while another runs; its requests lower the runner's
+    horizon, and both sleeps stay exact (§7.2)."""
+    trace = Trace()
+    with Calendar(shm=False, trace=trace, pause_on_broadcast=False) as calendar:
+        calendar.listen(tmp_path / "time.sock")
+        first = start_guest(uml_kernel, tmp_path, 1, 0.5)
+        guests.append(first)
+        assert calendar.serve_until(lambda: calendar.starts_seen == 1, wall_timeout=30)
+        calendar.run_until(deadline=NS // 10, stall_timeout=30)
+        second = start_guest(uml_kernel, tmp_path, 2, 0.25)
+        guests.append(second)
+        stop = calendar.run_until(lambda: not calendar.live_clients(), stall_timeout=30)
+        assert stop.reason is not StopReason.DEADLINE and not calendar.errors
+    assert [g.proc.wait(timeout=30) for g in guests] == [0, 0]
+    assert 500_000_000 <= first.measured_sleep() <= 510_000_000
+    assert 250_000_000 <= second.measured_sleep() <= 260_000_000
+    joins = trace.of_kind("join")
+    assert joins[1].now >= NS // 10  # it joined mid-run, over messages
+    lowered = [e for e in trace.of_kind("tx") if e.op == "FREE_UNTIL" and e.now > joins[1].now]
+    assert lowered

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from pytest_umtt import Calendar, ClientState, StopReason, Trace
+from pytest_umtt import Calendar, ClientState, StopReason
 from pytest_umtt.wire import (
     FREE_RUN_SPAN,
     NO_ID,
@@ -272,18 +272,37 @@ def test_12_request_message_while_shm_client_runs(calendar: Calendar,
     assert next_run(calendar, a) == 80
 
 
-def test_13_message_runner_hears_of_earlier_request_first(connect: Connect) -> None:
-    trace = Trace()
-    with Calendar(shm=False, trace=trace) as cal:
+def test_13_message_runner_acks_earlier_request_before_requester_goes_on(
+        connect: Connect) -> None:
+    with Calendar(shm=False) as cal:
         _, a = connect(cal, "A")
         _, b = connect(cal, "B")
         boot_together(cal, (a, 1, 500), (b, 2, 50))
         next_run(cal, b)
-        b.free_until = None
-        a.send(Op.REQUEST, 70)
+        seq = a.send(Op.REQUEST, 70)
         settle(cal)
-        tx = [(e.client, e.op, e.time) for e in trace.of_kind("tx")]
-        assert tx[-2:] == [("B", "FREE_UNTIL", 70), ("A", "ACK", 0)]
+        lowered = b.recv()
+        assert (lowered.op, lowered.time) == (Op.FREE_UNTIL, 70)
+        assert nothing_to_read(a)  # held until the runner has ACKed (§7.2)
+        b.ack(lowered)
+        settle(cal)
+        assert a.recv() == Message(Op.ACK, seq, 0)
+
+
+def test_13_held_ack_is_released_when_the_runner_leaves(connect: Connect) -> None:
+    with Calendar(shm=False) as cal:
+        _, a = connect(cal, "A")
+        _, b = connect(cal, "B")
+        boot_together(cal, (a, 1, 500), (b, 2, 50))
+        next_run(cal, b)
+        seq = a.send(Op.REQUEST, 70)
+        settle(cal)
+        assert nothing_to_read(a)
+        b.close()
+        settle(cal)
+        assert a.recv() == Message(Op.ACK, seq, 0)
+        a.send(Op.WAIT, U64_MAX)
+        assert next_run(cal, a) == 70 and not cal.errors
 
 
 def test_14_ties_run_in_request_order(calendar: Calendar, connect: Connect) -> None:
@@ -333,6 +352,7 @@ def test_16_join_mid_run_is_served_over_messages(calendar: Calendar,
     assert len(b.fds) == 2
     b._attach_shm()
     assert b.shm is None  # §6a: a shm kernel joining at t != 0 would BUG
+    assert calendar.shm.running_id == b.id  # in the map, so named (§7.4)
 
 
 def test_17_join_mid_run_offsets_local_times(connect: Connect) -> None:
