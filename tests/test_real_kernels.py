@@ -26,6 +26,10 @@ from pytest_umtt.wire import S64_MAX, U64_MAX, Op
 from tests.refclient import RefClient
 from tests.test_calendar import read_until
 
+CONTROLLER = [sys.executable, "-m", "pytest_umtt.controller"]
+"""``umtt-controller`` by module, not by name: the README's ``.venv/bin/pytest`` runs
+without the virtualenv on PATH."""
+
 pytestmark = pytest.mark.kernel
 
 NS = 10**9
@@ -95,9 +99,7 @@ def start_guest(kernel: Path, sim_dir: Path, client_id: int, sleep_s: float, *,
 def test_kernels_under_umtt_controller(uml_kernel: Path, tmp_path: Path,
                                        guests: list[Guest], count: int, shm: bool) -> None:
     socket_path = tmp_path / "time.sock"
-    # By module, not by name: the README's `.venv/bin/pytest` runs without the venv on PATH.
-    command = [sys.executable, "-m", "pytest_umtt.controller", f"--time={socket_path}",
-               f"--clients={count}", "--debug=1"]
+    command = [*CONTROLLER, f"--time={socket_path}", f"--clients={count}", "--debug=1"]
     controller = subprocess.Popen(command + ([] if shm else ["--no-shm"]),
                                   stderr=subprocess.PIPE, text=True)
     try:
@@ -152,7 +154,7 @@ def test_seed_fixes_guest_entropy_and_trace(uml_kernel: Path, tmp_path: Path,
 
 def start_controller(socket_path: Path, *args: str) -> subprocess.Popen[str]:
     """umtt-controller, returned once it listens."""
-    controller = subprocess.Popen(["umtt-controller", f"--time={socket_path}", "--debug=1",
+    controller = subprocess.Popen([*CONTROLLER, f"--time={socket_path}", "--debug=1",
                                    *args], stderr=subprocess.PIPE, text=True)
     assert controller.stderr is not None
     assert "listening on" in controller.stderr.readline()
