@@ -286,6 +286,7 @@ class Calendar:
         # shake out races between machines that happen to share an instant).
         self._tie_breaker = None if tie_seed is None else random.Random(tie_seed)
         self.doorbell_latency = doorbell_latency
+        self._delayed_doorbells: list[tuple[Client, int]] = []
         self._serials = itertools.count(1)
         self._seq = itertools.count(1)
         self._starting: list[Client] = []
@@ -888,16 +889,32 @@ class Calendar:
         Under perturbation the pause comes a seeded 0..doorbell_latency ns later instead:
         it is then an in-process job, whose arrival lowers the runner's horizon like any
         other event, so the kernel yields exactly there."""
-        if self._tie_breaker is not None and self.doorbell_latency > 0:
-            delay = self._tie_breaker.randrange(self.doorbell_latency + 1)
-            self.call_at(self._now + delay, lambda: self._stops.append(
-                Stop(StopReason.DOORBELL, self._now, client, value)), "doorbell")
-            return
-        self._stops.append(Stop(StopReason.DOORBELL, self._now, client, value))
+        perturbed = self._tie_breaker is not None and self.doorbell_latency > 0
         if client is self._runner:
             # Only the kernel's view shrinks: the calendar's horizon still bounds how far
             # the client may have run, which _end_run needs.
             self._tell_horizon(client, self._now)
+            if perturbed:
+                # The ring's instant is known only once the kernel yields (it ran on since
+                # it last told its time): the delay counts from there (_end_run).
+                self._delayed_doorbells.append((client, value))
+                return
+        if perturbed:
+            self._delay_doorbell(client, value)
+            return
+        self._stops.append(Stop(StopReason.DOORBELL, self._now, client, value))
+
+    def _delay_doorbell(self, client: Client, value: int) -> None:
+        assert self._tie_breaker is not None
+        delay = self._tie_breaker.randrange(self.doorbell_latency + 1)
+        self.call_at(self._now + delay, lambda: self._stops.append(
+            Stop(StopReason.DOORBELL, self._now, client, value)), "doorbell")
+
+    def _release_delayed_doorbells(self, client: Client) -> None:
+        rung = [value for owner, value in self._delayed_doorbells if owner is client]
+        self._delayed_doorbells = [(o, v) for o, v in self._delayed_doorbells if o is not client]
+        for value in rung:
+            self._delay_doorbell(client, value)
 
     def _broadcast_acked(self, pending: _Broadcast, recipient: Client,
                          _ack: Message | None = None) -> None:
@@ -1031,6 +1048,7 @@ class Calendar:
             self._ack(client, message)
         self._collect_shm_requests()
         self._move_to_safe_instant()
+        self._release_delayed_doorbells(client)
         for hook in self.on_wait:
             hook(client)
 
