@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from . import hookspecs
+from .console import Console
 from .errors import UmttError, format_ns
 from .kernel import KernelError, build_shim, default_kernel, kernel_identity
 from .ktap import KtapCase, parse_ktap
@@ -408,11 +409,14 @@ class KunitRun(pytest.Collector):
             boot_error = exc
         finally:
             machine = sim.machines.get("kunit")
-            text = machine.console.text if machine and machine.console else ""
+            console = machine.console if machine else None
+            text = console.text if console else ""
             tail = machine.console_tail() if machine else ""
             _close_simulation(self.config, sim, started, None)
-        items: list[pytest.Item] = [KunitCase.from_parent(self, name=case.name, case=case)
-                                    for case in parse_ktap(text)]
+        items: list[pytest.Item] = [
+            KunitCase.from_parent(self, name=case.name, case=case, detail=(
+                _crash_console(console, case) if case.crashed else ""))
+            for case in parse_ktap(text)]
         if boot_error is not None:
             items.append(KunitCase.from_parent(self, name="boot", case=None, detail=(
                 f"the KUnit machine did not come up: {boot_error}")))
@@ -420,6 +424,14 @@ class KunitRun(pytest.Collector):
             items.append(KunitCase.from_parent(self, name="no-cases", case=None, detail=(
                 f"no KUnit test case matched {glob!r} (is the suite built in?)\n{tail}")))
         return items
+
+
+def _crash_console(console: Console | None, case: KtapCase) -> str:
+    """The console from a crashed case on, each line with its virtual time."""
+    if console is None:
+        return ""
+    shown = console.lines[case.lines.start:case.lines.start + CONSOLE_TAIL]
+    return "console from the crash on:\n" + "\n".join(str(line) for line in shown)
 
 
 class KunitCase(pytest.Item):
@@ -436,12 +448,14 @@ class KunitCase(pytest.Item):
         if self.case.skipped:
             pytest.skip(self.case.reason or "skipped by KUnit")
         if not self.case.ok:
-            raise KunitFailure("\n".join(self.case.diagnostics) or "not ok")
+            raise KunitFailure("\n".join([*self.case.diagnostics, self.detail]).strip()
+                               or "not ok")
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
                      style: Any = None) -> str:
         if isinstance(excinfo.value, KunitFailure):
-            return f"KUnit: {self.name} failed\n{excinfo.value}"
+            how = "crashed" if self.case is not None and self.case.crashed else "failed"
+            return f"KUnit: {self.name} {how}\n{excinfo.value}"
         return str(super().repr_failure(excinfo, style))
 
     def reportinfo(self) -> tuple[Path, None, str]:

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from pytest_umtt.console import Console
 from pytest_umtt.kernel import cache_root
+from pytest_umtt.ktap import parse_ktap
+from pytest_umtt.plugin import _crash_console
 
 pytestmark = pytest.mark.kernel
 
@@ -220,3 +223,17 @@ def test_xdist_workers_have_their_own_simulations(pytester: pytest.Pytester,
     result = pytester.runpytest_subprocess(*kernel_args, "-n", "2", "-s")
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["*4 simulations: * s of virtual time in * s wall*"])
+
+
+def test_a_crashed_kunit_case_shows_the_crash_and_its_times(tmp_path: Path) -> None:
+    logs = sorted(cache_root().glob("src/*/tools/testing/kunit/test_data"))
+    if not logs:
+        pytest.skip(f"no kernel tree under {cache_root() / 'src'} (umtt-kernel build makes one)")
+    console = Console(tmp_path / "console.log")
+    console.feed((logs[0] / "test_kernel_panic_interrupt.log").read_bytes(), 1_500_000)
+    crashed = [case for case in parse_ktap(console.text) if case.crashed]
+    assert crashed
+    shown = _crash_console(console, crashed[0])
+    assert "Kernel panic - not syncing" in shown
+    assert "[0.001500000 s]" in shown
+    console.close()
