@@ -1,7 +1,8 @@
 """A machine's console, read in virtual time.
 
 In time-travel modes UML writes console output with blocking writes, so everything a
-kernel printed before its WAIT is already in the pty then (DESIGN.md fact 5). Output is
+kernel printed before its WAIT is already in the pty then (DESIGN.md fact 5). That holds
+only while the output descriptor stays blocking: see machine.separate_console_output. Output is
 therefore stamped at the WAIT that ends the kernel's run: with the free run capped at
 ``max_free_run``, a stamp is at most that much later than the instant of printing.
 """

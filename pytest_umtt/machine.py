@@ -145,14 +145,16 @@ PR_SET_PDEATHSIG = 1
 
 def fix_uml_process(confine: Path | None = None) -> None:
     """Between fork and exec of UML: die with the test process (even if it is SIGKILLed;
-    UML's own helpers already die with UML), fixed resource limits (UML prints the
-    core-dump limits on its console), and, given a directory, confinement to it
+    UML's own helpers already die with UML), console output that stays blocking
+    (:func:`separate_console_output`), fixed resource limits (UML prints the core-dump
+    limits on its console), and, given a directory, confinement to it
     (:mod:`pytest_umtt.confine`)."""
     parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+    separate_console_output()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     _, hard = resource.getrlimit(resource.RLIMIT_STACK)
     soft = UML_STACK_LIMIT if hard == resource.RLIM_INFINITY else min(UML_STACK_LIMIT, hard)
@@ -231,6 +233,28 @@ def _write_new(name: str, data: bytes, directory: int) -> None:
                  dir_fd=directory)
     with os.fdopen(fd, "wb") as stream:
         stream.write(data)
+
+
+def separate_console_output() -> None:
+    """In the child, before exec: give stdout and stderr an open file description of the
+    pty of their own, apart from stdin's.
+
+    pexpect dup2()s one slave descriptor onto 0, 1 and 2, so all three share one open
+    file description, and O_NONBLOCK lives there, not in the descriptor. In time-travel
+    modes UML makes its console output blocking (chan_kern.c, open_one_chan: a dup of
+    fd 1 set blocking) and therefore registers no write interrupt. But enabling the
+    input channel on fd 0 (line_setup_irq -> um_request_irq -> activate_fd ->
+    os_set_fd_async) sets O_ASYNC | O_NONBLOCK on that shared description, so output
+    becomes non-blocking after all. When the pty is momentarily full a write then gets
+    EAGAIN, UML's 4 KiB line buffer fills, and the writer sleeps in n_tty_write for a
+    tty_wakeup() that only the (absent) write interrupt would give: the guest process
+    and, through its stderr, the agent hang for good. With its own description, fd 1
+    stays blocking and every console write completes, as time travel requires.
+    """
+    fd = os.open(os.ttyname(0), os.O_RDWR | os.O_NOCTTY)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def derive_seed(run_seed: int, machine: str) -> int:
