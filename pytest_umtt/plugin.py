@@ -6,6 +6,7 @@ Thin by design: everything here delegates to :mod:`pytest_umtt.simulation` and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from .simulation import (
     first_difference,
     remove_stale_directories,
 )
+from .summary import EXPLORED_SEED, FINGERPRINT, Summary, SummaryReporter
 
 MEM_PATTERN = re.compile(r"^\d+[KMG]$")
 PROTOCOL_TAIL = 30
@@ -279,14 +281,9 @@ class SessionState:
     """What the plugin keeps for a session (in config.stash, never in globals)."""
 
     settings: Settings
-    simulations: int = 0
-    virtual_ns: int = 0
-    wall_seconds: float = 0.0
+    summary: Summary = field(default_factory=Summary)
     open: set[Simulation] = field(default_factory=set)
     first_runs: dict[str, list[str]] = field(default_factory=dict)
-    checked: int = 0
-    differed: list[str] = field(default_factory=list)
-    explored: dict[str, list[tuple[int, bool]]] = field(default_factory=dict)
     rootfs: Rootfs | None = None
     previous_sigterm: signal.Handlers | None = None
 
@@ -324,7 +321,6 @@ def base_nodeid(nodeid: str) -> str:
 STATE = pytest.StashKey[SessionState]()
 ITEM_SIM = pytest.StashKey[Simulation]()
 ITEM_SETTINGS = pytest.StashKey[Settings]()
-ITEM_VARIANT = pytest.StashKey[Variant]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -349,6 +345,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", text)
     state = SessionState(resolve_settings(config))
     config.stash[STATE] = state
+    config.pluginmanager.register(SummaryReporter(
+        state.summary, worker=hasattr(config, "workerinput"), base_nodeid=base_nodeid),
+        "umtt-summary")
     if not hasattr(config, "workerinput"):  # xdist workers' owners are alive anyway
         remove_stale_directories()
     state.previous_sigterm = _sigterm_as_interrupt()
@@ -522,9 +521,7 @@ def _close_simulation(config: pytest.Config, sim: Simulation, started: float,
                       artifacts: Path | None) -> None:
     state = config.stash[STATE]
     state.open.discard(sim)
-    state.simulations += 1
-    state.virtual_ns += sim.now
-    state.wall_seconds += time.monotonic() - started
+    state.summary.add_simulation(sim.now, time.monotonic() - started)
     sim.close(keep_files=artifacts is not None)
     if artifacts is not None:
         try:
@@ -567,8 +564,9 @@ def umtt_sim(request: pytest.FixtureRequest, umtt_variant: Variant) -> Iterator[
     if umtt_variant.seed is not None:
         settings = replace(settings, seed=umtt_variant.seed, seed_source="--umtt-explore")
     item.stash[ITEM_SETTINGS] = settings
-    item.stash[ITEM_VARIANT] = umtt_variant
     item.user_properties.append(("umtt_seed", str(settings.seed)))
+    if umtt_variant.seed is not None:
+        item.user_properties.append((EXPLORED_SEED, str(umtt_variant.seed)))
     started = time.monotonic()
     sim = _open_simulation(request.config, settings)
     item.stash[ITEM_SIM] = sim
@@ -578,20 +576,23 @@ def umtt_sim(request: pytest.FixtureRequest, umtt_variant: Variant) -> Iterator[
         item.user_properties.append(("umtt_virtual_seconds", f"{sim.seconds:.9f}"))
         _close_simulation(request.config, sim, started, _artifacts_dir(settings, item.nodeid))
     if umtt_variant.run is not None:
-        _compare_runs(request.config.stash[STATE], item.nodeid, sim.fingerprint())
+        fingerprint = sim.fingerprint()
+        # The summary pairs the runs by this digest, wherever (which xdist worker) each ran.
+        item.user_properties.append(
+            (FINGERPRINT, hashlib.sha256("\n".join(fingerprint).encode()).hexdigest()))
+        _compare_runs(request.config.stash[STATE], item.nodeid, fingerprint)
 
 
 def _compare_runs(state: SessionState, nodeid: str, fingerprint: list[str]) -> None:
-    """The second of two runs with one seed: it must be the first one again."""
+    """The second of two runs with one seed in this process: it must be the first one
+    again, or this item fails and shows where they part."""
     key = re.sub(r"determinism-[12]", "determinism", nodeid)
     first = state.first_runs.pop(key, None)
     if first is None:
         state.first_runs[key] = fingerprint
         return
-    state.checked += 1
     difference = first_difference(first, fingerprint)
     if difference is not None:
-        state.differed.append(base_nodeid(nodeid))
         raise AssertionError(f"not deterministic: two runs with one seed differ; {difference}")
 
 
@@ -638,11 +639,6 @@ def pytest_runtest_makereport(
     sim = item.stash.get(ITEM_SIM, None)
     if sim is not None and report.failed and report.when != "teardown":
         _add_failure_sections(item, sim, report)
-    variant = item.stash.get(ITEM_VARIANT, None)
-    if variant is not None and variant.seed is not None and report.when == "call":
-        state = item.config.stash[STATE]
-        state.explored.setdefault(base_nodeid(item.nodeid), []).append(
-            (variant.seed, report.failed))
     return report
 
 
@@ -699,44 +695,3 @@ def save_artifacts(sim: Simulation, target: Path) -> None:
         {"seed": sim.seed, "virtual_ns": sim.now,
          "machines": {name: sim.identity(machine) for name, machine in sim.machines.items()}},
         indent=2))
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    workeroutput = getattr(session.config, "workeroutput", None)
-    state = session.config.stash.get(STATE, None)
-    if workeroutput is not None and state is not None:  # an xdist worker: report home
-        workeroutput["umtt"] = [state.simulations, state.virtual_ns, state.wall_seconds]
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: object) -> None:
-    """xdist controller: add up what each worker simulated."""
-    done = getattr(node, "workeroutput", {}).get("umtt")
-    if done:
-        state = node.config.stash[STATE]
-        state.simulations += done[0]
-        state.virtual_ns += done[1]
-        state.wall_seconds += done[2]
-
-
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    state = config.stash.get(STATE, None)
-    if state is None or not state.simulations:
-        return
-    speedup = state.virtual_ns / 1e9 / state.wall_seconds if state.wall_seconds else 0.0
-    terminalreporter.write_sep("-", "pytest-umtt")
-    terminalreporter.write_line(
-        f"{state.simulations} simulations: {format_ns(state.virtual_ns)} of virtual time in "
-        f"{state.wall_seconds:.2f} s wall ({speedup:.1f}x)")
-    if state.checked:
-        terminalreporter.write_line(
-            f"determinism: {state.checked} tests run twice, {len(state.differed)} differed"
-            + "".join(f"\n  differs: {nodeid}" for nodeid in state.differed))
-    for nodeid, outcomes in state.explored.items():
-        failed = sorted(seed for seed, bad in outcomes if bad)
-        line = f"explore: {nodeid}: {len(failed)} of {len(outcomes)} seeds failed"
-        if failed:
-            line += (f" ({', '.join(map(str, failed))}); reproduce: pytest "
-                     f"{shlex.quote(nodeid)} --umtt-seed={failed[0]}")
-        terminalreporter.write_line(line)
-

@@ -158,3 +158,29 @@ def test_explore_finds_failing_seeds_and_each_reproduces(pytester: pytest.Pytest
     for seed in failed[:2]:
         rerun = pytester.runpytest_subprocess(*kernel_args, f"--umtt-seed={seed}")
         rerun.assert_outcomes(failed=1)
+
+
+@pytest.mark.kernel
+def test_summary_lines_are_the_same_with_xdist(pytester: pytest.Pytester,
+                                                kernel_args: list[str]) -> None:
+    pytester.makepyfile("""
+        from pathlib import Path
+
+        def test_same(uml):
+            uml.run("head -c 8 /dev/urandom | od -An -tx1")
+
+        def test_host_dependent(uml):
+            runs = Path(__file__).with_name("runs")  # host state, whichever worker runs it
+            runs.write_text(runs.read_text() + "x" if runs.exists() else "x")
+            uml.run(f"sleep 0.{len(runs.read_text())}")
+    """)
+    args = (*kernel_args, "--umtt-check-determinism", "--umtt-explore=2")
+    summaries = []
+    for extra in ((), ("-n", "2")):
+        (pytester.path / "runs").unlink(missing_ok=True)
+        result = pytester.runpytest_subprocess(*args, *extra)
+        summaries.append(sorted(line for line in result.outlines
+                                if line.startswith(("determinism:", "explore:", "  differs:"))))
+    assert summaries[0] == summaries[1], summaries
+    assert "determinism: 4 tests run twice, 2 differed" in summaries[1]
+    assert sum(line.startswith("explore:") for line in summaries[1]) == 2

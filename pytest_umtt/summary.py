@@ -1,0 +1,121 @@
+"""The session's numbers and verdicts, the same with or without xdist.
+
+:class:`Summary` is plain data; :class:`SummaryReporter` is registered as a plugin (like
+xdist's DSession). Each process counts its own simulations; workers send them home in
+``workeroutput``. Determinism pairs and explored seeds are read from the test reports in
+the process that shows the summary: with xdist the two runs of one test may land on two
+workers, and only the controller sees both.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pytest
+
+from .errors import format_ns
+
+FINGERPRINT = "umtt_fingerprint"
+"""User property: the digest of a determinism run's fingerprint (with its run number)."""
+EXPLORED_SEED = "umtt_explored_seed"
+"""User property: the seed of an ``--umtt-explore`` item."""
+
+
+@dataclass
+class Summary:
+    """What the terminal summary shows."""
+
+    simulations: int = 0
+    virtual_ns: int = 0
+    wall_seconds: float = 0.0
+    checked: int = 0
+    differed: list[str] = field(default_factory=list)
+    explored: dict[str, list[tuple[int, bool]]] = field(default_factory=dict)
+
+    def add_simulation(self, virtual_ns: int, wall_seconds: float) -> None:
+        self.simulations += 1
+        self.virtual_ns += virtual_ns
+        self.wall_seconds += wall_seconds
+
+    def add_worker(self, counts: dict[str, Any]) -> None:
+        """A worker's own counts (what it simulated)."""
+        self.simulations += int(counts["simulations"])
+        self.virtual_ns += int(counts["virtual_ns"])
+        self.wall_seconds += float(counts["wall_seconds"])
+
+    def lines(self) -> list[str]:
+        """The summary's lines (none when nothing was simulated)."""
+        if not self.simulations:
+            return []
+        speedup = self.virtual_ns / 1e9 / self.wall_seconds if self.wall_seconds else 0.0
+        lines = [f"{self.simulations} simulations: {format_ns(self.virtual_ns)} of virtual "
+                 f"time in {self.wall_seconds:.2f} s wall ({speedup:.1f}x)"]
+        if self.checked:
+            lines.append(f"determinism: {self.checked} tests run twice, "
+                         f"{len(self.differed)} differed"
+                         + "".join(f"\n  differs: {nodeid}" for nodeid in self.differed))
+        for nodeid, outcomes in self.explored.items():
+            failed = sorted(seed for seed, bad in outcomes if bad)
+            line = f"explore: {nodeid}: {len(failed)} of {len(outcomes)} seeds failed"
+            if failed:
+                line += (f" ({', '.join(map(str, failed))}); reproduce: pytest "
+                         f"{shlex.quote(nodeid)} --umtt-seed={failed[0]}")
+            lines.append(line)
+        return lines
+
+
+class SummaryReporter:
+    """Fills a :class:`Summary` from reports and workers, and prints it."""
+
+    def __init__(self, summary: Summary, *, worker: bool, base_nodeid: Any) -> None:
+        self.summary = summary
+        self.worker = worker
+        self._base_nodeid = base_nodeid
+        self._first_runs: dict[str, str] = {}
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.worker:
+            return  # the controller reads the same report
+        properties = dict(report.user_properties)
+        if report.when == "teardown" and FINGERPRINT in properties:
+            self._pair(report.nodeid, str(properties[FINGERPRINT]))
+        if EXPLORED_SEED in properties and (report.when == "call" or
+                                            (report.when == "setup" and report.failed)):
+            self.summary.explored.setdefault(self._base_nodeid(report.nodeid), []).append(
+                (int(str(properties[EXPLORED_SEED])), report.failed))
+
+    def _pair(self, nodeid: str, digest: str) -> None:
+        key = nodeid.replace("determinism-1", "determinism").replace("determinism-2",
+                                                                    "determinism")
+        first = self._first_runs.pop(key, None)
+        if first is None:
+            self._first_runs[key] = digest
+            return
+        self.summary.checked += 1
+        if first != digest:
+            self.summary.differed.append(self._base_nodeid(nodeid))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        counts = getattr(node, "workeroutput", {}).get("umtt")
+        if counts:
+            self.summary.add_worker(counts)
+
+    @pytest.hookimpl
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if workeroutput is not None:
+            counts = asdict(self.summary)
+            workeroutput["umtt"] = {key: counts[key]
+                                    for key in ("simulations", "virtual_ns", "wall_seconds")}
+
+    @pytest.hookimpl
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        lines = self.summary.lines()
+        if lines:
+            terminalreporter.write_sep("-", "pytest-umtt")
+            for line in lines:
+                terminalreporter.write_line(line)
