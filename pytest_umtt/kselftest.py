@@ -256,12 +256,12 @@ def slow_diagnosis(virtual_ns: int, wall: float, budget: float) -> str:
     text = (f"virtual time advanced {virtual_ns / 1e9:.3f} s in {wall:.1f} s of wall time: "
             f"a loop that polls the clock")
     if 0 < rate < 1:
-        text += f", running {1 / rate:.0f}x slower than real time"
+        text += f", running {1 / rate:.{0 if rate < 0.1 else 1}f}x slower than real time"
         if budget / rate < 86400:
             text += (f" (its budget of {budget:g} virtual s would take "
                      f"{budget / rate / 60:.0f} min of wall time)")
     return (text + f". Under UML each clock read advances virtual time by {CLOCK_READ_NS} ns "
-            f"and costs tens of microseconds of wall time")
+            f"(TIMER_MULTIPLIER) and costs tens of microseconds of wall time")
 
 
 def _stalled(test: KselftestTest, job: BackgroundCommand, exc: MachineStalled,
