@@ -24,10 +24,20 @@ from typing import Any
 
 import pytest
 
-from . import hookspecs
+from . import hookspecs, kselftest
 from .console import Console
 from .errors import UmttError, format_ns
 from .kernel import KernelError, build_shim, default_kernel, kernel_identity
+from .kselftest import (
+    GUEST_TREE,
+    LIST_FILE,
+    KselftestResult,
+    KselftestTest,
+    Outcome,
+    read_tests,
+    run_kselftest,
+    virtual_budget,
+)
 from .ktap import KtapCase, parse_ktap
 from .machine import DEFAULT_COMMAND_TIMEOUT, DEFAULT_MEM, Machine
 from .rootfs import Rootfs, build_rootfs
@@ -43,6 +53,8 @@ from .summary import EXPLORED_SEED, FINGERPRINT, Summary, SummaryReporter
 MEM_PATTERN = re.compile(r"^\d+[KMG]$")
 PROTOCOL_TAIL = 30
 CONSOLE_TAIL = 40
+KSELFTEST_TIMEOUT = kselftest.DEFAULT_TIMEOUT
+KSELFTEST_WALL_TIMEOUT = kselftest.DEFAULT_WALL_TIMEOUT
 
 
 # --- settings: every one as CLI, env and ini, resolved in one place ---------------------
@@ -64,6 +76,9 @@ class Settings:
     check_determinism: bool = False
     perturb: bool = False
     rootfs: str = "pinned"
+    kselftest: Path | None = None
+    kselftest_timeout: float | None = None  # None: the tree's settings, else 45 s
+    kselftest_wall_timeout: float = KSELFTEST_WALL_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,16 @@ OPTIONS = (
     Option("umtt_rootfs", "--umtt-rootfs", "the guest's root filesystem: 'pinned' (default; "
            "built from Debian packages, the same on every host) or 'host' (the host's / "
            "read-only through hostfs)", "pinned|host"),
+    Option("umtt_kselftest", "--umtt-kselftest", "run the installed kselftest tree DIR "
+           "(`make -C tools/testing/selftests install INSTALL_PATH=DIR`, or `umtt-kselftest "
+           "build`), each test in a fresh machine; each test and KTAP subtest a test", "DIR"),
+    Option("umtt_kselftest_timeout", "--umtt-kselftest-timeout", "virtual seconds each "
+           "kselftest may take, overriding its collection's settings file (default: that "
+           f"file's timeout, else kselftest's {KSELFTEST_TIMEOUT:g})", "SECONDS"),
+    Option("umtt_kselftest_wall_timeout", "--umtt-kselftest-wall-timeout", "wall seconds "
+           "each kselftest may take before it is stopped and diagnosed (default "
+           f"{KSELFTEST_WALL_TIMEOUT:g}; UML runs clock-polling loops about 100x "
+           "slower than real time)", "SECONDS"),
 )
 ROOTFS_CHOICES = ("pinned", "host")
 
@@ -197,6 +222,16 @@ def _kernel(text: str, where: str) -> Path:
     return path
 
 
+def _kselftest_tree(text: str, where: str) -> Path:
+    path = Path(text).expanduser().absolute()
+    if not (path / LIST_FILE).is_file():
+        raise pytest.UsageError(f"{where}: {text!r} is not an installed kselftest tree (no "
+                                f"{LIST_FILE}); make one with `umtt-kselftest build "
+                                f"--targets TARGET` or `make -C tools/testing/selftests "
+                                f"TARGETS=... install INSTALL_PATH=DIR`")
+    return path
+
+
 def resolve_settings(config: pytest.Config) -> Settings:
     """Settings from CLI > environment > ini; bad values are a UsageError naming the fix."""
     raw = {option.name: _raw_setting(config, option) for option in OPTIONS}
@@ -220,6 +255,10 @@ def resolve_settings(config: pytest.Config) -> Settings:
         check_determinism=get("umtt_check_determinism", _switch, False),
         perturb=get("umtt_perturb", _switch, False),
         rootfs=get("umtt_rootfs", _rootfs, "pinned"),
+        kselftest=get("umtt_kselftest", _kselftest_tree, None),
+        kselftest_timeout=get("umtt_kselftest_timeout", _positive_float, None),
+        kselftest_wall_timeout=get("umtt_kselftest_wall_timeout", _positive_float,
+                                   KSELFTEST_WALL_TIMEOUT),
     )
 
 
@@ -386,6 +425,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if base.kunit is not None:
         # First, so that -k and other deselection apply to KUnit cases too.
         items.extend(KunitRun.from_parent(session, name="kunit").collect())
+    if base.kselftest is not None:
+        items.extend(KselftestRun.from_parent(session, name="kselftest").collect())
 
 
 class KunitFailure(Exception):
@@ -459,6 +500,86 @@ class KunitCase(pytest.Item):
 
     def reportinfo(self) -> tuple[Path, None, str]:
         return self.path, None, f"kunit: {self.name}"
+
+
+class KselftestFailure(Exception):
+    """A kselftest failed, crashed its kernel, or outran a budget."""
+
+
+class KselftestRun(pytest.Collector):
+    """An installed kselftest tree: each test runs in a fresh machine (a crash, a hang or
+    a changed clock cannot touch the next test, and a test's run does not depend on
+    which others ran); one item per test and one per KTAP subtest it printed."""
+
+    def collect(self) -> list[pytest.Item]:
+        settings = self.config.stash[STATE].settings
+        assert settings.kselftest is not None
+        items: list[pytest.Item] = []
+        for test in read_tests(settings.kselftest):
+            result = self._run(settings, settings.kselftest, test)
+            items.append(KselftestItem.from_parent(self, name=test.id, result=result))
+            items += [KselftestItem.from_parent(self, name=f"{test.id}/{case.name}",
+                                                result=result, case=case)
+                      for case in result.cases]
+        return items
+
+    def _run(self, settings: Settings, root: Path, test: KselftestTest) -> KselftestResult:
+        started = time.monotonic()
+        sim = _open_simulation(self.config, settings)
+        try:
+            machine = _factory(self.config, sim, settings)("kselftest")
+            return run_kselftest(machine, test, tree=machine.push(root, GUEST_TREE),
+                                 timeout=virtual_budget(root, test, settings.kselftest_timeout),
+                                 wall_timeout=settings.kselftest_wall_timeout)
+        except UmttError as exc:  # the machine did not come up: report it, run the rest
+            return KselftestResult(test, Outcome.CRASH, f"the machine did not come up: {exc}",
+                                   wall_seconds=time.monotonic() - started)
+        finally:
+            _close_simulation(self.config, sim, started,
+                              _artifacts_dir(settings, f"kselftest/{test.id}"))
+
+
+class KselftestItem(pytest.Item):
+    """A kselftest's result (or one of its KTAP subtests'), as the run reported it."""
+
+    def __init__(self, *, result: KselftestResult, case: KtapCase | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.result = result
+        self.case = case
+        if case is None:
+            self.user_properties += [
+                ("umtt_virtual_seconds", f"{result.virtual_ns / 1e9:.9f}"),
+                ("umtt_wall_seconds", f"{result.wall_seconds:.3f}")]
+
+    def runtest(self) -> None:
+        if self.case is not None:
+            if self.case.skipped:
+                pytest.skip(self.case.reason or "skipped (KTAP)")
+            if not self.case.ok:
+                raise KselftestFailure("\n".join(self.case.diagnostics) or "not ok")
+            return
+        if self.result.outcome is Outcome.SKIP:
+            pytest.skip(self.result.detail)
+        if self.result.outcome is not Outcome.PASS:
+            raise KselftestFailure(self._failure_text())
+
+    def _failure_text(self) -> str:
+        result = self.result
+        lines = result.output.splitlines()[-CONSOLE_TAIL:]
+        return (f"{result.outcome.value}: {result.detail}\n"
+                f"({result.virtual_ns / 1e9:.3f} s virtual, {result.wall_seconds:.1f} s wall)"
+                + (f"\n--- output (last {len(lines)} lines) ---\n" + "\n".join(lines)
+                   if lines else "\n(no output)"))
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
+                     style: Any = None) -> str:
+        if isinstance(excinfo.value, KselftestFailure):
+            return f"kselftest {self.name}: {excinfo.value}"
+        return str(super().repr_failure(excinfo, style))
+
+    def reportinfo(self) -> tuple[Path, None, str]:
+        return self.path, None, f"kselftest: {self.name}"
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
