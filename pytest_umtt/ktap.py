@@ -100,7 +100,8 @@ _PATTERNS = {
     _Kind.SUBTEST: re.compile(r"\s*# Subtest: (.*)$"),
     _Kind.PLAN: re.compile(r"\s*1\.\.(\d+)"),
     # A name cannot contain '#': that starts the directive (" # SKIP reason").
-    _Kind.RESULT: re.compile(r"\s*(ok|not ok) (\d+) (?:- )?([^#]*)(?: # (.*))?$"),
+    # "ok 2 # SKIP why" (kselftest's skips) and a bare "ok 3" are results too.
+    _Kind.RESULT: re.compile(r"\s*(ok|not ok) (\d+)(?: - | )?([^#]*?)(?: ?# (.*))?$"),
 }
 _START = re.compile(r"K?TAP version \d+$")
 # What the kernel prints once the tests are over and it goes on to boot or stop.

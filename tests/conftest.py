@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 
 from pytest_umtt import Calendar, Client, Trace
-from pytest_umtt.kernel import build_shim, default_kernel
+from pytest_umtt.kernel import build_shim, cache_root, default_kernel
 from tests.refclient import RefClient
 
 Connect = Callable[..., tuple[Client, RefClient]]
+
+REAL_CACHE = cache_root()
+"""The cache with the built kernel, shim and root, looked up before pytester moves HOME."""
 
 
 def settle(calendar: Calendar) -> None:
@@ -67,3 +70,16 @@ def shim() -> Path:
     path = build_shim()
     assert path is not None, "the getrandom shim needs a C compiler"
     return path
+
+
+@pytest.fixture
+def real_cache(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Child pytest runs (pytester) use the real cache, not one under pytester's HOME."""
+    monkeypatch.setenv("UMTT_CACHE_DIR", str(REAL_CACHE))
+    return REAL_CACHE
+
+
+@pytest.fixture
+def kernel_args(uml_kernel: Path, real_cache: Path) -> list[str]:
+    """Arguments for a child pytest run on the real kernel."""
+    return [f"--uml-kernel={uml_kernel}", "-p", "no:cacheprovider"]

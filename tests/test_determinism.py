@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from pytest_umtt import Calendar, StopReason, Trace
-from pytest_umtt.kernel import cache_root
 from pytest_umtt.simulation import first_difference
 from pytest_umtt.tracetool import main as trace_main
 from pytest_umtt.wire import Op
@@ -112,12 +111,6 @@ def test_trace_tool_names_a_bad_line(tmp_path: Path) -> None:
 
 
 # --- on real kernels, through pytest -------------------------------------------------------
-
-@pytest.fixture
-def kernel_args(uml_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    monkeypatch.setenv("UMTT_CACHE_DIR", str(cache_root()))
-    return [f"--uml-kernel={uml_kernel}", "-p", "no:cacheprovider"]
-
 
 @pytest.mark.kernel
 def test_check_determinism_passes_same_runs_and_shows_where_others_part(

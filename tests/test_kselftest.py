@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from pytest_umtt.kernel import cache_root
 from pytest_umtt.kselftest import (
     DEFAULT_TIMEOUT,
     KselftestError,
@@ -97,15 +96,9 @@ def test_a_slow_test_is_diagnosed_with_both_clocks() -> None:
 
 # --- with the real kernel ---------------------------------------------------------------
 
-CACHE = cache_root()
-"""The real cache, looked up before pytester moves HOME."""
-
-
 @pytest.fixture
-def kernel_args(uml_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    # Keep using the real cache (kernel, shim, root) in the child runs.
-    monkeypatch.setenv("UMTT_CACHE_DIR", str(CACHE))
-    return [f"--uml-kernel={uml_kernel}", "-p", "no:cacheprovider", "-v", "-rs"]
+def kernel_args(kernel_args: list[str]) -> list[str]:
+    return [*kernel_args, "-v", "-rs"]
 
 
 @pytest.mark.kernel

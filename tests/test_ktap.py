@@ -252,3 +252,13 @@ def test_same_cases_as_kunit_py(kunit_parser: ModuleType, log: Path) -> None:
     text = log.read_text(errors="replace")
     expected = list(kunit_leaves(kunit_parser.parse_run_tests(text.splitlines())))
     assert [(case.name, case.status) for case in parse_ktap(text)] == expected
+
+
+def test_results_without_a_name_as_kselftest_prints_skips() -> None:
+    cases = parse_ktap("TAP version 13\n1..3\nok 1 CLOCK_REALTIME\n"
+                       "ok 2 # SKIP CLOCK_PROCESS_CPUTIME_ID\nok 3\n"
+                       "# Totals: pass:2 fail:0 xfail:0 xpass:0 skip:1 error:0\n")
+    assert [(c.name, c.status, c.reason) for c in cases] == [
+        ("CLOCK_REALTIME", KtapStatus.PASSED, ""),
+        ("case-2", KtapStatus.SKIPPED, "CLOCK_PROCESS_CPUTIME_ID"),
+        ("case-3", KtapStatus.PASSED, "")]

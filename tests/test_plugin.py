@@ -15,13 +15,6 @@ from pytest_umtt.plugin import _crash_console
 pytestmark = pytest.mark.kernel
 
 
-@pytest.fixture
-def kernel_args(uml_kernel: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    # pytester moves HOME; keep using the real cache (kernel, shim) in the child runs.
-    monkeypatch.setenv("UMTT_CACHE_DIR", str(cache_root()))
-    return [f"--uml-kernel={uml_kernel}", "-p", "no:cacheprovider"]
-
-
 # --- settings -------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -20,18 +20,16 @@ import pytest
 
 from pytest_umtt.console import Console
 from pytest_umtt.errors import BootError, CommandTimeout, MachineCrashed, MachineError
-from pytest_umtt.kernel import KernelError, build_shim, cache_root
+from pytest_umtt.kernel import KernelError, build_shim
 from pytest_umtt.machine import POWEROFF_WALL_TIMEOUT, Machine
 from pytest_umtt.simulation import Simulation, remove_stale_directories
 
 S = 10**9
-CACHE = cache_root()  # before pytester moves HOME
 
 
 @pytest.fixture(autouse=True)
-def real_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+def _real_cache(real_cache: Path) -> None:
     """Child pytest runs use the built kernel, shim and root, not an empty cache."""
-    monkeypatch.setenv("UMTT_CACHE_DIR", str(CACHE))
 
 
 def uml_processes(directory: Path) -> list[psutil.Process]:
