@@ -7,9 +7,10 @@ import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from pytest_umtt import Calendar, Client, Trace
+from pytest_umtt import Calendar, Client, Machine, Simulation, Trace
 from pytest_umtt.kernel import build_shim, cache_root, default_kernel
 from tests.refclient import RefClient
 
@@ -83,3 +84,31 @@ def real_cache(monkeypatch: pytest.MonkeyPatch) -> Path:
 def kernel_args(uml_kernel: Path, real_cache: Path) -> list[str]:
     """Arguments for a child pytest run on the real kernel."""
     return [f"--uml-kernel={uml_kernel}", "-p", "no:cacheprovider"]
+
+
+def uml_processes(directory: Path) -> list[psutil.Process]:
+    """UML processes whose working directory is inside ``directory``."""
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if proc.info["name"] == "linux" and proc.cwd().startswith(str(directory)):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.fixture
+def sim(uml_kernel: Path, tmp_path: Path) -> Iterator[Simulation]:
+    """A simulation on the real kernel in ``tmp_path``; nothing of it may outlive it."""
+    directory = tmp_path / "sim"
+    with Simulation(kernel=uml_kernel, directory=directory) as simulation:
+        yield simulation
+    assert not uml_processes(directory), "UML processes outlived the simulation"
+    assert not (directory / "time.sock").exists()
+
+
+@pytest.fixture
+def machine(sim: Simulation) -> Machine:
+    """One booted machine (the host's root) on ``sim``."""
+    return sim.machine("alpha")

@@ -7,10 +7,8 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from pytest_umtt.errors import (
@@ -22,35 +20,10 @@ from pytest_umtt.errors import (
 )
 from pytest_umtt.machine import Machine, MachineState
 from pytest_umtt.simulation import Simulation
+from tests.conftest import uml_processes
 
 pytestmark = pytest.mark.kernel
 S = 10**9
-
-
-def uml_processes(directory: Path) -> list[psutil.Process]:
-    """UML processes whose working directory is inside ``directory``."""
-    found = []
-    for proc in psutil.process_iter(["name"]):
-        try:
-            if proc.info["name"] == "linux" and proc.cwd().startswith(str(directory)):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-@pytest.fixture
-def sim(uml_kernel: Path, tmp_path: Path) -> Iterator[Simulation]:
-    directory = tmp_path / "sim"
-    with Simulation(kernel=uml_kernel, directory=directory) as simulation:
-        yield simulation
-    assert not uml_processes(directory), "UML processes outlived the simulation"
-    assert not (directory / "time.sock").exists()
-
-
-@pytest.fixture
-def machine(sim: Simulation) -> Machine:
-    return sim.machine("alpha")
 
 
 # --- commands --------------------------------------------------------------------------

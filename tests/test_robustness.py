@@ -12,10 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from pytest_umtt.console import Console
@@ -23,6 +21,7 @@ from pytest_umtt.errors import BootError, CommandTimeout, MachineCrashed, Machin
 from pytest_umtt.kernel import KernelError, build_shim
 from pytest_umtt.machine import POWEROFF_WALL_TIMEOUT, Machine
 from pytest_umtt.simulation import Simulation, remove_stale_directories
+from tests.conftest import uml_processes
 
 S = 10**9
 
@@ -30,31 +29,6 @@ S = 10**9
 @pytest.fixture(autouse=True)
 def _real_cache(real_cache: Path) -> None:
     """Child pytest runs use the built kernel, shim and root, not an empty cache."""
-
-
-def uml_processes(directory: Path) -> list[psutil.Process]:
-    """UML processes whose working directory is inside ``directory``."""
-    found = []
-    for proc in psutil.process_iter(["name"]):
-        try:
-            if proc.info["name"] == "linux" and proc.cwd().startswith(str(directory)):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-@pytest.fixture
-def sim(uml_kernel: Path, tmp_path: Path) -> Iterator[Simulation]:
-    directory = tmp_path / "sim"
-    with Simulation(kernel=uml_kernel, directory=directory) as simulation:
-        yield simulation
-    assert not uml_processes(directory), "UML processes outlived the simulation"
-
-
-@pytest.fixture
-def machine(sim: Simulation) -> Machine:
-    return sim.machine("alpha")
 
 
 # --- console -----------------------------------------------------------------------------
