@@ -239,13 +239,16 @@ class Client:
 class Calendar:
     """The virtual clock and scheduler that UML kernels and in-process jobs share.
 
-    ``shm`` enables the shared-memory scheduler for clients that join at time 0;
+    ``shm`` offers the shared-memory scheduler to clients (each decides to take it);
     ``expected_clients`` holds back every START ACK until that many STARTs arrived
     (usfstl's ``--clients``); ``time_at_start`` is what GET_TOD adds to the clock;
     ``log_fd`` is passed to every client in the START ACK (usfstl passes its stdout),
     and stays open: by default the calendar passes a descriptor of /dev/null it owns;
-    ``busy_poll`` (wall seconds) is how long to spin for a running client's next message
-    before sleeping in epoll_wait: lower latency for more CPU.
+    ``late_joiners_shm`` offers the map to clients that join when the clock is not 0
+    too (their messages stay in local time; off by default, so that such clients are
+    served over messages as DESIGN fact 10 has it); ``busy_poll`` (wall seconds) is how long
+    to spin for a running client's next message before sleeping in epoll_wait: lower
+    latency for more CPU.
     """
 
     def __init__(
@@ -262,6 +265,7 @@ class Calendar:
         trace: Trace | None = None,
         log_fd: int | None = None,
         busy_poll: float = 0.0,
+        late_joiners_shm: bool = False,
     ) -> None:
         self._now = 0
         self.busy_poll = busy_poll
@@ -304,6 +308,7 @@ class Calendar:
         self._shm = SharedMemory(self._shm_map)
         self._shm.init_header(self._shm_entries)
         self.shm_enabled = shm
+        self.late_joiners_shm = late_joiners_shm
         # Clients served over messages still get two fds in the START ACK: a memfd whose
         # version is not 2, because a kernel given no fds mmaps and closes garbage (§6b).
         # Its len is its size: usfstl's client library maps len bytes before it checks
@@ -605,8 +610,8 @@ class Calendar:
                     self._receive(data)
             elif data is _LISTENER:
                 self._accept()
-            elif data is not None:
-                data()  # type: ignore[operator]
+            elif callable(data):
+                data()
         self._flush()
         return bool(events)
 
@@ -1111,8 +1116,17 @@ class Calendar:
                      else "declined shm: over messages")
 
     def _can_join_with_shm(self) -> bool:
-        # A shm kernel that attaches when the clock is not 0 BUGs on its first RUN (§6a).
-        return self.shm_enabled and self._now == 0 and self._shm.current_time == 0
+        """Whether to offer the map. A kernel takes current_time as its offset when it
+        attaches (time.c:101) and applies RUN to its local clock as it comes
+        (time.c:158), so a late joiner works as long as its RUN and REQUEST messages are
+        local, which they are for every client (client.offset is its join time), and
+        current_time is exactly its join time. usfstl sends absolute RUNs, and a kernel
+        joining at a time other than 0 BUGs on its first one (§6a, §7.1)."""
+        if not self.shm_enabled:
+            return False
+        if self._now != 0 and not self.late_joiners_shm:
+            return False
+        return self._shm.current_time == self._now
 
     def _free_id(self) -> int:
         used = {c.id for c in self.clients if c.id and c.state is not ClientState.GONE}

@@ -176,7 +176,7 @@ def test_kernel_without_an_id_starts_first(uml_kernel: Path, tmp_path: Path,
 def test_quiescent_controller_is_woken_by_a_new_kernel(uml_kernel: Path, tmp_path: Path,
                                                        guests: list[Guest]) -> None:
     """A participant idles with nothing scheduled at 1 ms: the controller keeps serving,
-    and a kernel that connects then joins over messages and runs exactly (§7.5)."""
+    and a kernel that connects then joins over shared memory and runs exactly (§7.5)."""
     socket_path = tmp_path / "time.sock"
     controller = start_controller(socket_path, "--clients=1")
     idle = RefClient.connect(str(socket_path))
@@ -196,7 +196,8 @@ def test_quiescent_controller_is_woken_by_a_new_kernel(uml_kernel: Path, tmp_pat
     finally:
         controller.kill()
     assert controller.returncode == 0, log
-    assert "join client 0x1 over messages" in log, log  # it joined at 1 ms: no shm (§6a)
+    # It joined at 1 ms over shared memory, with RUN messages in its local time (§7.1).
+    assert "join client 0x1 offered shm" in log and "client 0x1 uses shm" in log, log
     assert 250_000_000 <= guest.measured_sleep() <= 260_000_000
 
 
