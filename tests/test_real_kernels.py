@@ -214,6 +214,7 @@ def test_message_runner_with_a_joining_requester(uml_kernel: Path, tmp_path: Pat
         calendar.run_until(deadline=NS // 10, stall_timeout=30)
         second = start_guest(uml_kernel, tmp_path, 2, 0.25)
         guests.append(second)
+        assert calendar.serve_until(lambda: calendar.starts_seen == 2, wall_timeout=30)
         stop = calendar.run_until(lambda: not calendar.live_clients(), stall_timeout=30)
         assert stop.reason is not StopReason.DEADLINE and not calendar.errors
     assert [g.proc.wait(timeout=30) for g in guests] == [0, 0]
