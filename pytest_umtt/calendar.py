@@ -15,7 +15,7 @@ any point without taking the others down.
 Every send is non-blocking and buffered per client (a client that stops reading is
 dropped once its backlog passes a bound, instead of stalling everybody), and whether a
 client uses shared memory is its own choice, read from its ``capa`` after the START
-ACK (PROTOCOL.md §7.4).
+ACK (a kernel sets it before its first message, arch/um/kernel/time.c:103).
 """
 
 from __future__ import annotations
@@ -201,8 +201,8 @@ class Client:
         self.start_seq = 0
         self.id = 0
         self.shm = False
-        # Whether its id has an entry inside the map (§2), and whether it was offered the
-        # map and has not yet said (through capa) whether it took it (§7.4).
+        # Whether its id has an entry inside the map, and whether it was offered the map
+        # and has not yet said (through capa) whether it took it.
         self.in_map = False
         self.capa_pending = False
         self.offset = 0
@@ -245,10 +245,9 @@ class Calendar:
     ``log_fd`` is passed to every client in the START ACK (usfstl passes its stdout),
     and stays open: by default the calendar passes a descriptor of /dev/null it owns;
     ``late_joiners_shm`` offers the map to clients that join when the clock is not 0
-    too (their messages stay in local time; off by default, so that such clients are
-    served over messages as DESIGN fact 10 has it); ``busy_poll`` (wall seconds) is how long
-    to spin for a running client's next message before sleeping in epoll_wait: lower
-    latency for more CPU.
+    too (their messages stay in local time; off by default: such clients are served
+    over messages); ``busy_poll`` (wall seconds) is how long to spin for a running
+    client's next message before sleeping in epoll_wait: lower latency for more CPU.
     """
 
     def __init__(
@@ -295,7 +294,7 @@ class Calendar:
         self._starting: list[Client] = []
         self._entry_clients: list[Client] = []  # clients with an entry in the map, by start
         self._dirty: list[Client] = []  # clients with queued output, in queueing order
-        self._held_acks = 0  # requesters' ACKs held for a runner's FREE_UNTIL ACK (§7.2)
+        self._held_acks = 0  # requesters' ACKs held for a runner's FREE_UNTIL ACK
         self._starts_seen = 0
         self._runner: Client | None = None
         self._horizon = U64_MAX
@@ -312,7 +311,7 @@ class Calendar:
         # Clients served over messages still get two fds in the START ACK: a memfd whose
         # version is not 2, because a kernel given no fds mmaps and closes garbage (§6b).
         # Its len is its size: usfstl's client library maps len bytes before it checks
-        # the version (§7.6), and the kernel needs 4096 readable bytes (K:81-91).
+        # the version, and the kernel needs 4096 readable bytes (time.c:81-91).
         self._decoy_fd, self._decoy_map = _create_memfd("umtt-noshm", SHM_HEADER_SIZE)
         SharedMemory(self._decoy_map).length = SHM_HEADER_SIZE
         self._own_log_fd = log_fd is None
@@ -340,7 +339,8 @@ class Calendar:
     @property
     def now(self) -> int:
         """The virtual time in nanoseconds. While a shared-memory kernel runs, this is the
-        time it has published (§7.3), as far as the calendar let it run."""
+        time it has published in current_time (time.c:304), as far as the calendar let
+        it run."""
         return self._sync_now()
 
     @property
@@ -777,20 +777,20 @@ class Calendar:
             self._fail(client, f"request for {format_ns(when)}, which is in the past", message)
             return
         if client.in_map:
-            # Mirrored, so that a later collection sees this and not a stale entry (§3).
+            # Mirrored, so that a later collection sees this and not a stale entry.
             self._shm.entry(client.id).post_request(
                 min(message.time + client.offset, U64_MAX))
         runner = self._runner
         if runner is not None and runner.shm and client.in_map:
             # Picked up at the runner's WAIT with the requests written into shared memory,
-            # in start order, as usfstl does (§3); the runner only has to stop in time.
+            # in start order, as usfstl does; the runner only has to stop in time.
             if when is not None and when < self._shm.free_until:
                 self._shm.free_until = when
             self._ack(client, message)
         elif runner is not None and not runner.shm and when is not None \
                 and when < self._horizon:
-            # The runner must know before the requester goes on (§7.2): a kernel polling
-            # a device socket could otherwise run past this event.
+            # The runner must know before the requester goes on: a kernel polling a
+            # device socket (time.c:236-250) could otherwise run past this event.
             self._horizon = when
             self._held_acks += 1
             self._set_request(client, when)
@@ -926,7 +926,7 @@ class Calendar:
     def _set_request(self, client: Client, when: int | None) -> None:
         """Queue ``client`` at absolute time ``when``; None, or S64_MAX and beyond, is "no
         request": the idle kernel's "sleep forever" (K:600-612), never to be granted, as a
-        RUN there panics it (K:55-56, §7.7). Callers check for the past."""
+        RUN there panics it (time.c:55-56). Callers check for the past."""
         if when is None or when >= S64_MAX:
             self._unqueue(client)
             return
@@ -956,7 +956,7 @@ class Calendar:
         return self._queue[0] if self._queue else None
 
     def _collect_shm_requests(self) -> None:
-        """Pick up requests written into shared memory (§3 step 1), by kernels or mirrored
+        """Pick up requests written into shared memory (time.c:284-288), by kernels or mirrored
         from REQUEST messages, in start order.
 
         Called when a runner WAITs: requests are only written there while a shm client
@@ -1018,7 +1018,7 @@ class Calendar:
         self._runner = client
         # running_id names every runner whose entry is in the map: a waiting kernel reads
         # the runner's capa to choose between shared memory and a REQUEST message
-        # (K:281-283), and indexes clients[] with it unchecked, so never beyond len (§7.4).
+        # (time.c:281-283), and indexes clients[] with it unchecked, so never beyond len.
         self._shm.running_id = client.id if client.in_map else 0
         self._publish_now()
         self._shm.free_until = self._horizon
@@ -1054,7 +1054,8 @@ class Calendar:
 
     def _sync_now(self) -> int:
         """While a shm kernel runs, now is the time it published in current_time, as far
-        as free_until (and the run's deadline) let it go (§7.3)."""
+        as free_until (and the run's deadline) let it go: GET, GET_TOD and a joiner's
+        origin all read it, and no waiting kernel may later read an earlier one."""
         runner = self._runner
         if runner is not None and runner.shm:
             published = min(self._shm.current_time, self._shm.free_until)
@@ -1109,7 +1110,7 @@ class Calendar:
 
     def _read_capa(self, client: Client) -> None:
         """Its first message after the START ACK: a kernel sets capa before it sends
-        anything (K:103, H:166-167), so capa now says whether it took the map (§7.4)."""
+        anything (time.c:103), so capa now says whether it took the map."""
         client.capa_pending = False
         client.shm = bool(self._shm.entry(client.id).capa & Capability.TIME_SHARE)
         self._record("mode", client, detail="uses shm" if client.shm
@@ -1121,7 +1122,7 @@ class Calendar:
         (time.c:158), so a late joiner works as long as its RUN and REQUEST messages are
         local, which they are for every client (client.offset is its join time), and
         current_time is exactly its join time. usfstl sends absolute RUNs, and a kernel
-        joining at a time other than 0 BUGs on its first one (§6a, §7.1)."""
+        joining at a time other than 0 BUGs on its first one (time.c:535)."""
         if not self.shm_enabled:
             return False
         if self._now != 0 and not self.late_joiners_shm:
@@ -1167,7 +1168,7 @@ class Calendar:
         for pending in list(self._broadcasts):
             if pending.sender is client:
                 self._broadcasts.remove(pending)
-        # What waited for its ACKs goes on: broadcasts, held requesters (§7.2).
+        # What waited for its ACKs goes on: broadcasts, held requesters.
         while client.pending_acks:
             owed = client.pending_acks.popleft()
             if owed.then is not None:
@@ -1201,8 +1202,8 @@ _RECORDED_LATER = frozenset((Op.START, Op.ACK))
 
 
 def _start_order(client: Client) -> tuple[int, int]:
-    """STARTs are served by ID, ascending and stable (§3, M:435-446); a kernel started
-    without one sorts as ID 0, since usfstl keeps its name at 0 (§7.5)."""
+    """STARTs are served by ID, ascending and stable (as usfstl does); a kernel started
+    without one (id -1, time.c:648) sorts as ID 0, since usfstl keeps its name at 0."""
     start_id = client.start_id
     return (0 if start_id is None or start_id == NO_ID else start_id, client.serial)
 
@@ -1217,7 +1218,7 @@ def _ignore_ack(_ack: Message | None) -> None:
 
 
 def _remove_stale_socket(path: Path) -> None:
-    """Unlink ``path`` unless a controller accepts on it (§1: replace a stale socket)."""
+    """Unlink ``path`` unless a controller accepts on it."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
