@@ -58,6 +58,7 @@ from .wire import (
     START_ACK_ID_MASK,
     U64_MAX,
     Capability,
+    ClientFlag,
     Message,
     Op,
     SharedMemory,
@@ -956,24 +957,32 @@ class Calendar:
         return self._queue[0] if self._queue else None
 
     def _collect_shm_requests(self) -> None:
-        """Pick up requests written into shared memory (time.c:284-288), by kernels or mirrored
-        from REQUEST messages, in start order.
+        """Pick up requests written into shared memory (time.c:284-288), by kernels or
+        mirrored from REQUEST messages, in start order.
 
         Called when a runner WAITs: requests are only written there while a shm client
         runs (running_id names no shm client otherwise, so everyone uses messages), and
         the runner itself is WAITING by then, so nothing written can be missed."""
-        pending_request = self._shm.pending_request
+        clients = self._entry_clients
+        if not clients:
+            return
+        values = self._shm.requests(max(c.id for c in clients))
         waiting = ClientState.WAITING
-        for client in self._entry_clients:
-            if client.state is waiting:
-                when = pending_request(client.id)
-                if when is None:
-                    continue
-                if when < self._now:
-                    self._fail(client, f"request for {format_ns(when)} in shared memory, "
-                                       f"which is in the past")
-                else:
-                    self._set_request(client, when)
+        for client in clients:
+            if client.state is not waiting:
+                continue
+            index = 2 * client.id - 2
+            if not values[index] & _REQ_RUN:
+                continue
+            when = values[index + 1]
+            job = client.job
+            if job is not None and job.time == when and not job.cancelled:
+                continue  # already queued there, the common case
+            if when < self._now:
+                self._fail(client, f"request for {format_ns(when)} in shared memory, "
+                                   f"which is in the past")
+            else:
+                self._set_request(client, when)
 
     def _next_horizon(self) -> int:
         """How far a client may free-run: the next event, bounded by the run's deadline."""
@@ -1195,6 +1204,7 @@ class Calendar:
 
 
 _pack = struct.Struct("=IIQ").pack
+_REQ_RUN = ClientFlag.REQ_RUN.value
 
 # Recorded when handled rather than when read, because they arrive in host-timing order:
 # STARTs from kernels booting side by side, ACKs from the recipients of a broadcast.
