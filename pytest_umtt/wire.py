@@ -122,7 +122,9 @@ class _Field:
         return value
 
     def __set__(self, view: _View, value: int) -> None:
-        self._struct.pack_into(view._buf, view._base + self._offset, min(value, self._max))
+        if value > self._max:  # noqa: PLR1730 (a comparison is cheaper than min())
+            value = self._max
+        self._struct.pack_into(view._buf, view._base + self._offset, value)
 
 
 class SharedMemory(_View):
