@@ -626,6 +626,7 @@ class Calendar:
                 events = poll(0)
                 if events or time.perf_counter() >= give_up:
                     break
+                os.sched_yield()  # the runner may be waiting for this very CPU
             if events:
                 return events
         return poll(timeout)

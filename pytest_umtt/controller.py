@@ -22,7 +22,7 @@ from .errors import ProtocolError, StallError, UmttError, format_ns
 from .trace import Trace, TraceEvent
 
 EXIT_STALLED = 3
-DEFAULT_BUSY_POLL = 0.0002
+DEFAULT_BUSY_POLL = 0.0005
 EXIT_SIGNALLED = 128
 
 
