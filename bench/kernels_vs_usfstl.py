@@ -15,9 +15,9 @@ Run: python bench/kernels_vs_usfstl.py --usfstl /path/to/usfstl/control/controll
 Measured 2026-11 on 2 shared cores (Debian 12, UML 6.12, usfstl 1557f58 built with its
 own Makefile), 7 pairs, other jobs running on the machine:
 
-    mode      umtt-controller  usfstl  ratio (min..max)
-    shm       2.224            3.344   0.65  (0.48..0.93)
-    messages  2.407            3.427   0.69  (0.66..0.81)
+    mode      umtt-controller  usfstl  ratio (min..max)      second run
+    shm       2.224            3.344   0.65  (0.48..0.93)    0.90  (0.41..0.99)
+    messages  2.407            3.427   0.69  (0.66..0.81)    0.96  (0.84..1.11)
 
 Both controllers exchange the same messages (about 7,000 WAIT/RUN pairs in shm mode).
 umtt-controller wins on latency, not on work: it spins up to 2 ms (``--busy-poll``) for
