@@ -11,6 +11,21 @@ load drift and warm caches favour neither; the ratio shown is the median of the 
 ratios (umtt-controller / usfstl), with the spread of those ratios beside it.
 
 Run: python bench/kernels_vs_usfstl.py --usfstl /path/to/usfstl/control/controller
+
+Measured 2026-11 on 2 shared cores (Debian 12, UML 6.12, usfstl 1557f58 built with its
+own Makefile), 7 pairs, other jobs running on the machine:
+
+    mode      umtt-controller  usfstl  ratio (min..max)      second run
+    shm       2.224            3.344   0.65  (0.48..0.93)    0.90  (0.41..0.99)
+    messages  2.407            3.427   0.69  (0.66..0.81)    0.96  (0.84..1.11)
+
+Both controllers exchange the same messages (about 7,000 WAIT/RUN pairs in shm mode).
+umtt-controller wins on latency, not on work: it spins up to 2 ms (``--busy-poll``) for
+the running kernel's next message instead of sleeping in epoll_wait, which costs about
+1.7 s of CPU per run against usfstl's 0.25 s. Without the spin the ratio was 1.20 in shm
+mode: each WAIT->RUN costs ~20 us of Python (receive, collect the shm requests in one
+read, pick the next job, publish the horizon, write the RUN), and the write that wakes
+the next kernel is the largest single item in a py-spy profile.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ from pytest_umtt.machine import uml_command
 
 GUEST = """#!/bin/bash
 mount -t proc proc /proc
+mount -t tmpfs tmpfs /run  # the host's root is read-only through hostfs
 mkfifo /run/idle; exec 3<>/run/idle
 for ((i = 0; i < 1000; i++)); do read -t "$PERIOD" -u 3; done
 echo "done $EPOCHREALTIME"
@@ -58,7 +74,7 @@ def run_once(controller: list[str], kernel: Path, shm: bool) -> float:
             wall = time.perf_counter() - started
             for n in range(1, KERNELS + 1):
                 log = (sim / f"m{n}" / "console.log").read_text(errors="replace")
-                if "done " not in log:
+                if "done " not in log or "Bad file descriptor" in log:
                     raise RuntimeError(f"guest m{n} did not finish:\n{log[-1500:]}")
             return wall
         finally:

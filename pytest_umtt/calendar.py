@@ -15,7 +15,7 @@ any point without taking the others down.
 Every send is non-blocking and buffered per client (a client that stops reading is
 dropped once its backlog passes a bound, instead of stalling everybody), and whether a
 client uses shared memory is its own choice, read from its ``capa`` after the START
-ACK (PROTOCOL.md §7.4).
+ACK (a kernel sets it before its first message, arch/um/kernel/time.c:103).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from .wire import (
     START_ACK_ID_MASK,
     U64_MAX,
     Capability,
+    ClientFlag,
     Message,
     Op,
     SharedMemory,
@@ -201,8 +202,8 @@ class Client:
         self.start_seq = 0
         self.id = 0
         self.shm = False
-        # Whether its id has an entry inside the map (§2), and whether it was offered the
-        # map and has not yet said (through capa) whether it took it (§7.4).
+        # Whether its id has an entry inside the map, and whether it was offered the map
+        # and has not yet said (through capa) whether it took it.
         self.in_map = False
         self.capa_pending = False
         self.offset = 0
@@ -239,13 +240,15 @@ class Client:
 class Calendar:
     """The virtual clock and scheduler that UML kernels and in-process jobs share.
 
-    ``shm`` enables the shared-memory scheduler for clients that join at time 0;
+    ``shm`` offers the shared-memory scheduler to clients (each decides to take it);
     ``expected_clients`` holds back every START ACK until that many STARTs arrived
     (usfstl's ``--clients``); ``time_at_start`` is what GET_TOD adds to the clock;
     ``log_fd`` is passed to every client in the START ACK (usfstl passes its stdout),
     and stays open: by default the calendar passes a descriptor of /dev/null it owns;
-    ``busy_poll`` (wall seconds) is how long to spin for a running client's next message
-    before sleeping in epoll_wait: lower latency for more CPU.
+    ``late_joiners_shm`` offers the map to clients that join when the clock is not 0
+    too (their messages stay in local time; off by default: such clients are served
+    over messages); ``busy_poll`` (wall seconds) is how long to spin for a running
+    client's next message before sleeping in epoll_wait: lower latency for more CPU.
     """
 
     def __init__(
@@ -262,6 +265,7 @@ class Calendar:
         trace: Trace | None = None,
         log_fd: int | None = None,
         busy_poll: float = 0.0,
+        late_joiners_shm: bool = False,
     ) -> None:
         self._now = 0
         self.busy_poll = busy_poll
@@ -292,7 +296,7 @@ class Calendar:
         self._starting: list[Client] = []
         self._entry_clients: list[Client] = []  # clients with an entry in the map, by start
         self._dirty: list[Client] = []  # clients with queued output, in queueing order
-        self._held_acks = 0  # requesters' ACKs held for a runner's FREE_UNTIL ACK (§7.2)
+        self._held_acks = 0  # requesters' ACKs held for a runner's FREE_UNTIL ACK
         self._starts_seen = 0
         self._runner: Client | None = None
         self._horizon = U64_MAX
@@ -305,10 +309,11 @@ class Calendar:
         self._shm = SharedMemory(self._shm_map)
         self._shm.init_header(self._shm_entries)
         self.shm_enabled = shm
+        self.late_joiners_shm = late_joiners_shm
         # Clients served over messages still get two fds in the START ACK: a memfd whose
         # version is not 2, because a kernel given no fds mmaps and closes garbage (§6b).
         # Its len is its size: usfstl's client library maps len bytes before it checks
-        # the version (§7.6), and the kernel needs 4096 readable bytes (K:81-91).
+        # the version, and the kernel needs 4096 readable bytes (time.c:81-91).
         self._decoy_fd, self._decoy_map = _create_memfd("umtt-noshm", SHM_HEADER_SIZE)
         SharedMemory(self._decoy_map).length = SHM_HEADER_SIZE
         self._own_log_fd = log_fd is None
@@ -336,7 +341,8 @@ class Calendar:
     @property
     def now(self) -> int:
         """The virtual time in nanoseconds. While a shared-memory kernel runs, this is the
-        time it has published (§7.3), as far as the calendar let it run."""
+        time it has published in current_time (time.c:304), as far as the calendar let
+        it run."""
         return self._sync_now()
 
     @property
@@ -607,8 +613,8 @@ class Calendar:
                     self._receive(data)
             elif data is _LISTENER:
                 self._accept()
-            elif data is not None:
-                data()  # type: ignore[operator]
+            elif callable(data):
+                data()
         self._flush()
         return bool(events)
 
@@ -622,6 +628,7 @@ class Calendar:
                 events = poll(0)
                 if events or time.perf_counter() >= give_up:
                     break
+                os.sched_yield()  # the runner may be waiting for this very CPU
             if events:
                 return events
         return poll(timeout)
@@ -774,20 +781,20 @@ class Calendar:
             self._fail(client, f"request for {format_ns(when)}, which is in the past", message)
             return
         if client.in_map:
-            # Mirrored, so that a later collection sees this and not a stale entry (§3).
+            # Mirrored, so that a later collection sees this and not a stale entry.
             self._shm.entry(client.id).post_request(
                 min(message.time + client.offset, U64_MAX))
         runner = self._runner
         if runner is not None and runner.shm and client.in_map:
             # Picked up at the runner's WAIT with the requests written into shared memory,
-            # in start order, as usfstl does (§3); the runner only has to stop in time.
+            # in start order, as usfstl does; the runner only has to stop in time.
             if when is not None and when < self._shm.free_until:
                 self._shm.free_until = when
             self._ack(client, message)
         elif runner is not None and not runner.shm and when is not None \
                 and when < self._horizon:
-            # The runner must know before the requester goes on (§7.2): a kernel polling
-            # a device socket could otherwise run past this event.
+            # The runner must know before the requester goes on: a kernel polling a
+            # device socket (time.c:236-250) could otherwise run past this event.
             self._horizon = when
             self._held_acks += 1
             self._set_request(client, when)
@@ -939,7 +946,7 @@ class Calendar:
     def _set_request(self, client: Client, when: int | None) -> None:
         """Queue ``client`` at absolute time ``when``; None, or S64_MAX and beyond, is "no
         request": the idle kernel's "sleep forever" (K:600-612), never to be granted, as a
-        RUN there panics it (K:55-56, §7.7). Callers check for the past."""
+        RUN there panics it (time.c:55-56). Callers check for the past."""
         if when is None or when >= S64_MAX:
             self._unqueue(client)
             return
@@ -969,24 +976,32 @@ class Calendar:
         return self._queue[0] if self._queue else None
 
     def _collect_shm_requests(self) -> None:
-        """Pick up requests written into shared memory (§3 step 1), by kernels or mirrored
-        from REQUEST messages, in start order.
+        """Pick up requests written into shared memory (time.c:284-288), by kernels or
+        mirrored from REQUEST messages, in start order.
 
         Called when a runner WAITs: requests are only written there while a shm client
         runs (running_id names no shm client otherwise, so everyone uses messages), and
         the runner itself is WAITING by then, so nothing written can be missed."""
-        pending_request = self._shm.pending_request
+        clients = self._entry_clients
+        if not clients:
+            return
+        values = self._shm.requests(max(c.id for c in clients))
         waiting = ClientState.WAITING
-        for client in self._entry_clients:
-            if client.state is waiting:
-                when = pending_request(client.id)
-                if when is None:
-                    continue
-                if when < self._now:
-                    self._fail(client, f"request for {format_ns(when)} in shared memory, "
-                                       f"which is in the past")
-                else:
-                    self._set_request(client, when)
+        for client in clients:
+            if client.state is not waiting:
+                continue
+            index = 2 * client.id - 2
+            if not values[index] & _REQ_RUN:
+                continue
+            when = values[index + 1]
+            job = client.job
+            if job is not None and job.time == when and not job.cancelled:
+                continue  # already queued there, the common case
+            if when < self._now:
+                self._fail(client, f"request for {format_ns(when)} in shared memory, "
+                                   f"which is in the past")
+            else:
+                self._set_request(client, when)
 
     def _next_horizon(self) -> int:
         """How far a client may free-run: the next event, bounded by the run's deadline."""
@@ -1031,7 +1046,7 @@ class Calendar:
         self._runner = client
         # running_id names every runner whose entry is in the map: a waiting kernel reads
         # the runner's capa to choose between shared memory and a REQUEST message
-        # (K:281-283), and indexes clients[] with it unchecked, so never beyond len (§7.4).
+        # (time.c:281-283), and indexes clients[] with it unchecked, so never beyond len.
         self._shm.running_id = client.id if client.in_map else 0
         self._publish_now()
         self._shm.free_until = self._horizon
@@ -1068,7 +1083,8 @@ class Calendar:
 
     def _sync_now(self) -> int:
         """While a shm kernel runs, now is the time it published in current_time, as far
-        as free_until (and the run's deadline) let it go (§7.3)."""
+        as free_until (and the run's deadline) let it go: GET, GET_TOD and a joiner's
+        origin all read it, and no waiting kernel may later read an earlier one."""
         runner = self._runner
         if runner is not None and runner.shm:
             published = min(self._shm.current_time, self._shm.free_until)
@@ -1123,15 +1139,24 @@ class Calendar:
 
     def _read_capa(self, client: Client) -> None:
         """Its first message after the START ACK: a kernel sets capa before it sends
-        anything (K:103, H:166-167), so capa now says whether it took the map (§7.4)."""
+        anything (time.c:103), so capa now says whether it took the map."""
         client.capa_pending = False
         client.shm = bool(self._shm.entry(client.id).capa & Capability.TIME_SHARE)
         self._record("mode", client, detail="uses shm" if client.shm
                      else "declined shm: over messages")
 
     def _can_join_with_shm(self) -> bool:
-        # A shm kernel that attaches when the clock is not 0 BUGs on its first RUN (§6a).
-        return self.shm_enabled and self._now == 0 and self._shm.current_time == 0
+        """Whether to offer the map. A kernel takes current_time as its offset when it
+        attaches (time.c:101) and applies RUN to its local clock as it comes
+        (time.c:158), so a late joiner works as long as its RUN and REQUEST messages are
+        local, which they are for every client (client.offset is its join time), and
+        current_time is exactly its join time. usfstl sends absolute RUNs, and a kernel
+        joining at a time other than 0 BUGs on its first one (time.c:535)."""
+        if not self.shm_enabled:
+            return False
+        if self._now != 0 and not self.late_joiners_shm:
+            return False
+        return self._shm.current_time == self._now
 
     def _free_id(self) -> int:
         used = {c.id for c in self.clients if c.id and c.state is not ClientState.GONE}
@@ -1172,7 +1197,7 @@ class Calendar:
         for pending in list(self._broadcasts):
             if pending.sender is client:
                 self._broadcasts.remove(pending)
-        # What waited for its ACKs goes on: broadcasts, held requesters (§7.2).
+        # What waited for its ACKs goes on: broadcasts, held requesters.
         while client.pending_acks:
             owed = client.pending_acks.popleft()
             if owed.then is not None:
@@ -1199,6 +1224,7 @@ class Calendar:
 
 
 _pack = struct.Struct("=IIQ").pack
+_REQ_RUN = ClientFlag.REQ_RUN.value
 
 # Recorded when handled rather than when read, because they arrive in host-timing order:
 # STARTs from kernels booting side by side, ACKs from the recipients of a broadcast.
@@ -1206,8 +1232,8 @@ _RECORDED_LATER = frozenset((Op.START, Op.ACK))
 
 
 def _start_order(client: Client) -> tuple[int, int]:
-    """STARTs are served by ID, ascending and stable (§3, M:435-446); a kernel started
-    without one sorts as ID 0, since usfstl keeps its name at 0 (§7.5)."""
+    """STARTs are served by ID, ascending and stable (as usfstl does); a kernel started
+    without one (id -1, time.c:648) sorts as ID 0, since usfstl keeps its name at 0."""
     start_id = client.start_id
     return (0 if start_id is None or start_id == NO_ID else start_id, client.serial)
 
@@ -1222,7 +1248,7 @@ def _ignore_ack(_ack: Message | None) -> None:
 
 
 def _remove_stale_socket(path: Path) -> None:
-    """Unlink ``path`` unless a controller accepts on it (§1: replace a stale socket)."""
+    """Unlink ``path`` unless a controller accepts on it."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))

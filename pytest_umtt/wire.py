@@ -93,6 +93,7 @@ SHM_HEADER_SIZE = 4096
 SHM_ENTRY_SIZE = 128
 
 _ENTRY_HEAD = struct.Struct("=IIQ")  # capa, flags, req_time: one read on the hot path
+_REQUESTS: dict[int, struct.Struct] = {}  # flags and req_time of entries 1..n, by n
 
 
 def shm_size(entries: int) -> int:
@@ -121,7 +122,9 @@ class _Field:
         return value
 
     def __set__(self, view: _View, value: int) -> None:
-        self._struct.pack_into(view._buf, view._base + self._offset, min(value, self._max))
+        if value > self._max:  # noqa: PLR1730 (a comparison is cheaper than min())
+            value = self._max
+        self._struct.pack_into(view._buf, view._base + self._offset, value)
 
 
 class SharedMemory(_View):
@@ -146,6 +149,14 @@ class SharedMemory(_View):
         _, flags, req_time = _ENTRY_HEAD.unpack_from(
             self._buf, SHM_HEADER_SIZE + SHM_ENTRY_SIZE * client_id)
         return req_time if flags & ClientFlag.REQ_RUN.value else None
+
+    def requests(self, last_id: int) -> tuple[int, ...]:
+        """flags and req_time of entries 1..``last_id``, flattened, in one read (the
+        scheduler collects them at every WAIT)."""
+        reader = _REQUESTS.get(last_id)
+        if reader is None:
+            reader = _REQUESTS[last_id] = struct.Struct("=" + "4xIQ112x" * last_id)
+        return reader.unpack_from(self._buf, SHM_HEADER_SIZE + SHM_ENTRY_SIZE)
 
     def entry(self, client_id: int) -> ShmEntry:
         """The entry of client ``client_id``."""

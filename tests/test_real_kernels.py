@@ -181,7 +181,7 @@ def test_kernel_without_an_id_starts_first(uml_kernel: Path, tmp_path: Path,
 def test_quiescent_controller_is_woken_by_a_new_kernel(uml_kernel: Path, tmp_path: Path,
                                                        guests: list[Guest]) -> None:
     """A participant idles with nothing scheduled at 1 ms: the controller keeps serving,
-    and a kernel that connects then joins over messages and runs exactly (§7.5)."""
+    and a kernel that connects then joins over shared memory and runs exactly (§7.5)."""
     socket_path = tmp_path / "time.sock"
     controller = start_controller(socket_path, "--clients=1")
     idle = RefClient.connect(str(socket_path))
@@ -201,7 +201,8 @@ def test_quiescent_controller_is_woken_by_a_new_kernel(uml_kernel: Path, tmp_pat
     finally:
         controller.kill()
     assert controller.returncode == 0, log
-    assert "join client 0x1 over messages" in log, log  # it joined at 1 ms: no shm (§6a)
+    # It joined at 1 ms over shared memory, with RUN messages in its local time (§7.1).
+    assert "join client 0x1 offered shm" in log and "client 0x1 uses shm" in log, log
     assert 250_000_000 <= guest.measured_sleep() <= 260_000_000
 
 
@@ -218,6 +219,7 @@ def test_message_runner_with_a_joining_requester(uml_kernel: Path, tmp_path: Pat
         calendar.run_until(deadline=NS // 10, stall_timeout=30)
         second = start_guest(uml_kernel, tmp_path, 2, 0.25)
         guests.append(second)
+        assert calendar.serve_until(lambda: calendar.starts_seen == 2, wall_timeout=30)
         stop = calendar.run_until(lambda: not calendar.live_clients(), stall_timeout=30)
         assert stop.reason is not StopReason.DEADLINE and not calendar.errors
     assert [g.proc.wait(timeout=30) for g in guests] == [0, 0]

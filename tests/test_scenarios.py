@@ -336,12 +336,12 @@ def test_15_req_run_left_set_reschedules(calendar: Calendar, connect: Connect) -
 
 # 16-17: joining mid-run ------------------------------------------------------------------
 
-def test_16_join_mid_run_is_served_over_messages(calendar: Calendar,
-                                                 connect: Connect) -> None:
-    _, a = connect()
+def join_while_a_runs(calendar: Calendar, connect: Connect) -> RefClient:
+    """A runs at 1000 and asks for 5000; B STARTs meanwhile and joins when A waits."""
+    _, a = connect(calendar)
     booted(calendar, a, 1, 1000)
     next_run(calendar, a)
-    _, b = connect()
+    _, b = connect(calendar)
     b.send(Op.START, 2)
     settle(calendar)
     assert nothing_to_read(b)  # held until the runner waits
@@ -351,8 +351,27 @@ def test_16_join_mid_run_is_served_over_messages(calendar: Calendar,
     b.recv_start_ack()
     assert len(b.fds) == 2
     b._attach_shm()
-    assert b.shm is None  # §6a: a shm kernel joining at t != 0 would BUG
     assert calendar.shm.running_id == b.id  # in the map, so named (§7.4)
+    return b
+
+
+def test_16_join_mid_run_with_shm_gets_local_messages(connect: Connect) -> None:
+    with Calendar(late_joiners_shm=True) as calendar:
+        b = join_while_a_runs(calendar, connect)
+        assert b.shm is not None and b.offset == 1000  # §7.1: shm fields absolute
+        b.request(200)
+        assert calendar.shm.entry(b.id).req_time == 1200
+        b.send(Op.WAIT, U64_MAX)
+        assert next_run(calendar, b) == 200  # RUN local: an absolute one BUGs it (§6a)
+        assert calendar.now == 1200
+        seq = b.send(Op.REQUEST, 300)  # a REQUEST message is local too
+        settle(calendar)
+        assert b.expect_ack(seq).op == Op.ACK and b.shm.entry(b.id).req_time == 1300
+
+
+def test_16_join_mid_run_over_messages(calendar: Calendar, connect: Connect) -> None:
+    b = join_while_a_runs(calendar, connect)
+    assert b.shm is None  # by default, served over messages with a decoy memfd
 
 
 def test_17_join_mid_run_offsets_local_times(connect: Connect) -> None:
