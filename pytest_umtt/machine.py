@@ -143,13 +143,13 @@ an unlimited stack also changes the host's memory layout for the process."""
 PR_SET_PDEATHSIG = 1
 
 
-def fix_uml_process(confine: Path | None = None) -> None:
+def fix_uml_process(parent: int, confine: Path | None = None) -> None:
     """Between fork and exec of UML: die with the test process (even if it is SIGKILLed;
     UML's own helpers already die with UML), console output that stays blocking
     (:func:`separate_console_output`), fixed resource limits (UML prints the core-dump
     limits on its console), and, given a directory, confinement to it
-    (:mod:`pytest_umtt.confine`)."""
-    parent = os.getppid()
+    (:mod:`pytest_umtt.confine`). ``parent`` is the test process's pid, taken before the
+    fork."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl took effect
@@ -441,7 +441,7 @@ class Machine:
         self.process = pexpect.spawn(command[0], command[1:], cwd=str(self.directory),
                                      env=env, echo=False, timeout=None,
                                      preexec_fn=functools.partial(
-                                         fix_uml_process,
+                                         fix_uml_process, os.getpid(),
                                          self.directory if self.sim.confined else None))
         self._pty_fd = int(self.process.child_fd)
         os.set_blocking(self._pty_fd, False)
