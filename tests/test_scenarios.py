@@ -272,15 +272,23 @@ def test_12_request_message_while_shm_client_runs(calendar: Calendar,
     assert next_run(calendar, a) == 80
 
 
+def request_under_a_message_runner(cal: Calendar, connect: Connect) -> tuple[
+        RefClient, RefClient, int]:
+    """A (waiting, at 500) asks for 70 while B (a message client) runs from 50: the
+    requester, the runner and the REQUEST's seq."""
+    _, a = connect(cal, "A")
+    _, b = connect(cal, "B")
+    boot_together(cal, (a, 1, 500), (b, 2, 50))
+    next_run(cal, b)
+    seq = a.send(Op.REQUEST, 70)
+    settle(cal)
+    return a, b, seq
+
+
 def test_13_message_runner_acks_earlier_request_before_requester_goes_on(
         connect: Connect) -> None:
     with Calendar(shm=False) as cal:
-        _, a = connect(cal, "A")
-        _, b = connect(cal, "B")
-        boot_together(cal, (a, 1, 500), (b, 2, 50))
-        next_run(cal, b)
-        seq = a.send(Op.REQUEST, 70)
-        settle(cal)
+        a, b, seq = request_under_a_message_runner(cal, connect)
         lowered = b.recv()
         assert (lowered.op, lowered.time) == (Op.FREE_UNTIL, 70)
         assert nothing_to_read(a)  # held until the runner has ACKed (§7.2)
@@ -291,12 +299,7 @@ def test_13_message_runner_acks_earlier_request_before_requester_goes_on(
 
 def test_13_held_ack_is_released_when_the_runner_leaves(connect: Connect) -> None:
     with Calendar(shm=False) as cal:
-        _, a = connect(cal, "A")
-        _, b = connect(cal, "B")
-        boot_together(cal, (a, 1, 500), (b, 2, 50))
-        next_run(cal, b)
-        seq = a.send(Op.REQUEST, 70)
-        settle(cal)
+        a, b, seq = request_under_a_message_runner(cal, connect)
         assert nothing_to_read(a)
         b.close()
         settle(cal)
