@@ -94,8 +94,33 @@ def package_list(text: str | None = None) -> list[str]:
             if line.strip() and not line.lstrip().startswith("#")]
 
 
+APT_LISTS = Path("/var/lib/apt/lists")
+"""apt's package lists: replaced (renamed into place) whenever ``apt-get update`` runs."""
+
+
 def candidate_versions(packages: Sequence[str]) -> dict[str, str]:
-    """The version apt would download for each package; a clear error for unknown ones."""
+    """The version apt would download for each package, remembered until apt's lists
+    change (asking apt costs half a second, and every pytest session asks)."""
+    remembered = cache_root() / "rootfs" / "candidates.json"
+    stamp = f"{APT_LISTS.stat().st_mtime_ns if APT_LISTS.is_dir() else 0}"
+    try:
+        known = json.loads(remembered.read_text())
+        if known["lists"] == stamp and known["packages"] == list(packages):
+            return dict(known["versions"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    versions = _ask_apt(packages)
+    try:
+        remembered.parent.mkdir(parents=True, exist_ok=True)
+        remembered.write_text(json.dumps({"lists": stamp, "packages": list(packages),
+                                          "versions": versions}))
+    except OSError:
+        pass  # a read-only cache: ask again next time
+    return versions
+
+
+def _ask_apt(packages: Sequence[str]) -> dict[str, str]:
+    """The candidate versions from apt; a clear error for unknown packages."""
     result = subprocess.run(["apt-cache", "show", "--no-all-versions", *packages],
                             capture_output=True, text=True, check=False)
     versions: dict[str, str] = {}

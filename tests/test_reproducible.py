@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pytest_umtt import Simulation
+from pytest_umtt import rootfs as rootfs_module
 from pytest_umtt.canary import host_variations, run_in_child
 from pytest_umtt.console import Console
 from pytest_umtt.kernel import KernelIdentity, check_kernel, kernel_identity
@@ -141,3 +142,24 @@ def test_host_variations_do_not_change_the_run(uml_kernel: Path, tmp_path: Path)
                for name, v in host_variations(uml_kernel, tmp_path).items()}
     assert len(digests) >= 7
     assert len(set(digests.values())) == 1, digests
+
+
+def test_apt_is_asked_again_only_when_its_lists_change(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    monkeypatch.setenv("UMTT_CACHE_DIR", str(tmp_path / "cache"))
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    monkeypatch.setattr(rootfs_module, "APT_LISTS", lists)
+    asked: list[list[str]] = []
+
+    def ask(packages: list[str]) -> dict[str, str]:
+        asked.append(list(packages))
+        return {name: f"1.{len(asked)}" for name in packages}
+
+    monkeypatch.setattr(rootfs_module, "_ask_apt", ask)
+    assert rootfs_module.candidate_versions(["bash"]) == {"bash": "1.1"}
+    assert rootfs_module.candidate_versions(["bash"]) == {"bash": "1.1"}
+    assert len(asked) == 1
+    (lists / "new_Packages").write_text("")  # apt-get update renames files into place
+    assert rootfs_module.candidate_versions(["bash"]) == {"bash": "1.2"}
+    assert rootfs_module.candidate_versions(["bash", "coreutils"])["coreutils"] == "1.3"
