@@ -10,7 +10,7 @@ import pytest
 from pytest_umtt.console import Console
 from pytest_umtt.kernel import cache_root
 from pytest_umtt.ktap import parse_ktap
-from pytest_umtt.plugin import _crash_console
+from pytest_umtt.plugin.suites import crash_console
 
 pytestmark = pytest.mark.kernel
 
@@ -226,7 +226,7 @@ def test_a_crashed_kunit_case_shows_the_crash_and_its_times(tmp_path: Path) -> N
     console.feed((logs[0] / "test_kernel_panic_interrupt.log").read_bytes(), 1_500_000)
     crashed = [case for case in parse_ktap(console.text) if case.crashed]
     assert crashed
-    shown = _crash_console(console, crashed[0])
+    shown = crash_console(console, crashed[0])
     assert "Kernel panic - not syncing" in shown
     assert "[0.001500000 s]" in shown
     console.close()

@@ -1,0 +1,113 @@
+"""The pytest plugin: options, fixtures, markers and reports over Simulation and Machine.
+
+Thin by design: everything here delegates to :mod:`pytest_umtt.simulation` and
+:mod:`pytest_umtt.machine`, which work without pytest. This module holds the session's
+hooks; :mod:`.settings` (options and markers), :mod:`.state` (what a session keeps),
+:mod:`.fixtures`, :mod:`.suites` (KUnit, kselftests) and :mod:`.reports` the rest, and
+pytest finds their fixtures and hooks here, where they are imported.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import replace
+
+import pytest
+
+from .. import hookspecs
+from ..simulation import remove_stale_directories
+from ..summary import SummaryReporter
+from .fixtures import uml as uml
+from .fixtures import uml_factory as uml_factory
+from .fixtures import uml_module as uml_module
+from .fixtures import umtt_module_sim as umtt_module_sim
+from .fixtures import umtt_sim as umtt_sim
+from .fixtures import umtt_variant as umtt_variant
+from .reports import pytest_report_header as pytest_report_header
+from .reports import pytest_runtest_makereport as pytest_runtest_makereport
+from .reports import reproduce_text as reproduce_text
+from .settings import MARKERS, OPTIONS, item_settings, resolve_settings
+from .state import ITEM_SETTINGS as ITEM_SETTINGS
+from .state import STATE, SessionState, Variant, base_nodeid
+from .suites import KselftestRun, KunitRun
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("umtt", "virtual-time UML kernels (pytest-umtt)")
+    for option in OPTIONS:
+        help_text = f"{option.help}; env {option.env}, ini {option.name}"
+        if option.metavar is None:
+            group.addoption(option.flag, dest=option.name, action="store_const", const="true",
+                            help=help_text)
+        else:
+            group.addoption(option.flag, dest=option.name, metavar=option.metavar,
+                            help=help_text)
+        parser.addini(option.name, option.help)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for text in MARKERS.values():
+        config.addinivalue_line("markers", text)
+    state = SessionState(resolve_settings(config))
+    config.stash[STATE] = state
+    config.pluginmanager.register(SummaryReporter(
+        state.summary, worker=hasattr(config, "workerinput"), base_nodeid=base_nodeid),
+        "umtt-summary")
+    if not hasattr(config, "workerinput"):  # xdist workers' owners are alive anyway
+        remove_stale_directories()
+    state.previous_sigterm = _sigterm_as_interrupt()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(STATE, None)
+    if state is None:
+        return
+    for sim in list(state.open):
+        sim.close(polite=False)  # interrupted runs: no machine outlives the session
+    if state.previous_sigterm is not None:
+        signal.signal(signal.SIGTERM, state.previous_sigterm)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _sigterm_as_interrupt() -> signal.Handlers | None:
+    """SIGTERM ends the session like Ctrl-C, so every machine is torn down (the default
+    action would leave no chance to). Only where nobody else handles it already."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        return None
+    signal.signal(signal.SIGTERM, _interrupt)
+    return signal.SIG_DFL
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    base = config.stash[STATE].settings
+    for item in items:
+        item.stash[ITEM_SETTINGS] = item_settings(item, base)
+    if base.kunit is not None:
+        # First, so that -k and other deselection apply to KUnit cases too.
+        items.extend(KunitRun.from_parent(session, name="kunit").collect())
+    if base.kselftest is not None:
+        items.extend(KselftestRun.from_parent(session, name="kselftest").collect())
+
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """--umtt-explore and --umtt-check-determinism: one item per seed and per run."""
+    settings = metafunc.config.stash[STATE].settings
+    if "umtt_sim" not in metafunc.fixturenames:
+        return
+    variants = [Variant(seed=settings.seed + n) for n in range(settings.explore)] or [Variant()]
+    if settings.check_determinism:
+        variants = [replace(v, run=run) for v in variants for run in (1, 2)]
+    if variants != [Variant()]:
+        metafunc.parametrize("umtt_variant", variants, ids=[v.id for v in variants])

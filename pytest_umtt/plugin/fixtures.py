@@ -1,0 +1,112 @@
+"""Fixtures: the simulation, machines, and the variant an item stands for."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+
+from ..machine import Machine
+from ..simulation import (
+    MachineFactory,
+    Simulation,
+    first_difference,
+)
+from ..summary import EXPLORED_SEED, FINGERPRINT
+from .state import (
+    ITEM_SETTINGS,
+    ITEM_SIM,
+    STATE,
+    SessionState,
+    Variant,
+    artifacts_dir,
+    close_simulation,
+    machine_factory,
+    open_simulation,
+    settings_of,
+)
+
+
+@pytest.fixture
+def umtt_variant(request: pytest.FixtureRequest) -> Variant:
+    """The seed or run this item stands for (``--umtt-explore``,
+    ``--umtt-check-determinism``); an empty Variant otherwise."""
+    return getattr(request, "param", Variant())
+
+
+@pytest.fixture
+def umtt_sim(request: pytest.FixtureRequest, umtt_variant: Variant) -> Iterator[Simulation]:
+    """This test's simulation: the virtual clock (``now``, ``advance``, ``run_until``,
+    ``elapsed``) shared by all of its machines."""
+    item = request.node
+    settings = settings_of(item)
+    if umtt_variant.seed is not None:
+        settings = replace(settings, seed=umtt_variant.seed, seed_source="--umtt-explore")
+    item.stash[ITEM_SETTINGS] = settings
+    item.user_properties.append(("umtt_seed", str(settings.seed)))
+    if umtt_variant.seed is not None:
+        item.user_properties.append((EXPLORED_SEED, str(umtt_variant.seed)))
+    started = time.monotonic()
+    sim = open_simulation(request.config, settings)
+    item.stash[ITEM_SIM] = sim
+    try:
+        yield sim
+    finally:
+        item.user_properties.append(("umtt_virtual_seconds", f"{sim.seconds:.9f}"))
+        close_simulation(request.config, sim, started, artifacts_dir(settings, item.nodeid))
+    if umtt_variant.run is not None:
+        fingerprint = sim.fingerprint()
+        # The summary pairs the runs by this digest, wherever (which xdist worker) each ran.
+        item.user_properties.append(
+            (FINGERPRINT, hashlib.sha256("\n".join(fingerprint).encode()).hexdigest()))
+        _compare_runs(request.config.stash[STATE], item.nodeid, fingerprint)
+
+
+def _compare_runs(state: SessionState, nodeid: str, fingerprint: list[str]) -> None:
+    """The second of two runs with one seed in this process: it must be the first one
+    again, or this item fails and shows where they part."""
+    key = re.sub(r"determinism-[12]", "determinism", nodeid)
+    first = state.first_runs.pop(key, None)
+    if first is None:
+        state.first_runs[key] = fingerprint
+        return
+    difference = first_difference(first, fingerprint)
+    if difference is not None:
+        raise AssertionError(f"not deterministic: two runs with one seed differ; {difference}")
+
+
+@pytest.fixture
+def uml_factory(request: pytest.FixtureRequest, umtt_sim: Simulation) -> MachineFactory:
+    """Make more machines on this test's clock: ``uml_factory("name", mem="256M")``.
+    Pass ``boot=False`` to several and ``umtt_sim.boot(*machines)`` to boot them together."""
+    return machine_factory(request.config, umtt_sim, settings_of(request.node))
+
+
+@pytest.fixture
+def uml(uml_factory: MachineFactory) -> Machine:
+    """One booted UML machine, named ``uml``."""
+    return uml_factory("uml")
+
+
+@pytest.fixture(scope="module")
+def umtt_module_sim(request: pytest.FixtureRequest) -> Iterator[Simulation]:
+    """A simulation shared by every test of a module (boot once, run many)."""
+    settings = request.config.stash[STATE].settings
+    started = time.monotonic()
+    sim = open_simulation(request.config, settings)
+    try:
+        yield sim
+    finally:
+        close_simulation(request.config, sim, started,
+                          artifacts_dir(settings, request.node.nodeid))
+
+
+@pytest.fixture(scope="module")
+def uml_module(request: pytest.FixtureRequest, umtt_module_sim: Simulation) -> Machine:
+    """One machine booted once for the whole module."""
+    settings = request.config.stash[STATE].settings
+    return machine_factory(request.config, umtt_module_sim, settings)("uml")

@@ -1,0 +1,287 @@
+"""Settings: every option once as CLI, env and ini, resolved in one place; markers."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .. import kselftest
+from ..kernel import default_kernel
+from ..kselftest import (
+    LIST_FILE,
+)
+from ..machine import DEFAULT_COMMAND_TIMEOUT, DEFAULT_MEM
+from ..simulation import (
+    DEFAULT_STALL_TIMEOUT,
+)
+
+MEM_PATTERN = re.compile(r"^\d+[KMG]$")
+PROTOCOL_TAIL = 30
+CONSOLE_TAIL = 40
+KSELFTEST_TIMEOUT = kselftest.DEFAULT_TIMEOUT
+KSELFTEST_WALL_TIMEOUT = kselftest.DEFAULT_WALL_TIMEOUT
+
+
+# --- settings: every one as CLI, env and ini, resolved in one place ---------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective configuration of a test's simulation."""
+
+    kernel: Path | None
+    seed: int
+    mem: str = DEFAULT_MEM
+    cmdline: tuple[str, ...] = ()
+    virtual_timeout: float = DEFAULT_COMMAND_TIMEOUT
+    wall_timeout: float = DEFAULT_STALL_TIMEOUT
+    artifacts: Path | None = None
+    seed_source: str = "default"
+    kunit: str | None = None
+    explore: int = 0
+    check_determinism: bool = False
+    perturb: bool = False
+    rootfs: str = "pinned"
+    kselftest: Path | None = None
+    kselftest_timeout: float | None = None  # None: the tree's settings, else 45 s
+    kselftest_wall_timeout: float = KSELFTEST_WALL_TIMEOUT
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # ini key; the CLI flag and env variable derive from it
+    flag: str
+    help: str
+    metavar: str | None  # None: an on/off switch
+
+    @property
+    def env(self) -> str:
+        return self.name.upper()
+
+
+OPTIONS = (
+    Option("umtt_kernel", "--uml-kernel", "UML kernel with time-travel support "
+           "(default: the one `umtt-kernel build` made)", "PATH"),
+    Option("umtt_seed", "--umtt-seed", "seed of every simulation: an integer, or 'random' "
+           "(default 0: plain runs are reproducible)", "N"),
+    Option("umtt_mem", "--umtt-mem",
+           f"memory of each machine, e.g. 512M (default {DEFAULT_MEM})", "SIZE"),
+    Option("umtt_cmdline", "--umtt-cmdline", "extra kernel command-line arguments for every "
+           "machine (shell quoting)", "ARGS"),
+    Option("umtt_virtual_timeout", "--umtt-virtual-timeout", "virtual seconds a command may "
+           f"take when the test gives no timeout (default {DEFAULT_COMMAND_TIMEOUT:g})",
+           "SECONDS"),
+    Option("umtt_wall_timeout", "--umtt-wall-timeout", "wall seconds virtual time may stand "
+           f"still before a machine counts as hung (default {DEFAULT_STALL_TIMEOUT:g})",
+           "SECONDS"),
+    Option("umtt_artifacts", "--umtt-artifacts", "directory for per-test artifacts: consoles, "
+           "commands, protocol trace (default: none kept)", "DIR"),
+    Option("umtt_kunit", "--umtt-kunit", "run the kernel's KUnit suites matching GLOB at boot "
+           "and report each test case as a test", "GLOB"),
+    Option("umtt_explore", "--umtt-explore", "run each test with K seeds (the seed, seed+1, "
+           "...) and report which seeds failed", "K"),
+    Option("umtt_check_determinism", "--umtt-check-determinism", "run each test twice with "
+           "one seed and fail if the runs differ (protocol, console, results)", None),
+    Option("umtt_perturb", "--umtt-perturb", "seeded perturbation of the order of events at "
+           "the same virtual instant, to shake out races between machines", None),
+    Option("umtt_rootfs", "--umtt-rootfs", "the guest's root filesystem: 'pinned' (default; "
+           "built from Debian packages, the same on every host) or 'host' (the host's / "
+           "read-only through hostfs)", "pinned|host"),
+    Option("umtt_kselftest", "--umtt-kselftest", "run the installed kselftest tree DIR "
+           "(`make -C tools/testing/selftests install INSTALL_PATH=DIR`, or `umtt-kselftest "
+           "build`), each test in a fresh machine; each test and KTAP subtest a test", "DIR"),
+    Option("umtt_kselftest_timeout", "--umtt-kselftest-timeout", "virtual seconds each "
+           "kselftest may take, overriding its collection's settings file (default: that "
+           f"file's timeout, else kselftest's {KSELFTEST_TIMEOUT:g})", "SECONDS"),
+    Option("umtt_kselftest_wall_timeout", "--umtt-kselftest-wall-timeout", "wall seconds "
+           "each kselftest may take before it is stopped and diagnosed (default "
+           f"{KSELFTEST_WALL_TIMEOUT:g}; UML runs clock-polling loops about 100x "
+           "slower than real time)", "SECONDS"),
+)
+ROOTFS_CHOICES = ("pinned", "host")
+
+
+def _raw_setting(config: pytest.Config, option: Option) -> tuple[str, str] | None:
+    """The first of CLI, environment and ini that sets ``option``, with where it came from."""
+    cli = config.getoption(option.name)
+    if cli is not None:
+        return str(cli), option.flag
+    if option.env in os.environ:
+        return os.environ[option.env], f"${option.env}"
+    ini = config.getini(option.name)
+    if ini:
+        return str(ini), f"ini {option.name}"
+    return None
+
+
+MAX_SECONDS = 1e9
+"""About 31 years: far beyond any test, and its nanoseconds still fit the protocol's s64."""
+
+
+def _positive_float(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_SECONDS:  # also refuses nan
+        raise pytest.UsageError(f"{where}: expected a number of seconds above 0 and at most "
+                                f"{MAX_SECONDS:g}, got {text!r}")
+    return value
+
+
+def _arguments(value: object, where: str) -> tuple[str, ...]:
+    """Kernel arguments: one shell-quoted string, or a list of strings."""
+    if isinstance(value, str):
+        try:
+            return tuple(shlex.split(value))
+        except ValueError as exc:
+            raise pytest.UsageError(f"{where}: cannot split {value!r} into kernel arguments "
+                                    f"({exc})") from None
+    if isinstance(value, list | tuple) and all(isinstance(arg, str) for arg in value):
+        return tuple(value)
+    raise pytest.UsageError(f"{where}: expected kernel arguments as a string or a list of "
+                            f"strings, got {value!r}")
+
+
+def _seed(text: str, where: str) -> tuple[int, str]:
+    if text == "random":
+        return random.SystemRandom().randrange(2**32), f"random ({where})"
+    try:
+        return int(text, 0), where
+    except ValueError:
+        raise pytest.UsageError(f"{where}: expected an integer seed or 'random', "
+                                f"got {text!r}") from None
+
+
+def _mem(text: object, where: str) -> str:
+    if not isinstance(text, str) or not MEM_PATTERN.match(text):
+        raise pytest.UsageError(f"{where}: expected a size like 64M or 1G, got {text!r}")
+    return text
+
+
+def _switch(text: str, where: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise pytest.UsageError(f"{where}: expected true or false, got {text!r}")
+
+
+def _count(text: str, where: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise pytest.UsageError(f"{where}: expected a number of seeds (1 or more), got {text!r}")
+    return int(text)
+
+
+def _rootfs(text: str, where: str) -> str:
+    if text not in ROOTFS_CHOICES:
+        raise pytest.UsageError(f"{where}: expected one of {', '.join(ROOTFS_CHOICES)}, "
+                                f"got {text!r}")
+    return text
+
+
+def _kernel(text: str, where: str) -> Path:
+    # Absolute: UML starts in its machine's directory, where a relative name means nothing.
+    path = Path(text).expanduser().absolute()
+    if not path.is_file():
+        raise pytest.UsageError(f"{where}: no kernel at {text!r}")
+    return path
+
+
+def _kselftest_tree(text: str, where: str) -> Path:
+    path = Path(text).expanduser().absolute()
+    if not (path / LIST_FILE).is_file():
+        raise pytest.UsageError(f"{where}: {text!r} is not an installed kselftest tree (no "
+                                f"{LIST_FILE}); make one with `umtt-kselftest build "
+                                f"--targets TARGET` or `make -C tools/testing/selftests "
+                                f"TARGETS=... install INSTALL_PATH=DIR`")
+    return path
+
+
+def resolve_settings(config: pytest.Config) -> Settings:
+    """Settings from CLI > environment > ini; bad values are a UsageError naming the fix."""
+    raw = {option.name: _raw_setting(config, option) for option in OPTIONS}
+
+    def get(name: str, parse: Callable[[str, str], Any], default: Any) -> Any:
+        found = raw[name]
+        return default if found is None else parse(*found)
+
+    seed, seed_source = get("umtt_seed", _seed, (0, "default"))
+    return Settings(
+        kernel=get("umtt_kernel", _kernel, None) or default_kernel(),
+        seed=seed,
+        seed_source=seed_source,
+        mem=get("umtt_mem", _mem, DEFAULT_MEM),
+        cmdline=get("umtt_cmdline", _arguments, ()),
+        virtual_timeout=get("umtt_virtual_timeout", _positive_float, DEFAULT_COMMAND_TIMEOUT),
+        wall_timeout=get("umtt_wall_timeout", _positive_float, DEFAULT_STALL_TIMEOUT),
+        artifacts=get("umtt_artifacts", lambda text, _: Path(text), None),
+        kunit=get("umtt_kunit", lambda text, _: text, None),
+        explore=get("umtt_explore", _count, 0),
+        check_determinism=get("umtt_check_determinism", _switch, False),
+        perturb=get("umtt_perturb", _switch, False),
+        rootfs=get("umtt_rootfs", _rootfs, "pinned"),
+        kselftest=get("umtt_kselftest", _kselftest_tree, None),
+        kselftest_timeout=get("umtt_kselftest_timeout", _positive_float, None),
+        kselftest_wall_timeout=get("umtt_kselftest_wall_timeout", _positive_float,
+                                   KSELFTEST_WALL_TIMEOUT),
+    )
+
+
+# --- markers ------------------------------------------------------------------------
+
+MARKERS = {
+    "uml": "uml(mem=None, cmdline=None, kernel=None): options for this test's machines",
+    "virtual_timeout": "virtual_timeout(seconds): virtual-time budget of each command",
+    "wall_timeout": "wall_timeout(seconds): wall seconds virtual time may stand still",
+    "umtt_seed": "umtt_seed(n): this test's simulation seed",
+}
+_MARKER_ARGS = {"uml": ((), {"mem", "cmdline", "kernel"}),
+                "virtual_timeout": (("seconds",), set()),
+                "wall_timeout": (("seconds",), set()),
+                "umtt_seed": (("n",), set())}
+
+
+def _marker_values(item: pytest.Item, name: str) -> dict[str, Any] | None:
+    marker = item.get_closest_marker(name)
+    if marker is None:
+        return None
+    positional, keywords = _MARKER_ARGS[name]
+    where = f"{item.nodeid}: @pytest.mark.{MARKERS[name].split(':')[0]}"
+    if len(marker.args) > len(positional) or set(marker.kwargs) - keywords - set(positional):
+        raise pytest.UsageError(f"{where} got {marker.args} {marker.kwargs}")
+    values = dict(zip(positional, marker.args, strict=False))
+    values.update(marker.kwargs)
+    if set(positional) - set(values):
+        raise pytest.UsageError(f"{where} needs {', '.join(positional)}")
+    return values
+
+
+def item_settings(item: pytest.Item, base: Settings) -> Settings:
+    """The settings of one test: markers override everything else."""
+    settings = base
+    where = f"{item.nodeid}: marker"
+    if (uml := _marker_values(item, "uml")) is not None:
+        cmdline = _arguments(uml["cmdline"], where) if "cmdline" in uml else ()
+        settings = replace(
+            settings,
+            mem=_mem(uml["mem"], where) if "mem" in uml else settings.mem,
+            cmdline=settings.cmdline + cmdline,
+            kernel=_kernel(str(uml["kernel"]), where) if uml.get("kernel") else settings.kernel)
+    if (value := _marker_values(item, "virtual_timeout")) is not None:
+        settings = replace(settings,
+                           virtual_timeout=_positive_float(str(value["seconds"]), where))
+    if (value := _marker_values(item, "wall_timeout")) is not None:
+        settings = replace(settings, wall_timeout=_positive_float(str(value["seconds"]), where))
+    if (value := _marker_values(item, "umtt_seed")) is not None:
+        seed, source = _seed(str(value["n"]), where)
+        settings = replace(settings, seed=seed, seed_source=source)
+    return settings

@@ -1,0 +1,142 @@
+"""What a session keeps (in config.stash), and opening and closing a test's simulation."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from ..machine import Machine
+from ..rootfs import Rootfs, build_rootfs
+from ..simulation import (
+    MachineFactory,
+    Simulation,
+)
+from ..summary import Summary
+from .settings import Settings
+
+# --- session state ------------------------------------------------------------------
+
+@dataclass
+class SessionState:
+    """What the plugin keeps for a session (in config.stash, never in globals)."""
+
+    settings: Settings
+    summary: Summary = field(default_factory=Summary)
+    open: set[Simulation] = field(default_factory=set)
+    first_runs: dict[str, list[str]] = field(default_factory=dict)
+    rootfs: Rootfs | None = None
+    previous_sigterm: signal.Handlers | None = None
+
+    def guest_root(self) -> Rootfs | None:
+        """The pinned root filesystem (built once per session, cached across sessions),
+        or None for the host's root."""
+        if self.settings.rootfs == "host":
+            return None
+        if self.rootfs is None:
+            self.rootfs = build_rootfs()
+        return self.rootfs
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one item varies a test: an explored seed, a determinism run, or neither."""
+
+    seed: int | None = None
+    run: int | None = None
+
+    @property
+    def id(self) -> str:
+        parts = [] if self.seed is None else [f"seed={self.seed}"]
+        return "-".join(parts + ([] if self.run is None else [f"determinism-{self.run}"]))
+
+
+VARIANT_ID = re.compile(r"-?(seed=\d+|determinism-[12])")
+
+
+def base_nodeid(nodeid: str) -> str:
+    """The test's node id without the variant pytest-umtt added."""
+    return VARIANT_ID.sub("", nodeid).replace("[]", "").replace("[-", "[")
+
+
+STATE = pytest.StashKey[SessionState]()
+ITEM_SIM = pytest.StashKey[Simulation]()
+ITEM_SETTINGS = pytest.StashKey[Settings]()
+
+
+def settings_of(item: pytest.Item) -> Settings:
+    """A test's settings: its markers applied at collection, else the session's."""
+    return item.stash.get(ITEM_SETTINGS, item.config.stash[STATE].settings)
+
+
+def open_simulation(config: pytest.Config, settings: Settings) -> Simulation:
+    sim = Simulation(kernel=settings.kernel, seed=settings.seed,
+                     stall_timeout=settings.wall_timeout, perturb=settings.perturb,
+                     rootfs=config.stash[STATE].guest_root())
+    sim.on_doorbell.append(
+        lambda machine, value: config.hook.pytest_umtt_doorbell(machine=machine, value=value))
+    config.stash[STATE].open.add(sim)
+    return sim
+
+
+def close_simulation(config: pytest.Config, sim: Simulation, started: float,
+                      artifacts: Path | None) -> None:
+    state = config.stash[STATE]
+    state.open.discard(sim)
+    state.summary.add_simulation(sim.now, time.monotonic() - started)
+    sim.close(keep_files=artifacts is not None)
+    if artifacts is not None:
+        try:
+            save_artifacts(sim, artifacts)
+        finally:
+            shutil.rmtree(sim.directory, ignore_errors=True)
+
+
+def machine_factory(config: pytest.Config, sim: Simulation, settings: Settings) -> MachineFactory:
+    def make(name: str | None = None, *, boot: bool = True, mem: str | None = None,
+             cmdline: Sequence[str] = ()) -> Machine:
+        name = name or f"m{len(sim.machines) + 1}"
+        hooked = [arg for args in config.hook.pytest_umtt_kernel_cmdline(name=name) or []
+                  for arg in args or []]
+        return sim.machine(name, boot=boot, kernel=settings.kernel, mem=mem or settings.mem,
+                           cmdline=[*settings.cmdline, *hooked, *cmdline],
+                           default_timeout=settings.virtual_timeout)
+    return make
+
+
+def artifacts_dir(settings: Settings, nodeid: str) -> Path | None:
+    if settings.artifacts is None:
+        return None
+    return settings.artifacts / re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")
+
+
+
+def save_artifacts(sim: Simulation, target: Path) -> None:
+    """Consoles, command records and the protocol trace of a finished simulation."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name, machine in sim.machines.items():
+        if machine.console is not None and machine.console.log_path.exists():
+            shutil.copyfile(machine.console.log_path, target / f"{name}.console.log")
+        commands = machine.directory / "cmd"
+        if commands.is_dir():
+            # Links the guest made stay links: never copy what they point to.
+            shutil.copytree(commands, target / f"{name}.commands", symlinks=True,
+                            dirs_exist_ok=True)
+    trace = sim.calendar.trace
+    if trace is not None:
+        with (target / "trace.jsonl").open("w") as stream:
+            trace.write_jsonl(stream)
+        for name in sim.machines:
+            with (target / f"{name}.trace.jsonl").open("w") as stream:
+                trace.write_jsonl(stream, client=name)
+    (target / "simulation.json").write_text(json.dumps(
+        {"seed": sim.seed, "virtual_ns": sim.now,
+         "machines": {name: sim.identity(machine) for name, machine in sim.machines.items()}},
+        indent=2))
