@@ -57,55 +57,23 @@ class Settings:
 
 @dataclass(frozen=True)
 class Option:
-    name: str  # ini key; the CLI flag and env variable derive from it
+    """One setting: its ini key (the CLI flag and env variable derive from it), its help,
+    and the Settings field it fills with what ``parse(text, where)`` makes of it, or with
+    ``default``."""
+
+    name: str
     flag: str
     help: str
     metavar: str | None  # None: an on/off switch
+    field: str
+    parse: Callable[[str, str], Any]
+    default: Any
 
     @property
     def env(self) -> str:
         return self.name.upper()
 
 
-OPTIONS = (
-    Option("umtt_kernel", "--uml-kernel", "UML kernel with time-travel support "
-           "(default: the one `umtt-kernel build` made)", "PATH"),
-    Option("umtt_seed", "--umtt-seed", "seed of every simulation: an integer, or 'random' "
-           "(default 0: plain runs are reproducible)", "N"),
-    Option("umtt_mem", "--umtt-mem",
-           f"memory of each machine, e.g. 512M (default {DEFAULT_MEM})", "SIZE"),
-    Option("umtt_cmdline", "--umtt-cmdline", "extra kernel command-line arguments for every "
-           "machine (shell quoting)", "ARGS"),
-    Option("umtt_virtual_timeout", "--umtt-virtual-timeout", "virtual seconds a command may "
-           f"take when the test gives no timeout (default {DEFAULT_COMMAND_TIMEOUT:g})",
-           "SECONDS"),
-    Option("umtt_wall_timeout", "--umtt-wall-timeout", "wall seconds virtual time may stand "
-           f"still before a machine counts as hung (default {DEFAULT_STALL_TIMEOUT:g})",
-           "SECONDS"),
-    Option("umtt_artifacts", "--umtt-artifacts", "directory for per-test artifacts: consoles, "
-           "commands, protocol trace (default: none kept)", "DIR"),
-    Option("umtt_kunit", "--umtt-kunit", "run the kernel's KUnit suites matching GLOB at boot "
-           "and report each test case as a test", "GLOB"),
-    Option("umtt_explore", "--umtt-explore", "run each test with K seeds (the seed, seed+1, "
-           "...) and report which seeds failed", "K"),
-    Option("umtt_check_determinism", "--umtt-check-determinism", "run each test twice with "
-           "one seed and fail if the runs differ (protocol, console, results)", None),
-    Option("umtt_perturb", "--umtt-perturb", "seeded perturbation of the order of events at "
-           "the same virtual instant, to shake out races between machines", None),
-    Option("umtt_rootfs", "--umtt-rootfs", "the guest's root filesystem: 'pinned' (default; "
-           "built from Debian packages, the same on every host) or 'host' (the host's / "
-           "read-only through hostfs)", "pinned|host"),
-    Option("umtt_kselftest", "--umtt-kselftest", "run the installed kselftest tree DIR "
-           "(`make -C tools/testing/selftests install INSTALL_PATH=DIR`, or `umtt-kselftest "
-           "build`), each test in a fresh machine; each test and KTAP subtest a test", "DIR"),
-    Option("umtt_kselftest_timeout", "--umtt-kselftest-timeout", "virtual seconds each "
-           "kselftest may take, overriding its collection's settings file (default: that "
-           f"file's timeout, else kselftest's {KSELFTEST_TIMEOUT:g})", "SECONDS"),
-    Option("umtt_kselftest_wall_timeout", "--umtt-kselftest-wall-timeout", "wall seconds "
-           "each kselftest may take before it is stopped and diagnosed (default "
-           f"{KSELFTEST_WALL_TIMEOUT:g}; UML runs clock-polling loops about 100x "
-           "slower than real time)", "SECONDS"),
-)
 ROOTFS_CHOICES = ("pinned", "host")
 
 
@@ -206,34 +174,79 @@ def _kselftest_tree(text: str, where: str) -> Path:
     return path
 
 
+def _path(text: str, _where: str) -> Path:
+    return Path(text)
+
+
+def _text(text: str, _where: str) -> str:
+    return text
+
+
+OPTIONS = (
+    Option("umtt_kernel", "--uml-kernel", "UML kernel with time-travel support "
+           "(default: the one `umtt-kernel build` made)", "PATH",
+           "kernel", _kernel, None),
+    Option("umtt_seed", "--umtt-seed", "seed of every simulation: an integer, or 'random' "
+           "(default 0: plain runs are reproducible)", "N",
+           "seed", _seed, (0, "default")),
+    Option("umtt_mem", "--umtt-mem",
+           f"memory of each machine, e.g. 512M (default {DEFAULT_MEM})", "SIZE",
+           "mem", _mem, DEFAULT_MEM),
+    Option("umtt_cmdline", "--umtt-cmdline", "extra kernel command-line arguments for every "
+           "machine (shell quoting)", "ARGS",
+           "cmdline", _arguments, ()),
+    Option("umtt_virtual_timeout", "--umtt-virtual-timeout", "virtual seconds a command may "
+           f"take when the test gives no timeout (default {DEFAULT_COMMAND_TIMEOUT:g})",
+           "SECONDS",
+           "virtual_timeout", _positive_float, DEFAULT_COMMAND_TIMEOUT),
+    Option("umtt_wall_timeout", "--umtt-wall-timeout", "wall seconds virtual time may stand "
+           f"still before a machine counts as hung (default {DEFAULT_STALL_TIMEOUT:g})",
+           "SECONDS",
+           "wall_timeout", _positive_float, DEFAULT_STALL_TIMEOUT),
+    Option("umtt_artifacts", "--umtt-artifacts", "directory for per-test artifacts: consoles, "
+           "commands, protocol trace (default: none kept)", "DIR",
+           "artifacts", _path, None),
+    Option("umtt_kunit", "--umtt-kunit", "run the kernel's KUnit suites matching GLOB at boot "
+           "and report each test case as a test", "GLOB",
+           "kunit", _text, None),
+    Option("umtt_explore", "--umtt-explore", "run each test with K seeds (the seed, seed+1, "
+           "...) and report which seeds failed", "K",
+           "explore", _count, 0),
+    Option("umtt_check_determinism", "--umtt-check-determinism", "run each test twice with "
+           "one seed and fail if the runs differ (protocol, console, results)", None,
+           "check_determinism", _switch, False),
+    Option("umtt_perturb", "--umtt-perturb", "seeded perturbation of the order of events at "
+           "the same virtual instant, to shake out races between machines", None,
+           "perturb", _switch, False),
+    Option("umtt_rootfs", "--umtt-rootfs", "the guest's root filesystem: 'pinned' (default; "
+           "built from Debian packages, the same on every host) or 'host' (the host's / "
+           "read-only through hostfs)", "pinned|host",
+           "rootfs", _rootfs, "pinned"),
+    Option("umtt_kselftest", "--umtt-kselftest", "run the installed kselftest tree DIR "
+           "(`make -C tools/testing/selftests install INSTALL_PATH=DIR`, or `umtt-kselftest "
+           "build`), each test in a fresh machine; each test and KTAP subtest a test", "DIR",
+           "kselftest", _kselftest_tree, None),
+    Option("umtt_kselftest_timeout", "--umtt-kselftest-timeout", "virtual seconds each "
+           "kselftest may take, overriding its collection's settings file (default: that "
+           f"file's timeout, else kselftest's {KSELFTEST_TIMEOUT:g})", "SECONDS",
+           "kselftest_timeout", _positive_float, None),
+    Option("umtt_kselftest_wall_timeout", "--umtt-kselftest-wall-timeout", "wall seconds "
+           "each kselftest may take before it is stopped and diagnosed (default "
+           f"{KSELFTEST_WALL_TIMEOUT:g}; UML runs clock-polling loops about 100x "
+           "slower than real time)", "SECONDS",
+           "kselftest_wall_timeout", _positive_float, KSELFTEST_WALL_TIMEOUT),
+)
+
+
 def resolve_settings(config: pytest.Config) -> Settings:
     """Settings from CLI > environment > ini; bad values are a UsageError naming the fix."""
-    raw = {option.name: _raw_setting(config, option) for option in OPTIONS}
-
-    def get(name: str, parse: Callable[[str, str], Any], default: Any) -> Any:
-        found = raw[name]
-        return default if found is None else parse(*found)
-
-    seed, seed_source = get("umtt_seed", _seed, (0, "default"))
-    return Settings(
-        kernel=get("umtt_kernel", _kernel, None) or default_kernel(),
-        seed=seed,
-        seed_source=seed_source,
-        mem=get("umtt_mem", _mem, DEFAULT_MEM),
-        cmdline=get("umtt_cmdline", _arguments, ()),
-        virtual_timeout=get("umtt_virtual_timeout", _positive_float, DEFAULT_COMMAND_TIMEOUT),
-        wall_timeout=get("umtt_wall_timeout", _positive_float, DEFAULT_STALL_TIMEOUT),
-        artifacts=get("umtt_artifacts", lambda text, _: Path(text), None),
-        kunit=get("umtt_kunit", lambda text, _: text, None),
-        explore=get("umtt_explore", _count, 0),
-        check_determinism=get("umtt_check_determinism", _switch, False),
-        perturb=get("umtt_perturb", _switch, False),
-        rootfs=get("umtt_rootfs", _rootfs, "pinned"),
-        kselftest=get("umtt_kselftest", _kselftest_tree, None),
-        kselftest_timeout=get("umtt_kselftest_timeout", _positive_float, None),
-        kselftest_wall_timeout=get("umtt_kselftest_wall_timeout", _positive_float,
-                                   KSELFTEST_WALL_TIMEOUT),
-    )
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        found = _raw_setting(config, option)
+        values[option.field] = option.default if found is None else option.parse(*found)
+    values["seed"], values["seed_source"] = values["seed"]
+    values["kernel"] = values["kernel"] or default_kernel()
+    return Settings(**values)
 
 
 # --- markers ------------------------------------------------------------------------
