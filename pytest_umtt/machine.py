@@ -19,11 +19,11 @@ import resource
 import shutil
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import pexpect
 import psutil
@@ -39,8 +39,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .calendar import Client
-    from .simulation import Simulation
+    from .calendar import Calendar, Client, Stop
 
 DEFAULT_TIME_TRAVEL_START = 1_700_000_000 * 10**9
 """The guest's wall clock at virtual time 0 (2023-11-14), fixed so its date is reproducible."""
@@ -375,10 +374,32 @@ class BackgroundCommand:
         return self.machine._await_result(self.number, self.command, timeout)
 
 
+class MachineHost(Protocol):
+    """What a machine needs from the simulation it runs in (a
+    :class:`~pytest_umtt.simulation.Simulation`): its clock and calendar, where machines
+    live, what seeds their entropy, and the budgets its waits go by. A machine never
+    imports the simulation; the simulation routes the calendar's events to machines."""
+
+    directory: Path
+    calendar: Calendar
+    seed: int
+    shim: Path | None
+    confined: bool
+    time_travel_start: int
+    stall_timeout: float
+    console_resolution: int
+
+    @property
+    def now(self) -> int: ...
+
+    def run_until(self, condition: Callable[[], bool] | None = None, *,
+                  deadline: int | None = None, machines: Iterable[Machine] = ()) -> Stop: ...
+
+
 class Machine:
     """One UML kernel on the simulation's clock, with a guest agent to run commands."""
 
-    def __init__(self, sim: Simulation, name: str, client_id: int, *, kernel: Path,
+    def __init__(self, sim: MachineHost, name: str, client_id: int, *, kernel: Path,
                  mem: str = DEFAULT_MEM, cmdline: Sequence[str] = (),
                  idle_max: float = DEFAULT_IDLE_MAX, agent: Path | None = None,
                  default_timeout: float = DEFAULT_COMMAND_TIMEOUT, rootfs: bool = False) -> None:
@@ -720,6 +741,12 @@ class Machine:
             self.error = MachineCrashed(self.name, console_cause or cause, self.sim.now,
                                         self.console_tail(), self.console_log())
         return self._remembered_crash()
+
+    def stalled(self, error: MachineError) -> None:
+        """The calendar gave up waiting for this machine: end it, and remember why."""
+        self.kill()
+        self.state = MachineState.CRASHED
+        self.error = error
 
     def _remembered_crash(self) -> MachineCrashed:
         """A fresh exception carrying the first failure, for every later call to raise."""

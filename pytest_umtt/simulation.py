@@ -404,13 +404,11 @@ class Simulation:
         machine = self._machine_of(runner) if runner is not None else None
         if machine is None:
             return MachineStalled("simulation", str(exc), exc.now)
-        machine.kill()
         error = MachineStalled(machine.name, f"virtual time stalled at {exc.now / 1e9:.9f} s "
                                f"for {exc.waited:.1f} s wall (the guest never lets time "
                                f"advance: a busy loop?)", exc.now, machine.console_tail(),
                                machine.console_log())
-        machine.state = MachineState.CRASHED
-        machine.error = error
+        machine.stalled(error)
         return error
 
     def _on_wait(self, client: Client) -> None:
