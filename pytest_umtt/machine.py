@@ -21,13 +21,22 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import pexpect
 import psutil
 
+from .agent import (
+    BOOT_SCRIPT,
+    COMMANDS_DIR,
+    POWEROFF_COMMAND,
+    Bell,
+    CommandChannel,
+    decode,
+    install,
+    read_without_links,
+)
 from .confine import confine_to
 from .console import Console
 from .errors import (
@@ -82,7 +91,7 @@ def uml_command(
     kernel: Path,
     *,
     client_id: int,
-    boot_script: str = "boot.sh",
+    boot_script: str = BOOT_SCRIPT,
     mem: str = DEFAULT_MEM,
     time_travel_start: int = DEFAULT_TIME_TRAVEL_START,
     socket_path: str = SOCKET_FROM_MACHINE_DIR,
@@ -176,64 +185,6 @@ def _check_timeout(timeout: float | None) -> None:
                          f"{MAX_COMMAND_TIMEOUT:g}, got {timeout!r}")
 
 
-class CommandChannel:
-    """The host's side of the command files in a machine's directory.
-
-    The guest can change anything in that directory, so the host never follows a link
-    there: it works through a descriptor of ``cmd/`` opened at boot, makes each command's
-    directory itself, and opens every file with O_NOFOLLOW. The guest cannot run while
-    the host does this (the simulation is paused), so nothing changes in between."""
-
-    def __init__(self, machine_directory: Path) -> None:
-        commands = machine_directory / "cmd"
-        commands.mkdir()
-        self._fd = os.open(commands, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-
-    def submit(self, number: int, files: Mapping[str, bytes]) -> None:
-        """Write command ``number``'s files, then its ``N.go`` (the agent acts on that)."""
-        os.mkdir(str(number), 0o700, dir_fd=self._fd)
-        directory = os.open(str(number), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                            dir_fd=self._fd)
-        try:
-            for name, data in files.items():
-                _write_new(name, data, directory)
-        finally:
-            os.close(directory)
-        _write_new(f"{number}.go", b"", self._fd)
-
-    def read(self, number: int, name: str) -> bytes:
-        """A file the guest wrote for command ``number``."""
-        return _read_without_links(self._fd, (str(number), name))
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _read_without_links(top: int, parts: Sequence[str]) -> bytes:
-    """Read ``top/parts...`` where every component must be no link."""
-    directory = os.dup(top)
-    try:
-        for part in parts[:-1]:
-            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                            dir_fd=directory)
-            os.close(directory)
-            directory = inner
-        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
-    finally:
-        os.close(directory)
-    with os.fdopen(fd, "rb") as stream:
-        return stream.read()
-
-
-def _write_new(name: str, data: bytes, directory: int) -> None:
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                 dir_fd=directory)
-    with os.fdopen(fd, "wb") as stream:
-        stream.write(data)
-
-
 def separate_console_output() -> None:
     """In the child, before exec: give stdout and stderr an open file description of the
     pty of their own, apart from stdin's.
@@ -286,13 +237,11 @@ def kill_process_tree(pid: int, timeout: float = 5.0, *, reap_root: bool = True)
 # --- the machine ----------------------------------------------------------------------
 
 NS_PER_S = 10**9
-AGENT_READY, AGENT_DONE, AGENT_STARTED = 1, 2, 3
 DEFAULT_IDLE_MAX = 0.1
 DEFAULT_COMMAND_TIMEOUT = 24 * 3600.0
 """Virtual seconds a command may take when the caller gives no timeout."""
 MAX_COMMAND_TIMEOUT = 1e9
 """About 31 years of virtual time: its nanoseconds still fit the protocol's s64."""
-POWEROFF_COMMAND = "echo o > /proc/sysrq-trigger"
 POWEROFF_WALL_TIMEOUT = 2.0
 REBOOT_MARK = b"reboot: Restarting system"
 MAX_HELD_CONSOLE = 1 << 20
@@ -442,13 +391,7 @@ class Machine:
     def spawn(self) -> None:
         """Start the kernel process; the simulation then serves its START."""
         self.directory.mkdir(mode=0o700)
-        self._channel = CommandChannel(self.directory)
-        agent = self.directory / "boot.sh"
-        source = self.agent or resources.files("pytest_umtt").joinpath("data/agent.sh")
-        agent.write_bytes(source.read_bytes())
-        agent.chmod(0o755)
-        shutil.copyfile(Path(str(resources.files("pytest_umtt").joinpath("data/fstab"))),
-                        self.directory / "fstab")
+        self._channel = install(self.directory, self.agent)
         # Beside the machine's directory, not in it: the guest can replace what is in it.
         self.console = Console(self.sim.directory / f"{self.name}.console.log")
         extra = [f"UMTT_HOSTNAME={self.name}",
@@ -664,7 +607,7 @@ class Machine:
         machine's directory; returns the path where the guest sees it (``/mnt/NAME``)."""
         source = Path(source)
         name = name or source.name
-        if not name or "/" in name or name in (".", "..", "cmd"):
+        if not name or "/" in name or name in (".", "..", COMMANDS_DIR):
             raise ValueError(f"{self.name}: {name!r} is not a plain file name for /mnt")
         target = self.directory / name
         if os.path.lexists(target):
@@ -684,7 +627,7 @@ class Machine:
         try:
             top = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
             try:
-                return _read_without_links(top, parts)
+                return read_without_links(top, parts)
             finally:
                 os.close(top)
         except OSError as exc:
@@ -700,18 +643,18 @@ class Machine:
         having idled, and when a command it ran in the foreground ends; a foreground
         command that it did not ring for started at the loop's previous ring (it looked
         for the command right after that ring, at the same instant)."""
-        kind, number = value & 0xFF, value >> 8
+        kind, number = decode(value)
         now = self.sim.calendar.now
         self.doorbells.append((now, value))
-        if kind == AGENT_READY and self.state is MachineState.BOOTING:
+        if kind == Bell.READY and self.state is MachineState.BOOTING:
             self.state = MachineState.READY
-        elif kind == AGENT_DONE:
+        elif kind == Bell.DONE:
             self._finished[number] = now
             if number in self._background:
                 return
             self._started.setdefault(number, max(self._last_loop_ring,
                                                  self._submitted.get(number, 0)))
-        elif kind == AGENT_STARTED:
+        elif kind == Bell.STARTED:
             self._started[number] = now
         self._last_loop_ring = now
 

@@ -1,8 +1,9 @@
 #!/bin/bash
 # pytest-umtt guest agent: init of every UML machine.
 #
-# The machine directory is mounted read-write at /mnt; the host's root is
-# read-only. The host writes a command into cmd/N/ and then cmd/N.go, always while
+# Its host side is pytest_umtt/agent.py (the same kinds and layout). The machine
+# directory is mounted read-write at /mnt. The host writes a command into cmd/N/ and
+# then cmd/N.go, always while
 # the simulation is paused, so a run never depends on host speed (DESIGN.md fact 8).
 # The agent answers by ringing the doorbell (/sys/kernel/um-ext-time/bc-message,
 # DESIGN.md fact 6) with (N << 8) | KIND and then reading the clock: that clock read
@@ -20,7 +21,7 @@
 X=/mnt
 BELL=/sys/kernel/um-ext-time/bc-message
 IDLE=/run/umtt-idle
-READY=1 DONE=2 STARTED=3
+READY=1 DONE=2 STARTED=3  # agent.Bell
 IDLE_MIN_US=1000
 IDLE_MAX_US=${UMTT_IDLE_MAX_US:-100000}
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin

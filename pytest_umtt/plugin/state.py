@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ..agent import COMMANDS_DIR
 from ..machine import Machine
 from ..rootfs import Rootfs, build_rootfs
 from ..simulation import (
@@ -124,7 +125,7 @@ def save_artifacts(sim: Simulation, target: Path) -> None:
     for name, machine in sim.machines.items():
         if machine.console is not None and machine.console.log_path.exists():
             shutil.copyfile(machine.console.log_path, target / f"{name}.console.log")
-        commands = machine.directory / "cmd"
+        commands = machine.directory / COMMANDS_DIR
         if commands.is_dir():
             # Links the guest made stay links: never copy what they point to.
             shutil.copytree(commands, target / f"{name}.commands", symlinks=True,
