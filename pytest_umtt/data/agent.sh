@@ -3,8 +3,8 @@
 #
 # Its host side is pytest_umtt/agent.py (the same kinds and layout). The machine
 # directory is mounted read-write at /mnt. The host writes a command into cmd/N/ and
-# then cmd/N.go, always while
-# the simulation is paused, so a run never depends on host speed (DESIGN.md fact 8).
+# then cmd/N.go, always while the simulation is paused, so a run never depends on host
+# speed (DESIGN.md fact 8).
 # The agent answers by ringing the doorbell (/sys/kernel/um-ext-time/bc-message,
 # DESIGN.md fact 6) with (N << 8) | KIND and then reading the clock: that clock read
 # is a time step, so the kernel yields right there and the host acts at that instant.
