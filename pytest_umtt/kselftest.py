@@ -174,14 +174,9 @@ def guest_command(test: KselftestTest, tree: str) -> str:
 def _watched(machine: Machine, wall_timeout: float) -> Iterator[None]:
     """While a test runs: the kernel yields every console-resolution step, so the wall
     budget is checked often, and a stall is called within the wall budget."""
-    sim, calendar = machine.sim, machine.sim.calendar
-    usual = sim.stall_timeout, calendar.max_free_run
-    sim.stall_timeout = min(sim.stall_timeout, wall_timeout)
-    calendar.max_free_run = sim.console_resolution
-    try:
+    sim = machine.sim
+    with sim.watched_closely(wall_timeout=min(sim.wall_timeout, wall_timeout)):
         yield
-    finally:
-        sim.stall_timeout, calendar.max_free_run = usual
 
 
 def run_kselftest(machine: Machine, test: KselftestTest, *, tree: str,
@@ -190,7 +185,7 @@ def run_kselftest(machine: Machine, test: KselftestTest, *, tree: str,
     ``timeout`` virtual seconds (None: the machine's default) and ``wall_timeout`` wall
     seconds. A result that is not ``machine_usable`` leaves the machine stopped."""
     budget = machine.default_timeout if timeout is None else timeout
-    stall = min(machine.sim.stall_timeout, wall_timeout)
+    stall = min(machine.sim.wall_timeout, wall_timeout)
     began = time.monotonic()
     job = machine.start(guest_command(test, tree), timeout=budget)
     try:

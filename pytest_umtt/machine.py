@@ -20,6 +20,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -335,11 +336,13 @@ class MachineHost(Protocol):
     shim: Path | None
     confined: bool
     time_travel_start: int
-    stall_timeout: float
-    console_resolution: int
+    wall_timeout: float
 
     @property
     def now(self) -> int: ...
+
+    def watched_closely(self, wall_timeout: float | None = None
+                        ) -> AbstractContextManager[None]: ...
 
     def run_until(self, condition: Callable[[], bool] | None = None, *,
                   deadline: int | None = None, machines: Iterable[Machine] = ()) -> Stop: ...
@@ -499,13 +502,9 @@ class Machine:
             return span is not None
 
         # Bound free runs while waiting, so the match's time is exact to the resolution.
-        calendar = self.sim.calendar
-        usual, calendar.max_free_run = calendar.max_free_run, self.sim.console_resolution
-        try:
+        with self.sim.watched_closely():
             self.sim.run_until(seen, deadline=self.sim.now + seconds_to_ns(timeout),
                                machines=(self,))
-        finally:
-            calendar.max_free_run = usual
         if not found:
             raise ExpectTimeout(self.name, f"{regex.pattern!r} did not appear on the console "
                                 f"within {timeout} s of virtual time", self.sim.now,
@@ -733,15 +732,10 @@ class Machine:
         # A guest that polls the clock moves virtual time 100-180x slower than real time:
         # bound the wait in wall time too, and let no free run hide the clock from it.
         give_up = time.monotonic() + wall_timeout
-        calendar = self.sim.calendar
-        usual = self.sim.stall_timeout, calendar.max_free_run
-        self.sim.stall_timeout, calendar.max_free_run = wall_timeout, self.sim.console_resolution
-        try:
+        with self.sim.watched_closely(wall_timeout=wall_timeout):
             self.sim.run_until(lambda: (self.state is not MachineState.READY
                                         or time.monotonic() > give_up),
                                deadline=self.sim.now + seconds_to_ns(timeout))
-        finally:
-            self.sim.stall_timeout, calendar.max_free_run = usual
 
     def kill(self) -> None:
         """End the whole UML process tree now."""

@@ -52,7 +52,7 @@ DEFAULT_MAX_FREE_RUN = 24 * 3600 * 10**9
 """A day: without a bound, a lone kernel free-runs through its own periodic timers for
 2^62 ns and the calendar never learns where it is. A day of virtual time costs a lone
 kernel about 1.5 s of wall time and two messages."""
-DEFAULT_STALL_TIMEOUT = 30.0
+DEFAULT_WALL_TIMEOUT = 30.0
 PERTURBED_DOORBELL_LATENCY = 1_000_000
 """With perturbation on, a doorbell's pause (a command's end, say) comes up to 1 ms late."""
 DEFAULT_BOOT_TIMEOUT = 60.0
@@ -160,7 +160,7 @@ class Simulation:
         directory: str | os.PathLike[str] | None = None,
         shm: bool = True,
         deterministic: bool = True,
-        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        wall_timeout: float = DEFAULT_WALL_TIMEOUT,
         console_resolution: int = DEFAULT_CONSOLE_RESOLUTION,
         max_free_run: int = DEFAULT_MAX_FREE_RUN,
         time_travel_start: int = DEFAULT_TIME_TRAVEL_START,
@@ -175,7 +175,8 @@ class Simulation:
         (:mod:`pytest_umtt.confine`); False where the host allows no mount namespace."""
         self.rootfs = rootfs
         self.seed = seed
-        self.stall_timeout = stall_timeout
+        self.wall_timeout = wall_timeout
+        """Wall seconds virtual time may stand still before the runner counts as hung."""
         self.time_travel_start = time_travel_start
         self.console_resolution = console_resolution
         self.shim = build_shim() if deterministic else None  # first: it may fail
@@ -291,12 +292,12 @@ class Simulation:
             self._trace_identity(machine)
         connected = self.calendar.serve_until(
             lambda: all(self._client_of(m) is not None or not m.alive for m in machines),
-            wall_timeout=self.stall_timeout)
+            wall_timeout=self.wall_timeout)
         for machine in machines:
             if self._client_of(machine) is None:
                 machine.kill()
                 what = ("the kernel exited before connecting to the calendar" if connected
-                        else f"no START from the kernel within {self.stall_timeout} s wall")
+                        else f"no START from the kernel within {self.wall_timeout} s wall")
                 raise BootError(machine.name, what, self.now, machine.console_tail(),
                                 machine.console_log())
         self.run_until(lambda: all(m.state is MachineState.READY for m in machines),
@@ -343,7 +344,7 @@ class Simulation:
             try:
                 stop = self.calendar.run_until(
                     lambda: bool(condition and condition()) or self._trouble(watched),
-                    deadline=deadline, stall_timeout=self.stall_timeout)
+                    deadline=deadline, stall_timeout=self.wall_timeout)
             except StallError as exc:
                 raise self._stalled(exc) from None
             if stop.reason is StopReason.DOORBELL:
@@ -353,6 +354,19 @@ class Simulation:
                 continue
             self._raise_for(watched)
             return stop
+
+    @contextmanager
+    def watched_closely(self, wall_timeout: float | None = None) -> Iterator[None]:
+        """For a wait that must see time as it passes: no kernel free-runs more than the
+        console resolution without telling, and (given) a shorter wall budget."""
+        usual = self.wall_timeout, self.calendar.max_free_run
+        if wall_timeout is not None:
+            self.wall_timeout = wall_timeout
+        self.calendar.max_free_run = self.console_resolution
+        try:
+            yield
+        finally:
+            self.wall_timeout, self.calendar.max_free_run = usual
 
     def advance(self, seconds: float) -> Stop:
         """Let exactly ``seconds`` of virtual time pass."""

@@ -184,7 +184,7 @@ def test_init_that_exits_is_reported(sim: Simulation, tmp_path: Path) -> None:
 
 def test_busy_loop_is_stopped_by_the_wall_watchdog(sim: Simulation) -> None:
     spinner = sim.machine("spinner")
-    sim.stall_timeout = 2.0
+    sim.wall_timeout = 2.0
     with pytest.raises(MachineStalled, match=r"spinner: virtual time stalled at \d+\.\d{9} s "
                                              r"for 2\.\d s wall"):
         spinner.run("while :; do :; done")
@@ -246,7 +246,7 @@ import sys
 from pytest_umtt.simulation import Simulation
 with Simulation(kernel=sys.argv[1], directory=sys.argv[2] + "/sim") as sim:
     m = sim.machine("busy")
-    sim.stall_timeout = 600
+    sim.wall_timeout = 600
     print("running", flush=True)
     m.run("while :; do :; done")
 """

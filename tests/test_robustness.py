@@ -96,7 +96,7 @@ def test_a_kernel_that_exits_at_boot_is_reported_at_once(tmp_path: Path) -> None
     waits = []
     for attempt in range(5):
         with Simulation(kernel=impostor, directory=tmp_path / f"sim{attempt}",
-                        stall_timeout=60) as simulation:
+                        wall_timeout=60) as simulation:
             started = time.monotonic()
             with pytest.raises(BootError, match="exited before connecting"):
                 simulation.machine("quick")
@@ -110,14 +110,14 @@ def test_a_guest_reboot_is_reported_at_once(sim: Simulation) -> None:
     started = time.monotonic()
     with pytest.raises(MachineCrashed, match="the guest rebooted"):
         rebooter.run("reboot -f")
-    assert time.monotonic() - started < sim.stall_timeout
+    assert time.monotonic() - started < sim.wall_timeout
 
 
 FLOOD = """
 import sys, time
 from pytest_umtt.errors import MachineStalled
 from pytest_umtt.simulation import Simulation
-with Simulation(kernel=sys.argv[1], directory=sys.argv[2], stall_timeout=3) as sim:
+with Simulation(kernel=sys.argv[1], directory=sys.argv[2], wall_timeout=3) as sim:
     flooder = sim.machine("flooder")
     flooder.start("while :; do echo flood > /dev/kmsg; done")
     started = time.monotonic()

@@ -21,7 +21,7 @@ from ..kselftest import (
 )
 from ..machine import DEFAULT_COMMAND_TIMEOUT, DEFAULT_MEM
 from ..simulation import (
-    DEFAULT_STALL_TIMEOUT,
+    DEFAULT_WALL_TIMEOUT,
 )
 
 MEM_PATTERN = re.compile(r"^\d+[KMG]$")
@@ -42,7 +42,7 @@ class Settings:
     mem: str = DEFAULT_MEM
     cmdline: tuple[str, ...] = ()
     virtual_timeout: float = DEFAULT_COMMAND_TIMEOUT
-    wall_timeout: float = DEFAULT_STALL_TIMEOUT
+    wall_timeout: float = DEFAULT_WALL_TIMEOUT
     artifacts: Path | None = None
     seed_source: str = "default"
     kunit: str | None = None
@@ -200,9 +200,9 @@ OPTIONS = (
            "SECONDS",
            "virtual_timeout", _positive_float, DEFAULT_COMMAND_TIMEOUT),
     Option("umtt_wall_timeout", "--umtt-wall-timeout", "wall seconds virtual time may stand "
-           f"still before a machine counts as hung (default {DEFAULT_STALL_TIMEOUT:g})",
+           f"still before a machine counts as hung (default {DEFAULT_WALL_TIMEOUT:g})",
            "SECONDS",
-           "wall_timeout", _positive_float, DEFAULT_STALL_TIMEOUT),
+           "wall_timeout", _positive_float, DEFAULT_WALL_TIMEOUT),
     Option("umtt_artifacts", "--umtt-artifacts", "directory for per-test artifacts: consoles, "
            "commands, protocol trace (default: none kept)", "DIR",
            "artifacts", _path, None),
