@@ -125,7 +125,8 @@ def uml_command(
         "con0=fd:0,fd:1",
         "uml_dir=.",
         "umid=uml",
-        # time-travel-start= must come first: __setup matching is by prefix (§4).
+        # Its own parameter, although "time-travel" is a prefix of it: the kernel tries the
+        # built-in setup table in order, and that lists time-travel-start= first (§4).
         f"time-travel-start={time_travel_start}",
         f"time-travel=ext:{client_id}:{socket_path}",
         *extra,
