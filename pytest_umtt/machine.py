@@ -39,7 +39,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .calendar import Client
+    from .controller import Client
     from .simulation import Simulation
 
 DEFAULT_TIME_TRAVEL_START = 1_700_000_000 * 10**9

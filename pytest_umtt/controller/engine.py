@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import (
+from ..errors import (
     CalendarClosedError,
     ClockError,
     ProtocolError,
@@ -48,8 +48,7 @@ from .errors import (
     StallError,
     format_ns,
 )
-from .trace import Trace, TraceEvent
-from .wire import (
+from ..wire import (
     FREE_RUN_SPAN,
     MESSAGE_SIZE,
     NO_ID,
@@ -65,6 +64,7 @@ from .wire import (
     op_name,
     shm_size,
 )
+from .trace import Trace, TraceEvent
 
 DEFAULT_SHM_CLIENTS = 63
 """Clients served over shared memory; the map has one more entry, the controller's (§2)."""
