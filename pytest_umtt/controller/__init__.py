@@ -9,13 +9,16 @@ protocol on the two), and :mod:`~pytest_umtt.controller.cli` (``umtt-controller`
 Device models can use the clock and the reactor without the protocol.
 """
 
-from .engine import Calendar, Client, ClientState, ScheduledCall, Stop, StopReason
+from .clock import Clock, Job, ScheduledCall
+from .engine import Calendar, Client, ClientState, Stop, StopReason
 from .trace import Trace, TraceEvent
 
 __all__ = [
     "Calendar",
     "Client",
     "ClientState",
+    "Clock",
+    "Job",
     "ScheduledCall",
     "Stop",
     "StopReason",

@@ -24,7 +24,6 @@ import enum
 import errno
 import fcntl
 import functools
-import heapq
 import itertools
 import math
 import mmap
@@ -42,7 +41,6 @@ from pathlib import Path
 
 from ..errors import (
     CalendarClosedError,
-    ClockError,
     ProtocolError,
     SocketInUseError,
     StallError,
@@ -64,6 +62,7 @@ from ..wire import (
     op_name,
     shm_size,
 )
+from .clock import Clock, Job, ScheduledCall
 from .trace import Trace, TraceEvent
 
 DEFAULT_SHM_CLIENTS = 63
@@ -104,19 +103,6 @@ class Stop:
     time: int
     client: Client | None = None
     value: int | None = None
-
-
-@dataclass(eq=False)
-class _Job:
-    """An entry in the event queue; ``cancelled`` implements lazy deletion."""
-
-    time: int
-    order: int
-    owner: Client | ScheduledCall
-    cancelled: bool = False
-
-    def __lt__(self, other: _Job) -> bool:
-        return (self.time, self.order) < (other.time, other.order)
 
 
 @dataclass(eq=False)
@@ -166,29 +152,6 @@ class _Poller:
         self._epoll.close()
 
 
-class ScheduledCall:
-    """An in-process participant: a callback at a virtual time. Cancel it with cancel()."""
-
-    def __init__(self, fn: Callable[[], object], name: str) -> None:
-        self.fn = fn
-        self.name = name
-        self._job: _Job | None = None
-
-    @property
-    def time(self) -> int | None:
-        """When it will run, or None once it ran or was cancelled."""
-        return None if self._job is None or self._job.cancelled else self._job.time
-
-    def cancel(self) -> None:
-        """Do not run it (a no-op once it ran)."""
-        if self._job is not None:
-            self._job.cancelled = True
-            self._job = None
-
-    def __repr__(self) -> str:
-        return f"<ScheduledCall {self.name} at {self.time}>"
-
-
 class Client:
     """A participant connected over the socket: normally one UML kernel."""
 
@@ -207,7 +170,7 @@ class Client:
         self.in_map = False
         self.capa_pending = False
         self.offset = 0
-        self.job: _Job | None = None
+        self.job: Job | None = None
         self.pending_acks: deque[_PendingAck] = deque()
         self.error: ProtocolError | None = None
         self.outbox = bytearray()
@@ -267,7 +230,6 @@ class Calendar:
         busy_poll: float = 0.0,
         late_joiners_shm: bool = False,
     ) -> None:
-        self._now = 0
         self.busy_poll = busy_poll
         self.max_free_run = max_free_run
         self.time_at_start = time_at_start
@@ -284,11 +246,10 @@ class Calendar:
         self._poller = _Poller()
         self._listener: socket.socket | None = None
         self._socket_path: Path | None = None
-        self._queue: list[_Job] = []
-        self._order = itertools.count()
         # Ties run first-in-first-out, or in a seeded shuffled order when asked to (to
         # shake out races between machines that happen to share an instant).
         self._tie_breaker = None if tie_seed is None else random.Random(tie_seed)
+        self._clock = Clock(ties=self._tie_breaker)
         self.doorbell_latency = doorbell_latency
         self._delayed_doorbells: list[tuple[Client, int]] = []
         self._serials = itertools.count(1)
@@ -346,6 +307,11 @@ class Calendar:
         return self._sync_now()
 
     @property
+    def clock(self) -> Clock:
+        """The virtual clock and event queue (move it only through the calendar)."""
+        return self._clock
+
+    @property
     def runner(self) -> Client | None:
         """The client that holds the CPU right now, if any."""
         return self._runner
@@ -366,7 +332,7 @@ class Calendar:
         return self._shm
 
     def __repr__(self) -> str:
-        return f"<Calendar now={format_ns(self._now)} clients={len(self.live_clients())}>"
+        return f"<Calendar now={format_ns(self._clock.now)} clients={len(self.live_clients())}>"
 
     def __enter__(self) -> Calendar:
         return self
@@ -423,20 +389,17 @@ class Calendar:
 
     def call_at(self, when: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
         """Run ``fn`` in-process at virtual time ``when`` (ns), on the shared clock."""
-        if when < self._now:
-            raise ValueError(f"cannot schedule {name or fn!r} at {format_ns(when)}: "
-                             f"the clock is already at {format_ns(self._now)}")
-        call = ScheduledCall(fn, name or getattr(fn, "__name__", "call"))
-        call._job = self._push(when, call)
+        call = self._clock.call_at(when, fn, name)
+        self._pushed(when)
         return call
 
     def call_later(self, delay: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
         """Run ``fn`` ``delay`` nanoseconds from now."""
-        return self.call_at(self._now + delay, fn, name)
+        return self.call_at(self._clock.now + delay, fn, name)
 
     def pause(self) -> None:
         """Stop the current run_until at the present instant (for use from callbacks)."""
-        self._stops.append(Stop(StopReason.PAUSE, self._now))
+        self._stops.append(Stop(StopReason.PAUSE, self._clock.now))
 
     def run_until(
         self,
@@ -451,9 +414,9 @@ class Calendar:
         virtual time does not move for ``stall_timeout`` wall seconds.
         """
         self._check_open()
-        if deadline is not None and deadline < self._now:
+        if deadline is not None and deadline < self._clock.now:
             raise ValueError(f"deadline {format_ns(deadline)} is before now "
-                             f"({format_ns(self._now)})")
+                             f"({format_ns(self._clock.now)})")
         self._limit = deadline
         try:
             return self._run(condition, deadline, stall_timeout)
@@ -462,7 +425,7 @@ class Calendar:
 
     def advance(self, nanoseconds: int, *, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> Stop:
         """Run for exactly ``nanoseconds`` of virtual time unless something stops it first."""
-        return self.run_until(deadline=self._now + nanoseconds, stall_timeout=stall_timeout)
+        return self.run_until(deadline=self._clock.now + nanoseconds, stall_timeout=stall_timeout)
 
     def serve_until(self, condition: Callable[[], bool], wall_timeout: float) -> bool:
         """Serve socket traffic without advancing the schedule until ``condition()``;
@@ -511,7 +474,7 @@ class Calendar:
 
     def _run(self, condition: Callable[[], bool] | None, deadline: int | None,
              stall_timeout: float) -> Stop:
-        last_progress = (self._now, time.monotonic())
+        last_progress = (self._clock.now, time.monotonic())
         while True:
             if not self._busy():
                 stop = self._stop_if_done(condition)
@@ -529,23 +492,23 @@ class Calendar:
         if self._stops:
             return self._stops.popleft()
         if condition is not None and condition():
-            return Stop(StopReason.CONDITION, self._now)
+            return Stop(StopReason.CONDITION, self._clock.now)
         return None
 
     def _idle_stop(self, deadline: int | None) -> Stop:
         if deadline is None:
-            return Stop(StopReason.QUIESCENT, self._now)
+            return Stop(StopReason.QUIESCENT, self._clock.now)
         self._set_now(deadline)
         return Stop(StopReason.DEADLINE, deadline)
 
     def _check_stall(self, last: tuple[int, float], budget: float) -> tuple[int, float]:
         vtime, since = last
         if vtime != self._sync_now():  # a shm runner that publishes its clock moves on
-            return self._now, time.monotonic()
+            return self._clock.now, time.monotonic()
         waited = time.monotonic() - since
         if waited >= budget:
             who = self._runner.name if self._runner else "acknowledgements or STARTs"
-            raise StallError(self._now, waited, who)
+            raise StallError(self._clock.now, waited, who)
         if waited >= budget / 2:
             self._probe_runner()
         return last
@@ -558,7 +521,7 @@ class Calendar:
         are probed, so ordinary runs keep identical traces."""
         runner = self._runner
         if runner is not None and runner.shm and self._shm.free_until > self._sync_now():
-            self._shm.free_until = self._now
+            self._shm.free_until = self._clock.now
             self._record("probe", runner)
 
     def _busy(self) -> bool:
@@ -580,16 +543,15 @@ class Calendar:
         if self._starting and self._starts_seen >= self.expected_clients:
             self._process_start(min(self._starting, key=_start_order))
             return True
-        job = self._peek()
-        if job is None or (self._limit is not None and job.time > self._limit):
+        job = self._clock.pop_due(self._limit)
+        if job is None:
             return False
-        heapq.heappop(self._queue)
         self._set_now(job.time)
         owner = job.owner
         if isinstance(owner, Client):
             owner.job = None
             self._grant(owner)
-        else:
+        elif isinstance(owner, ScheduledCall):
             owner._job = None
             self._record("call", None, detail=owner.name)
             self._shm.running_id = 0
@@ -777,7 +739,7 @@ class Calendar:
         if not self._require_started(client, message):
             return
         when = _absolute(client, message.time)
-        if when is not None and when < self._now:
+        if when is not None and when < self._clock.now:
             self._fail(client, f"request for {format_ns(when)}, which is in the past", message)
             return
         if client.in_map:
@@ -844,7 +806,7 @@ class Calendar:
         it can neither go back nor pass what it was allowed to run to."""
         if new_time < self._sync_now():
             return f"goes backwards to {format_ns(new_time)}"
-        nxt = self._peek()
+        nxt = self._clock.peek()
         if nxt is not None and new_time > nxt.time:
             return (f"to {format_ns(new_time)} passes the next event at "
                     f"{format_ns(nxt.time)}")
@@ -900,7 +862,7 @@ class Calendar:
         if client is self._runner:
             # Only the kernel's view shrinks: the calendar's horizon still bounds how far
             # the client may have run, which _end_run needs.
-            self._tell_horizon(client, self._now)
+            self._tell_horizon(client, self._clock.now)
             if perturbed:
                 # The ring's instant is known only once the kernel yields (it ran on since
                 # it last told its time): the delay counts from there (_end_run).
@@ -909,13 +871,13 @@ class Calendar:
         if perturbed:
             self._delay_doorbell(client, value)
             return
-        self._stops.append(Stop(StopReason.DOORBELL, self._now, client, value))
+        self._stops.append(Stop(StopReason.DOORBELL, self._clock.now, client, value))
 
     def _delay_doorbell(self, client: Client, value: int) -> None:
         assert self._tie_breaker is not None
         delay = self._tie_breaker.randrange(self.doorbell_latency + 1)
-        self.call_at(self._now + delay, lambda: self._stops.append(
-            Stop(StopReason.DOORBELL, self._now, client, value)), "doorbell")
+        self.call_at(self._clock.now + delay, lambda: self._stops.append(
+            Stop(StopReason.DOORBELL, self._clock.now, client, value)), "doorbell")
 
     def _release_delayed_doorbells(self, client: Client) -> None:
         rung = [value for owner, value in self._delayed_doorbells if owner is client]
@@ -960,20 +922,15 @@ class Calendar:
             client.job.cancelled = True
             client.job = None
 
-    def _push(self, when: int, owner: Client | ScheduledCall) -> _Job:
-        order = next(self._order)
-        if self._tie_breaker is not None:
-            order |= self._tie_breaker.getrandbits(32) << 40
-        job = _Job(when, order, owner)
-        heapq.heappush(self._queue, job)
-        if self._runner is not None and when < self._horizon:
-            self._lower_horizon(when)
+    def _push(self, when: int, owner: Client) -> Job:
+        job = self._clock.schedule(when, owner)
+        self._pushed(when)
         return job
 
-    def _peek(self) -> _Job | None:
-        while self._queue and self._queue[0].cancelled:
-            heapq.heappop(self._queue)
-        return self._queue[0] if self._queue else None
+    def _pushed(self, when: int) -> None:
+        """Something was queued at ``when``: the runner may have to stop earlier."""
+        if self._runner is not None and when < self._horizon:
+            self._lower_horizon(when)
 
     def _collect_shm_requests(self) -> None:
         """Pick up requests written into shared memory (time.c:284-288), by kernels or
@@ -997,7 +954,7 @@ class Calendar:
             job = client.job
             if job is not None and job.time == when and not job.cancelled:
                 continue  # already queued there, the common case
-            if when < self._now:
+            if when < self._clock.now:
                 self._fail(client, f"request for {format_ns(when)} in shared memory, "
                                    f"which is in the past")
             else:
@@ -1006,8 +963,8 @@ class Calendar:
     def _next_horizon(self) -> int:
         """How far a client may free-run: the next event, bounded by the run's deadline."""
         span = FREE_RUN_SPAN if self.max_free_run is None else self.max_free_run
-        horizon = min(self._now + span, U64_MAX)
-        job = self._peek()
+        horizon = min(self._clock.now + span, U64_MAX)
+        job = self._clock.peek()
         if job is not None:
             horizon = min(horizon, job.time)
         if self._limit is not None:
@@ -1036,7 +993,7 @@ class Calendar:
                 # REQ_RUN itself on RUN, a message client cannot (M:693-695).
                 self._shm.entry(client.id).flags = 0
             self._send_expecting_ack(client, Op.FREE_UNTIL, self._horizon - client.offset)
-        run = Message(Op.RUN, next(self._seq), self._now - client.offset)
+        run = Message(Op.RUN, next(self._seq), self._clock.now - client.offset)
         # A shm client does not ACK RUN (K:158-167).
         self._send(client, run, None if client.shm else _ignore_ack)
 
@@ -1051,7 +1008,7 @@ class Calendar:
         self._publish_now()
         self._shm.free_until = self._horizon
         if self.trace is not None:
-            self._record("run", client, time=self._now)
+            self._record("run", client, time=self._clock.now)
 
     def _end_run(self, client: Client, message: Message) -> None:
         if client.shm:
@@ -1074,12 +1031,12 @@ class Calendar:
             # STARTs that came in while it ran join at the instant it reached: that is how
             # several shm kernels boot together at t=0 (§6a).
             return
-        job = self._peek()
+        job = self._clock.peek()
         safe = min(self._horizon, job.time if job else U64_MAX)
         if self._limit is not None:
             safe = min(safe, self._limit)
         if job is not None or self._limit is not None:
-            self._set_now(max(self._now, safe))
+            self._set_now(max(self._clock.now, safe))
 
     def _sync_now(self) -> int:
         """While a shm kernel runs, now is the time it published in current_time, as far
@@ -1090,14 +1047,12 @@ class Calendar:
             published = min(self._shm.current_time, self._shm.free_until)
             if self._limit is not None:
                 published = min(published, self._limit)
-            self._now = max(self._now, published)
-        return self._now
+            if published > self._clock.now:
+                self._clock.move_to(published)
+        return self._clock.now
 
     def _set_now(self, when: int) -> None:
-        if when < self._now:
-            raise ClockError(f"the calendar's clock would go backwards from "
-                             f"{format_ns(self._now)} to {format_ns(when)}")
-        self._now = when
+        self._clock.move_to(when)
         runner = self._runner
         if runner is None or not runner.shm:
             self._publish_now()
@@ -1106,8 +1061,8 @@ class Calendar:
         """current_time is never written back: a waiting kernel reads it on an interrupt,
         and one that saw a later value panics "time goes backwards" (K:50-53, 367)."""
         shm = self._shm
-        if shm.current_time < self._now:  # noqa: PLR1730 (a write only when it moves)
-            shm.current_time = self._now
+        if shm.current_time < self._clock.now:  # noqa: PLR1730 (a write only when it moves)
+            shm.current_time = self._clock.now
 
     # --- joining ------------------------------------------------------------------
 
@@ -1115,7 +1070,7 @@ class Calendar:
         """ACK a START; the client then runs until its first WAIT (§3 process_starting_client)."""
         self._starting.remove(client)
         self._record("rx", client, Message(Op.START, client.start_seq, client.start_id or 0))
-        client.offset = self._now
+        client.offset = self._clock.now
         client.id = self._free_id()
         if client.id == 0:
             self._fail(client, f"no free client id (limit {MAX_CLIENT_ID})")
@@ -1130,7 +1085,7 @@ class Calendar:
         # No free run for a joiner: it yields at its first time step, so clients that
         # start together run together, and a late joiner cannot run past a pending
         # event (usfstl 963e035, §6d).
-        self._begin_run(client, horizon=self._now)
+        self._begin_run(client, horizon=self._clock.now)
         self._record("join", client, detail="offered shm" if client.capa_pending
                      else "over messages")
         fds = [self._shm_fd if client.capa_pending else self._decoy_fd, self._log_fd]
@@ -1154,9 +1109,9 @@ class Calendar:
         joining at a time other than 0 BUGs on its first one (time.c:535)."""
         if not self.shm_enabled:
             return False
-        if self._now != 0 and not self.late_joiners_shm:
+        if self._clock.now != 0 and not self.late_joiners_shm:
             return False
-        return self._shm.current_time == self._now
+        return self._shm.current_time == self._clock.now
 
     def _free_id(self) -> int:
         used = {c.id for c in self.clients if c.id and c.state is not ClientState.GONE}
@@ -1168,7 +1123,8 @@ class Calendar:
     # --- leaving ------------------------------------------------------------------
 
     def _fail(self, client: Client, detail: str, message: Message | None = None) -> None:
-        error = ProtocolError(client.name, detail, self._now, str(message) if message else None)
+        error = ProtocolError(client.name, detail, self._clock.now,
+                              str(message) if message else None)
         client.error = error
         self.errors.append(error)
         self._remove(client, error)
@@ -1213,9 +1169,9 @@ class Calendar:
             return
         name = client.name if client is not None else "calendar"
         if message is None:
-            self.trace.add(TraceEvent(self._now, kind, name, time=time, detail=detail))
+            self.trace.add(TraceEvent(self._clock.now, kind, name, time=time, detail=detail))
         else:
-            self.trace.add(TraceEvent(self._now, kind, name, op_name(message.op),
+            self.trace.add(TraceEvent(self._clock.now, kind, name, op_name(message.op),
                                       message.seq, message.time, detail))
 
     def _check_open(self) -> None:
