@@ -103,6 +103,10 @@ class Clock:
         call._job = self.schedule(when, call)
         return call
 
+    def call_later(self, delay: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
+        """Queue a call of ``fn`` ``delay`` nanoseconds from now."""
+        return self.call_at(self._now + delay, fn, name)
+
     def peek(self) -> Job | None:
         """The next job, or None when nothing is queued."""
         queue = self._queue

@@ -21,19 +21,15 @@ ACK (a kernel sets it before its first message, arch/um/kernel/time.c:103).
 from __future__ import annotations
 
 import enum
-import errno
 import fcntl
 import functools
 import itertools
-import math
 import mmap
 import os
 import random
-import select
 import socket
 import struct
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +38,6 @@ from pathlib import Path
 from ..errors import (
     CalendarClosedError,
     ProtocolError,
-    SocketInUseError,
     StallError,
     format_ns,
 )
@@ -63,6 +58,7 @@ from ..wire import (
     shm_size,
 )
 from .clock import Clock, Job, ScheduledCall
+from .reactor import Connection, Reactor
 from .trace import Trace, TraceEvent
 
 DEFAULT_SHM_CLIENTS = 63
@@ -70,9 +66,6 @@ DEFAULT_SHM_CLIENTS = 63
 
 MAX_CLIENT_ID = START_ACK_ID_MASK
 DEFAULT_STALL_TIMEOUT = 30.0
-MAX_BACKLOG = 64 * 1024
-"""Bytes queued for one client that does not read (4096 messages) before it is dropped.
-A kernel never has more than a handful of messages outstanding."""
 
 
 class ClientState(enum.Enum):
@@ -122,42 +115,11 @@ class _Broadcast:
     waiting: set[Client] = field(default_factory=set)
 
 
-_LISTENER = object()
-_IN = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
-
-
-class _Poller:
-    """epoll and what each descriptor stands for. The selectors module's bookkeeping
-    costs microseconds per event, and the calendar handles one event per message."""
-
-    def __init__(self) -> None:
-        self._epoll = select.epoll()
-        self.data: dict[int, object] = {}
-
-    def register(self, fd: int, data: object) -> None:
-        self._epoll.register(fd, select.EPOLLIN)
-        self.data[fd] = data
-
-    def want_write(self, fd: int, write: bool) -> None:
-        self._epoll.modify(fd, select.EPOLLIN | (select.EPOLLOUT if write else 0))
-
-    def unregister(self, fd: int) -> None:
-        if self.data.pop(fd, None) is not None:
-            self._epoll.unregister(fd)
-
-    def poll(self, timeout: float) -> list[tuple[int, int]]:
-        return self._epoll.poll(-1 if math.isinf(timeout) else timeout)
-
-    def close(self) -> None:
-        self._epoll.close()
-
-
-class Client:
+class Client(Connection):
     """A participant connected over the socket: normally one UML kernel."""
 
     def __init__(self, sock: socket.socket, serial: int, label: str | None) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
+        super().__init__(sock)
         self.serial = serial
         self.label = label
         self.state = ClientState.CONNECTED
@@ -173,8 +135,6 @@ class Client:
         self.job: Job | None = None
         self.pending_acks: deque[_PendingAck] = deque()
         self.error: ProtocolError | None = None
-        self.outbox = bytearray()
-        self.blocked = False
 
     @property
     def name(self) -> str:
@@ -243,9 +203,9 @@ class Calendar:
         self.on_broadcast: list[Callable[[Client, int], None]] = []
         self.on_wait: list[Callable[[Client], None]] = []
         self.clients: list[Client] = []
-        self._poller = _Poller()
-        self._listener: socket.socket | None = None
-        self._socket_path: Path | None = None
+        self._reactor: Reactor[Client] = Reactor(
+            on_frame=self._receive, on_close=self._disconnected, on_error=self._fail,
+            on_accept=self.attach, frame_size=MESSAGE_SIZE)
         # Ties run first-in-first-out, or in a seeded shuffled order when asked to (to
         # shake out races between machines that happen to share an instant).
         self._tie_breaker = None if tie_seed is None else random.Random(tie_seed)
@@ -256,7 +216,6 @@ class Calendar:
         self._seq = itertools.count(1)
         self._starting: list[Client] = []
         self._entry_clients: list[Client] = []  # clients with an entry in the map, by start
-        self._dirty: list[Client] = []  # clients with queued output, in queueing order
         self._held_acks = 0  # requesters' ACKs held for a runner's FREE_UNTIL ACK
         self._starts_seen = 0
         self._runner: Client | None = None
@@ -280,9 +239,6 @@ class Calendar:
         self._own_log_fd = log_fd is None
         self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if log_fd is None \
             else log_fd
-        # Held in reserve so that running out of descriptors can still accept, and so
-        # drop, a newcomer instead of spinning on a listener that stays readable.
-        self._spare_fd: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         # Keyed by int: an IntEnum hashes like its value, and unknown ops must be looked up.
         self._handlers: dict[int, Callable[[Client, Message], None]] = {
             Op.ACK: self._on_ack,
@@ -324,7 +280,7 @@ class Calendar:
     @property
     def socket_path(self) -> Path | None:
         """Where :meth:`listen` listens, if it does."""
-        return self._socket_path
+        return self._reactor.socket_path
 
     @property
     def shm(self) -> SharedMemory:
@@ -348,44 +304,25 @@ class Calendar:
         """Listen for clients on a Unix socket at ``path``. A stale socket there (nobody
         accepts on it) is replaced; a live one raises SocketInUseError."""
         self._check_open()
-        socket_path = Path(path)
-        if socket_path.is_socket():
-            _remove_stale_socket(socket_path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(str(socket_path))
-        except OSError as exc:
-            listener.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise SocketInUseError(f"{socket_path} exists and is not a stale socket: "
-                                       f"{exc.strerror}") from None
-            raise
-        os.chmod(socket_path, 0o600)
-        listener.listen(128)
-        listener.setblocking(False)
-        self._poller.register(listener.fileno(), _LISTENER)
-        self._listener, self._socket_path = listener, socket_path
-        return socket_path
+        return self._reactor.listen(path)
 
     def attach(self, sock: socket.socket, label: str | None = None) -> Client:
         """Serve an already connected socket (one end of a socketpair, say) as a client."""
         self._check_open()
-        sock.setblocking(False)
         client = Client(sock, next(self._serials), label)
         self.clients.append(client)
-        self._poller.register(client.fd, client)
-        return client
+        return self._reactor.attach(client)
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever ``fd`` is readable, while the calendar serves I/O.
         Consoles use this: a guest blocked on a full pipe must never stall the clock."""
         self._check_open()
-        self._poller.register(fd, callback)
+        self._reactor.add_reader(fd, callback)
 
     def remove_reader(self, fd: int) -> None:
         """Stop watching ``fd`` (a no-op once the calendar is closed)."""
         if not self._closed:
-            self._poller.unregister(fd)
+            self._reactor.remove_reader(fd)
 
     def call_at(self, when: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
         """Run ``fn`` in-process at virtual time ``when`` (ns), on the shared clock."""
@@ -452,22 +389,15 @@ class Calendar:
         """Disconnect every client, stop listening, remove the socket, free the memory."""
         if self._closed:
             return
-        self._flush()
+        self._reactor.flush()
         for client in self.live_clients():
             self._remove(client, None)
-        if self._listener is not None:
-            self._poller.unregister(self._listener.fileno())
-            self._listener.close()
-        if self._socket_path is not None:
-            self._socket_path.unlink(missing_ok=True)
-        self._poller.close()
+        self._reactor.close()
         for fd, mapping in ((self._shm_fd, self._shm_map), (self._decoy_fd, self._decoy_map)):
             mapping.close()
             os.close(fd)
         if self._own_log_fd:
             os.close(self._log_fd)
-        if self._spare_fd is not None:
-            os.close(self._spare_fd)
         self._closed = True
 
     # --- the run loop ---------------------------------------------------------------
@@ -537,7 +467,7 @@ class Calendar:
         try:
             return self._dispatch_next()
         finally:
-            self._flush()
+            self._reactor.flush()
 
     def _dispatch_next(self) -> bool:
         if self._starting and self._starts_seen >= self.expected_clients:
@@ -561,85 +491,12 @@ class Calendar:
     # --- I/O ------------------------------------------------------------------------
 
     def _pump(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for socket events and handle them all."""
-        if self._dirty:
-            self._flush()
-        events = self._wait_for_events(timeout)
-        lookup = self._poller.data.get
-        for fd, mask in events:
-            data = lookup(fd)  # None: an earlier handler in this batch unregistered it
-            if type(data) is Client:
-                if mask & select.EPOLLOUT and data.state is not ClientState.GONE:
-                    self._write(data)
-                if mask & _IN and data.state is not ClientState.GONE:
-                    self._receive(data)
-            elif data is _LISTENER:
-                self._accept()
-            elif callable(data):
-                data()
-        self._flush()
-        return bool(events)
+        """Wait up to ``timeout`` for socket events and handle them all; spin first for
+        a running client's next message (``busy_poll``)."""
+        return self._reactor.pump(timeout, 0.0 if self._runner is None else self.busy_poll)
 
-    def _wait_for_events(self, timeout: float) -> list[tuple[int, int]]:
-        """epoll_wait, after a short spin when a client holds the CPU: its next message
-        usually comes within microseconds, sooner than a sleeping process wakes up."""
-        poll = self._poller.poll
-        if self.busy_poll > 0 and timeout > 0 and self._runner is not None:
-            give_up = time.perf_counter() + min(self.busy_poll, timeout)
-            while True:
-                events = poll(0)
-                if events or time.perf_counter() >= give_up:
-                    break
-                os.sched_yield()  # the runner may be waiting for this very CPU
-            if events:
-                return events
-        return poll(timeout)
-
-    def _accept(self) -> None:
-        assert self._listener is not None
-        try:
-            sock, _ = self._listener.accept()
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                raise
-            self._refuse_for_lack_of_fds(exc)
-            return
-        self.attach(sock)
-
-    def _refuse_for_lack_of_fds(self, exc: OSError) -> None:
-        """Out of descriptors: accept the newcomer on the spare one only to drop it with
-        an error; the clients already served go on."""
-        if self._spare_fd is None:
-            raise exc
-        os.close(self._spare_fd)
-        self._spare_fd = None
-        try:
-            sock, _ = self._listener.accept() if self._listener else (None, None)
-            if sock is not None:
-                self._fail(self.attach(sock), f"no file descriptor left for it "
-                                              f"({exc.strerror})")
-        finally:
-            self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-
-    def _receive(self, client: Client) -> None:
-        try:
-            data = client.sock.recv(MESSAGE_SIZE)
-        except BlockingIOError:
-            return
-        except ConnectionResetError:
-            data = b""  # it left with messages unread: a departure like any other
-        except OSError as exc:
-            self._fail(client, f"read error: {exc.strerror}")
-            return
-        if not data:
-            self._disconnected(client)
-            return
-        if len(data) != MESSAGE_SIZE:
-            # One read, one message, as both the kernel and usfstl expect (§1).
-            self._fail(client, f"short message of {len(data)} bytes: {data.hex()}")
-            return
+    def _receive(self, client: Client, data: bytes) -> None:
+        """A message from ``client`` (the reactor reads one per read)."""
         message = Message.unpack(data)
         self.messages_received += 1
         if client.capa_pending:
@@ -658,7 +515,7 @@ class Calendar:
               fds: list[int] | None = None) -> None:
         """Queue a message; if ``then`` is given, an ACK is expected and ``then`` runs on it.
 
-        Messages go out at the end of the step that made them (:meth:`_flush`), in order,
+        Messages go out at the end of the step that made them (the reactor's flush), in order,
         and consecutive ones to one client in a single write: ACK(WAIT), FREE_UNTIL and
         RUN to a kernel cost one syscall and one wake-up instead of three. Writes never
         block: what a client does not take stays queued, up to MAX_BACKLOG."""
@@ -672,49 +529,13 @@ class Calendar:
         if fds:
             self._send_with_fds(client, message, fds)
             return
-        if not client.outbox:
-            self._dirty.append(client)
-        client.outbox += _pack(message.op, message.seq, message.time & U64_MAX)
-        if len(client.outbox) > MAX_BACKLOG:
-            self._fail(client, f"it does not read its messages ({len(client.outbox)} bytes "
-                               f"queued for it)")
+        self._reactor.send(client, _pack(message.op, message.seq, message.time & U64_MAX))
 
     def _send_with_fds(self, client: Client, message: Message, fds: list[int]) -> None:
-        if client.outbox:
-            self._write(client)  # what was queued before goes first
         try:
-            if client.outbox:
-                raise BlockingIOError(errno.EAGAIN, "it does not read its messages")
-            client.sock.sendmsg([message.pack()],
-                                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))])
+            self._reactor.send_with_fds(client, message.pack(), fds)
         except OSError as exc:
             self._fail(client, f"write error: {exc.strerror or exc}", message)
-
-    def _flush(self) -> None:
-        """Write every queued message, in the order they were made."""
-        dirty = self._dirty
-        while dirty:
-            client = dirty.pop(0)
-            if client.outbox and not client.blocked and client.state is not ClientState.GONE:
-                self._write(client)
-
-    def _write(self, client: Client) -> None:
-        """Write what ``client`` will take now; wait for it to be writable for the rest."""
-        try:
-            sent = client.sock.send(client.outbox)
-        except BlockingIOError:
-            sent = 0
-        except (BrokenPipeError, ConnectionResetError):
-            self._disconnected(client)  # it left; its EOF may not have been read yet
-            return
-        except OSError as exc:
-            self._fail(client, f"write error: {exc.strerror or exc}")
-            return
-        del client.outbox[:sent]
-        blocked = bool(client.outbox)
-        if blocked != client.blocked:
-            client.blocked = blocked
-            self._poller.want_write(client.fd, blocked)
 
     def _send_expecting_ack(self, client: Client, op: Op, value: int,
                             then: Callable[[Message | None], None] = lambda _: None) -> None:
@@ -1138,9 +959,7 @@ class Calendar:
             return
         self._record("drop", client, detail=str(error) if error else "disconnected")
         client.state = ClientState.GONE
-        self._poller.unregister(client.fd)
-        client.sock.close()
-        client.outbox.clear()
+        self._reactor.discard(client)
         self._unqueue(client)
         if client in self._starting:
             self._starting.remove(client)
@@ -1201,19 +1020,6 @@ def _absolute(client: Client, local: int) -> int | None:
 
 def _ignore_ack(_ack: Message | None) -> None:
     """The continuation of an ACK that only has to arrive (RUN, FREE_UNTIL)."""
-
-
-def _remove_stale_socket(path: Path) -> None:
-    """Unlink ``path`` unless a controller accepts on it."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)
-        return
-    finally:
-        probe.close()
-    raise SocketInUseError(f"another controller is listening on {path}")
 
 
 def _create_memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
