@@ -26,7 +26,6 @@ import functools
 import itertools
 import mmap
 import os
-import random
 import socket
 import struct
 import time
@@ -58,6 +57,7 @@ from ..wire import (
     shm_size,
 )
 from .clock import Clock, Job, ScheduledCall
+from .perturb import Perturbation
 from .reactor import Connection, Reactor
 from .trace import Trace, TraceEvent
 
@@ -172,6 +172,8 @@ class Calendar:
     too (their messages stay in local time; off by default: such clients are served
     over messages); ``busy_poll`` (wall seconds) is how long to spin for a running
     client's next message before sleeping in epoll_wait: lower latency for more CPU.
+    ``tie_seed`` perturbs the run (:class:`~.perturb.Perturbation`): ties in a seeded
+    order, and doorbells a seeded 0..``doorbell_latency`` ns late.
     """
 
     def __init__(
@@ -208,9 +210,9 @@ class Calendar:
             on_accept=self.attach, frame_size=MESSAGE_SIZE)
         # Ties run first-in-first-out, or in a seeded shuffled order when asked to (to
         # shake out races between machines that happen to share an instant).
-        self._tie_breaker = None if tie_seed is None else random.Random(tie_seed)
-        self._clock = Clock(ties=self._tie_breaker)
-        self.doorbell_latency = doorbell_latency
+        self.perturbation = None if tie_seed is None \
+            else Perturbation(tie_seed, doorbell_latency)
+        self._clock = Clock(ties=None if self.perturbation is None else self.perturbation.ties)
         self._delayed_doorbells: list[tuple[Client, int]] = []
         self._serials = itertools.count(1)
         self._seq = itertools.count(1)
@@ -679,7 +681,7 @@ class Calendar:
         Under perturbation the pause comes a seeded 0..doorbell_latency ns later instead:
         it is then an in-process job, whose arrival lowers the runner's horizon like any
         other event, so the kernel yields exactly there."""
-        perturbed = self._tie_breaker is not None and self.doorbell_latency > 0
+        perturbed = self.perturbation is not None and self.perturbation.delays_doorbells
         if client is self._runner:
             # Only the kernel's view shrinks: the calendar's horizon still bounds how far
             # the client may have run, which _end_run needs.
@@ -695,8 +697,8 @@ class Calendar:
         self._stops.append(Stop(StopReason.DOORBELL, self._clock.now, client, value))
 
     def _delay_doorbell(self, client: Client, value: int) -> None:
-        assert self._tie_breaker is not None
-        delay = self._tie_breaker.randrange(self.doorbell_latency + 1)
+        assert self.perturbation is not None
+        delay = self.perturbation.doorbell_delay()
         self.call_at(self._clock.now + delay, lambda: self._stops.append(
             Stop(StopReason.DOORBELL, self._clock.now, client, value)), "doorbell")
 
