@@ -11,6 +11,8 @@ Device models can use the clock and the reactor without the protocol.
 
 from .clock import Clock, Job, ScheduledCall
 from .engine import Calendar, Client, ClientState, Stop, StopReason
+from .perturb import Perturbation
+from .reactor import Connection, Reactor
 from .trace import Trace, TraceEvent
 
 __all__ = [
@@ -18,7 +20,10 @@ __all__ = [
     "Client",
     "ClientState",
     "Clock",
+    "Connection",
     "Job",
+    "Perturbation",
+    "Reactor",
     "ScheduledCall",
     "Stop",
     "StopReason",

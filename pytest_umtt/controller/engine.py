@@ -1,7 +1,9 @@
 """The calendar: a controller for UML's ``time-travel=ext`` protocol.
 
-It owns the virtual clock, the listening socket, the shared memory (schedshm v2) and
-the queue of every participant's next event. It never runs on its own: the caller's
+It owns the virtual clock and the queue of every participant's next event
+(:mod:`.clock`), the sockets (:mod:`.reactor`, which knows nothing of the protocol),
+the shared memory (schedshm v2) and the perturbation policy (:mod:`.perturb`); this
+module is the protocol engine on top of them. It never runs on its own: the caller's
 thread drives it with :meth:`Calendar.run_until` (and friends), so whatever the caller
 does between two calls happens at one virtual instant.
 
@@ -12,8 +14,8 @@ a broadcast's ACK to its sender is deferred until every recipient has answered. 
 removes usfstl's nested ``wait_for`` pitfalls (§6g) and lets any client misbehave at
 any point without taking the others down.
 
-Every send is non-blocking and buffered per client (a client that stops reading is
-dropped once its backlog passes a bound, instead of stalling everybody), and whether a
+Every send is non-blocking and buffered per client by the reactor (a client that stops
+reading is dropped once its backlog passes a bound, instead of stalling everybody), and whether a
 client uses shared memory is its own choice, read from its ``capa`` after the START
 ACK (a kernel sets it before its first message, arch/um/kernel/time.c:103).
 """
