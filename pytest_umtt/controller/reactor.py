@@ -206,19 +206,16 @@ class Reactor(Generic[C]):
         for fd, mask in events:
             conn = conns.get(fd)  # None: an earlier handler in this batch discarded it
             if conn is not None:
-                self._serve(conn, mask)
+                if mask & _OUT and conn.open:
+                    self._write(conn)
+                if mask & _IN and conn.open:
+                    self._receive(conn)
             elif fd == self._listener_fd:
                 self._accept()
             elif (reader := self._readers.get(fd)) is not None:
                 reader()
         self.flush()
         return bool(events)
-
-    def _serve(self, conn: C, mask: int) -> None:
-        if mask & _OUT and conn.open:
-            self._write(conn)
-        if mask & _IN and conn.open:
-            self._receive(conn)
 
     def _wait(self, timeout: float, spin: float) -> list[tuple[int, int]]:
         """epoll_wait, after up to ``spin`` seconds of polling: a running peer's next
