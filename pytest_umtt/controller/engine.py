@@ -228,23 +228,31 @@ class Calendar:
         self._broadcasts: list[_Broadcast] = []
         self._stops: deque[Stop] = deque()
         self._closed = False
-        self._shm_entries = shm_clients + 1
-        self._shm_fd, self._shm_map = _create_memfd("umtt-schedshm", shm_size(self._shm_entries))
-        self._shm = SharedMemory(self._shm_map)
-        self._shm.init_header(self._shm_entries)
         self.shm_enabled = shm
         self.late_joiners_shm = late_joiners_shm
+        self._open_maps(shm_clients + 1)
+        self._own_log_fd = log_fd is None
+        self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if log_fd is None \
+            else log_fd
+        self._handlers = self._handler_table()
+
+    def _open_maps(self, entries: int) -> None:
+        """The shared-memory map with ``entries`` entries (the controller's is one), and
+        the decoy given to clients served over messages."""
+        self._shm_entries = entries
+        self._shm_fd, self._shm_map = _create_memfd("umtt-schedshm", shm_size(entries))
+        self._shm = SharedMemory(self._shm_map)
+        self._shm.init_header(entries)
         # Clients served over messages still get two fds in the START ACK: a memfd whose
         # version is not 2, because a kernel given no fds mmaps and closes garbage (§6b).
         # Its len is its size: usfstl's client library maps len bytes before it checks
         # the version, and the kernel needs 4096 readable bytes (time.c:81-91).
         self._decoy_fd, self._decoy_map = _create_memfd("umtt-noshm", SHM_HEADER_SIZE)
         SharedMemory(self._decoy_map).length = SHM_HEADER_SIZE
-        self._own_log_fd = log_fd is None
-        self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if log_fd is None \
-            else log_fd
-        # Keyed by int: an IntEnum hashes like its value, and unknown ops must be looked up.
-        self._handlers: dict[int, Callable[[Client, Message], None]] = {
+
+    def _handler_table(self) -> dict[int, Callable[[Client, Message], None]]:
+        """Keyed by int: an IntEnum hashes like its value, and unknown ops must be looked up."""
+        return {
             Op.ACK: self._on_ack,
             Op.START: self._on_start,
             Op.REQUEST: self._on_request,
