@@ -6,8 +6,17 @@ protocol's data), :class:`Calendar` (the controller), :class:`Machine` and
 :class:`Simulation` (kernels on one clock), :mod:`~pytest_umtt.kernel` (the builder).
 """
 
-from .calendar import Calendar, Client, ClientState, ScheduledCall, Stop, StopReason
 from .console import ConsoleLine
+from .controller import (
+    Calendar,
+    Client,
+    ClientState,
+    ScheduledCall,
+    Stop,
+    StopReason,
+    Trace,
+    TraceEvent,
+)
 from .errors import (
     BootError,
     CommandTimeout,
@@ -22,7 +31,6 @@ from .errors import (
 )
 from .machine import BackgroundCommand, CommandResult, ConsoleMatch, Machine, MachineState
 from .simulation import MachineFactory, Simulation
-from .trace import Trace, TraceEvent
 
 __all__ = [
     "BackgroundCommand",

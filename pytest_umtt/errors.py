@@ -84,4 +84,11 @@ class SocketInUseError(UmttError):
 
 
 class ClockError(UmttError):
-    """The calendar was about to move its clock backwards: a bug in the calendar itself."""
+    """A virtual clock was about to go backwards, from ``now`` to ``when``: a bug in
+    whatever drives the clock (the calendar, or a device model on its own)."""
+
+    def __init__(self, now: int, when: int) -> None:
+        super().__init__(f"the clock would go backwards from {format_ns(now)} "
+                         f"to {format_ns(when)}")
+        self.now = now
+        self.when = when

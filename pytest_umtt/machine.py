@@ -49,7 +49,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .calendar import Calendar, Client, Stop
+    from .controller import Calendar, Client, Stop
 
 DEFAULT_TIME_TRAVEL_START = 1_700_000_000 * 10**9
 """The guest's wall clock at virtual time 0 (2023-11-14), fixed so its date is reproducible."""

@@ -21,8 +21,8 @@ from typing import Protocol
 
 import psutil
 
-from .calendar import Calendar, Client, Stop, StopReason
 from .confine import confinement_available
+from .controller import Calendar, Client, Stop, StopReason, Trace, TraceEvent
 from .errors import (
     BootError,
     MachineError,
@@ -43,7 +43,6 @@ from .machine import (
     seconds_to_ns,
 )
 from .rootfs import Rootfs
-from .trace import Trace, TraceEvent
 
 DEFAULT_CONSOLE_RESOLUTION = 1_000_000
 """1 ms: while an expect() waits, how far a kernel may run without telling the calendar;

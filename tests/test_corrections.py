@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pytest_umtt import Calendar, ClientState, StopReason
-from pytest_umtt.calendar import MAX_BACKLOG
+from pytest_umtt.controller.reactor import MAX_BACKLOG
 from pytest_umtt.errors import SocketInUseError
 from pytest_umtt.wire import (
     NO_ID,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pytest_umtt import Calendar, StopReason, Trace
+from pytest_umtt.controller.perturb import Perturbation
 from pytest_umtt.simulation import first_difference
 from pytest_umtt.tracetool import main as trace_main
 from pytest_umtt.wire import Op
@@ -34,8 +35,10 @@ def test_ties_are_fifo_unless_perturbed_and_then_seeded() -> None:
     assert {"".join(tie_order(seed)) for seed in range(6)} - {"abcdefgh"}
 
 
-def doorbell_time(connect: Connect, tie_seed: int) -> int:
+def doorbell_time(connect: Connect, tie_seed: int, queued: int = 0) -> int:
     with Calendar(tie_seed=tie_seed, doorbell_latency=1000) as calendar:
+        for _ in range(queued):  # events that only draw tie orders
+            calendar.call_at(50_000, lambda: None)
         _, ref = connect(calendar)
         boot_together(calendar, (ref, 1, 500))
 
@@ -66,6 +69,24 @@ def test_perturbed_doorbells_pause_later_by_a_seeded_bounded_delay(connect: Conn
     assert all(700 <= t <= 1700 for t in times), times
     assert len(set(times)) > 1
     assert doorbell_time(connect, 3) == times[3]
+
+
+def test_the_tie_and_doorbell_streams_do_not_shift_each_other() -> None:
+    quiet, busy = Perturbation(7, doorbell_latency=1000), Perturbation(7, doorbell_latency=1000)
+    for _ in range(5):
+        busy.doorbell_delay()
+    assert [quiet.ties.getrandbits(32) for _ in range(8)] == \
+        [busy.ties.getrandbits(32) for _ in range(8)]
+    assert [quiet.doorbell_delay() for _ in range(5)] != [busy.doorbell_delay() for _ in range(5)]
+    assert Perturbation(7).ties.random() == Perturbation(7).ties.random()
+    assert Perturbation(7).doorbells.random() != Perturbation(8).doorbells.random()
+
+
+def test_queued_events_do_not_move_a_perturbed_doorbell(connect: Connect) -> None:
+    """Tie order and doorbell delay come from separate streams of one seed: drawing
+    more tie orders leaves the doorbell where it was."""
+    assert [doorbell_time(connect, seed, queued=5) for seed in range(3)] == \
+        [doorbell_time(connect, seed) for seed in range(3)]
 
 
 def test_first_difference_shows_both_sides() -> None:

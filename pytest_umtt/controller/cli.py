@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import TextIO
 
-from .calendar import Calendar, Client, StopReason
-from .errors import ProtocolError, StallError, UmttError, format_ns
+from ..errors import ProtocolError, StallError, UmttError, format_ns
+from .engine import Calendar, Client, StopReason
 from .trace import Trace, TraceEvent
 
 EXIT_STALLED = 3
@@ -164,6 +164,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"umtt-controller: {exc}", file=log)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,9 @@
 """The calendar: a controller for UML's ``time-travel=ext`` protocol.
 
-It owns the virtual clock, the listening socket, the shared memory (schedshm v2) and
-the queue of every participant's next event. It never runs on its own: the caller's
+It owns the virtual clock and the queue of every participant's next event
+(:mod:`.clock`), the sockets (:mod:`.reactor`, which knows nothing of the protocol),
+the shared memory (schedshm v2) and the perturbation policy (:mod:`.perturb`); this
+module is the protocol engine on top of them. It never runs on its own: the caller's
 thread drives it with :meth:`Calendar.run_until` (and friends), so whatever the caller
 does between two calls happens at one virtual instant.
 
@@ -12,8 +14,8 @@ a broadcast's ACK to its sender is deferred until every recipient has answered. 
 removes usfstl's nested ``wait_for`` pitfalls (§6g) and lets any client misbehave at
 any point without taking the others down.
 
-Every send is non-blocking and buffered per client (a client that stops reading is
-dropped once its backlog passes a bound, instead of stalling everybody), and whether a
+Every send is non-blocking and buffered per client by the reactor (a client that stops
+reading is dropped once its backlog passes a bound, instead of stalling everybody), and whether a
 client uses shared memory is its own choice, read from its ``capa`` after the START
 ACK (a kernel sets it before its first message, arch/um/kernel/time.c:103).
 """
@@ -21,35 +23,26 @@ ACK (a kernel sets it before its first message, arch/um/kernel/time.c:103).
 from __future__ import annotations
 
 import enum
-import errno
 import fcntl
 import functools
-import heapq
 import itertools
-import math
 import mmap
 import os
-import random
-import select
 import socket
 import struct
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import (
+from ..errors import (
     CalendarClosedError,
-    ClockError,
     ProtocolError,
-    SocketInUseError,
     StallError,
     format_ns,
 )
-from .trace import Trace, TraceEvent
-from .wire import (
+from ..wire import (
     FREE_RUN_SPAN,
     MESSAGE_SIZE,
     NO_ID,
@@ -65,15 +58,16 @@ from .wire import (
     op_name,
     shm_size,
 )
+from .clock import Clock, Job, ScheduledCall
+from .perturb import Perturbation
+from .reactor import Connection, Reactor
+from .trace import Trace, TraceEvent
 
 DEFAULT_SHM_CLIENTS = 63
 """Clients served over shared memory; the map has one more entry, the controller's (§2)."""
 
 MAX_CLIENT_ID = START_ACK_ID_MASK
 DEFAULT_STALL_TIMEOUT = 30.0
-MAX_BACKLOG = 64 * 1024
-"""Bytes queued for one client that does not read (4096 messages) before it is dropped.
-A kernel never has more than a handful of messages outstanding."""
 
 
 class ClientState(enum.Enum):
@@ -107,19 +101,6 @@ class Stop:
 
 
 @dataclass(eq=False)
-class _Job:
-    """An entry in the event queue; ``cancelled`` implements lazy deletion."""
-
-    time: int
-    order: int
-    owner: Client | ScheduledCall
-    cancelled: bool = False
-
-    def __lt__(self, other: _Job) -> bool:
-        return (self.time, self.order) < (other.time, other.order)
-
-
-@dataclass(eq=False)
 class _PendingAck:
     """An ACK a client owes; ``then`` runs on it, or with None when the client leaves."""
 
@@ -136,65 +117,11 @@ class _Broadcast:
     waiting: set[Client] = field(default_factory=set)
 
 
-_LISTENER = object()
-_IN = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
-
-
-class _Poller:
-    """epoll and what each descriptor stands for. The selectors module's bookkeeping
-    costs microseconds per event, and the calendar handles one event per message."""
-
-    def __init__(self) -> None:
-        self._epoll = select.epoll()
-        self.data: dict[int, object] = {}
-
-    def register(self, fd: int, data: object) -> None:
-        self._epoll.register(fd, select.EPOLLIN)
-        self.data[fd] = data
-
-    def want_write(self, fd: int, write: bool) -> None:
-        self._epoll.modify(fd, select.EPOLLIN | (select.EPOLLOUT if write else 0))
-
-    def unregister(self, fd: int) -> None:
-        if self.data.pop(fd, None) is not None:
-            self._epoll.unregister(fd)
-
-    def poll(self, timeout: float) -> list[tuple[int, int]]:
-        return self._epoll.poll(-1 if math.isinf(timeout) else timeout)
-
-    def close(self) -> None:
-        self._epoll.close()
-
-
-class ScheduledCall:
-    """An in-process participant: a callback at a virtual time. Cancel it with cancel()."""
-
-    def __init__(self, fn: Callable[[], object], name: str) -> None:
-        self.fn = fn
-        self.name = name
-        self._job: _Job | None = None
-
-    @property
-    def time(self) -> int | None:
-        """When it will run, or None once it ran or was cancelled."""
-        return None if self._job is None or self._job.cancelled else self._job.time
-
-    def cancel(self) -> None:
-        """Do not run it (a no-op once it ran)."""
-        if self._job is not None:
-            self._job.cancelled = True
-            self._job = None
-
-    def __repr__(self) -> str:
-        return f"<ScheduledCall {self.name} at {self.time}>"
-
-
-class Client:
+class Client(Connection):
     """A participant connected over the socket: normally one UML kernel."""
 
     def __init__(self, sock: socket.socket, serial: int, label: str | None) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
+        super().__init__(sock)
         self.serial = serial
         self.label = label
         self.state = ClientState.CONNECTED
@@ -207,11 +134,9 @@ class Client:
         self.in_map = False
         self.capa_pending = False
         self.offset = 0
-        self.job: _Job | None = None
+        self.job: Job | None = None
         self.pending_acks: deque[_PendingAck] = deque()
         self.error: ProtocolError | None = None
-        self.outbox = bytearray()
-        self.blocked = False
 
     @property
     def name(self) -> str:
@@ -249,6 +174,8 @@ class Calendar:
     too (their messages stay in local time; off by default: such clients are served
     over messages); ``busy_poll`` (wall seconds) is how long to spin for a running
     client's next message before sleeping in epoll_wait: lower latency for more CPU.
+    ``tie_seed`` perturbs the run (:class:`~.perturb.Perturbation`): ties in a seeded
+    order, and doorbells a seeded 0..``doorbell_latency`` ns late.
     """
 
     def __init__(
@@ -267,7 +194,6 @@ class Calendar:
         busy_poll: float = 0.0,
         late_joiners_shm: bool = False,
     ) -> None:
-        self._now = 0
         self.busy_poll = busy_poll
         self.max_free_run = max_free_run
         self.time_at_start = time_at_start
@@ -281,21 +207,19 @@ class Calendar:
         self.on_broadcast: list[Callable[[Client, int], None]] = []
         self.on_wait: list[Callable[[Client], None]] = []
         self.clients: list[Client] = []
-        self._poller = _Poller()
-        self._listener: socket.socket | None = None
-        self._socket_path: Path | None = None
-        self._queue: list[_Job] = []
-        self._order = itertools.count()
+        self._reactor: Reactor[Client] = Reactor(
+            on_frame=self._receive, on_close=self._disconnected, on_error=self._fail,
+            on_accept=self.attach, frame_size=MESSAGE_SIZE)
         # Ties run first-in-first-out, or in a seeded shuffled order when asked to (to
         # shake out races between machines that happen to share an instant).
-        self._tie_breaker = None if tie_seed is None else random.Random(tie_seed)
-        self.doorbell_latency = doorbell_latency
+        self.perturbation = None if tie_seed is None \
+            else Perturbation(tie_seed, doorbell_latency)
+        self._clock = Clock(ties=None if self.perturbation is None else self.perturbation.ties)
         self._delayed_doorbells: list[tuple[Client, int]] = []
         self._serials = itertools.count(1)
         self._seq = itertools.count(1)
         self._starting: list[Client] = []
         self._entry_clients: list[Client] = []  # clients with an entry in the map, by start
-        self._dirty: list[Client] = []  # clients with queued output, in queueing order
         self._held_acks = 0  # requesters' ACKs held for a runner's FREE_UNTIL ACK
         self._starts_seen = 0
         self._runner: Client | None = None
@@ -304,26 +228,31 @@ class Calendar:
         self._broadcasts: list[_Broadcast] = []
         self._stops: deque[Stop] = deque()
         self._closed = False
-        self._shm_entries = shm_clients + 1
-        self._shm_fd, self._shm_map = _create_memfd("umtt-schedshm", shm_size(self._shm_entries))
-        self._shm = SharedMemory(self._shm_map)
-        self._shm.init_header(self._shm_entries)
         self.shm_enabled = shm
         self.late_joiners_shm = late_joiners_shm
+        self._open_maps(shm_clients + 1)
+        self._own_log_fd = log_fd is None
+        self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if log_fd is None \
+            else log_fd
+        self._handlers = self._handler_table()
+
+    def _open_maps(self, entries: int) -> None:
+        """The shared-memory map with ``entries`` entries (the controller's is one), and
+        the decoy given to clients served over messages."""
+        self._shm_entries = entries
+        self._shm_fd, self._shm_map = _create_memfd("umtt-schedshm", shm_size(entries))
+        self._shm = SharedMemory(self._shm_map)
+        self._shm.init_header(entries)
         # Clients served over messages still get two fds in the START ACK: a memfd whose
         # version is not 2, because a kernel given no fds mmaps and closes garbage (§6b).
         # Its len is its size: usfstl's client library maps len bytes before it checks
         # the version, and the kernel needs 4096 readable bytes (time.c:81-91).
         self._decoy_fd, self._decoy_map = _create_memfd("umtt-noshm", SHM_HEADER_SIZE)
         SharedMemory(self._decoy_map).length = SHM_HEADER_SIZE
-        self._own_log_fd = log_fd is None
-        self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if log_fd is None \
-            else log_fd
-        # Held in reserve so that running out of descriptors can still accept, and so
-        # drop, a newcomer instead of spinning on a listener that stays readable.
-        self._spare_fd: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        # Keyed by int: an IntEnum hashes like its value, and unknown ops must be looked up.
-        self._handlers: dict[int, Callable[[Client, Message], None]] = {
+
+    def _handler_table(self) -> dict[int, Callable[[Client, Message], None]]:
+        """Keyed by int: an IntEnum hashes like its value, and unknown ops must be looked up."""
+        return {
             Op.ACK: self._on_ack,
             Op.START: self._on_start,
             Op.REQUEST: self._on_request,
@@ -346,6 +275,11 @@ class Calendar:
         return self._sync_now()
 
     @property
+    def clock(self) -> Clock:
+        """The virtual clock and event queue (move it only through the calendar)."""
+        return self._clock
+
+    @property
     def runner(self) -> Client | None:
         """The client that holds the CPU right now, if any."""
         return self._runner
@@ -358,7 +292,7 @@ class Calendar:
     @property
     def socket_path(self) -> Path | None:
         """Where :meth:`listen` listens, if it does."""
-        return self._socket_path
+        return self._reactor.socket_path
 
     @property
     def shm(self) -> SharedMemory:
@@ -366,7 +300,7 @@ class Calendar:
         return self._shm
 
     def __repr__(self) -> str:
-        return f"<Calendar now={format_ns(self._now)} clients={len(self.live_clients())}>"
+        return f"<Calendar now={format_ns(self._clock.now)} clients={len(self.live_clients())}>"
 
     def __enter__(self) -> Calendar:
         return self
@@ -382,61 +316,39 @@ class Calendar:
         """Listen for clients on a Unix socket at ``path``. A stale socket there (nobody
         accepts on it) is replaced; a live one raises SocketInUseError."""
         self._check_open()
-        socket_path = Path(path)
-        if socket_path.is_socket():
-            _remove_stale_socket(socket_path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(str(socket_path))
-        except OSError as exc:
-            listener.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise SocketInUseError(f"{socket_path} exists and is not a stale socket: "
-                                       f"{exc.strerror}") from None
-            raise
-        os.chmod(socket_path, 0o600)
-        listener.listen(128)
-        listener.setblocking(False)
-        self._poller.register(listener.fileno(), _LISTENER)
-        self._listener, self._socket_path = listener, socket_path
-        return socket_path
+        return self._reactor.listen(path)
 
     def attach(self, sock: socket.socket, label: str | None = None) -> Client:
         """Serve an already connected socket (one end of a socketpair, say) as a client."""
         self._check_open()
-        sock.setblocking(False)
         client = Client(sock, next(self._serials), label)
         self.clients.append(client)
-        self._poller.register(client.fd, client)
-        return client
+        return self._reactor.attach(client)
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever ``fd`` is readable, while the calendar serves I/O.
         Consoles use this: a guest blocked on a full pipe must never stall the clock."""
         self._check_open()
-        self._poller.register(fd, callback)
+        self._reactor.add_reader(fd, callback)
 
     def remove_reader(self, fd: int) -> None:
         """Stop watching ``fd`` (a no-op once the calendar is closed)."""
         if not self._closed:
-            self._poller.unregister(fd)
+            self._reactor.remove_reader(fd)
 
     def call_at(self, when: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
         """Run ``fn`` in-process at virtual time ``when`` (ns), on the shared clock."""
-        if when < self._now:
-            raise ValueError(f"cannot schedule {name or fn!r} at {format_ns(when)}: "
-                             f"the clock is already at {format_ns(self._now)}")
-        call = ScheduledCall(fn, name or getattr(fn, "__name__", "call"))
-        call._job = self._push(when, call)
+        call = self._clock.call_at(when, fn, name)
+        self._pushed(when)
         return call
 
     def call_later(self, delay: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
         """Run ``fn`` ``delay`` nanoseconds from now."""
-        return self.call_at(self._now + delay, fn, name)
+        return self.call_at(self._clock.now + delay, fn, name)
 
     def pause(self) -> None:
         """Stop the current run_until at the present instant (for use from callbacks)."""
-        self._stops.append(Stop(StopReason.PAUSE, self._now))
+        self._stops.append(Stop(StopReason.PAUSE, self._clock.now))
 
     def run_until(
         self,
@@ -451,9 +363,9 @@ class Calendar:
         virtual time does not move for ``stall_timeout`` wall seconds.
         """
         self._check_open()
-        if deadline is not None and deadline < self._now:
+        if deadline is not None and deadline < self._clock.now:
             raise ValueError(f"deadline {format_ns(deadline)} is before now "
-                             f"({format_ns(self._now)})")
+                             f"({format_ns(self._clock.now)})")
         self._limit = deadline
         try:
             return self._run(condition, deadline, stall_timeout)
@@ -462,7 +374,7 @@ class Calendar:
 
     def advance(self, nanoseconds: int, *, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> Stop:
         """Run for exactly ``nanoseconds`` of virtual time unless something stops it first."""
-        return self.run_until(deadline=self._now + nanoseconds, stall_timeout=stall_timeout)
+        return self.run_until(deadline=self._clock.now + nanoseconds, stall_timeout=stall_timeout)
 
     def serve_until(self, condition: Callable[[], bool], wall_timeout: float) -> bool:
         """Serve socket traffic without advancing the schedule until ``condition()``;
@@ -489,29 +401,22 @@ class Calendar:
         """Disconnect every client, stop listening, remove the socket, free the memory."""
         if self._closed:
             return
-        self._flush()
+        self._reactor.flush()
         for client in self.live_clients():
             self._remove(client, None)
-        if self._listener is not None:
-            self._poller.unregister(self._listener.fileno())
-            self._listener.close()
-        if self._socket_path is not None:
-            self._socket_path.unlink(missing_ok=True)
-        self._poller.close()
+        self._reactor.close()
         for fd, mapping in ((self._shm_fd, self._shm_map), (self._decoy_fd, self._decoy_map)):
             mapping.close()
             os.close(fd)
         if self._own_log_fd:
             os.close(self._log_fd)
-        if self._spare_fd is not None:
-            os.close(self._spare_fd)
         self._closed = True
 
     # --- the run loop ---------------------------------------------------------------
 
     def _run(self, condition: Callable[[], bool] | None, deadline: int | None,
              stall_timeout: float) -> Stop:
-        last_progress = (self._now, time.monotonic())
+        last_progress = (self._clock.now, time.monotonic())
         while True:
             if not self._busy():
                 stop = self._stop_if_done(condition)
@@ -529,23 +434,23 @@ class Calendar:
         if self._stops:
             return self._stops.popleft()
         if condition is not None and condition():
-            return Stop(StopReason.CONDITION, self._now)
+            return Stop(StopReason.CONDITION, self._clock.now)
         return None
 
     def _idle_stop(self, deadline: int | None) -> Stop:
         if deadline is None:
-            return Stop(StopReason.QUIESCENT, self._now)
+            return Stop(StopReason.QUIESCENT, self._clock.now)
         self._set_now(deadline)
         return Stop(StopReason.DEADLINE, deadline)
 
     def _check_stall(self, last: tuple[int, float], budget: float) -> tuple[int, float]:
         vtime, since = last
         if vtime != self._sync_now():  # a shm runner that publishes its clock moves on
-            return self._now, time.monotonic()
+            return self._clock.now, time.monotonic()
         waited = time.monotonic() - since
         if waited >= budget:
             who = self._runner.name if self._runner else "acknowledgements or STARTs"
-            raise StallError(self._now, waited, who)
+            raise StallError(self._clock.now, waited, who)
         if waited >= budget / 2:
             self._probe_runner()
         return last
@@ -558,7 +463,7 @@ class Calendar:
         are probed, so ordinary runs keep identical traces."""
         runner = self._runner
         if runner is not None and runner.shm and self._shm.free_until > self._sync_now():
-            self._shm.free_until = self._now
+            self._shm.free_until = self._clock.now
             self._record("probe", runner)
 
     def _busy(self) -> bool:
@@ -574,22 +479,21 @@ class Calendar:
         try:
             return self._dispatch_next()
         finally:
-            self._flush()
+            self._reactor.flush()
 
     def _dispatch_next(self) -> bool:
         if self._starting and self._starts_seen >= self.expected_clients:
             self._process_start(min(self._starting, key=_start_order))
             return True
-        job = self._peek()
-        if job is None or (self._limit is not None and job.time > self._limit):
+        job = self._clock.pop_due(self._limit)
+        if job is None:
             return False
-        heapq.heappop(self._queue)
         self._set_now(job.time)
         owner = job.owner
         if isinstance(owner, Client):
             owner.job = None
             self._grant(owner)
-        else:
+        elif isinstance(owner, ScheduledCall):
             owner._job = None
             self._record("call", None, detail=owner.name)
             self._shm.running_id = 0
@@ -599,85 +503,12 @@ class Calendar:
     # --- I/O ------------------------------------------------------------------------
 
     def _pump(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for socket events and handle them all."""
-        if self._dirty:
-            self._flush()
-        events = self._wait_for_events(timeout)
-        lookup = self._poller.data.get
-        for fd, mask in events:
-            data = lookup(fd)  # None: an earlier handler in this batch unregistered it
-            if type(data) is Client:
-                if mask & select.EPOLLOUT and data.state is not ClientState.GONE:
-                    self._write(data)
-                if mask & _IN and data.state is not ClientState.GONE:
-                    self._receive(data)
-            elif data is _LISTENER:
-                self._accept()
-            elif callable(data):
-                data()
-        self._flush()
-        return bool(events)
+        """Wait up to ``timeout`` for socket events and handle them all; spin first for
+        a running client's next message (``busy_poll``)."""
+        return self._reactor.pump(timeout, 0.0 if self._runner is None else self.busy_poll)
 
-    def _wait_for_events(self, timeout: float) -> list[tuple[int, int]]:
-        """epoll_wait, after a short spin when a client holds the CPU: its next message
-        usually comes within microseconds, sooner than a sleeping process wakes up."""
-        poll = self._poller.poll
-        if self.busy_poll > 0 and timeout > 0 and self._runner is not None:
-            give_up = time.perf_counter() + min(self.busy_poll, timeout)
-            while True:
-                events = poll(0)
-                if events or time.perf_counter() >= give_up:
-                    break
-                os.sched_yield()  # the runner may be waiting for this very CPU
-            if events:
-                return events
-        return poll(timeout)
-
-    def _accept(self) -> None:
-        assert self._listener is not None
-        try:
-            sock, _ = self._listener.accept()
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                raise
-            self._refuse_for_lack_of_fds(exc)
-            return
-        self.attach(sock)
-
-    def _refuse_for_lack_of_fds(self, exc: OSError) -> None:
-        """Out of descriptors: accept the newcomer on the spare one only to drop it with
-        an error; the clients already served go on."""
-        if self._spare_fd is None:
-            raise exc
-        os.close(self._spare_fd)
-        self._spare_fd = None
-        try:
-            sock, _ = self._listener.accept() if self._listener else (None, None)
-            if sock is not None:
-                self._fail(self.attach(sock), f"no file descriptor left for it "
-                                              f"({exc.strerror})")
-        finally:
-            self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-
-    def _receive(self, client: Client) -> None:
-        try:
-            data = client.sock.recv(MESSAGE_SIZE)
-        except BlockingIOError:
-            return
-        except ConnectionResetError:
-            data = b""  # it left with messages unread: a departure like any other
-        except OSError as exc:
-            self._fail(client, f"read error: {exc.strerror}")
-            return
-        if not data:
-            self._disconnected(client)
-            return
-        if len(data) != MESSAGE_SIZE:
-            # One read, one message, as both the kernel and usfstl expect (§1).
-            self._fail(client, f"short message of {len(data)} bytes: {data.hex()}")
-            return
+    def _receive(self, client: Client, data: bytes) -> None:
+        """A message from ``client`` (the reactor reads one per read)."""
         message = Message.unpack(data)
         self.messages_received += 1
         if client.capa_pending:
@@ -696,7 +527,7 @@ class Calendar:
               fds: list[int] | None = None) -> None:
         """Queue a message; if ``then`` is given, an ACK is expected and ``then`` runs on it.
 
-        Messages go out at the end of the step that made them (:meth:`_flush`), in order,
+        Messages go out at the end of the step that made them (the reactor's flush), in order,
         and consecutive ones to one client in a single write: ACK(WAIT), FREE_UNTIL and
         RUN to a kernel cost one syscall and one wake-up instead of three. Writes never
         block: what a client does not take stays queued, up to MAX_BACKLOG."""
@@ -710,49 +541,13 @@ class Calendar:
         if fds:
             self._send_with_fds(client, message, fds)
             return
-        if not client.outbox:
-            self._dirty.append(client)
-        client.outbox += _pack(message.op, message.seq, message.time & U64_MAX)
-        if len(client.outbox) > MAX_BACKLOG:
-            self._fail(client, f"it does not read its messages ({len(client.outbox)} bytes "
-                               f"queued for it)")
+        self._reactor.send(client, _pack(message.op, message.seq, message.time & U64_MAX))
 
     def _send_with_fds(self, client: Client, message: Message, fds: list[int]) -> None:
-        if client.outbox:
-            self._write(client)  # what was queued before goes first
         try:
-            if client.outbox:
-                raise BlockingIOError(errno.EAGAIN, "it does not read its messages")
-            client.sock.sendmsg([message.pack()],
-                                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))])
+            self._reactor.send_with_fds(client, message.pack(), fds)
         except OSError as exc:
             self._fail(client, f"write error: {exc.strerror or exc}", message)
-
-    def _flush(self) -> None:
-        """Write every queued message, in the order they were made."""
-        dirty = self._dirty
-        while dirty:
-            client = dirty.pop(0)
-            if client.outbox and not client.blocked and client.state is not ClientState.GONE:
-                self._write(client)
-
-    def _write(self, client: Client) -> None:
-        """Write what ``client`` will take now; wait for it to be writable for the rest."""
-        try:
-            sent = client.sock.send(client.outbox)
-        except BlockingIOError:
-            sent = 0
-        except (BrokenPipeError, ConnectionResetError):
-            self._disconnected(client)  # it left; its EOF may not have been read yet
-            return
-        except OSError as exc:
-            self._fail(client, f"write error: {exc.strerror or exc}")
-            return
-        del client.outbox[:sent]
-        blocked = bool(client.outbox)
-        if blocked != client.blocked:
-            client.blocked = blocked
-            self._poller.want_write(client.fd, blocked)
 
     def _send_expecting_ack(self, client: Client, op: Op, value: int,
                             then: Callable[[Message | None], None] = lambda _: None) -> None:
@@ -777,7 +572,7 @@ class Calendar:
         if not self._require_started(client, message):
             return
         when = _absolute(client, message.time)
-        if when is not None and when < self._now:
+        if when is not None and when < self._clock.now:
             self._fail(client, f"request for {format_ns(when)}, which is in the past", message)
             return
         if client.in_map:
@@ -844,7 +639,7 @@ class Calendar:
         it can neither go back nor pass what it was allowed to run to."""
         if new_time < self._sync_now():
             return f"goes backwards to {format_ns(new_time)}"
-        nxt = self._peek()
+        nxt = self._clock.peek()
         if nxt is not None and new_time > nxt.time:
             return (f"to {format_ns(new_time)} passes the next event at "
                     f"{format_ns(nxt.time)}")
@@ -896,11 +691,11 @@ class Calendar:
         Under perturbation the pause comes a seeded 0..doorbell_latency ns later instead:
         it is then an in-process job, whose arrival lowers the runner's horizon like any
         other event, so the kernel yields exactly there."""
-        perturbed = self._tie_breaker is not None and self.doorbell_latency > 0
+        perturbed = self.perturbation is not None and self.perturbation.delays_doorbells
         if client is self._runner:
             # Only the kernel's view shrinks: the calendar's horizon still bounds how far
             # the client may have run, which _end_run needs.
-            self._tell_horizon(client, self._now)
+            self._tell_horizon(client, self._clock.now)
             if perturbed:
                 # The ring's instant is known only once the kernel yields (it ran on since
                 # it last told its time): the delay counts from there (_end_run).
@@ -909,13 +704,13 @@ class Calendar:
         if perturbed:
             self._delay_doorbell(client, value)
             return
-        self._stops.append(Stop(StopReason.DOORBELL, self._now, client, value))
+        self._stops.append(Stop(StopReason.DOORBELL, self._clock.now, client, value))
 
     def _delay_doorbell(self, client: Client, value: int) -> None:
-        assert self._tie_breaker is not None
-        delay = self._tie_breaker.randrange(self.doorbell_latency + 1)
-        self.call_at(self._now + delay, lambda: self._stops.append(
-            Stop(StopReason.DOORBELL, self._now, client, value)), "doorbell")
+        assert self.perturbation is not None
+        delay = self.perturbation.doorbell_delay()
+        self.call_at(self._clock.now + delay, lambda: self._stops.append(
+            Stop(StopReason.DOORBELL, self._clock.now, client, value)), "doorbell")
 
     def _release_delayed_doorbells(self, client: Client) -> None:
         rung = [value for owner, value in self._delayed_doorbells if owner is client]
@@ -960,20 +755,15 @@ class Calendar:
             client.job.cancelled = True
             client.job = None
 
-    def _push(self, when: int, owner: Client | ScheduledCall) -> _Job:
-        order = next(self._order)
-        if self._tie_breaker is not None:
-            order |= self._tie_breaker.getrandbits(32) << 40
-        job = _Job(when, order, owner)
-        heapq.heappush(self._queue, job)
-        if self._runner is not None and when < self._horizon:
-            self._lower_horizon(when)
+    def _push(self, when: int, owner: Client) -> Job:
+        job = self._clock.schedule(when, owner)
+        self._pushed(when)
         return job
 
-    def _peek(self) -> _Job | None:
-        while self._queue and self._queue[0].cancelled:
-            heapq.heappop(self._queue)
-        return self._queue[0] if self._queue else None
+    def _pushed(self, when: int) -> None:
+        """Something was queued at ``when``: the runner may have to stop earlier."""
+        if self._runner is not None and when < self._horizon:
+            self._lower_horizon(when)
 
     def _collect_shm_requests(self) -> None:
         """Pick up requests written into shared memory (time.c:284-288), by kernels or
@@ -997,7 +787,7 @@ class Calendar:
             job = client.job
             if job is not None and job.time == when and not job.cancelled:
                 continue  # already queued there, the common case
-            if when < self._now:
+            if when < self._clock.now:
                 self._fail(client, f"request for {format_ns(when)} in shared memory, "
                                    f"which is in the past")
             else:
@@ -1006,8 +796,8 @@ class Calendar:
     def _next_horizon(self) -> int:
         """How far a client may free-run: the next event, bounded by the run's deadline."""
         span = FREE_RUN_SPAN if self.max_free_run is None else self.max_free_run
-        horizon = min(self._now + span, U64_MAX)
-        job = self._peek()
+        horizon = min(self._clock.now + span, U64_MAX)
+        job = self._clock.peek()
         if job is not None:
             horizon = min(horizon, job.time)
         if self._limit is not None:
@@ -1036,7 +826,7 @@ class Calendar:
                 # REQ_RUN itself on RUN, a message client cannot (M:693-695).
                 self._shm.entry(client.id).flags = 0
             self._send_expecting_ack(client, Op.FREE_UNTIL, self._horizon - client.offset)
-        run = Message(Op.RUN, next(self._seq), self._now - client.offset)
+        run = Message(Op.RUN, next(self._seq), self._clock.now - client.offset)
         # A shm client does not ACK RUN (K:158-167).
         self._send(client, run, None if client.shm else _ignore_ack)
 
@@ -1051,7 +841,7 @@ class Calendar:
         self._publish_now()
         self._shm.free_until = self._horizon
         if self.trace is not None:
-            self._record("run", client, time=self._now)
+            self._record("run", client, time=self._clock.now)
 
     def _end_run(self, client: Client, message: Message) -> None:
         if client.shm:
@@ -1074,12 +864,12 @@ class Calendar:
             # STARTs that came in while it ran join at the instant it reached: that is how
             # several shm kernels boot together at t=0 (§6a).
             return
-        job = self._peek()
+        job = self._clock.peek()
         safe = min(self._horizon, job.time if job else U64_MAX)
         if self._limit is not None:
             safe = min(safe, self._limit)
         if job is not None or self._limit is not None:
-            self._set_now(max(self._now, safe))
+            self._set_now(max(self._clock.now, safe))
 
     def _sync_now(self) -> int:
         """While a shm kernel runs, now is the time it published in current_time, as far
@@ -1090,14 +880,12 @@ class Calendar:
             published = min(self._shm.current_time, self._shm.free_until)
             if self._limit is not None:
                 published = min(published, self._limit)
-            self._now = max(self._now, published)
-        return self._now
+            if published > self._clock.now:
+                self._clock.move_to(published)
+        return self._clock.now
 
     def _set_now(self, when: int) -> None:
-        if when < self._now:
-            raise ClockError(f"the calendar's clock would go backwards from "
-                             f"{format_ns(self._now)} to {format_ns(when)}")
-        self._now = when
+        self._clock.move_to(when)
         runner = self._runner
         if runner is None or not runner.shm:
             self._publish_now()
@@ -1106,8 +894,8 @@ class Calendar:
         """current_time is never written back: a waiting kernel reads it on an interrupt,
         and one that saw a later value panics "time goes backwards" (K:50-53, 367)."""
         shm = self._shm
-        if shm.current_time < self._now:  # noqa: PLR1730 (a write only when it moves)
-            shm.current_time = self._now
+        if shm.current_time < self._clock.now:  # noqa: PLR1730 (a write only when it moves)
+            shm.current_time = self._clock.now
 
     # --- joining ------------------------------------------------------------------
 
@@ -1115,7 +903,7 @@ class Calendar:
         """ACK a START; the client then runs until its first WAIT (§3 process_starting_client)."""
         self._starting.remove(client)
         self._record("rx", client, Message(Op.START, client.start_seq, client.start_id or 0))
-        client.offset = self._now
+        client.offset = self._clock.now
         client.id = self._free_id()
         if client.id == 0:
             self._fail(client, f"no free client id (limit {MAX_CLIENT_ID})")
@@ -1130,7 +918,7 @@ class Calendar:
         # No free run for a joiner: it yields at its first time step, so clients that
         # start together run together, and a late joiner cannot run past a pending
         # event (usfstl 963e035, §6d).
-        self._begin_run(client, horizon=self._now)
+        self._begin_run(client, horizon=self._clock.now)
         self._record("join", client, detail="offered shm" if client.capa_pending
                      else "over messages")
         fds = [self._shm_fd if client.capa_pending else self._decoy_fd, self._log_fd]
@@ -1154,9 +942,9 @@ class Calendar:
         joining at a time other than 0 BUGs on its first one (time.c:535)."""
         if not self.shm_enabled:
             return False
-        if self._now != 0 and not self.late_joiners_shm:
+        if self._clock.now != 0 and not self.late_joiners_shm:
             return False
-        return self._shm.current_time == self._now
+        return self._shm.current_time == self._clock.now
 
     def _free_id(self) -> int:
         used = {c.id for c in self.clients if c.id and c.state is not ClientState.GONE}
@@ -1168,7 +956,8 @@ class Calendar:
     # --- leaving ------------------------------------------------------------------
 
     def _fail(self, client: Client, detail: str, message: Message | None = None) -> None:
-        error = ProtocolError(client.name, detail, self._now, str(message) if message else None)
+        error = ProtocolError(client.name, detail, self._clock.now,
+                              str(message) if message else None)
         client.error = error
         self.errors.append(error)
         self._remove(client, error)
@@ -1182,9 +971,7 @@ class Calendar:
             return
         self._record("drop", client, detail=str(error) if error else "disconnected")
         client.state = ClientState.GONE
-        self._poller.unregister(client.fd)
-        client.sock.close()
-        client.outbox.clear()
+        self._reactor.discard(client)
         self._unqueue(client)
         if client in self._starting:
             self._starting.remove(client)
@@ -1213,9 +1000,9 @@ class Calendar:
             return
         name = client.name if client is not None else "calendar"
         if message is None:
-            self.trace.add(TraceEvent(self._now, kind, name, time=time, detail=detail))
+            self.trace.add(TraceEvent(self._clock.now, kind, name, time=time, detail=detail))
         else:
-            self.trace.add(TraceEvent(self._now, kind, name, op_name(message.op),
+            self.trace.add(TraceEvent(self._clock.now, kind, name, op_name(message.op),
                                       message.seq, message.time, detail))
 
     def _check_open(self) -> None:
@@ -1245,19 +1032,6 @@ def _absolute(client: Client, local: int) -> int | None:
 
 def _ignore_ack(_ack: Message | None) -> None:
     """The continuation of an ACK that only has to arrive (RUN, FREE_UNTIL)."""
-
-
-def _remove_stale_socket(path: Path) -> None:
-    """Unlink ``path`` unless a controller accepts on it."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)
-        return
-    finally:
-        probe.close()
-    raise SocketInUseError(f"another controller is listening on {path}")
 
 
 def _create_memfd(name: str, size: int) -> tuple[int, mmap.mmap]:

@@ -1,0 +1,32 @@
+"""The controller: a virtual clock, a socket reactor and the time-travel protocol engine.
+
+Layers, bottom up, each importable without the ones above it:
+:mod:`~pytest_umtt.controller.clock` (the event queue and the clock),
+:mod:`~pytest_umtt.controller.reactor` (non-blocking sockets, framing, descriptors),
+:mod:`~pytest_umtt.controller.perturb` (seeded perturbation),
+:mod:`~pytest_umtt.controller.engine` (:class:`Calendar`, UML's ``time-travel=ext``
+protocol on the two), and :mod:`~pytest_umtt.controller.cli` (``umtt-controller``).
+Device models can use the clock and the reactor without the protocol.
+"""
+
+from .clock import Clock, Job, ScheduledCall
+from .engine import Calendar, Client, ClientState, Stop, StopReason
+from .perturb import Perturbation
+from .reactor import Connection, Reactor
+from .trace import Trace, TraceEvent
+
+__all__ = [
+    "Calendar",
+    "Client",
+    "ClientState",
+    "Clock",
+    "Connection",
+    "Job",
+    "Perturbation",
+    "Reactor",
+    "ScheduledCall",
+    "Stop",
+    "StopReason",
+    "Trace",
+    "TraceEvent",
+]

@@ -1,0 +1,137 @@
+"""The event queue and the virtual clock: the bottom of the controller.
+
+Knows nothing of sockets or of UML. A :class:`Clock` holds the virtual time in
+nanoseconds, refuses to go backwards (:class:`~pytest_umtt.errors.ClockError`), and
+keeps a queue of :class:`Job` entries: whatever participants asked to run when.
+Ties run first-in-first-out, or in a seeded shuffled order when the clock is given a
+random stream for them (to shake out races between participants that share an
+instant). A device model can use it alone: schedule calls, then :meth:`Clock.run_until`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import ClockError, format_ns
+
+TIE_BITS_SHIFT = 40
+"""A seeded tie order puts 32 random bits above the insertion counter (2**40 entries)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """An entry in the event queue; ``cancelled`` implements lazy deletion."""
+
+    time: int
+    order: int
+    owner: object
+    cancelled: bool = False
+
+    def __lt__(self, other: Job) -> bool:
+        return (self.time, self.order) < (other.time, other.order)
+
+
+class ScheduledCall:
+    """An in-process participant: a callback at a virtual time. Cancel it with cancel()."""
+
+    def __init__(self, fn: Callable[[], object], name: str) -> None:
+        self.fn = fn
+        self.name = name
+        self._job: Job | None = None
+
+    @property
+    def time(self) -> int | None:
+        """When it will run, or None once it ran or was cancelled."""
+        return None if self._job is None or self._job.cancelled else self._job.time
+
+    def cancel(self) -> None:
+        """Do not run it (a no-op once it ran)."""
+        if self._job is not None:
+            self._job.cancelled = True
+            self._job = None
+
+    def __repr__(self) -> str:
+        return f"<ScheduledCall {self.name} at {self.time}>"
+
+
+class Clock:
+    """A virtual clock (ns) and the queue of what is due when.
+
+    ``ties``, when given, orders jobs due at one instant by its random bits instead of
+    first-in-first-out; the same stream state gives the same order.
+    """
+
+    def __init__(self, ties: random.Random | None = None) -> None:
+        self._now = 0
+        self._queue: list[Job] = []
+        self._order = itertools.count()
+        self._ties = ties
+
+    @property
+    def now(self) -> int:
+        """The virtual time in nanoseconds."""
+        return self._now
+
+    def __repr__(self) -> str:
+        return f"<Clock now={format_ns(self._now)}>"
+
+    def move_to(self, when: int) -> None:
+        """Set the time to ``when``; ClockError if that is earlier than now."""
+        if when < self._now:
+            raise ClockError(self._now, when)
+        self._now = when
+
+    def schedule(self, when: int, owner: object) -> Job:
+        """Queue ``owner`` at ``when`` (the caller checks for the past)."""
+        order = next(self._order)
+        if self._ties is not None:
+            order |= self._ties.getrandbits(32) << TIE_BITS_SHIFT
+        job = Job(when, order, owner)
+        heapq.heappush(self._queue, job)
+        return job
+
+    def call_at(self, when: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
+        """Queue a call of ``fn`` at virtual time ``when``; ValueError if that is past."""
+        if when < self._now:
+            raise ValueError(f"cannot schedule {name or fn!r} at {format_ns(when)}: "
+                             f"the clock is already at {format_ns(self._now)}")
+        call = ScheduledCall(fn, name or getattr(fn, "__name__", "call"))
+        call._job = self.schedule(when, call)
+        return call
+
+    def call_later(self, delay: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
+        """Queue a call of ``fn`` ``delay`` nanoseconds from now."""
+        return self.call_at(self._now + delay, fn, name)
+
+    def peek(self) -> Job | None:
+        """The next job, or None when nothing is queued."""
+        queue = self._queue
+        while queue and queue[0].cancelled:
+            heapq.heappop(queue)
+        return queue[0] if queue else None
+
+    def pop_due(self, limit: int | None = None) -> Job | None:
+        """Take the next job off the queue unless it is due after ``limit``. The clock
+        does not move: the caller moves it (it may have more to do at that instant)."""
+        job = self.peek()
+        if job is None or (limit is not None and job.time > limit):
+            return None
+        heapq.heappop(self._queue)
+        return job
+
+    def run_until(self, deadline: int) -> int:
+        """Run every call due up to ``deadline`` in order, then move to ``deadline``; how
+        many ran. For a clock used alone: a job that is not a call is dropped."""
+        ran = 0
+        while (job := self.pop_due(deadline)) is not None:
+            self.move_to(job.time)
+            if isinstance(job.owner, ScheduledCall):
+                job.owner._job = None
+                job.owner.fn()
+                ran += 1
+        self.move_to(deadline)
+        return ran
