@@ -619,6 +619,17 @@ def test_36_free_until_stays_below_uncollected_request(calendar: Calendar,
     assert next_run(calendar, b) == 1200
 
 
+def test_runner_that_leaves_does_not_lose_requests_written_while_it_ran(
+        calendar: Calendar, connect: Connect) -> None:
+    _, a = connect()
+    _, b = connect()
+    boot_together(calendar, (b, 2, 5000), (a, 1, 100))
+    next_run(calendar, a)
+    b.request(1200)  # into shared memory, picked up when the runner stops running
+    a.close()  # ... which it does by leaving, without a WAIT
+    assert next_run(calendar, b) == 1200
+
+
 def test_37_seq_bookkeeping(connect: Connect) -> None:
     with Calendar(shm=False) as cal:
         _, a = connect(cal)

@@ -981,6 +981,9 @@ class Calendar:
         if client is self._runner:
             self._runner = None
             self._shm.running_id = 0
+            # What others wrote into shared memory while it ran is collected at a WAIT
+            # that now never comes.
+            self._collect_shm_requests()
         for pending in list(self._broadcasts):
             if pending.sender is client:
                 self._broadcasts.remove(pending)
