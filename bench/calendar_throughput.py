@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pytest_umtt import Calendar
+from pytest_umtt.controller import Calendar
 from tests.refclient import RefClient
 
 

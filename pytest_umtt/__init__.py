@@ -1,22 +1,16 @@
 """pytest-umtt: test Linux kernels and drivers in virtual time.
 
 User-Mode Linux kernels run under ``time-travel=ext`` against a calendar that lives in
-the test process. Layers, each usable without pytest: :mod:`~pytest_umtt.wire` (the
-protocol's data), :class:`Calendar` (the controller), :class:`Machine` and
-:class:`Simulation` (kernels on one clock), :mod:`~pytest_umtt.kernel` (the builder).
+the test process. This package exports what a test or a script uses: a
+:class:`Simulation` (the clock, and machines on it), :class:`Machine` and its results,
+and the errors. The layers below have their own modules, each usable without pytest:
+:mod:`~pytest_umtt.wire` (the protocol's data), :mod:`~pytest_umtt.controller` (the
+calendar: clock, reactor, protocol engine, ``umtt-controller``),
+:mod:`~pytest_umtt.machine`, :mod:`~pytest_umtt.kernel` (the builder),
+:mod:`~pytest_umtt.rootfs` (the pinned guest root) and :mod:`~pytest_umtt.plugin`.
 """
 
 from .console import ConsoleLine
-from .controller import (
-    Calendar,
-    Client,
-    ClientState,
-    ScheduledCall,
-    Stop,
-    StopReason,
-    Trace,
-    TraceEvent,
-)
 from .errors import (
     BootError,
     CommandTimeout,
@@ -30,18 +24,16 @@ from .errors import (
     format_ns,
 )
 from .machine import BackgroundCommand, CommandResult, ConsoleMatch, Machine, MachineState
-from .simulation import MachineFactory, Simulation
+from .simulation import Elapsed, MachineFactory, Simulation
 
 __all__ = [
     "BackgroundCommand",
     "BootError",
-    "Calendar",
-    "Client",
-    "ClientState",
     "CommandResult",
     "CommandTimeout",
     "ConsoleLine",
     "ConsoleMatch",
+    "Elapsed",
     "ExpectTimeout",
     "Machine",
     "MachineCrashed",
@@ -50,13 +42,8 @@ __all__ = [
     "MachineStalled",
     "MachineState",
     "ProtocolError",
-    "ScheduledCall",
     "Simulation",
     "StallError",
-    "Stop",
-    "StopReason",
-    "Trace",
-    "TraceEvent",
     "UmttError",
     "format_ns",
 ]

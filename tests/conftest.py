@@ -10,7 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pytest_umtt import Calendar, Client, Machine, Simulation, Trace
+from pytest_umtt import Machine, Simulation
+from pytest_umtt.controller import Calendar, Client, Trace
 from pytest_umtt.kernel import build_shim, cache_root, default_kernel
 from tests.refclient import RefClient
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
-from pytest_umtt import Calendar, ClientState, StallError
-from pytest_umtt.controller import Client
+from pytest_umtt import StallError
+from pytest_umtt.controller import Calendar, Client, ClientState
 from pytest_umtt.wire import MESSAGE_SIZE, NO_ID, S64_MAX, U64_MAX, Message, Op
 from tests.refclient import RefClient
 

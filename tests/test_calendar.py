@@ -10,7 +10,7 @@ from typing import IO
 
 import pytest
 
-from pytest_umtt import Calendar, StopReason
+from pytest_umtt.controller import Calendar, StopReason
 from pytest_umtt.controller.cli import main as controller_main
 from pytest_umtt.wire import S64_MAX, U64_MAX, Op
 from tests.conftest import Connect, settle

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_umtt import Calendar, ClientState, StopReason
+from pytest_umtt.controller import Calendar, ClientState, StopReason
 from pytest_umtt.controller.reactor import MAX_BACKLOG
 from pytest_umtt.errors import SocketInUseError
 from pytest_umtt.wire import (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_umtt import Calendar, StopReason, Trace
+from pytest_umtt.controller import Calendar, StopReason, Trace
 from pytest_umtt.controller.perturb import Perturbation
 from pytest_umtt.simulation import first_difference
 from pytest_umtt.tracetool import main as trace_main

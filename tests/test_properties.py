@@ -15,7 +15,8 @@ import threading
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_umtt import Calendar, StallError, StopReason, Trace
+from pytest_umtt import StallError
+from pytest_umtt.controller import Calendar, StopReason, Trace
 from pytest_umtt.wire import Op
 from tests.refclient import RefClient
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_umtt import Calendar, StopReason, Trace
+from pytest_umtt.controller import Calendar, StopReason, Trace
 from pytest_umtt.machine import (
     derive_seed,
     kill_process_tree,

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from pytest_umtt import Calendar, ClientState, StopReason
+from pytest_umtt.controller import Calendar, ClientState, StopReason
 from pytest_umtt.wire import (
     FREE_RUN_SPAN,
     NO_ID,
