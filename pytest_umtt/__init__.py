@@ -6,11 +6,10 @@ the test process. This package exports what a test or a script uses: a
 and the errors. The layers below have their own modules, each usable without pytest:
 :mod:`~pytest_umtt.wire` (the protocol's data), :mod:`~pytest_umtt.controller` (the
 calendar: clock, reactor, protocol engine, ``umtt-controller``),
-:mod:`~pytest_umtt.machine`, :mod:`~pytest_umtt.kernel` (the builder),
+:mod:`~pytest_umtt.uml`, :mod:`~pytest_umtt.kernel` (the builder),
 :mod:`~pytest_umtt.rootfs` (the pinned guest root) and :mod:`~pytest_umtt.plugin`.
 """
 
-from .console import ConsoleLine
 from .errors import (
     BootError,
     CommandTimeout,
@@ -23,8 +22,9 @@ from .errors import (
     UmttError,
     format_ns,
 )
-from .machine import BackgroundCommand, CommandResult, ConsoleMatch, Machine, MachineState
 from .simulation import Elapsed, MachineFactory, Simulation
+from .uml.console import ConsoleLine
+from .uml.machine import BackgroundCommand, CommandResult, ConsoleMatch, Machine, MachineState
 
 __all__ = [
     "BackgroundCommand",

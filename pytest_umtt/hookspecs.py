@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from .machine import Machine
+    from .uml.machine import Machine
 
 hookspec = pluggy.HookspecMarker("pytest")
 

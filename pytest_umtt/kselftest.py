@@ -35,7 +35,7 @@ from filelock import FileLock
 from .errors import MachineCrashed, MachineError, MachineStalled, UmttError, format_ns
 from .kernel import KernelError, cache_root, debian_source, user_source
 from .ktap import KtapCase, parse_ktap
-from .machine import NS_PER_S, BackgroundCommand, Machine, seconds_to_ns
+from .uml.machine import NS_PER_S, BackgroundCommand, Machine, seconds_to_ns
 
 LIST_FILE = "kselftest-list.txt"
 SETTINGS_FILE = "settings"

@@ -1,8 +1,8 @@
 """A simulation: one calendar, one private directory, and the machines on its clock.
 
 The clock moves only inside calls such as :meth:`Simulation.run_until`,
-:meth:`Machine.run <pytest_umtt.machine.Machine.run>` or
-:meth:`Machine.expect <pytest_umtt.machine.Machine.expect>`, so whatever the caller does
+:meth:`Machine.run <pytest_umtt.uml.machine.Machine.run>` or
+:meth:`Machine.expect <pytest_umtt.uml.machine.Machine.expect>`, so whatever the caller does
 between two calls happens at one virtual instant.
 """
 
@@ -21,7 +21,6 @@ from typing import Protocol
 
 import psutil
 
-from .confine import confinement_available
 from .controller import Calendar, Client, Stop, StopReason, Trace, TraceEvent
 from .errors import (
     BootError,
@@ -33,7 +32,9 @@ from .errors import (
     format_ns,
 )
 from .kernel import build_shim, check_kernel, default_kernel, kernel_identity
-from .machine import (
+from .rootfs import Rootfs
+from .uml.confine import confinement_available
+from .uml.machine import (
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_MEM,
     DEFAULT_TIME_TRAVEL_START,
@@ -42,7 +43,6 @@ from .machine import (
     MachineState,
     seconds_to_ns,
 )
-from .rootfs import Rootfs
 
 DEFAULT_CONSOLE_RESOLUTION = 1_000_000
 """1 ms: while an expect() waits, how far a kernel may run without telling the calendar;
@@ -171,7 +171,7 @@ class Simulation:
         self.kernel = None if kernel is None else Path(kernel)
         self.confined = confine and confinement_available()
         """Whether UML processes may change nothing outside their machine directory
-        (:mod:`pytest_umtt.confine`); False where the host allows no mount namespace."""
+        (:mod:`pytest_umtt.uml.confine`); False where the host allows no mount namespace."""
         self.rootfs = rootfs
         self.seed = seed
         self.wall_timeout = wall_timeout
@@ -261,7 +261,7 @@ class Simulation:
                 idle_max: float = 0.1, agent: Path | None = None,
                 default_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> Machine:
         """Create a machine (and boot it, unless ``boot=False``). ``agent`` replaces the
-        guest agent as init (it must ring the doorbell as data/agent.sh does)."""
+        guest agent as init (it must ring the doorbell as uml/agent.sh does)."""
         name = name or f"m{len(self.machines) + 1}"
         if name in self.machines or not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"machine name {name!r} is taken or not a plain name")

@@ -18,8 +18,8 @@ from pytest_umtt.errors import (
     MachineCrashed,
     MachineStalled,
 )
-from pytest_umtt.machine import Machine, MachineState
 from pytest_umtt.simulation import Simulation
+from pytest_umtt.uml.machine import Machine, MachineState
 from tests.conftest import uml_processes
 
 pytestmark = pytest.mark.kernel

@@ -14,7 +14,6 @@ import pytest
 from pytest_umtt import Simulation
 from pytest_umtt import rootfs as rootfs_module
 from pytest_umtt.canary import host_variations, run_in_child
-from pytest_umtt.console import Console
 from pytest_umtt.kernel import KernelIdentity, check_kernel, kernel_identity
 from pytest_umtt.rootfs import (
     Entry,
@@ -26,6 +25,7 @@ from pytest_umtt.rootfs import (
     elf_needed,
     write_cpio,
 )
+from pytest_umtt.uml.console import Console
 
 GOLDEN = Path(__file__).parent / "golden" / "canary.json"
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_umtt.console import Console
 from pytest_umtt.errors import BootError, CommandTimeout, MachineCrashed, MachineError
 from pytest_umtt.kernel import KernelError, build_shim
-from pytest_umtt.machine import POWEROFF_WALL_TIMEOUT, Machine
 from pytest_umtt.simulation import Simulation, remove_stale_directories
+from pytest_umtt.uml.console import Console
+from pytest_umtt.uml.machine import POWEROFF_WALL_TIMEOUT, Machine
 from tests.conftest import uml_processes
 
 S = 10**9

@@ -1,7 +1,7 @@
 """The pytest plugin: options, fixtures, markers and reports over Simulation and Machine.
 
 Thin by design: everything here delegates to :mod:`pytest_umtt.simulation` and
-:mod:`pytest_umtt.machine`, which work without pytest. This module holds the session's
+:mod:`pytest_umtt.uml`, which work without pytest. This module holds the session's
 hooks; :mod:`.settings` (options and markers), :mod:`.state` (what a session keeps),
 :mod:`.fixtures`, :mod:`.suites` (KUnit, kselftests) and :mod:`.reports` the rest, and
 pytest finds their fixtures and hooks here, where they are imported.

@@ -10,13 +10,13 @@ from dataclasses import replace
 
 import pytest
 
-from ..machine import Machine
 from ..simulation import (
     MachineFactory,
     Simulation,
     first_difference,
 )
 from ..summary import EXPLORED_SEED, FINGERPRINT
+from ..uml.machine import Machine
 from .state import (
     ITEM_SETTINGS,
     ITEM_SIM,

@@ -19,10 +19,10 @@ from ..kernel import default_kernel
 from ..kselftest import (
     LIST_FILE,
 )
-from ..machine import DEFAULT_COMMAND_TIMEOUT, DEFAULT_MEM
 from ..simulation import (
     DEFAULT_WALL_TIMEOUT,
 )
+from ..uml.machine import DEFAULT_COMMAND_TIMEOUT, DEFAULT_MEM
 
 MEM_PATTERN = re.compile(r"^\d+[KMG]$")
 PROTOCOL_TAIL = 30

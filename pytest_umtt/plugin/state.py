@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from ..agent import COMMANDS_DIR
-from ..machine import Machine
 from ..rootfs import Rootfs, build_rootfs
 from ..simulation import (
     MachineFactory,
     Simulation,
 )
 from ..summary import Summary
+from ..uml.agent import COMMANDS_DIR
+from ..uml.machine import Machine
 from .settings import Settings
 
 # --- session state ------------------------------------------------------------------

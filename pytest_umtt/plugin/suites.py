@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from ..console import Console
 from ..errors import UmttError
 from ..kselftest import (
     GUEST_TREE,
@@ -20,6 +19,7 @@ from ..kselftest import (
     virtual_budget,
 )
 from ..ktap import KtapCase, parse_ktap
+from ..uml.console import Console
 from .settings import CONSOLE_TAIL, Settings
 from .state import STATE, artifacts_dir, close_simulation, machine_factory, open_simulation
 

@@ -1,4 +1,4 @@
-"""The guest agent's command channel, the host's side of data/agent.sh.
+"""The guest agent's command channel, the host's side of agent.sh.
 
 The agent is init in every machine. The host writes command N into ``cmd/N/`` (the
 command, and optionally ``env``, ``cwd``, ``timeout``, ``background``) and then
@@ -37,13 +37,13 @@ def decode(value: int) -> tuple[int, int]:
 
 
 def install(directory: Path, agent: Path | None = None) -> CommandChannel:
-    """Put the agent (``agent`` or data/agent.sh) and its fstab into a new machine's
+    """Put the agent (``agent`` or agent.sh) and its fstab into a new machine's
     directory, and open the command channel there."""
     script = directory / BOOT_SCRIPT
-    source = agent or resources.files("pytest_umtt").joinpath("data/agent.sh")
+    source = agent or resources.files("pytest_umtt.uml").joinpath("agent.sh")
     script.write_bytes(source.read_bytes())
     script.chmod(0o755)
-    shutil.copyfile(Path(str(resources.files("pytest_umtt").joinpath("data/fstab"))),
+    shutil.copyfile(Path(str(resources.files("pytest_umtt.uml").joinpath("fstab"))),
                     directory / FSTAB)
     return CommandChannel(directory)
 

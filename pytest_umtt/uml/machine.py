@@ -1,7 +1,7 @@
 """UML machines in virtual time: boot, console, command channel, crashes and teardown.
 
 A :class:`Machine` is one UML kernel on a :class:`~pytest_umtt.simulation.Simulation`'s
-clock. Its init is the guest agent (data/agent.sh): commands go through files in the
+clock. Its init is the guest agent (agent.sh): commands go through files in the
 machine directory and come back with a doorbell, always while the simulation is paused,
 so results never depend on host speed (DESIGN.md facts 5-8).
 """
@@ -28,6 +28,13 @@ from typing import TYPE_CHECKING, Protocol
 import pexpect
 import psutil
 
+from ..errors import (
+    CommandTimeout,
+    ExpectTimeout,
+    MachineCrashed,
+    MachineError,
+    format_ns,
+)
 from .agent import (
     BOOT_SCRIPT,
     COMMANDS_DIR,
@@ -40,16 +47,9 @@ from .agent import (
 )
 from .confine import confine_to
 from .console import Console
-from .errors import (
-    CommandTimeout,
-    ExpectTimeout,
-    MachineCrashed,
-    MachineError,
-    format_ns,
-)
 
 if TYPE_CHECKING:
-    from .controller import Calendar, Client, Stop
+    from ..controller import Calendar, Client, Stop
 
 DEFAULT_TIME_TRAVEL_START = 1_700_000_000 * 10**9
 """The guest's wall clock at virtual time 0 (2023-11-14), fixed so its date is reproducible."""
@@ -158,7 +158,7 @@ def fix_uml_process(parent: int, confine: Path | None = None) -> None:
     UML's own helpers already die with UML), console output that stays blocking
     (:func:`separate_console_output`), fixed resource limits (UML prints the core-dump
     limits on its console), and, given a directory, confinement to it
-    (:mod:`pytest_umtt.confine`). ``parent`` is the test process's pid, taken before the
+    (:mod:`pytest_umtt.uml.confine`). ``parent`` is the test process's pid, taken before the
     fork."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

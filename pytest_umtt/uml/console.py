@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import format_ns
+from ..errors import format_ns
 
 CRASH_PATTERNS = (
     (re.compile(r"Attempted to kill init!"), "the guest agent (init) exited"),
