@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_umtt.errors import BootError, CommandTimeout, MachineCrashed, MachineError
+from pytest_umtt.errors import BootError, CommandTimeout, MachineCrashed, MachineError, UmttError
 from pytest_umtt.kernel import KernelError, build_shim
 from pytest_umtt.simulation import Simulation, remove_stale_directories
 from pytest_umtt.uml.console import Console
@@ -292,3 +292,24 @@ def test_a_kunit_machine_that_cannot_boot_is_an_error_item(pytester: pytest.Pyte
     assert outcomes.get("passed", 0) >= 1 and outcomes.get("failed", 0) >= 1, outcomes
     result.stdout.fnmatch_lines(["*kunit: boot*", "the KUnit machine did not come up: *",
                                  "*Too few physical memory*"])
+
+
+def test_an_unusable_tmpdir_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "missing"))
+    with pytest.raises(UmttError, match=r"cannot make a simulation directory in .*missing "
+                                        r"\(TMPDIR=.*missing\)"):
+        Simulation()
+
+
+@pytest.mark.kernel
+def test_an_unwritable_artifacts_directory_leaves_nothing(pytester: pytest.Pytester,
+                                                         kernel_args: list[str],
+                                                         tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    pytester.makepyfile("def test_x(uml): assert uml.run('true').ok")
+    result = pytester.runpytest_subprocess(*kernel_args, "--umtt-artifacts=/proc/umtt")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*/proc/umtt*"])
+    assert not list(tmp_path.glob("umtt-*"))
