@@ -186,19 +186,24 @@ class Simulation:
                                  doorbell_latency=PERTURBED_DOORBELL_LATENCY if perturb else 0,
                                  trace=Trace() if trace else None, pause_on_broadcast=True,
                                  time_at_start=time_travel_start)
-        self._directory_fd = -1
-        try:
-            if rootfs is not None:
-                (self.directory / Path(ROOTFS_FROM_MACHINE_DIR).name).symlink_to(rootfs.image)
-            self.calendar.listen(self._socket_path())
-        except BaseException:
-            self._remove_files()
-            raise
         self.calendar.on_drop.append(self._on_drop)
         self.calendar.on_wait.append(self._on_wait)
         self.machines: dict[str, Machine] = {}
         self.on_doorbell: list[Callable[[Machine, int], None]] = []
         self._closed = False
+        self._directory_fd = -1
+        self._open_directory()
+
+    def _open_directory(self) -> None:
+        """The root image's link and the calendar's socket; on failure, nothing stays."""
+        try:
+            if self.rootfs is not None:
+                link = self.directory / Path(ROOTFS_FROM_MACHINE_DIR).name
+                link.symlink_to(self.rootfs.image)
+            self.calendar.listen(self._socket_path())
+        except BaseException:
+            self._remove_files()
+            raise
 
     def _socket_path(self) -> Path:
         """Where the calendar listens. A socket's path must fit in 108 bytes; UML finds it
