@@ -2,10 +2,10 @@
 
 It owns the virtual clock and the queue of every participant's next event
 (:mod:`.clock`), the sockets (:mod:`.reactor`, which knows nothing of the protocol),
-the shared memory (schedshm v2) and the perturbation policy (:mod:`.perturb`); this
-module is the protocol engine on top of them. It never runs on its own: the caller's
-thread drives it with :meth:`Calendar.run_until` (and friends), so whatever the caller
-does between two calls happens at one virtual instant.
+the shared memory (schedshm v2, :mod:`.shm`) and the perturbation policy
+(:mod:`.perturb`); this module is the protocol engine on top of them. It never runs on
+its own: the caller's thread drives it with :meth:`Calendar.run_until` (and friends),
+so whatever the caller does between two calls happens at one virtual instant.
 
 The design differs from the reference controller (usfstl, PROTOCOL.md §3) in one
 structural way: it never waits for one client inside the handler of another. Every
@@ -195,13 +195,9 @@ class Calendar:
         self.pause_on_broadcast = pause_on_broadcast
         self.trace = trace
         self.expected_clients = expected_clients
-        self.errors: list[ProtocolError] = []
-        self.messages_received = 0
-        self.messages_sent = 0
-        self.on_drop: list[Callable[[Client, ProtocolError | None], None]] = []
-        self.on_broadcast: list[Callable[[Client, int], None]] = []
-        self.on_wait: list[Callable[[Client], None]] = []
-        self.clients: list[Client] = []
+        self.shm_enabled = shm
+        self.late_joiners_shm = late_joiners_shm
+        self._init_records()
         self._reactor: Reactor[Client] = Reactor(
             on_frame=self._receive, on_close=self._disconnected, on_error=self._fail,
             on_accept=self.attach, frame_size=MESSAGE_SIZE)
@@ -210,6 +206,25 @@ class Calendar:
         self.perturbation = None if tie_seed is None \
             else Perturbation(tie_seed, doorbell_latency)
         self._clock = Clock(ties=None if self.perturbation is None else self.perturbation.ties)
+        self._init_schedule()
+        self._map: ScheduleMap[Client] = ScheduleMap(self._clock, shm_clients + 1)
+        self._own_log_fd = log_fd is None
+        self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if log_fd is None \
+            else log_fd
+        self._handlers = self._handler_table()
+
+    def _init_records(self) -> None:
+        """The public record of the run: clients, errors, counters and hooks."""
+        self.errors: list[ProtocolError] = []
+        self.messages_received = 0
+        self.messages_sent = 0
+        self.on_drop: list[Callable[[Client, ProtocolError | None], None]] = []
+        self.on_broadcast: list[Callable[[Client, int], None]] = []
+        self.on_wait: list[Callable[[Client], None]] = []
+        self.clients: list[Client] = []
+
+    def _init_schedule(self) -> None:
+        """Who starts, who runs and until when, and what is still owed."""
         self._delayed_doorbells: list[tuple[Client, int]] = []
         self._serials = itertools.count(1)
         self._seq = itertools.count(1)
@@ -222,13 +237,6 @@ class Calendar:
         self._broadcasts: list[_Broadcast] = []
         self._stops: deque[Stop] = deque()
         self._closed = False
-        self.shm_enabled = shm
-        self.late_joiners_shm = late_joiners_shm
-        self._map: ScheduleMap[Client] = ScheduleMap(self._clock, shm_clients + 1)
-        self._own_log_fd = log_fd is None
-        self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if log_fd is None \
-            else log_fd
-        self._handlers = self._handler_table()
 
     def _handler_table(self) -> dict[int, Callable[[Client, Message], None]]:
         """Keyed by int: an IntEnum hashes like its value, and unknown ops must be looked up."""
