@@ -11,7 +11,7 @@ import pytest_umtt.controller
 from pytest_umtt.controller.clock import Clock
 from pytest_umtt.controller.reactor import Connection, Reactor
 
-LAYERS = ["trace", "clock", "reactor", "perturb", "engine", "cli"]
+LAYERS = ["trace", "clock", "shm", "reactor", "perturb", "engine", "cli"]
 """Bottom up: each module may import only those before it."""
 
 

@@ -2,10 +2,11 @@
 
 Layers, bottom up, each importable without the ones above it:
 :mod:`~pytest_umtt.controller.clock` (the event queue and the clock),
+:mod:`~pytest_umtt.controller.shm` (the shared-memory map, no messages),
 :mod:`~pytest_umtt.controller.reactor` (non-blocking sockets, framing, descriptors),
 :mod:`~pytest_umtt.controller.perturb` (seeded perturbation),
 :mod:`~pytest_umtt.controller.engine` (:class:`Calendar`, UML's ``time-travel=ext``
-protocol on the two), and :mod:`~pytest_umtt.controller.cli` (``umtt-controller``).
+protocol on them), and :mod:`~pytest_umtt.controller.cli` (``umtt-controller``).
 Device models can use the clock and the reactor without the protocol.
 """
 

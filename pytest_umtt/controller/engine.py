@@ -2,10 +2,10 @@
 
 It owns the virtual clock and the queue of every participant's next event
 (:mod:`.clock`), the sockets (:mod:`.reactor`, which knows nothing of the protocol),
-the shared memory (schedshm v2) and the perturbation policy (:mod:`.perturb`); this
-module is the protocol engine on top of them. It never runs on its own: the caller's
-thread drives it with :meth:`Calendar.run_until` (and friends), so whatever the caller
-does between two calls happens at one virtual instant.
+the shared memory (schedshm v2, :mod:`.shm`) and the perturbation policy
+(:mod:`.perturb`); this module is the protocol engine on top of them. It never runs on
+its own: the caller's thread drives it with :meth:`Calendar.run_until` (and friends),
+so whatever the caller does between two calls happens at one virtual instant.
 
 The design differs from the reference controller (usfstl, PROTOCOL.md §3) in one
 structural way: it never waits for one client inside the handler of another. Every
@@ -23,10 +23,8 @@ ACK (a kernel sets it before its first message, arch/um/kernel/time.c:103).
 from __future__ import annotations
 
 import enum
-import fcntl
 import functools
 import itertools
-import mmap
 import os
 import socket
 import struct
@@ -47,20 +45,17 @@ from ..wire import (
     MESSAGE_SIZE,
     NO_ID,
     S64_MAX,
-    SHM_HEADER_SIZE,
     START_ACK_ID_MASK,
     U64_MAX,
-    Capability,
-    ClientFlag,
     Message,
     Op,
     SharedMemory,
     op_name,
-    shm_size,
 )
 from .clock import Clock, Job, ScheduledCall
 from .perturb import Perturbation
 from .reactor import Connection, Reactor
+from .shm import ScheduleMap
 from .trace import Trace, TraceEvent
 
 DEFAULT_SHM_CLIENTS = 63
@@ -200,13 +195,9 @@ class Calendar:
         self.pause_on_broadcast = pause_on_broadcast
         self.trace = trace
         self.expected_clients = expected_clients
-        self.errors: list[ProtocolError] = []
-        self.messages_received = 0
-        self.messages_sent = 0
-        self.on_drop: list[Callable[[Client, ProtocolError | None], None]] = []
-        self.on_broadcast: list[Callable[[Client, int], None]] = []
-        self.on_wait: list[Callable[[Client], None]] = []
-        self.clients: list[Client] = []
+        self.shm_enabled = shm
+        self.late_joiners_shm = late_joiners_shm
+        self._init_records()
         self._reactor: Reactor[Client] = Reactor(
             on_frame=self._receive, on_close=self._disconnected, on_error=self._fail,
             on_accept=self.attach, frame_size=MESSAGE_SIZE)
@@ -215,11 +206,29 @@ class Calendar:
         self.perturbation = None if tie_seed is None \
             else Perturbation(tie_seed, doorbell_latency)
         self._clock = Clock(ties=None if self.perturbation is None else self.perturbation.ties)
+        self._init_schedule()
+        self._map: ScheduleMap[Client] = ScheduleMap(self._clock, shm_clients + 1)
+        self._own_log_fd = log_fd is None
+        self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if log_fd is None \
+            else log_fd
+        self._handlers = self._handler_table()
+
+    def _init_records(self) -> None:
+        """The public record of the run: clients, errors, counters and hooks."""
+        self.errors: list[ProtocolError] = []
+        self.messages_received = 0
+        self.messages_sent = 0
+        self.on_drop: list[Callable[[Client, ProtocolError | None], None]] = []
+        self.on_broadcast: list[Callable[[Client, int], None]] = []
+        self.on_wait: list[Callable[[Client], None]] = []
+        self.clients: list[Client] = []
+
+    def _init_schedule(self) -> None:
+        """Who starts, who runs and until when, and what is still owed."""
         self._delayed_doorbells: list[tuple[Client, int]] = []
         self._serials = itertools.count(1)
         self._seq = itertools.count(1)
         self._starting: list[Client] = []
-        self._entry_clients: list[Client] = []  # clients with an entry in the map, by start
         self._held_acks = 0  # requesters' ACKs held for a runner's FREE_UNTIL ACK
         self._starts_seen = 0
         self._runner: Client | None = None
@@ -228,27 +237,6 @@ class Calendar:
         self._broadcasts: list[_Broadcast] = []
         self._stops: deque[Stop] = deque()
         self._closed = False
-        self.shm_enabled = shm
-        self.late_joiners_shm = late_joiners_shm
-        self._open_maps(shm_clients + 1)
-        self._own_log_fd = log_fd is None
-        self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if log_fd is None \
-            else log_fd
-        self._handlers = self._handler_table()
-
-    def _open_maps(self, entries: int) -> None:
-        """The shared-memory map with ``entries`` entries (the controller's is one), and
-        the decoy given to clients served over messages."""
-        self._shm_entries = entries
-        self._shm_fd, self._shm_map = _create_memfd("umtt-schedshm", shm_size(entries))
-        self._shm = SharedMemory(self._shm_map)
-        self._shm.init_header(entries)
-        # Clients served over messages still get two fds in the START ACK: a memfd whose
-        # version is not 2, because a kernel given no fds mmaps and closes garbage (§6b).
-        # Its len is its size: usfstl's client library maps len bytes before it checks
-        # the version, and the kernel needs 4096 readable bytes (time.c:81-91).
-        self._decoy_fd, self._decoy_map = _create_memfd("umtt-noshm", SHM_HEADER_SIZE)
-        SharedMemory(self._decoy_map).length = SHM_HEADER_SIZE
 
     def _handler_table(self) -> dict[int, Callable[[Client, Message], None]]:
         """Keyed by int: an IntEnum hashes like its value, and unknown ops must be looked up."""
@@ -297,7 +285,7 @@ class Calendar:
     @property
     def shm(self) -> SharedMemory:
         """The shared-memory view (for inspection and tests)."""
-        return self._shm
+        return self._map.view
 
     def __repr__(self) -> str:
         return f"<Calendar now={format_ns(self._clock.now)} clients={len(self.live_clients())}>"
@@ -405,9 +393,7 @@ class Calendar:
         for client in self.live_clients():
             self._remove(client, None)
         self._reactor.close()
-        for fd, mapping in ((self._shm_fd, self._shm_map), (self._decoy_fd, self._decoy_map)):
-            mapping.close()
-            os.close(fd)
+        self._map.close()
         if self._own_log_fd:
             os.close(self._log_fd)
         self._closed = True
@@ -462,9 +448,10 @@ class Calendar:
         userspace busy loop takes no time steps and stays silent. Only silences this long
         are probed, so ordinary runs keep identical traces."""
         runner = self._runner
-        if runner is not None and runner.shm and self._shm.free_until > self._sync_now():
-            self._shm.free_until = self._clock.now
-            self._record("probe", runner)
+        if runner is not None and runner.shm:
+            self._sync_now()
+            if self._map.probe():
+                self._record("probe", runner)
 
     def _busy(self) -> bool:
         """True while the schedule cannot move: a client runs, a broadcast or a lowered
@@ -496,7 +483,7 @@ class Calendar:
         elif isinstance(owner, ScheduledCall):
             owner._job = None
             self._record("call", None, detail=owner.name)
-            self._shm.running_id = 0
+            self._map.end_run()
             owner.fn()
         return True
 
@@ -577,14 +564,13 @@ class Calendar:
             return
         if client.in_map:
             # Mirrored, so that a later collection sees this and not a stale entry.
-            self._shm.entry(client.id).post_request(
-                min(message.time + client.offset, U64_MAX))
+            self._map.mirror_request(client.id, message.time + client.offset)
         runner = self._runner
         if runner is not None and runner.shm and client.in_map:
             # Picked up at the runner's WAIT with the requests written into shared memory,
             # in start order, as usfstl does; the runner only has to stop in time.
-            if when is not None and when < self._shm.free_until:
-                self._shm.free_until = when
+            if when is not None:
+                self._map.lower_free_until(when)
             self._ack(client, message)
         elif runner is not None and not runner.shm and when is not None \
                 and when < self._horizon:
@@ -772,21 +758,7 @@ class Calendar:
         Called when a runner WAITs: requests are only written there while a shm client
         runs (running_id names no shm client otherwise, so everyone uses messages), and
         the runner itself is WAITING by then, so nothing written can be missed."""
-        clients = self._entry_clients
-        if not clients:
-            return
-        values = self._shm.requests(max(c.id for c in clients))
-        waiting = ClientState.WAITING
-        for client in clients:
-            if client.state is not waiting:
-                continue
-            index = 2 * client.id - 2
-            if not values[index] & _REQ_RUN:
-                continue
-            when = values[index + 1]
-            job = client.job
-            if job is not None and job.time == when and not job.cancelled:
-                continue  # already queued there, the common case
+        for client, when in self._map.written_requests(ClientState.WAITING):
             if when < self._clock.now:
                 self._fail(client, f"request for {format_ns(when)} in shared memory, "
                                    f"which is in the past")
@@ -813,7 +785,7 @@ class Calendar:
 
     def _tell_horizon(self, runner: Client, when: int) -> None:
         if runner.shm:
-            self._shm.free_until = min(self._shm.free_until, when)
+            self._map.lower_free_until(when)
         else:
             self._send_expecting_ack(runner, Op.FREE_UNTIL, when - runner.offset)
 
@@ -824,7 +796,7 @@ class Calendar:
             if client.in_map:
                 # Its request may have been mirrored into shared memory; a kernel clears
                 # REQ_RUN itself on RUN, a message client cannot (M:693-695).
-                self._shm.entry(client.id).flags = 0
+                self._map.clear_request(client.id)
             self._send_expecting_ack(client, Op.FREE_UNTIL, self._horizon - client.offset)
         run = Message(Op.RUN, next(self._seq), self._clock.now - client.offset)
         # A shm client does not ACK RUN (K:158-167).
@@ -834,12 +806,7 @@ class Calendar:
         client.state = ClientState.RUNNING
         self._horizon = self._next_horizon() if horizon is None else horizon
         self._runner = client
-        # running_id names every runner whose entry is in the map: a waiting kernel reads
-        # the runner's capa to choose between shared memory and a REQUEST message
-        # (time.c:281-283), and indexes clients[] with it unchecked, so never beyond len.
-        self._shm.running_id = client.id if client.in_map else 0
-        self._publish_now()
-        self._shm.free_until = self._horizon
+        self._map.begin_run(client, client.in_map, self._horizon)
         if self.trace is not None:
             self._record("run", client, time=self._clock.now)
 
@@ -848,7 +815,7 @@ class Calendar:
             self._sync_now()
         self._runner = None
         client.state = ClientState.WAITING
-        self._shm.running_id = 0
+        self._map.end_run()
         if not client.shm:
             self._ack(client, message)
         self._collect_shm_requests()
@@ -872,30 +839,14 @@ class Calendar:
             self._set_now(max(self._clock.now, safe))
 
     def _sync_now(self) -> int:
-        """While a shm kernel runs, now is the time it published in current_time, as far
-        as free_until (and the run's deadline) let it go: GET, GET_TOD and a joiner's
-        origin all read it, and no waiting kernel may later read an earlier one."""
-        runner = self._runner
-        if runner is not None and runner.shm:
-            published = min(self._shm.current_time, self._shm.free_until)
-            if self._limit is not None:
-                published = min(published, self._limit)
-            if published > self._clock.now:
-                self._clock.move_to(published)
-        return self._clock.now
+        """Now, as far as a running shm kernel published it (§7.3, :meth:`.ScheduleMap.sync`)."""
+        return self._map.sync(self._runner, self._limit)
 
     def _set_now(self, when: int) -> None:
         self._clock.move_to(when)
         runner = self._runner
         if runner is None or not runner.shm:
-            self._publish_now()
-
-    def _publish_now(self) -> None:
-        """current_time is never written back: a waiting kernel reads it on an interrupt,
-        and one that saw a later value panics "time goes backwards" (K:50-53, 367)."""
-        shm = self._shm
-        if shm.current_time < self._clock.now:  # noqa: PLR1730 (a write only when it moves)
-            shm.current_time = self._clock.now
+            self._map.publish()
 
     # --- joining ------------------------------------------------------------------
 
@@ -908,20 +859,18 @@ class Calendar:
         if client.id == 0:
             self._fail(client, f"no free client id (limit {MAX_CLIENT_ID})")
             return
-        client.in_map = client.id < self._shm_entries
-        client.capa_pending = client.in_map and self._can_join_with_shm()
+        client.in_map = self._map.has_entry(client.id)
+        client.capa_pending = client.in_map and self._map.can_offer(
+            enabled=self.shm_enabled, late_joiners=self.late_joiners_shm)
         if client.in_map:
-            self._entry_clients.append(client)
-            entry = self._shm.entry(client.id)
-            entry.clear()
-            entry.name = 0 if client.start_id == NO_ID else (client.start_id or 0)
+            self._map.join(client, 0 if client.start_id == NO_ID else (client.start_id or 0))
         # No free run for a joiner: it yields at its first time step, so clients that
         # start together run together, and a late joiner cannot run past a pending
         # event (usfstl 963e035, §6d).
         self._begin_run(client, horizon=self._clock.now)
         self._record("join", client, detail="offered shm" if client.capa_pending
                      else "over messages")
-        fds = [self._shm_fd if client.capa_pending else self._decoy_fd, self._log_fd]
+        fds = [self._map.fd if client.capa_pending else self._map.decoy_fd, self._log_fd]
         self._send(client, Message(Op.ACK, client.start_seq, client.id & START_ACK_ID_MASK),
                    fds=fds)
 
@@ -929,22 +878,9 @@ class Calendar:
         """Its first message after the START ACK: a kernel sets capa before it sends
         anything (time.c:103), so capa now says whether it took the map."""
         client.capa_pending = False
-        client.shm = bool(self._shm.entry(client.id).capa & Capability.TIME_SHARE)
+        client.shm = self._map.took_map(client.id)
         self._record("mode", client, detail="uses shm" if client.shm
                      else "declined shm: over messages")
-
-    def _can_join_with_shm(self) -> bool:
-        """Whether to offer the map. A kernel takes current_time as its offset when it
-        attaches (time.c:101) and applies RUN to its local clock as it comes
-        (time.c:158), so a late joiner works as long as its RUN and REQUEST messages are
-        local, which they are for every client (client.offset is its join time), and
-        current_time is exactly its join time. usfstl sends absolute RUNs, and a kernel
-        joining at a time other than 0 BUGs on its first one (time.c:535)."""
-        if not self.shm_enabled:
-            return False
-        if self._clock.now != 0 and not self.late_joiners_shm:
-            return False
-        return self._shm.current_time == self._clock.now
 
     def _free_id(self) -> int:
         used = {c.id for c in self.clients if c.id and c.state is not ClientState.GONE}
@@ -975,12 +911,10 @@ class Calendar:
         self._unqueue(client)
         if client in self._starting:
             self._starting.remove(client)
-        if client in self._entry_clients:
-            self._entry_clients.remove(client)
-            self._shm.entry(client.id).clear()
+        self._map.leave(client)
         if client is self._runner:
             self._runner = None
-            self._shm.running_id = 0
+            self._map.end_run()
             # What others wrote into shared memory while it ran is collected at a WAIT
             # that now never comes.
             self._collect_shm_requests()
@@ -1014,7 +948,6 @@ class Calendar:
 
 
 _pack = struct.Struct("=IIQ").pack
-_REQ_RUN = ClientFlag.REQ_RUN.value
 
 # Recorded when handled rather than when read, because they arrive in host-timing order:
 # STARTs from kernels booting side by side, ACKs from the recipients of a broadcast.
@@ -1035,11 +968,3 @@ def _absolute(client: Client, local: int) -> int | None:
 
 def _ignore_ack(_ack: Message | None) -> None:
     """The continuation of an ACK that only has to arrive (RUN, FREE_UNTIL)."""
-
-
-def _create_memfd(name: str, size: int) -> tuple[int, mmap.mmap]:
-    """A sealed-size memfd and a shared mapping of it (§2: sealed against grow/shrink)."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
-    return fd, mmap.mmap(fd, size)
