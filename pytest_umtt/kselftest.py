@@ -25,8 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -170,15 +169,6 @@ def guest_command(test: KselftestTest, tree: str) -> str:
             f"exec {LINE_BUFFERED} ./{shlex.quote(test.name)} 2>&1")
 
 
-@contextmanager
-def _watched(machine: Machine, wall_timeout: float) -> Iterator[None]:
-    """While a test runs: the kernel yields every console-resolution step, so the wall
-    budget is checked often, and a stall is called within the wall budget."""
-    sim = machine.sim
-    with sim.watched_closely(wall_timeout=min(sim.wall_timeout, wall_timeout)):
-        yield
-
-
 def run_kselftest(machine: Machine, test: KselftestTest, *, tree: str,
                   timeout: float | None, wall_timeout: float) -> KselftestResult:
     """Run ``test`` (installed at ``tree`` in the guest) in ``machine``: at most
@@ -189,7 +179,9 @@ def run_kselftest(machine: Machine, test: KselftestTest, *, tree: str,
     began = time.monotonic()
     job = machine.start(guest_command(test, tree), timeout=budget)
     try:
-        with _watched(machine, wall_timeout):
+        # The kernel yields every console-resolution step, so the wall budget is checked
+        # often, and a stall is called within the wall budget.
+        with machine.sim.watched_closely(wall_timeout=stall):
             give_up = began + wall_timeout
             machine.sim.run_until(lambda: job.done or time.monotonic() > give_up,
                                   deadline=job.started + seconds_to_ns(budget) + NS_PER_S,
