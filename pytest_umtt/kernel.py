@@ -31,12 +31,14 @@ from filelock import FileLock
 from .errors import UmttError
 
 # 2: KBUILD_BUILD_VERSION pinned (kernels built before carry a build counter).
-RECIPE_VERSION = "2"
+# 3: the source carries pytest-umtt's patches (data/patches), named in the identity.
+RECIPE_VERSION = "3"
 DEBIAN_SOURCE_PACKAGE = "linux-source-6.12"
 DEBIAN_SOURCE_TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
-BUILD_TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc"}
+BUILD_TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc",
+               "patch": "patch"}
 LIBELF_HEADER = Path("/usr/include/libelf.h")
-APT_BUILD_PACKAGES = ("make", "gcc", "flex", "bison", "bc", "libelf-dev")
+APT_BUILD_PACKAGES = ("make", "gcc", "flex", "bison", "bc", "patch", "libelf-dev")
 REPRODUCIBLE_ENV = {
     # The guest's uname is part of the run: keep it the same on every machine.
     "KBUILD_BUILD_TIMESTAMP": "1970-01-01 00:00:00 UTC",
@@ -50,6 +52,8 @@ TIME_TRAVEL_MARKER = b"time-travel=ext:"
 SCHEDSHM_MARKER = b"setting time while not running"
 UML_MARKER = b"UML"
 SHIM_NAME = "libumtt_getrandom.so"
+PATCHES_FILE = "patches"
+"""Beside a built kernel: the names of the patches its source carried, one per line."""
 LOG_TAIL_LINES = 25
 
 
@@ -207,6 +211,60 @@ def _debian_tarball(cache: Path, say: Callable[[str], None]) -> tuple[Path, str]
     return tarball, version
 
 
+# --- patches --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class KernelPatch:
+    """A small change of ours to the kernel's source (``data/patches``), applied with
+    ``patch -p1`` before building; each says in its text why it is needed."""
+
+    name: str
+    text: bytes
+
+
+def shipped_patches() -> list[KernelPatch]:
+    """The patches shipped with the package, in the order they apply."""
+    folder = resources.files("pytest_umtt").joinpath("data/patches")
+    return sorted((KernelPatch(entry.name.removesuffix(".patch"), entry.read_bytes())
+                   for entry in folder.iterdir() if entry.name.endswith(".patch")),
+                  key=lambda patch: patch.name)
+
+
+def patched_source(source: KernelSource, patches: Sequence[KernelPatch], cache: Path,
+                   say: Callable[[str], None]) -> KernelSource:
+    """``source`` with ``patches`` applied, in a copy of hard links beside it under the
+    cache (``patch`` replaces the files it changes, so the original stays as it was)."""
+    if not patches:
+        return source
+    material = source.identity.encode() + b"".join(p.name.encode() + p.text for p in patches)
+    digest = hashlib.sha256(material).hexdigest()[:12]
+    target = _writable_dir(cache / "src") / f"{source.path.name}+umtt-{digest}"
+    names = "\n".join(patch.name for patch in patches)
+    with FileLock(str(target) + ".lock"):
+        if not (target / ".umtt-patches").is_file():
+            ensure_build_tools(say)
+            say(f"applying {len(patches)} patch(es) of pytest-umtt to a copy of {source.path}")
+            with _staging_beside(target) as staging:
+                tree = staging / "tree"
+                subprocess.run(["cp", "-al", str(source.path), str(tree)], check=True)
+                for patch in patches:
+                    _apply_patch(tree, patch)
+                (tree / ".umtt-patches").write_text(names + "\n")
+                shutil.rmtree(target, ignore_errors=True)
+                tree.rename(target)
+    return KernelSource(target, source.version, f"{source.identity}\npatches {digest}\n{names}",
+                        source.default)
+
+
+def _apply_patch(tree: Path, patch: KernelPatch) -> None:
+    result = subprocess.run(["patch", "-p1", "--batch", "--forward", "-d", str(tree)],
+                            input=patch.text, capture_output=True, check=False)
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).decode(errors="replace").strip()[-800:]
+        raise KernelError(f"patch {patch.name} (pytest_umtt/data/patches) does not apply to "
+                          f"this source: {output}")
+
+
 # --- build ----------------------------------------------------------------------------
 
 def missing_build_tools() -> list[str]:
@@ -280,6 +338,8 @@ def build_kernel(source: KernelSource, jobs: int | None = None, force: bool = Fa
     """Build (or reuse) the kernel for ``source`` with the shipped fragment; its path."""
     cache = _writable_dir(cache_root())
     fragment = fragment_text()
+    patches = shipped_patches()
+    source = patched_source(source, patches, cache, say)
     key = kernel_key(source, fragment)
     kernels = _writable_dir(cache / "kernels")
     final_dir = kernels / key
@@ -295,7 +355,7 @@ def build_kernel(source: KernelSource, jobs: int | None = None, force: bool = Fa
             _run_build(source, objdir, fragment, jobs=jobs or os.cpu_count() or 1, log=log,
                        progress=BuildProgress(f"building Linux {source.version} for UML",
                                               progress_stream or sys.stderr))
-        _publish(objdir, final_dir, log)
+        _publish(objdir, final_dir, log, patches)
         _mark_default(kernels, key, source)
     return final_dir / "linux"
 
@@ -363,9 +423,10 @@ def _check_config(config: Path, fragment: str, log: Path) -> None:
                                + ", ".join(wrong), log, _tail(log))
 
 
-def _publish(objdir: Path, final_dir: Path, log: Path) -> None:
+def _publish(objdir: Path, final_dir: Path, log: Path, patches: Sequence[KernelPatch]) -> None:
     with _staging_beside(final_dir) as staging:
         shutil.copy2(objdir / "linux", staging / "linux")
+        (staging / PATCHES_FILE).write_text("".join(f"{p.name}\n" for p in patches))
         shutil.copy2(objdir / ".config", staging / "config")
         shutil.copy2(log, staging / "build.log")
         shutil.rmtree(final_dir, ignore_errors=True)
@@ -409,6 +470,7 @@ class KernelIdentity:
 
     banner: str
     sha256: str
+    patches: tuple[str, ...] = ()
 
     @property
     def pinned(self) -> bool:
@@ -416,7 +478,8 @@ class KernelIdentity:
         return PINNED_BANNER.search(self.banner.encode()) is not None
 
     def __str__(self) -> str:
-        return f"{self.banner} (sha256:{self.sha256[:12]})"
+        patched = f", patches: {' '.join(self.patches)}" if self.patches else ""
+        return f"{self.banner} (sha256:{self.sha256[:12]}{patched})"
 
 
 FileVersion = tuple[Path, int, int]
@@ -438,8 +501,17 @@ def kernel_identity(path: Path) -> KernelIdentity:
         data = path.read_bytes()
         found = re.search(rb"Linux version [^\n\0]*", data)
         banner = found.group(0).decode(errors="replace").strip() if found else "unknown"
-        _identities[key] = KernelIdentity(banner, hashlib.sha256(data).hexdigest())
+        _identities[key] = KernelIdentity(banner, hashlib.sha256(data).hexdigest(),
+                                          _patches_beside(path))
     return _identities[key]
+
+
+def _patches_beside(kernel: Path) -> tuple[str, ...]:
+    """The patches ``umtt-kernel build`` recorded next to a kernel it built."""
+    try:
+        return tuple((kernel.resolve().parent / PATCHES_FILE).read_text().split())
+    except OSError:
+        return ()
 
 
 def default_kernel() -> Path | None:

@@ -41,7 +41,11 @@ PRUNED = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale"
           # Python modules for databases and NIS, whose libraries would double the size:
           "usr/lib/python3.11/lib-dynload/_dbm.cpython-311-x86_64-linux-gnu.so",
           "usr/lib/python3.11/lib-dynload/nis.cpython-311-x86_64-linux-gnu.so",
-          "usr/lib/python3.11/lib-dynload/_curses_panel.cpython-311-x86_64-linux-gnu.so")
+          "usr/lib/python3.11/lib-dynload/_curses_panel.cpython-311-x86_64-linux-gnu.so",
+          # tc's ATM queue and libgpiod's C++ binding: the tools used need neither.
+          "usr/lib/x86_64-linux-gnu/tc/q_atm.so",
+          "usr/lib/x86_64-linux-gnu/libgpiodcxx.so.1.1.2",
+          "usr/lib/x86_64-linux-gnu/libgpiodcxx.so.1")
 """Documentation, translations and service files: never used by a test, a third of the size."""
 MERGED_DIRS = ("bin", "sbin", "lib", "lib64")
 """Debian 12 merges these into /usr; packages still ship some files under the old names."""

@@ -22,6 +22,7 @@ from typing import Protocol
 import psutil
 
 from .controller import Calendar, Client, Stop, StopReason, Trace, TraceEvent
+from .devices import VirtioDevice
 from .errors import (
     BootError,
     MachineError,
@@ -206,14 +207,19 @@ class Simulation:
             raise
 
     def _socket_path(self) -> Path:
-        """Where the calendar listens. A socket's path must fit in 108 bytes; UML finds it
-        relative to its directory, but binding needs a name: for a deep directory, the
-        name goes through a descriptor of the directory instead."""
-        path = self.directory / "time.sock"
+        """Where the calendar listens."""
+        return Path(self.bind_path("time.sock"))
+
+    def bind_path(self, name: str) -> str:
+        """Where to bind a socket ``name`` in the simulation's directory. A socket's path
+        must fit in 108 bytes; UML finds it relative to its directory, but binding needs
+        a name: for a deep directory, the name goes through a descriptor of it instead."""
+        path = self.directory / name
         if len(os.fsencode(path)) < SUN_PATH_MAX:
-            return path
-        self._directory_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        return Path(f"/proc/self/fd/{self._directory_fd}/time.sock")
+            return str(path)
+        if self._directory_fd < 0:
+            self._directory_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        return f"/proc/self/fd/{self._directory_fd}/{name}"
 
     def __enter__(self) -> Simulation:
         return self
@@ -264,15 +270,18 @@ class Simulation:
     def machine(self, name: str | None = None, *, boot: bool = True, kernel: Path | None = None,
                 mem: str = DEFAULT_MEM, cmdline: Sequence[str] = (),
                 idle_max: float = 0.1, agent: Path | None = None,
-                default_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> Machine:
+                default_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+                devices: Sequence[VirtioDevice] = ()) -> Machine:
         """Create a machine (and boot it, unless ``boot=False``). ``agent`` replaces the
-        guest agent as init (it must ring the doorbell as uml/agent.sh does)."""
+        guest agent as init (it must ring the doorbell as uml/agent.sh does); ``devices``
+        are virtio device models the kernel finds at boot (:mod:`pytest_umtt.devices`)."""
         name = name or f"m{len(self.machines) + 1}"
         if name in self.machines or not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"machine name {name!r} is taken or not a plain name")
         machine = Machine(self, name, len(self.machines) + 1, kernel=self._kernel(kernel),
                           mem=mem, cmdline=cmdline, idle_max=idle_max, agent=agent,
-                          default_timeout=default_timeout, rootfs=self.rootfs is not None)
+                          default_timeout=default_timeout, rootfs=self.rootfs is not None,
+                          devices=devices)
         self.machines[name] = machine
         if boot:
             self.boot(machine)

@@ -236,6 +236,8 @@ class Calendar:
         self._limit: int | None = None
         self._broadcasts: list[_Broadcast] = []
         self._stops: deque[Stop] = deque()
+        self._holds: dict[int, str] = {}
+        self._hold_serials = itertools.count(1)
         self._closed = False
 
     def _handler_table(self) -> dict[int, Callable[[Client, Message], None]]:
@@ -364,6 +366,19 @@ class Calendar:
         """Run for exactly ``nanoseconds`` of virtual time unless something stops it first."""
         return self.run_until(deadline=self._clock.now + nanoseconds, stall_timeout=stall_timeout)
 
+    def hold(self, reason: str) -> Callable[[], None]:
+        """Keep the schedule at this instant, serving I/O, until the returned function
+        is called. A device that interrupts a kernel needs this: the kernel answers and
+        asks to run at the interrupt's instant, and the clock must not have moved on
+        (it would be "a request in the past", DESIGN.md, devices). A hold that is never
+        released counts as a stall, named by ``reason``."""
+        serial = next(self._hold_serials)
+        self._holds[serial] = reason
+
+        def release() -> None:
+            self._holds.pop(serial, None)
+        return release
+
     def serve_until(self, condition: Callable[[], bool], wall_timeout: float) -> bool:
         """Serve socket traffic without advancing the schedule until ``condition()``;
         False when ``wall_timeout`` wall seconds passed first. For things that happen
@@ -435,7 +450,8 @@ class Calendar:
             return self._clock.now, time.monotonic()
         waited = time.monotonic() - since
         if waited >= budget:
-            who = self._runner.name if self._runner else "acknowledgements or STARTs"
+            who = self._runner.name if self._runner else \
+                "; ".join(self._holds.values()) or "acknowledgements or STARTs"
             raise StallError(self._clock.now, waited, who)
         if waited >= budget / 2:
             self._probe_runner()
@@ -459,7 +475,7 @@ class Calendar:
         ``expected_clients`` arrived."""
         gated = bool(self._starting) and self._starts_seen < self.expected_clients
         return (self._runner is not None or bool(self._broadcasts) or self._held_acks > 0
-                or gated)
+                or gated or bool(self._holds))
 
     def _advance(self) -> bool:
         """At top level (nobody runs): ack a START, or dispatch the next due event."""

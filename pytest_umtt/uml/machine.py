@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 import pexpect
 import psutil
 
+from ..devices import VirtioDevice
 from ..errors import (
     CommandTimeout,
     ExpectTimeout,
@@ -342,6 +343,11 @@ class MachineHost(Protocol):
     @property
     def now(self) -> int: ...
 
+    def bind_path(self, name: str) -> str:
+        """Where to bind a socket named ``name`` in the simulation's directory (a path
+        that fits a socket address however deep the directory is)."""
+        ...
+
     def watched_closely(self, wall_timeout: float | None = None
                         ) -> AbstractContextManager[None]: ...
 
@@ -355,8 +361,10 @@ class Machine:
     def __init__(self, sim: MachineHost, name: str, client_id: int, *, kernel: Path,
                  mem: str = DEFAULT_MEM, cmdline: Sequence[str] = (),
                  idle_max: float = DEFAULT_IDLE_MAX, agent: Path | None = None,
-                 default_timeout: float = DEFAULT_COMMAND_TIMEOUT, rootfs: bool = False) -> None:
+                 default_timeout: float = DEFAULT_COMMAND_TIMEOUT, rootfs: bool = False,
+                 devices: Sequence[VirtioDevice] = ()) -> None:
         self.sim = sim
+        self.devices = list(devices)
         self.name = name
         self.client_id = client_id
         self.kernel = kernel
@@ -399,7 +407,8 @@ class Machine:
         # Beside the machine's directory, not in it: the guest can replace what is in it.
         self.console = Console(self.sim.directory / f"{self.name}.console.log")
         extra = [f"UMTT_HOSTNAME={self.name}",
-                 f"UMTT_IDLE_MAX_US={seconds_to_ns(self.idle_max) // 1000}", *self.cmdline]
+                 f"UMTT_IDLE_MAX_US={seconds_to_ns(self.idle_max) // 1000}",
+                 *self._serve_devices(), *self.cmdline]
         # The guest's clock reads the simulation's: a machine booted at virtual time T
         # starts its wall clock T after the others did.
         command = uml_command(self.kernel, client_id=self.client_id, mem=self.mem, extra=extra,
@@ -419,6 +428,17 @@ class Machine:
         self._pidfd = os.pidfd_open(self.process.pid)
         self.sim.calendar.add_reader(self._pidfd, self._on_process_exit)
         self.state = MachineState.BOOTING
+
+    def _serve_devices(self) -> list[str]:
+        """Listen for the kernel on each device's socket, beside the machine's directory
+        (the guest can change what is in it); the kernel arguments that attach them."""
+        arguments = []
+        for device in self.devices:
+            socket_name = f"{self.name}-{device.name}.sock"
+            device.serve(self.sim.calendar, self.sim.bind_path(socket_name),
+                         derive_seed(self.sim.seed, f"{self.name}/{device.name}"))
+            arguments.append(f"virtio_uml.device=../{socket_name}:{device.device_id}")
+        return arguments
 
     def _on_process_exit(self) -> None:
         self.sim.calendar.remove_reader(self._pidfd)
@@ -768,6 +788,8 @@ class Machine:
             self.console.close()
         if self._channel is not None:
             self._channel.close()
+        for device in self.devices:
+            device.close()
         if self.state is not MachineState.CRASHED:
             self.state = MachineState.OFF
         if not keep_directory:

@@ -1,0 +1,16 @@
+"""Devices on the virtual clock: vhost-user backends that UML kernels drive through
+their real virtio drivers (``virtio_uml``).
+
+Layers, bottom up: :mod:`.guest_memory` (the kernel's shared memory),
+:mod:`.virtqueue` (split rings), :mod:`.vhost_user` (the protocol, on any
+:class:`~.vhost_user.DeviceClock`, which the calendar is), :mod:`.device` (the model
+base class), then the models. Nothing here knows of machines or the plugin.
+"""
+
+from .device import VirtioDevice
+from .rng import VirtioRng
+from .vhost_user import Backend, DeviceClock, VhostUserError
+from .virtqueue import Chain, VirtQueue
+
+__all__ = ["Backend", "Chain", "DeviceClock", "VhostUserError", "VirtQueue", "VirtioDevice",
+           "VirtioRng"]

@@ -1,0 +1,93 @@
+"""Device models: small Python classes behind a vhost-user backend.
+
+A model says what it is (``device_id``, ``num_queues``, feature bits, config space) and
+what it does when the driver kicks a queue. It runs on the calendar's clock: a kick
+reaches :meth:`VirtioDevice.on_kick` at the kick's virtual instant with the kernel
+stopped, and whatever the model answers later it answers with :meth:`call_at`, so a
+device's timing is exact and a seed decides everything it draws.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import ClassVar
+
+from ..controller.clock import ScheduledCall
+from .vhost_user import Backend, DeviceClock
+from .virtqueue import VirtQueue
+
+
+class VirtioDevice:
+    """Base of the device models. Subclasses set ``device_id`` (virtio 1.x, 5) and
+    ``num_queues``, and override :meth:`on_kick` (and :meth:`config` if the device
+    has a config space)."""
+
+    device_id: ClassVar[int]
+    num_queues: ClassVar[int]
+    features: int = 0
+    """Device feature bits offered (VIRTIO_F_VERSION_1 is always added)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.backend: Backend | None = None
+        self.random = random.Random(name)
+
+    def __repr__(self) -> str:
+        state = "connected" if self.backend and self.backend.connected else "idle"
+        return f"<{type(self).__name__} {self.name} {state}>"
+
+    # --- what a model overrides -----------------------------------------------------
+
+    def config(self) -> bytes:
+        """The device's config space (virtio 1.x, 4.x per device type)."""
+        return b""
+
+    def on_kick(self, queue: VirtQueue) -> None:
+        """The driver offered buffers on ``queue``; the kernel waits until this returns."""
+
+    def on_features(self, features: int) -> None:
+        """The driver acknowledged these feature bits."""
+
+    def on_config_write(self, offset: int, data: bytes) -> None:
+        """The driver wrote ``data`` into the config space at ``offset``."""
+
+    def on_disconnect(self) -> None:
+        """The kernel went away (it stopped, or crashed)."""
+
+    # --- what a model uses ----------------------------------------------------------
+
+    def serve(self, clock: DeviceClock, path: str, seed: int) -> Backend:
+        """Listen at ``path`` for the kernel, on ``clock``; draw from ``seed``."""
+        self.random.seed(f"{seed}/{self.name}")
+        self.backend = Backend(self, clock, path)
+        return self.backend
+
+    @property
+    def clock(self) -> DeviceClock:
+        if self.backend is None:
+            raise RuntimeError(f"device {self.name} is not served yet")
+        return self.backend.clock
+
+    @property
+    def now(self) -> int:
+        """Virtual time (ns)."""
+        return self.clock.now
+
+    def call_at(self, when: int, fn: Callable[[], object]) -> ScheduledCall:
+        """Run ``fn`` at virtual time ``when`` (ns) on the shared clock."""
+        return self.clock.call_at(when, fn, f"{self.name}")
+
+    def interrupt(self, queue: VirtQueue, when: int | None = None) -> None:
+        """Interrupt the driver for ``queue`` at ``when`` (ns; default now)."""
+        if self.backend is not None:
+            self.backend.interrupt(queue, when)
+
+    def queue(self, index: int) -> VirtQueue:
+        if self.backend is None:
+            raise RuntimeError(f"device {self.name} is not served yet")
+        return self.backend.queues[index]
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()

@@ -1,0 +1,35 @@
+"""virtio-rng (virtio 1.x, 5.4): random bytes drawn from the run's seed.
+
+The guest's hwrng core reads it and mixes what it reads into the entropy pool, so a
+kernel with this device gets the same randomness for the same seed, and another seed
+changes it. ``latency`` is how long a request takes in virtual time.
+"""
+
+from __future__ import annotations
+
+from .device import VirtioDevice
+from .virtqueue import VirtQueue
+
+DEVICE_ID_RNG = 4
+
+
+class VirtioRng(VirtioDevice):
+    """Fills every request with seeded bytes, ``latency`` ns after the driver asked."""
+
+    device_id = DEVICE_ID_RNG
+    num_queues = 1
+
+    def __init__(self, name: str = "rng", latency: int = 1_000_000) -> None:
+        super().__init__(name)
+        self.latency = latency
+        self.bytes_served = 0
+
+    def on_kick(self, queue: VirtQueue) -> None:
+        self.call_at(self.now + self.latency, lambda: self._answer(queue))
+
+    def _answer(self, queue: VirtQueue) -> None:
+        while (chain := queue.pop()) is not None:
+            written = queue.write(chain, self.random.randbytes(chain.capacity))
+            queue.push(chain, written)
+            self.bytes_served += written
+        self.interrupt(queue)
