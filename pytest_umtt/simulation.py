@@ -129,7 +129,8 @@ class MachineFactory(Protocol):
     """What the ``uml_factory`` fixture is: make (and by default boot) a machine."""
 
     def __call__(self, name: str | None = None, *, boot: bool = True, mem: str | None = None,
-                 cmdline: Sequence[str] = ()) -> Machine: ...
+                 cmdline: Sequence[str] = (), devices: Sequence[VirtioDevice] = ()) -> Machine:
+        ...
 
 
 @dataclass

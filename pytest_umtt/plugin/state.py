@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ..devices import VirtioDevice
 from ..rootfs import Rootfs, build_rootfs
 from ..simulation import (
     MachineFactory,
@@ -102,13 +103,13 @@ def close_simulation(config: pytest.Config, sim: Simulation, started: float,
 
 def machine_factory(config: pytest.Config, sim: Simulation, settings: Settings) -> MachineFactory:
     def make(name: str | None = None, *, boot: bool = True, mem: str | None = None,
-             cmdline: Sequence[str] = ()) -> Machine:
+             cmdline: Sequence[str] = (), devices: Sequence[VirtioDevice] = ()) -> Machine:
         name = name or f"m{len(sim.machines) + 1}"
         hooked = [arg for args in config.hook.pytest_umtt_kernel_cmdline(name=name) or []
                   for arg in args or []]
         return sim.machine(name, boot=boot, kernel=settings.kernel, mem=mem or settings.mem,
                            cmdline=[*settings.cmdline, *hooked, *cmdline],
-                           default_timeout=settings.virtual_timeout)
+                           default_timeout=settings.virtual_timeout, devices=devices)
     return make
 
 
