@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import TextIO
@@ -123,6 +123,8 @@ class KernelSource:
     version: str
     identity: str
     default: bool = False
+    patches: tuple[str, ...] = ()
+    """The names of pytest-umtt's patches applied to this tree."""
 
 
 @contextmanager
@@ -244,16 +246,29 @@ def patched_source(source: KernelSource, patches: Sequence[KernelPatch], cache: 
         if not (target / ".umtt-patches").is_file():
             ensure_build_tools(say)
             say(f"applying {len(patches)} patch(es) of pytest-umtt to a copy of {source.path}")
-            with _staging_beside(target) as staging:
-                tree = staging / "tree"
-                subprocess.run(["cp", "-al", str(source.path), str(tree)], check=True)
-                for patch in patches:
-                    _apply_patch(tree, patch)
-                (tree / ".umtt-patches").write_text(names + "\n")
-                shutil.rmtree(target, ignore_errors=True)
-                tree.rename(target)
+            try:
+                _make_patched_copy(source.path, target, patches, names)
+            except KernelError as exc:
+                if source.default:
+                    raise
+                # A tree of the user's own may be another version, or carry the fix:
+                # it builds as it is, and its kernel names no patch.
+                say(f"warning: building {source.path} unpatched: {exc}")
+                return replace(source, patches=())
     return KernelSource(target, source.version, f"{source.identity}\npatches {digest}\n{names}",
-                        source.default)
+                        source.default, tuple(p.name for p in patches))
+
+
+def _make_patched_copy(tree: Path, target: Path, patches: Sequence[KernelPatch],
+                       names: str) -> None:
+    with _staging_beside(target) as staging:
+        copy = staging / "tree"
+        subprocess.run(["cp", "-al", str(tree), str(copy)], check=True)
+        for patch in patches:
+            _apply_patch(copy, patch)
+        (copy / ".umtt-patches").write_text(names + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        copy.rename(target)
 
 
 def _apply_patch(tree: Path, patch: KernelPatch) -> None:
@@ -355,7 +370,7 @@ def build_kernel(source: KernelSource, jobs: int | None = None, force: bool = Fa
             _run_build(source, objdir, fragment, jobs=jobs or os.cpu_count() or 1, log=log,
                        progress=BuildProgress(f"building Linux {source.version} for UML",
                                               progress_stream or sys.stderr))
-        _publish(objdir, final_dir, log, patches)
+        _publish(objdir, final_dir, log, source.patches)
         _mark_default(kernels, key, source)
     return final_dir / "linux"
 
@@ -423,10 +438,10 @@ def _check_config(config: Path, fragment: str, log: Path) -> None:
                                + ", ".join(wrong), log, _tail(log))
 
 
-def _publish(objdir: Path, final_dir: Path, log: Path, patches: Sequence[KernelPatch]) -> None:
+def _publish(objdir: Path, final_dir: Path, log: Path, patches: Sequence[str]) -> None:
     with _staging_beside(final_dir) as staging:
         shutil.copy2(objdir / "linux", staging / "linux")
-        (staging / PATCHES_FILE).write_text("".join(f"{p.name}\n" for p in patches))
+        (staging / PATCHES_FILE).write_text("".join(f"{name}\n" for name in patches))
         shutil.copy2(objdir / ".config", staging / "config")
         shutil.copy2(log, staging / "build.log")
         shutil.rmtree(final_dir, ignore_errors=True)
@@ -478,8 +493,17 @@ class KernelIdentity:
         return PINNED_BANNER.search(self.banner.encode()) is not None
 
     def __str__(self) -> str:
-        patched = f", patches: {' '.join(self.patches)}" if self.patches else ""
-        return f"{self.banner} (sha256:{self.sha256[:12]}{patched})"
+        """Banner and sha256 only: they name the binary wherever it lies (the patches
+        file beside a built kernel does not travel with a copy, and runs are compared by
+        this text)."""
+        return f"{self.banner} (sha256:{self.sha256[:12]})"
+
+    @property
+    def provenance(self) -> str:
+        """Which of pytest-umtt's patches the kernel was built with, as far as known."""
+        if self.patches:
+            return f"built with pytest-umtt's patches: {' '.join(self.patches)}"
+        return "no record of pytest-umtt's patches beside it"
 
 
 FileVersion = tuple[Path, int, int]
@@ -504,6 +528,19 @@ def kernel_identity(path: Path) -> KernelIdentity:
         _identities[key] = KernelIdentity(banner, hashlib.sha256(data).hexdigest(),
                                           _patches_beside(path))
     return _identities[key]
+
+
+VIRTIO_CONSOLE_MARKER = b"virtio_console"
+_consoles: dict[FileVersion, bool] = {}
+
+
+def has_virtio_console(path: Path) -> bool:
+    """Whether a kernel binary has the virtio-console driver (the guest agent's
+    interrupt-driven command channel needs it; without, the agent polls)."""
+    key = _file_version(path)
+    if key not in _consoles:
+        _consoles[key] = VIRTIO_CONSOLE_MARKER in path.read_bytes()
+    return _consoles[key]
 
 
 def _patches_beside(kernel: Path) -> tuple[str, ...]:

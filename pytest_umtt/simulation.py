@@ -32,7 +32,13 @@ from .errors import (
     UmttError,
     format_ns,
 )
-from .kernel import build_shim, check_kernel, default_kernel, kernel_identity
+from .kernel import (
+    build_shim,
+    check_kernel,
+    default_kernel,
+    has_virtio_console,
+    kernel_identity,
+)
 from .rootfs import Rootfs
 from .uml.confine import confinement_available
 from .uml.machine import (
@@ -272,17 +278,22 @@ class Simulation:
                 mem: str = DEFAULT_MEM, cmdline: Sequence[str] = (),
                 idle_max: float = 0.1, agent: Path | None = None,
                 default_timeout: float = DEFAULT_COMMAND_TIMEOUT,
-                devices: Sequence[VirtioDevice] = ()) -> Machine:
+                devices: Sequence[VirtioDevice] = (),
+                agent_console: bool | None = None) -> Machine:
         """Create a machine (and boot it, unless ``boot=False``). ``agent`` replaces the
         guest agent as init (it must ring the doorbell as uml/agent.sh does); ``devices``
-        are virtio device models the kernel finds at boot (:mod:`pytest_umtt.devices`)."""
+        are virtio device models the kernel finds at boot (:mod:`pytest_umtt.devices`);
+        ``agent_console`` picks the agent's channel: virtio-console (the default when the
+        kernel has the driver) or polled files (False, or a kernel without it)."""
         name = name or f"m{len(self.machines) + 1}"
         if name in self.machines or not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"machine name {name!r} is taken or not a plain name")
-        machine = Machine(self, name, len(self.machines) + 1, kernel=self._kernel(kernel),
+        kernel = self._kernel(kernel)
+        machine = Machine(self, name, len(self.machines) + 1, kernel=kernel,
                           mem=mem, cmdline=cmdline, idle_max=idle_max, agent=agent,
                           default_timeout=default_timeout, rootfs=self.rootfs is not None,
-                          devices=devices)
+                          devices=devices,
+                          agent_console=has_virtio_console(kernel) and agent_console is not False)
         self.machines[name] = machine
         if boot:
             self.boot(machine)

@@ -13,6 +13,7 @@ import pytest
 from pytest_umtt import Machine, Simulation
 from pytest_umtt.controller import Calendar, Client, Trace
 from pytest_umtt.kernel import build_shim, cache_root, default_kernel
+from pytest_umtt.rootfs import Rootfs, build_rootfs
 from tests.refclient import RefClient
 
 Connect = Callable[..., tuple[Client, RefClient]]
@@ -48,6 +49,12 @@ def connect(calendar: Calendar) -> Iterator[Connect]:
     yield make
     for ref in made:
         ref.close()
+
+
+@pytest.fixture(scope="session")
+def rootfs() -> Rootfs:
+    """The pinned guest root (built once, cached)."""
+    return build_rootfs()
 
 
 @pytest.fixture(scope="session")

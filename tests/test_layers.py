@@ -16,6 +16,7 @@ PACKAGE = Path(pytest_umtt.__file__).parent
 LAYERS = [
     {"errors", "wire"},
     {"controller"},
+    {"devices"},
     {"uml"},
     {"kernel", "rootfs", "ktap"},
     {"simulation"},
@@ -59,8 +60,8 @@ def test_no_module_imports_a_layer_above_its_own(path: Path) -> None:
     assert not above, f"{path.relative_to(PACKAGE)} imports {above} from above its layer"
 
 
-@pytest.mark.parametrize("module", ["pytest_umtt.controller", "pytest_umtt.uml.machine",
-                                    "pytest_umtt.simulation"])
+@pytest.mark.parametrize("module", ["pytest_umtt.controller", "pytest_umtt.devices",
+                                    "pytest_umtt.uml.machine", "pytest_umtt.simulation"])
 def test_a_layer_imports_without_the_plugin(module: str) -> None:
     loaded = subprocess.run(
         [sys.executable, "-c", f"import sys, {module}; "
@@ -68,3 +69,4 @@ def test_a_layer_imports_without_the_plugin(module: str) -> None:
                                "and m.startswith('pytest_umtt')))"],
         capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]", loaded.stdout
+

@@ -169,7 +169,8 @@ def test_failure_report_has_console_protocol_and_reproduce(pytester: pytest.Pyte
     saved = next(artifacts.iterdir())
     assert "from-the-guest" in (saved / "uml.console.log").read_text()
     events = [json.loads(line) for line in (saved / "trace.jsonl").read_text().splitlines()]
-    assert any(event["op"] == "BROADCAST" for event in events)
+    assert {"RUN", "WAIT"} <= {event["op"] for event in events}
+    assert any(event["kind"] == "device-kick" for event in events)  # the agent's channel
     assert 'name="umtt_virtual_seconds"' in (pytester.path / "report.xml").read_text()
 
 

@@ -20,7 +20,6 @@ from pytest_umtt.rootfs import (
     Rootfs,
     RootfsError,
     build_image,
-    build_rootfs,
     cpio_paths,
     elf_needed,
     write_cpio,
@@ -78,11 +77,6 @@ def test_console_output_held_for_a_stamp_stays_first(tmp_path: Path) -> None:
 
 
 # --- real kernels ------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def rootfs() -> Rootfs:
-    return build_rootfs()
-
 
 @pytest.mark.kernel
 def test_the_built_kernel_is_pinned(uml_kernel: Path) -> None:

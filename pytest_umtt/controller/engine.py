@@ -336,6 +336,28 @@ class Calendar:
         """Run ``fn`` ``delay`` nanoseconds from now."""
         return self.call_at(self._clock.now + delay, fn, name)
 
+    def recall_runner(self, then: Callable[[], None] = lambda: None) -> None:
+        """Make the running client (if any) yield at its next time step instead of
+        free-running to its horizon, so the run loop looks at its condition again at
+        this instant; ``then`` runs once the client knows. For a device a kernel just
+        told something (at the instant it published when it notified: virtio_uml's
+        vu_notify does, so the kernel is no further on): the device must hold its
+        acknowledgement until ``then``, since a kernel served over messages may read the
+        FREE_UNTIL only after it, and would run on (DESIGN.md fact 22)."""
+        runner = self._runner
+        if runner is None:
+            then()
+            return
+        when = self._sync_now()
+        self._horizon = min(self._horizon, when)
+        if runner.shm:
+            self._map.lower_free_until(when)
+            then()
+            return
+        self._send_expecting_ack(runner, Op.FREE_UNTIL, when - runner.offset,
+                                 lambda _ack: then())
+        self._reactor.flush()
+
     def pause(self) -> None:
         """Stop the current run_until at the present instant (for use from callbacks)."""
         self._stops.append(Stop(StopReason.PAUSE, self._clock.now))
@@ -370,7 +392,7 @@ class Calendar:
         """Keep the schedule at this instant, serving I/O, until the returned function
         is called. A device that interrupts a kernel needs this: the kernel answers and
         asks to run at the interrupt's instant, and the clock must not have moved on
-        (it would be "a request in the past", DESIGN.md, devices). A hold that is never
+        (it would be "a request in the past", DESIGN.md fact 21). A hold that is never
         released counts as a stall, named by ``reason``."""
         serial = next(self._hold_serials)
         self._holds[serial] = reason
@@ -851,7 +873,9 @@ class Calendar:
         safe = min(self._horizon, job.time if job else U64_MAX)
         if self._limit is not None:
             safe = min(safe, self._limit)
-        if job is not None or self._limit is not None:
+        # With nothing due, no deadline and a bounded free run, the kernel may still have
+        # run its own timers up to the horizon: a device must not interrupt it earlier.
+        if job is not None or self._limit is not None or self.max_free_run is not None:
             self._set_now(max(self._clock.now, safe))
 
     def _sync_now(self) -> int:

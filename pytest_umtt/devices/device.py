@@ -30,6 +30,8 @@ class VirtioDevice:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.label = name
+        """How traces and errors name it: ``machine/name`` once a machine serves it."""
         self.backend: Backend | None = None
         self.random = random.Random(name)
 
@@ -57,9 +59,11 @@ class VirtioDevice:
 
     # --- what a model uses ----------------------------------------------------------
 
-    def serve(self, clock: DeviceClock, path: str, seed: int) -> Backend:
+    def serve(self, clock: DeviceClock, path: str, seed: int, label: str | None = None
+              ) -> Backend:
         """Listen at ``path`` for the kernel, on ``clock``; draw from ``seed``."""
         self.random.seed(f"{seed}/{self.name}")
+        self.label = label or self.name
         self.backend = Backend(self, clock, path)
         return self.backend
 
@@ -76,7 +80,7 @@ class VirtioDevice:
 
     def call_at(self, when: int, fn: Callable[[], object]) -> ScheduledCall:
         """Run ``fn`` at virtual time ``when`` (ns) on the shared clock."""
-        return self.clock.call_at(when, fn, f"{self.name}")
+        return self.clock.call_at(when, fn, self.label)
 
     def interrupt(self, queue: VirtQueue, when: int | None = None) -> None:
         """Interrupt the driver for ``queue`` at ``when`` (ns; default now)."""

@@ -23,11 +23,15 @@ class VirtioRng(VirtioDevice):
         super().__init__(name)
         self.latency = latency
         self.bytes_served = 0
+        self.answers: list[tuple[int, int]] = []
+        """(asked, answered) virtual instants (ns) of every request."""
 
     def on_kick(self, queue: VirtQueue) -> None:
-        self.call_at(self.now + self.latency, lambda: self._answer(queue))
+        asked = self.now
+        self.call_at(asked + self.latency, lambda: self._answer(queue, asked))
 
-    def _answer(self, queue: VirtQueue) -> None:
+    def _answer(self, queue: VirtQueue, asked: int) -> None:
+        self.answers.append((asked, self.now))
         while (chain := queue.pop()) is not None:
             written = queue.write(chain, self.random.randbytes(chain.capacity))
             queue.push(chain, written)

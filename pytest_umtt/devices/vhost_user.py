@@ -2,7 +2,7 @@
 
 Message framing (header ``u32 request, u32 flags, u32 size`` and a payload, descriptors
 by SCM_RIGHTS), the handshake, the memory table and the vrings; notifications are
-in-band both ways (docs/DESIGN.md, "Devices"): the kernel kicks a queue with
+in-band both ways (docs/DESIGN.md fact 21): the kernel kicks a queue with
 VHOST_USER_VRING_KICK on the main socket and waits for the acknowledgement; the device
 interrupts with VHOST_USER_SLAVE_VRING_CALL on the backend-request socket, asking for a
 reply, and the calendar holds its clock until the reply came (the kernel asks to run at
@@ -183,6 +183,19 @@ def frame(request: int, flags: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(request, flags | VERSION, len(payload)) + payload
 
 
+def _send_whole(sock: socket.socket, data: bytes) -> bool:
+    """Send a message the kernel waits for (a few dozen bytes: blocking is brief);
+    False when the kernel is gone."""
+    sock.setblocking(True)
+    try:
+        sock.sendall(data)
+    except OSError:
+        return False
+    finally:
+        sock.setblocking(False)
+    return True
+
+
 class Backend:
     """Serves one device to one kernel over a listening Unix socket."""
 
@@ -194,6 +207,8 @@ class Backend:
         self.features = 0
         self.connected = False
         self.errors: list[str] = []
+        self.messages_received = 0
+        self.messages_sent = 0
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._listener.bind(path)
         self.path = path
@@ -204,6 +219,8 @@ class Backend:
         self._requests: socket.socket | None = None
         self._request_reader: MessageReader | None = None
         self._pending_calls: set[int] = set()
+        self._deferred = self._released_early = False
+        self._later: tuple[Message, bytes | None] | None = None
         self._release: Callable[[], None] | None = None
         self._handlers = self._handler_table()
         clock.add_reader(self._listener.fileno(), self._accept)
@@ -230,6 +247,7 @@ class Backend:
         if messages is None:
             self._disconnect()
             return
+        self.messages_received += len(messages)
         for message in messages:
             self._handle(message)
 
@@ -295,19 +313,39 @@ class Backend:
             if message.needs_reply:
                 self._reply(message, U64.pack(1))
             return
+        self._deferred = self._released_early = False
         answer = handler(message)
-        if answer is not None:
+        if self._deferred and not self._released_early:
+            self._later = (message, answer)
+        elif answer is not None:
             self._reply(message, answer)
         elif message.needs_reply:
             self._reply(message, U64.pack(0))
 
+    def defer_reply(self) -> Callable[[], None]:
+        """From inside a handler (a device's ``on_kick``): answer the kernel only when
+        the returned function is called. The kernel stays stopped until then."""
+        self._deferred = True
+
+        def send() -> None:
+            if self._later is None:  # still inside the handler: it answers as usual
+                self._released_early = True
+                return
+            if self._conn is None:
+                return
+            message, answer = self._later
+            self._later = None
+            if answer is not None:
+                self._reply(message, answer)
+            elif message.needs_reply:
+                self._reply(message, U64.pack(0))
+        return send
+
     def _reply(self, message: Message, payload: bytes) -> None:
         assert self._conn is not None
-        self._conn.setblocking(True)  # a few dozen bytes; the kernel is waiting for them
-        try:
-            self._conn.sendall(frame(message.request, FLAG_REPLY, payload))
-        finally:
-            self._conn.setblocking(False)
+        self.messages_sent += 1
+        if not _send_whole(self._conn, frame(message.request, FLAG_REPLY, payload)):
+            self._disconnect()
 
     def _offered_features(self) -> int:
         return self.device.features | VIRTIO_F_VERSION_1 | F_PROTOCOL_FEATURES
@@ -331,7 +369,7 @@ class Backend:
 
     def _queue(self, index: int) -> VirtQueue:
         if index >= len(self.queues):
-            raise VhostUserError(f"{self.device.name}: the kernel names queue {index}, the "
+            raise VhostUserError(f"{self.device.label}: the kernel names queue {index}, the "
                                  f"device has {len(self.queues)}")
         return self.queues[index]
 
@@ -384,7 +422,7 @@ class Backend:
             return
         self._pending_calls.add(queue.index)
         at = self.clock.now if when is None else when
-        self.clock.call_at(at, lambda: self._call(queue), f"{self.device.name} interrupt")
+        self.clock.call_at(at, lambda: self._call(queue), f"{self.device.label} interrupt")
 
     def _call(self, queue: VirtQueue) -> None:
         self._pending_calls.discard(queue.index)
@@ -392,13 +430,13 @@ class Backend:
             return
         self._record("interrupt", f"queue {queue.index}")
         payload = VRING_STATE.pack(queue.index, 0)
-        self._requests.setblocking(True)
-        try:
-            self._requests.sendall(frame(BackendRequest.VRING_CALL, FLAG_NEED_REPLY, payload))
-        finally:
-            self._requests.setblocking(False)
+        self.messages_sent += 1
+        if not _send_whole(self._requests, frame(BackendRequest.VRING_CALL, FLAG_NEED_REPLY,
+                                                 payload)):
+            self._disconnect()
+            return
         self._release_hold()
-        self._release = self.clock.hold(f"{self.device.name}: waiting for the kernel to "
+        self._release = self.clock.hold(f"{self.device.label}: waiting for the kernel to "
                                         f"take interrupt of queue {queue.index}")
 
     def _on_request_reply(self) -> None:
@@ -408,6 +446,7 @@ class Backend:
             self._drop_requests_channel()
             self._release_hold()
             return
+        self.messages_received += len(replies)
         for _reply in replies:
             self._release_hold()
 
@@ -421,7 +460,7 @@ class Backend:
     def _record(self, kind: str, detail: str = "") -> None:
         if self.clock.trace is not None:
             self.clock.trace.add(TraceEvent(self.clock.now, f"device-{kind}",
-                                            self.device.name, detail=detail))
+                                            self.device.label, detail=detail))
 
     def _fail(self, detail: str) -> None:
         self.errors.append(detail)

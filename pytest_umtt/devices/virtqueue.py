@@ -20,6 +20,7 @@ DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
 
 
 @dataclass
@@ -122,6 +123,12 @@ class VirtQueue:
         self.memory.pack(USED_ELEM, self.used + 4 + 8 * slot, chain.head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self.memory.pack(U16, self.used + 2, self.used_idx)
+
+    def notify_me(self, wanted: bool) -> None:
+        """Ask the driver to kick when it offers buffers, or not (VRING_USED_F_NO_NOTIFY):
+        a device that has nothing to put in them needs no kick, and each costs a message
+        and its acknowledgement."""
+        self.memory.pack(U16, self.used, 0 if wanted else USED_F_NO_NOTIFY)
 
     def wants_interrupt(self) -> bool:
         """False while the driver suppresses interrupts (VRING_AVAIL_F_NO_INTERRUPT)."""

@@ -61,8 +61,9 @@ class CommandChannel:
         commands.mkdir()
         self._fd = os.open(commands, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
 
-    def submit(self, number: int, files: Mapping[str, bytes]) -> None:
-        """Write command ``number``'s files, then its ``N.go`` (the agent acts on that)."""
+    def submit(self, number: int, files: Mapping[str, bytes], *, go: bool = True) -> None:
+        """Write command ``number``'s files, then (``go``) its ``N.go``: the polling agent
+        acts on that; over the console, the host names the command there instead."""
         os.mkdir(str(number), 0o700, dir_fd=self._fd)
         directory = os.open(str(number), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
                             dir_fd=self._fd)
@@ -71,7 +72,8 @@ class CommandChannel:
                 _write_new(name, data, directory)
         finally:
             os.close(directory)
-        _write_new(f"{number}.go", b"", self._fd)
+        if go:
+            _write_new(f"{number}.go", b"", self._fd)
 
     def read(self, number: int, name: str) -> bytes:
         """A file the guest wrote for command ``number``."""

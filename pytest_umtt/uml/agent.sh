@@ -13,6 +13,12 @@
 # process is created), backing off exponentially up to UMTT_IDLE_MAX_US; a finishing
 # background command pokes the FIFO so the agent looks again at once.
 #
+# With UMTT_AGENT_CHANNEL=console (the kernel has virtio-console and the host serves it
+# as the first console, /dev/hvc0), none of that: the agent blocks reading hvc0, the
+# host writes "N" there at the instant a test submits command N (an interrupt at that
+# virtual instant), and the agent answers "D N STATUS" when it ends: no polling, no
+# doorbell, and an idle machine costs nothing.
+#
 # The host takes every time from the doorbells, never from the guest's clock (a test
 # may set it): the main loop rings when ready, when it starts a command after having
 # idled (or in the background), and when a foreground command ends. A command it
@@ -50,10 +56,10 @@ ring() {
 }
 
 run_one() {
-    local dir=$1 cwd=/ status
+    local dir=$1 cwd=/
     [ -e "$dir/cwd" ] && cwd=$(<"$dir/cwd")
     (
-        exec 3>&-
+        exec 3>&- 4>&-
         if [ -e "$dir/env" ]; then
             while IFS= read -r -d '' assignment; do export "$assignment"; done < "$dir/env"
         fi
@@ -64,7 +70,24 @@ run_one() {
         . "$dir/command"
     ) < /dev/null > "$dir/stdout" 2> "$dir/stderr"
     status=$?
-    echo "$status" > "$dir/result"
+}
+
+serve_console() {
+    local n dir
+    # raw: no echo, no line editing, bytes as they are (one process, once). The hvc
+    # driver resets the modes when the last descriptor closes: set them on ours.
+    exec 4<>/dev/hvc0
+    stty raw -echo <&4
+    echo R >&4
+    while read -r -u 4 n; do
+        dir=$X/cmd/$n
+        if [ -e "$dir/background" ]; then
+            { run_one "$dir"; echo "D $n $status" > /dev/hvc0; } 4>&- &
+        else
+            run_one "$dir"
+            echo "D $n $status" >&4
+        fi
+    done
 }
 
 serve() {
@@ -75,11 +98,13 @@ serve() {
         if [ -e "$dir.go" ]; then
             if [ -e "$dir/background" ]; then
                 idle_fd
-                { run_one "$dir"; ring $(( (n << 8) | DONE )); echo >&3; } &
+                { run_one "$dir"; echo "$status" > "$dir/result"
+                  ring $(( (n << 8) | DONE )); echo >&3; } &
                 ring $(( (n << 8) | STARTED ))
             else
                 (( idled )) && ring $(( (n << 8) | STARTED ))
                 run_one "$dir"
+                echo "$status" > "$dir/result"
                 ring $(( (n << 8) | DONE ))
             fi
             n=$(( n + 1 ))
@@ -95,4 +120,8 @@ serve() {
 }
 
 setup
-serve
+if [ "${UMTT_AGENT_CHANNEL:-}" = console ]; then
+    serve_console
+else
+    serve
+fi

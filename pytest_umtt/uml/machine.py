@@ -29,6 +29,7 @@ import pexpect
 import psutil
 
 from ..devices import VirtioDevice
+from ..devices.console import VirtioConsole
 from ..errors import (
     CommandTimeout,
     ExpectTimeout,
@@ -124,6 +125,8 @@ def uml_command(
         *root,
         "con=null",
         "con0=fd:0,fd:1",
+        # The kernel's console stays UML's own (tty0), never a virtio console (hvc).
+        "console=tty0",
         "uml_dir=.",
         "umid=uml",
         # Its own parameter, although "time-travel" is a prefix of it: the kernel tries the
@@ -208,6 +211,13 @@ def separate_console_output() -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+
+
+AGENT_CHANNEL_ENV = "UMTT_AGENT_CHANNEL"
+AGENT_LINE = re.compile(rb"(?:R|D (?P<done>\d{1,9}) (?P<status>\d{1,3}))$")
+"""What the agent writes, at the end of a line: a half line a command left on hvc0 may
+come before it."""
+MAX_AGENT_LINE = 64
 
 
 def derive_seed(run_seed: int, machine: str) -> int:
@@ -362,9 +372,15 @@ class Machine:
                  mem: str = DEFAULT_MEM, cmdline: Sequence[str] = (),
                  idle_max: float = DEFAULT_IDLE_MAX, agent: Path | None = None,
                  default_timeout: float = DEFAULT_COMMAND_TIMEOUT, rootfs: bool = False,
-                 devices: Sequence[VirtioDevice] = ()) -> None:
+                 devices: Sequence[VirtioDevice] = (), agent_console: bool = False) -> None:
         self.sim = sim
         self.devices = list(devices)
+        self.agent_console: VirtioConsole | None = None
+        """The agent's command channel when the kernel has virtio-console (the agent
+        then blocks on /dev/hvc0 and idles for free); None: the agent polls files."""
+        if agent_console and agent is None:
+            self.agent_console = VirtioConsole("agent", on_receive=self._on_agent_output)
+            self.devices.insert(0, self.agent_console)  # the first console: /dev/hvc0
         self.name = name
         self.client_id = client_id
         self.kernel = kernel
@@ -387,6 +403,8 @@ class Machine:
         self._started: dict[int, int] = {}
         self._background: set[int] = set()
         self._submitted: dict[int, int] = {}
+        self._statuses: dict[int, int] = {}
+        self._agent_output = bytearray()
         self._last_loop_ring = 0
         self._expect_from = 0
         self._pty_fd = -1
@@ -408,6 +426,7 @@ class Machine:
         self.console = Console(self.sim.directory / f"{self.name}.console.log")
         extra = [f"UMTT_HOSTNAME={self.name}",
                  f"UMTT_IDLE_MAX_US={seconds_to_ns(self.idle_max) // 1000}",
+                 *([f"{AGENT_CHANNEL_ENV}=console"] if self.agent_console else []),
                  *self._serve_devices(), *self.cmdline]
         # The guest's clock reads the simulation's: a machine booted at virtual time T
         # starts its wall clock T after the others did.
@@ -435,8 +454,9 @@ class Machine:
         arguments = []
         for device in self.devices:
             socket_name = f"{self.name}-{device.name}.sock"
+            label = f"{self.name}/{device.name}"
             device.serve(self.sim.calendar, self.sim.bind_path(socket_name),
-                         derive_seed(self.sim.seed, f"{self.name}/{device.name}"))
+                         derive_seed(self.sim.seed, label), label)
             arguments.append(f"virtio_uml.device=../{socket_name}:{device.device_id}")
         return arguments
 
@@ -582,11 +602,15 @@ class Machine:
             self._background.add(number)
         self._submitted[number] = self.sim.now
         try:
-            self.channel.submit(number, files)
+            self.channel.submit(number, files, go=self.agent_console is None)
         except OSError as exc:
             raise MachineError(self.name, f"cannot hand command {number} to the guest: the "
                                f"guest changed its command directory ({exc})",
                                self.sim.now) from None
+        if self.agent_console is not None:
+            # The guest reads it at this very instant: that is when the command starts.
+            self._started[number] = self.sim.now
+            self.agent_console.send(f"{number}\n".encode())
         return number
 
     def _await_result(self, number: int, command: str, timeout: float | None, *,
@@ -608,9 +632,10 @@ class Machine:
 
     def _read_result(self, number: int, command: str) -> CommandResult:
         try:
-            status_text, stdout, stderr = (self.channel.read(number, name)
-                                           for name in ("result", "stdout", "stderr"))
-            status = int(status_text.split()[0])
+            stdout, stderr = (self.channel.read(number, name) for name in ("stdout", "stderr"))
+            status = self._statuses.pop(number, None)
+            if status is None:
+                status = int(self.channel.read(number, "result").split()[0])
         except (OSError, ValueError, IndexError) as exc:
             raise MachineError(self.name, f"the result of command {command!r} is unreadable: "
                                f"the guest removed or replaced /mnt/cmd/{number} ({exc})",
@@ -677,6 +702,31 @@ class Machine:
         elif kind == Bell.STARTED:
             self._started[number] = now
         self._last_loop_ring = now
+
+    def _on_agent_output(self, data: bytes) -> None:
+        """Lines the agent wrote to /dev/hvc0, at the instant it wrote them: ``R``
+        (ready) and ``D N STATUS`` (command N ended). A guest command can write there
+        too: lines that name no command in flight are ignored (a command that forges
+        the line of another one in flight can end it early, as a guest root can)."""
+        self._agent_output += data
+        *lines, rest = self._agent_output.split(b"\n")
+        self._agent_output = bytearray(rest[-MAX_AGENT_LINE:])
+        now = self.sim.calendar.now
+        if lines and self.agent_console is not None and self.agent_console.backend:
+            # A wait may end at this instant: the kernel must not run on past it.
+            self.sim.calendar.recall_runner(self.agent_console.backend.defer_reply())
+        for line in lines:
+            match = AGENT_LINE.search(line.rstrip(b"\r"))
+            if match is None:
+                continue
+            if match["done"] is None:
+                if self.state is MachineState.BOOTING:
+                    self.state = MachineState.READY
+                continue
+            number = int(match["done"])
+            if number in self._submitted and number not in self._finished:
+                self._finished[number] = now
+                self._statuses[number] = int(match["status"])
 
     def on_disconnect(self) -> None:
         """The kernel left the calendar: powered off, or died."""
