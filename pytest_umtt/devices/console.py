@@ -49,6 +49,12 @@ class VirtioConsole(VirtioDevice):
         else:
             self._deliver(queue)  # new receive buffers: anything waiting goes now
 
+    def on_queue_ready(self, queue: VirtQueue) -> None:
+        if queue.index == RECEIVE_QUEUE:
+            # The driver posts its receive buffers one kick each (256 at probe): none is
+            # needed while nothing waits to go in.
+            queue.notify_me(False)
+
     def on_disconnect(self) -> None:
         self._outgoing.clear()
 

@@ -48,6 +48,9 @@ class VirtioDevice:
     def on_kick(self, queue: VirtQueue) -> None:
         """The driver offered buffers on ``queue``; the kernel waits until this returns."""
 
+    def on_queue_ready(self, queue: VirtQueue) -> None:
+        """The driver set ``queue``'s rings up (before offering buffers on it)."""
+
     def on_features(self, features: int) -> None:
         """The driver acknowledged these feature bits."""
 

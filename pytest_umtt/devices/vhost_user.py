@@ -387,6 +387,7 @@ class Backend:
         queue = self._queue(index)
         queue.configure(desc, used, avail)
         queue.enabled = True  # no SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES
+        self.device.on_queue_ready(queue)
 
     def _set_vring_enable(self, message: Message) -> None:
         index, enable = VRING_STATE.unpack_from(message.payload)
