@@ -49,6 +49,9 @@ class Trace:
         return [event for event in self.events if event.kind in kinds]
 
     def write_jsonl(self, stream: TextIO, client: str | None = None) -> None:
-        """Write one JSON object per line (only ``client``'s events, if given)."""
+        """Write one JSON object per line (only ``client``'s events, if given, and its
+        devices': they are named ``client/device``)."""
         stream.writelines(json.dumps(asdict(event), sort_keys=True) + "\n"
-                          for event in self.events if client is None or event.client == client)
+                          for event in self.events
+                          if client is None or event.client == client
+                          or event.client.startswith(f"{client}/"))
