@@ -1,0 +1,130 @@
+"""Machine and simulation logic against the fake guest (tests/fakeguest.py): commands,
+their virtual times, background commands, budgets, crashes, stalls, several machines
+and teardown, without a kernel (the whole file: about 10 s of wall time)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pytest_umtt import (
+    CommandTimeout,
+    MachineCrashed,
+    MachineStalled,
+    Simulation,
+)
+from pytest_umtt import simulation as simulation_module
+from pytest_umtt.kernel import KernelCheck
+
+S = 1_000_000_000
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def fake_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An executable that boots the fake guest the way UML boots a kernel."""
+    path = tmp_path_factory.mktemp("fake") / "linux"
+    path.write_text(f"#!{sys.executable}\n"
+                    f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
+                    f"from tests.fakeguest import main\nsys.exit(main(sys.argv[1:]))\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def sim(fake_kernel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        ) -> Iterator[Simulation]:
+    monkeypatch.setattr(simulation_module, "check_kernel",
+                        lambda path: KernelCheck(path, (), ()))
+    with Simulation(kernel=fake_kernel, directory=tmp_path / "sim", wall_timeout=5,
+                    deterministic=False) as simulation:
+        yield simulation
+
+
+def test_a_command_returns_its_status_and_output_apart(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    assert machine.agent_console is None  # no virtio-console in a fake: the polling agent
+    result = machine.run("echo out\nwarn err\nexit 3")
+    assert (result.status, result.stdout, result.stderr) == (3, b"out\n", b"err\n")
+    assert result.ended == result.started
+
+
+def test_back_to_back_commands_take_exactly_their_virtual_time(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    first = machine.run("sleep 1.5")
+    second = machine.run("sleep 0.25")
+    assert first.ended - first.started == int(1.5 * S)
+    assert second.started == first.ended
+    assert second.ended - second.started == S // 4
+
+
+def test_a_command_after_idling_starts_within_the_agents_poll(sim: Simulation) -> None:
+    machine = sim.machine("fake", idle_max=0.1)
+    sim.advance(10)
+    submitted = sim.now
+    late = machine.run("echo").started - submitted
+    assert 0 <= late <= S // 10
+
+
+def test_background_commands_overlap(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    slow = machine.start("sleep 3\necho slow")
+    fast = machine.run("sleep 1\necho fast")
+    assert fast.output == "fast\n" and not slow.done
+    result = slow.wait()
+    assert result.output == "slow\n"
+    assert result.ended - slow.started == 3 * S
+
+
+def test_a_command_over_its_budget_stops_the_machine(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    with pytest.raises(CommandTimeout, match="did not finish within 2 s"):
+        machine.run("sleep 10", timeout=1)
+    with pytest.raises(MachineCrashed, match="outlived its budget"):
+        machine.run("echo")
+
+
+def test_a_panic_on_the_console_is_a_crash_with_its_cause(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    with pytest.raises(MachineCrashed, match="Kernel panic - not syncing: the fake guest"):
+        machine.run("console about to panic\npanic")
+
+
+def test_a_guest_that_stops_time_is_stalled_within_the_wall_budget(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    with pytest.raises(MachineStalled):
+        machine.run("spin")
+    assert not machine.alive
+
+
+def test_console_lines_carry_their_virtual_time(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    started = machine.run("sleep 2\nconsole marker-7").started
+    found = machine.expect(r"marker-(\d)", timeout=1)
+    assert found.group(1) == "7"
+    assert found.time - started == 2 * S
+
+
+def test_machines_interleave_on_one_clock(sim: Simulation) -> None:
+    one, two = sim.machine("one", boot=False), sim.machine("two", boot=False)
+    sim.boot(one, two)
+    jobs = [one.start("sleep 1\nconsole one-1\nsleep 1\nconsole one-2"),
+            two.start("sleep 0.5\nconsole two-1\nsleep 1\nconsole two-2")]
+    for job in jobs:
+        job.wait()
+    seen = sorted((line.time, line.text.strip()) for m in (one, two) if m.console
+                  for line in m.console.lines if line.text.strip()[:4] in ("one-", "two-"))
+    assert [text for _, text in seen] == ["two-1", "one-1", "two-2", "one-2"]
+
+
+def test_poweroff_and_close_leave_no_process(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    assert machine.process is not None and machine.process.pid is not None
+    pid = machine.process.pid
+    machine.poweroff()
+    sim.close()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
