@@ -53,7 +53,7 @@ def one_run(rootfs: Rootfs, console: bool) -> dict[str, float]:
         sleep = timed(lambda: uml.run("sleep 3600"))
         sim.advance(0.0123)
         submitted = sim.now
-        late = (uml.run("true").started - submitted) / 1e6
+        late = (uml.run("true").started - submitted) * 1000
     return {"round_trip": round_trip * 1000, "messages": per_command, "idle": idle,
             "sleep": sleep, "ratio": idle / sleep, "late": late}
 

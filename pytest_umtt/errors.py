@@ -46,17 +46,23 @@ class CalendarClosedError(UmttError):
 class MachineError(UmttError):
     """Something went wrong with one UML machine; says which, when, and shows its console."""
 
-    def __init__(self, machine: str, what: str, now: int, console_tail: str = "",
+    def __init__(self, machine: str, what: str, now_ns: int, console_tail: str = "",
                  log: str | None = None) -> None:
         self.machine = machine
         self.what = what
-        self.now = now
+        self.now_ns = now_ns
+        """When it happened, exact (ns)."""
         self.console_tail = console_tail
         self.log = log
-        text = f"{machine}: {what} (at virtual time {format_ns(now)})"
+        text = f"{machine}: {what} (at virtual time {format_ns(now_ns)})"
         if console_tail or log:
             text += f"\n--- console tail{f' ({log})' if log else ''} ---\n{console_tail}"
         super().__init__(text)
+
+    @property
+    def now(self) -> float:
+        """When it happened, in virtual seconds."""
+        return self.now_ns / 1e9
 
 
 class BootError(MachineError):

@@ -184,13 +184,13 @@ def run_kselftest(machine: Machine, test: KselftestTest, *, tree: str,
         with machine.sim.watched_closely(wall_timeout=stall):
             give_up = began + wall_timeout
             machine.sim.run_until(lambda: job.done or time.monotonic() > give_up,
-                                  deadline=job.started + seconds_to_ns(budget) + NS_PER_S,
+                                  deadline_ns=job.started_ns + seconds_to_ns(budget) + NS_PER_S,
                                   machines=(machine,))
     except MachineStalled as exc:
         return _stalled(test, job, exc, stall, time.monotonic() - began)
     except MachineCrashed as exc:
         return KselftestResult(test, Outcome.CRASH, f"the kernel crashed: {exc.what}",
-                               exc.console_tail, None, exc.now - job.started,
+                               exc.console_tail, None, exc.now_ns - job.started_ns,
                                time.monotonic() - began)
     wall = time.monotonic() - began
     if not job.done:
@@ -202,7 +202,7 @@ def _finished(test: KselftestTest, job: BackgroundCommand, budget: float,
               wall: float) -> KselftestResult:
     result = job.wait()
     output = result.output
-    took = result.ended - result.started
+    took = result.ended_ns - result.started_ns
     base = KselftestResult(test, Outcome.PASS, "exit status 0", output, result.status,
                            took, wall, tuple(parse_ktap(output)))
     if result.status in TIMEOUT_STATUSES and took >= seconds_to_ns(budget):
@@ -228,7 +228,7 @@ def _stopped(test: KselftestTest, job: BackgroundCommand, budget: float, wall: f
              wall_timeout: float) -> KselftestResult:
     """The wall budget ran out while virtual time still moved: a clock-polling loop."""
     machine = job.machine
-    moved = machine.sim.now - job.started
+    moved = machine.sim.now_ns - job.started_ns
     detail = slow_diagnosis(moved, wall, budget)
     if wall < wall_timeout:  # the virtual backstop, not the wall budget
         detail = f"did not end at its virtual budget of {budget:g} s"
@@ -253,8 +253,8 @@ def slow_diagnosis(virtual_ns: int, wall: float, budget: float) -> str:
 
 def _stalled(test: KselftestTest, job: BackgroundCommand, exc: MachineStalled,
              stall: float, wall: float) -> KselftestResult:
-    moved = exc.now - job.started
-    detail = (f"virtual time stood still at {format_ns(exc.now)} (the test had run "
+    moved = exc.now_ns - job.started_ns
+    detail = (f"virtual time stood still at {format_ns(exc.now_ns)} (the test had run "
               f"{moved / 1e9:.3f} virtual s) for {stall:.1f} s "
               f"of wall time: a busy loop that never reads the clock or sleeps, which stops "
               f"UML's virtual time")

@@ -236,17 +236,17 @@ class Simulation:
         self.close(polite=exc_type is None)
 
     def __repr__(self) -> str:
-        return f"<Simulation now={self.now / 1e9:.9f} s machines={list(self.machines)}>"
+        return f"<Simulation now={self.now:.9f} s machines={list(self.machines)}>"
 
     @property
-    def now(self) -> int:
-        """Virtual time in nanoseconds."""
-        return self.calendar.now
-
-    @property
-    def seconds(self) -> float:
-        """Virtual time in seconds."""
+    def now(self) -> float:
+        """Virtual time in seconds (``now_ns`` is exact)."""
         return self.calendar.now / 1e9
+
+    @property
+    def now_ns(self) -> int:
+        """Virtual time in nanoseconds, exact."""
+        return self.calendar.now
 
     @contextmanager
     def elapsed(self, *, at_least: float | None = None, at_most: float | None = None,
@@ -257,9 +257,9 @@ class Simulation:
                 machine.run("sleep 5")
         """
         __tracebackhide__ = True
-        measured = Elapsed(self.now)
+        measured = Elapsed(self.now_ns)
         yield measured
-        measured.end = self.now
+        measured.end = self.now_ns
         took = measured.seconds
         wanted = [(exactly is not None and measured.ns != round(exactly * 1e9),
                    f"exactly {exactly}"),
@@ -303,10 +303,10 @@ class Simulation:
         kernel = explicit or self.kernel or default_kernel()
         if kernel is None:
             raise BootError("simulation", "no kernel: pass one, or build the default with "
-                            "`umtt-kernel build`", self.now)
+                            "`umtt-kernel build`", self.now_ns)
         result = check_kernel(kernel)
         if not result.ok:
-            raise BootError("simulation", "; ".join(result.problems), self.now)
+            raise BootError("simulation", "; ".join(result.problems), self.now_ns)
         return kernel
 
     def boot(self, *machines: Machine, timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
@@ -323,14 +323,14 @@ class Simulation:
                 machine.kill()
                 what = ("the kernel exited before connecting to the calendar" if connected
                         else f"no START from the kernel within {self.wall_timeout} s wall")
-                raise BootError(machine.name, what, self.now, machine.console_tail(),
+                raise BootError(machine.name, what, self.now_ns, machine.console_tail(),
                                 machine.console_log())
         self.run_until(lambda: all(m.state is MachineState.READY for m in machines),
-                       deadline=self.now + seconds_to_ns(timeout), machines=machines)
+                       deadline_ns=self.now_ns + seconds_to_ns(timeout), machines=machines)
         for machine in machines:
             if machine.state is not MachineState.READY:
                 raise BootError(machine.name, f"the guest agent was not ready within {timeout} s"
-                                f" of virtual time", self.now, machine.console_tail(),
+                                f" of virtual time", self.now_ns, machine.console_tail(),
                                 machine.console_log())
 
     def identity(self, machine: Machine) -> str:
@@ -340,7 +340,7 @@ class Simulation:
 
     def _trace_identity(self, machine: Machine) -> None:
         if self.calendar.trace is not None:
-            self.calendar.trace.add(TraceEvent(self.now, "boot", machine.name,
+            self.calendar.trace.add(TraceEvent(self.now_ns, "boot", machine.name,
                                                detail=self.identity(machine)))
 
     def _client_of(self, machine: Machine) -> Client | None:
@@ -360,16 +360,22 @@ class Simulation:
     # --- running --------------------------------------------------------------------
 
     def run_until(self, condition: Callable[[], bool] | None = None, *,
-                  deadline: int | None = None, machines: Iterable[Machine] = ()) -> Stop:
-        """Run until ``condition()``, the virtual ``deadline`` (ns) or quiescence; doorbells
-        are handled on the way. Raises when one of ``machines`` crashes or stalls."""
+                  deadline: float | None = None, deadline_ns: int | None = None,
+                  machines: Iterable[Machine] = ()) -> Stop:
+        """Run until ``condition()``, the virtual instant ``deadline`` (seconds; or
+        ``deadline_ns``, exact) or quiescence; doorbells are handled on the way. Raises
+        when one of ``machines`` crashes or stalls."""
+        if deadline is not None:
+            if deadline_ns is not None:
+                raise ValueError("give deadline (seconds) or deadline_ns, not both")
+            deadline_ns = seconds_to_ns(deadline)
         watched = tuple(machines)
         while True:
             self._raise_for(watched)
             try:
                 stop = self.calendar.run_until(
                     lambda: bool(condition and condition()) or self._trouble(watched),
-                    deadline=deadline, stall_timeout=self.wall_timeout)
+                    deadline=deadline_ns, stall_timeout=self.wall_timeout)
             except StallError as exc:
                 raise self._stalled(exc) from None
             if stop.reason is StopReason.DOORBELL:
@@ -395,7 +401,7 @@ class Simulation:
 
     def advance(self, seconds: float) -> Stop:
         """Let exactly ``seconds`` of virtual time pass."""
-        return self.run_until(deadline=self.now + seconds_to_ns(seconds))
+        return self.run_until(deadline_ns=self.now_ns + seconds_to_ns(seconds))
 
     def fingerprint(self) -> list[str]:
         """Everything that makes a run this run, one line per item: every protocol event
@@ -415,7 +421,7 @@ class Simulation:
             if machine.console is not None:
                 lines += [f"console {name} {line}" for line in machine.console.lines]
             lines += [f"result {name} {r.command!r} status={r.status} "
-                      f"{format_ns(r.started)}..{format_ns(r.ended)} "
+                      f"{format_ns(r.started_ns)}..{format_ns(r.ended_ns)} "
                       f"stdout={_digest(r.stdout)} stderr={_digest(r.stderr)}"
                       for r in machine.results]
         return lines

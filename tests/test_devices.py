@@ -43,7 +43,7 @@ def test_a_request_is_answered_after_the_models_latency(uml_kernel: Path,
         served = rng.bytes_served
         read = machine.run("head -c 16 /dev/hwrng > /dev/null")
         assert rng.bytes_served > served
-        assert read.ended - read.started >= 250 * MS
+        assert read.duration >= 0.25
         assert rng.answers and all(answered - asked == 250 * MS
                                    for asked, answered in rng.answers)
 
@@ -57,8 +57,8 @@ def test_a_command_starts_at_the_instant_it_is_submitted_even_after_idling(
         assert machine.agent_console is not None
         for idle in (0.0123, 7.5, 3600.0):
             sim.advance(idle)
-            submitted = sim.now
-            assert machine.run("true").started == submitted
+            submitted = sim.now_ns
+            assert machine.run("true").started_ns == submitted
 
 
 def test_messages_per_command_over_the_console(uml_kernel: Path, rootfs: Rootfs) -> None:
@@ -82,7 +82,7 @@ def test_what_a_guest_command_writes_to_the_agents_console_changes_nothing(
         assert spoof.ok
         slept = machine.run("sleep 2; echo done")
         assert slept.output == "done\n"
-        assert slept.ended - slept.started >= 2_000_000_000
+        assert slept.duration >= 2
 
 
 def test_the_polling_agent_remains_for_kernels_without_a_virtio_console(

@@ -56,7 +56,7 @@ def umtt_sim(request: pytest.FixtureRequest, umtt_variant: Variant) -> Iterator[
     try:
         yield sim
     finally:
-        item.user_properties.append(("umtt_virtual_seconds", f"{sim.seconds:.9f}"))
+        item.user_properties.append(("umtt_virtual_seconds", f"{sim.now:.9f}"))
         close_simulation(request.config, sim, started, artifacts_dir(settings, item.nodeid))
     if umtt_variant.run is not None:
         fingerprint = sim.fingerprint()

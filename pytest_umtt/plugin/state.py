@@ -92,7 +92,7 @@ def close_simulation(config: pytest.Config, sim: Simulation, started: float,
                       artifacts: Path | None) -> None:
     state = config.stash[STATE]
     state.open.discard(sim)
-    state.summary.add_simulation(sim.now, time.monotonic() - started)
+    state.summary.add_simulation(sim.now_ns, time.monotonic() - started)
     sim.close(keep_files=artifacts is not None)
     if artifacts is not None:
         try:
@@ -139,6 +139,6 @@ def save_artifacts(sim: Simulation, target: Path) -> None:
             with (target / f"{name}.trace.jsonl").open("w") as stream:
                 trace.write_jsonl(stream, client=name)
     (target / "simulation.json").write_text(json.dumps(
-        {"seed": sim.seed, "virtual_ns": sim.now,
+        {"seed": sim.seed, "virtual_ns": sim.now_ns,
          "machines": {name: sim.identity(machine) for name, machine in sim.machines.items()}},
         indent=2))

@@ -31,13 +31,18 @@ CRASH_PATTERNS = (
 
 @dataclass(frozen=True, slots=True)
 class ConsoleLine:
-    """One line the kernel printed, and the virtual time it was seen."""
+    """One line the kernel printed, and the virtual time it was seen: ``time`` in
+    seconds, ``time_ns`` exact."""
 
-    time: int
+    time_ns: int
     text: str
 
+    @property
+    def time(self) -> float:
+        return self.time_ns / 1e9
+
     def __str__(self) -> str:
-        return f"[{format_ns(self.time)}] {self.text}"
+        return f"[{format_ns(self.time_ns)}] {self.text}"
 
 
 class Console:
@@ -140,7 +145,7 @@ class Console:
         if not self.lines:
             return 0
         index = bisect.bisect_right(self._offsets, offset) - 1
-        return self.lines[max(0, min(index, len(self.lines) - 1))].time
+        return self.lines[max(0, min(index, len(self.lines) - 1))].time_ns
 
     def close(self) -> None:
         self._log.close()

@@ -278,20 +278,30 @@ class MachineState(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class CommandResult:
     """What a command did: exit status, output (byte-exact) and its virtual start and end
-    times (ns) on the simulation's clock, as the host saw the guest's doorbells (so a
-    guest that sets its own clock does not change them)."""
+    times on the simulation's clock (``started``/``ended`` in seconds, ``*_ns`` exact),
+    as the host saw them (so a guest that sets its own clock does not change them)."""
 
     command: str
     status: int
     stdout: bytes
     stderr: bytes
-    started: int
-    ended: int
+    started_ns: int
+    ended_ns: int
+
+    @property
+    def started(self) -> float:
+        """Virtual time it started, in seconds."""
+        return self.started_ns / NS_PER_S
+
+    @property
+    def ended(self) -> float:
+        """Virtual time it ended, in seconds."""
+        return self.ended_ns / NS_PER_S
 
     @property
     def duration(self) -> float:
         """Virtual seconds the command took."""
-        return (self.ended - self.started) / NS_PER_S
+        return (self.ended_ns - self.started_ns) / NS_PER_S
 
     @property
     def ok(self) -> bool:
@@ -304,15 +314,20 @@ class CommandResult:
 
     def __repr__(self) -> str:
         return (f"<CommandResult {self.command!r} status={self.status} "
-                f"{format_ns(self.started)}..{format_ns(self.ended)}>")
+                f"{format_ns(self.started_ns)}..{format_ns(self.ended_ns)}>")
 
 
 @dataclass(frozen=True, slots=True)
 class ConsoleMatch:
-    """A pattern found on the console, and the virtual time its line was seen."""
+    """A pattern found on the console, and the virtual time its line was seen (``time``
+    in seconds, ``time_ns`` exact)."""
 
     match: re.Match[str]
-    time: int
+    time_ns: int
+
+    @property
+    def time(self) -> float:
+        return self.time_ns / NS_PER_S
 
     def group(self, index: int | str = 0) -> str:
         return self.match.group(index)
@@ -321,11 +336,16 @@ class ConsoleMatch:
 class BackgroundCommand:
     """A command started with :meth:`Machine.start`; :meth:`wait` for its result."""
 
-    def __init__(self, machine: Machine, number: int, command: str, started: int) -> None:
+    def __init__(self, machine: Machine, number: int, command: str, started_ns: int) -> None:
         self.machine = machine
         self.number = number
         self.command = command
-        self.started = started
+        self.started_ns = started_ns
+
+    @property
+    def started(self) -> float:
+        """Virtual time it started, in seconds."""
+        return self.started_ns / NS_PER_S
 
     @property
     def done(self) -> bool:
@@ -351,7 +371,7 @@ class MachineHost(Protocol):
     wall_timeout: float
 
     @property
-    def now(self) -> int: ...
+    def now_ns(self) -> int: ...
 
     def bind_path(self, name: str) -> str:
         """Where to bind a socket named ``name`` in the simulation's directory (a path
@@ -362,7 +382,7 @@ class MachineHost(Protocol):
                         ) -> AbstractContextManager[None]: ...
 
     def run_until(self, condition: Callable[[], bool] | None = None, *,
-                  deadline: int | None = None, machines: Iterable[Machine] = ()) -> Stop: ...
+                  deadline_ns: int | None = None, machines: Iterable[Machine] = ()) -> Stop: ...
 
 
 class Machine:
@@ -431,7 +451,7 @@ class Machine:
         # The guest's clock reads the simulation's: a machine booted at virtual time T
         # starts its wall clock T after the others did.
         command = uml_command(self.kernel, client_id=self.client_id, mem=self.mem, extra=extra,
-                              time_travel_start=self.sim.time_travel_start + self.sim.now,
+                              time_travel_start=self.sim.time_travel_start + self.sim.now_ns,
                               rootfs=self.rootfs)
         env = uml_environment(self.sim.shim, derive_seed(self.sim.seed, self.name))
         self.process = pexpect.spawn(command[0], command[1:], cwd=str(self.directory),
@@ -469,7 +489,7 @@ class Machine:
     def channel(self) -> CommandChannel:
         """The command files' host side (there once the machine is spawned)."""
         if self._channel is None:
-            raise MachineError(self.name, "the machine was never started", self.sim.now)
+            raise MachineError(self.name, "the machine was never started", self.sim.now_ns)
         return self._channel
 
     @property
@@ -544,11 +564,11 @@ class Machine:
 
         # Bound free runs while waiting, so the match's time is exact to the resolution.
         with self.sim.watched_closely():
-            self.sim.run_until(seen, deadline=self.sim.now + seconds_to_ns(timeout),
+            self.sim.run_until(seen, deadline_ns=self.sim.now_ns + seconds_to_ns(timeout),
                                machines=(self,))
         if not found:
             raise ExpectTimeout(self.name, f"{regex.pattern!r} did not appear on the console "
-                                f"within {timeout} s of virtual time", self.sim.now,
+                                f"within {timeout} s of virtual time", self.sim.now_ns,
                                 console.tail(), str(console.log_path))
         base, match = found[0]
         self._expect_from = base + match.end()
@@ -570,7 +590,7 @@ class Machine:
         if check and not result.ok:
             raise MachineError(self.name, f"command {command!r} exited with {result.status}; "
                                f"stderr: {result.stderr.decode(errors='replace')[-2000:]}",
-                               self.sim.now)
+                               self.sim.now_ns)
         return result
 
     def start(self, command: str, *, timeout: float | None = None,
@@ -581,7 +601,7 @@ class Machine:
         self.sim.run_until(lambda: number in self._started or number in self._finished,
                            machines=(self,))
         self._raise_if_down()
-        started = self._started.get(number, self._finished.get(number, self.sim.now))
+        started = self._started.get(number, self._finished.get(number, self.sim.now_ns))
         return BackgroundCommand(self, number, command, started)
 
     def _submit(self, command: str, env: Mapping[str, str] | None, cwd: str | None,
@@ -600,16 +620,16 @@ class Machine:
         if background:
             files["background"] = b""
             self._background.add(number)
-        self._submitted[number] = self.sim.now
+        self._submitted[number] = self.sim.now_ns
         try:
             self.channel.submit(number, files, go=self.agent_console is None)
         except OSError as exc:
             raise MachineError(self.name, f"cannot hand command {number} to the guest: the "
                                f"guest changed its command directory ({exc})",
-                               self.sim.now) from None
+                               self.sim.now_ns) from None
         if self.agent_console is not None:
             # The guest reads it at this very instant: that is when the command starts.
-            self._started[number] = self.sim.now
+            self._started[number] = self.sim.now_ns
             self.agent_console.send(f"{number}\n".encode())
         return number
 
@@ -617,7 +637,7 @@ class Machine:
                       foreground: bool = False) -> CommandResult:
         budget = self.default_timeout if timeout is None else timeout
         self.sim.run_until(lambda: number in self._finished,
-                           deadline=self.sim.now + seconds_to_ns(budget), machines=(self,))
+                           deadline_ns=self.sim.now_ns + seconds_to_ns(budget), machines=(self,))
         if number not in self._finished:
             self._raise_if_down()
             what = f"command {command!r} did not finish within {budget} s of virtual time"
@@ -627,7 +647,7 @@ class Machine:
                 self.crashed(f"stopped after command {command!r} outlived its budget of "
                              f"{budget} s (virtual)")
                 what += "; the machine was stopped (later calls on it raise)"
-            raise CommandTimeout(self.name, what, self.sim.now, tail, self.console_log())
+            raise CommandTimeout(self.name, what, self.sim.now_ns, tail, self.console_log())
         return self._read_result(number, command)
 
     def _read_result(self, number: int, command: str) -> CommandResult:
@@ -639,7 +659,7 @@ class Machine:
         except (OSError, ValueError, IndexError) as exc:
             raise MachineError(self.name, f"the result of command {command!r} is unreadable: "
                                f"the guest removed or replaced /mnt/cmd/{number} ({exc})",
-                               self.sim.now, self.console_tail(), self.console_log()) from None
+                               self.sim.now_ns, self.console_tail(), self.console_log()) from None
         result = CommandResult(command, status, stdout, stderr,
                                self._started[number], self._finished[number])
         self.results.append(result)
@@ -657,7 +677,7 @@ class Machine:
         target = self.directory / name
         if os.path.lexists(target):
             raise MachineError(self.name, f"/mnt/{name} exists already in the guest",
-                               self.sim.now)
+                               self.sim.now_ns)
         if source.is_dir():
             shutil.copytree(source, target, symlinks=True)
         else:
@@ -677,7 +697,7 @@ class Machine:
                 os.close(top)
         except OSError as exc:
             raise MachineError(self.name, f"cannot read {guest_path} ({exc.strerror}; a link "
-                               f"or a missing file)", self.sim.now) from None
+                               f"or a missing file)", self.sim.now_ns) from None
 
     # --- doorbells and departures ------------------------------------------------------
 
@@ -742,7 +762,7 @@ class Machine:
         if self.console is None or self.console.crash is None:
             return None
         cause, line = self.console.crash
-        return f"{cause}: {line.text.strip()} (seen at {format_ns(line.time)})"
+        return f"{cause}: {line.text.strip()} (seen at {format_ns(line.time_ns)})"
 
     def crashed(self, cause: str) -> MachineCrashed:
         """Mark the machine crashed, end its processes, and remember why."""
@@ -751,7 +771,7 @@ class Machine:
             console_cause = self.crash_cause()
             self.state = MachineState.CRASHED
             self.kill()
-            self.error = MachineCrashed(self.name, console_cause or cause, self.sim.now,
+            self.error = MachineCrashed(self.name, console_cause or cause, self.sim.now_ns,
                                         self.console_tail(), self.console_log())
         return self._remembered_crash()
 
@@ -764,7 +784,7 @@ class Machine:
     def _remembered_crash(self) -> MachineCrashed:
         """A fresh exception carrying the first failure, for every later call to raise."""
         assert self.error is not None
-        return MachineCrashed(self.name, self.error.what, self.error.now,
+        return MachineCrashed(self.name, self.error.what, self.error.now_ns,
                               self.error.console_tail, self.error.log)
 
     def _raise_if_down(self) -> None:
@@ -772,7 +792,7 @@ class Machine:
             raise self._remembered_crash()
         if self.state is not MachineState.READY:
             raise MachineError(self.name, f"the machine is {self.state.value}, not ready",
-                               self.sim.now, self.console_tail(), self.console_log())
+                               self.sim.now_ns, self.console_tail(), self.console_log())
 
     def console_tail(self, count: int = 25) -> str:
         if self.console is None:
@@ -806,7 +826,7 @@ class Machine:
         with self.sim.watched_closely(wall_timeout=wall_timeout):
             self.sim.run_until(lambda: (self.state is not MachineState.READY
                                         or time.monotonic() > give_up),
-                               deadline=self.sim.now + seconds_to_ns(timeout))
+                               deadline_ns=self.sim.now_ns + seconds_to_ns(timeout))
 
     def kill(self) -> None:
         """End the whole UML process tree now."""
