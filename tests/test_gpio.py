@@ -25,6 +25,13 @@ def ns(thing: object, name: str) -> int:
     return int(getattr(thing, f"{name}_ns", getattr(thing, name)))
 
 
+def guest_stamp(instant: int) -> str:
+    """How the guest stamps an event at virtual ``instant`` (gpiomon's ``%s.%n``): its
+    clocksource counts in TIMER_MULTIPLIER units (256 ns, arch/um/kernel/time.c)."""
+    seconds, nanoseconds = divmod(instant - instant % 256, S)
+    return f"{seconds}.{nanoseconds:09d}"
+
+
 def test_the_guest_sees_the_chip_and_its_line_names(uml_kernel: Path, rootfs: Rootfs) -> None:
     with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
         machine = sim.machine("m", devices=[VirtioGpio(LINES)])
@@ -68,3 +75,32 @@ def test_a_fault_from_an_instant_on_fails_requests_on_that_line(uml_kernel: Path
         refused = [request for request in chip.requests if not request.ok]
         assert refused and all(request.line == 3 and request.time_ns >= broken
                                for request in refused)
+
+
+def test_an_edge_reaches_gpiomon_at_its_exact_instant(uml_kernel: Path,
+                                                      rootfs: Rootfs) -> None:
+    chip = VirtioGpio(LINES)
+    chip.drive("button", 1, at_ns=1500 * MS)
+    with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
+        machine = sim.machine("m", devices=[chip])
+        monitor = machine.start("gpiomon -n 1 -r -F '%e %o %s.%n' gpiochip0 1")
+        result = monitor.wait(timeout=10)
+        assert result.ok, result.stderr
+        # The guest's CLOCK_MONOTONIC is virtual time: the kernel stamped the event then
+        # (1.5 s is a whole number of the guest clock's 256 ns ticks).
+        assert result.output == f"1 1 {guest_stamp(1500 * MS)}\n" == "1 1 1.500000000\n"
+        assert chip.interrupts == [(1500 * MS, 1, 1)]
+        assert ns(result, "ended") >= 1500 * MS
+
+
+def test_edges_follow_the_irq_type_the_driver_asked_for(uml_kernel: Path,
+                                                        rootfs: Rootfs) -> None:
+    chip = VirtioGpio(LINES)
+    for step, value in enumerate([1, 0, 1, 0]):
+        chip.drive("button", value, at_ns=(1000 + 250 * step) * MS)
+    with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
+        machine = sim.machine("m", devices=[chip])
+        falling = machine.run("gpiomon -n 2 -f -F '%e %s.%n' gpiochip0 1", timeout=10)
+        assert falling.output == f"0 {guest_stamp(1250 * MS)}\n0 {guest_stamp(1750 * MS)}\n"
+        assert [time for time, _, _ in chip.interrupts] == [1250 * MS, 1750 * MS]
+        assert chip.line("button").irq_type == "none"  # released again

@@ -216,8 +216,9 @@ class VirtioGpio(VirtioDevice):
             self._take_event_buffers(queue)
 
     def on_disconnect(self) -> None:
+        # A kernel that comes back probes again: nothing it armed survives.
         for line in self.lines:
-            line.event_buffer, line.latched = None, False
+            line.event_buffer, line.latched, line.irq_type = None, False, "none"
 
     # --- requests -------------------------------------------------------------------
 
