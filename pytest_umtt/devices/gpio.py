@@ -171,7 +171,9 @@ class VirtioGpio(VirtioDevice):
     def fail(self, line: int | str | None = None, at_ns: int | None = None,
              until_ns: int | None = None) -> Fault:
         """From ``at_ns`` (default: now) until ``until_ns`` (default: for ever), requests
-        naming ``line`` (every line if None) answer VIRTIO_GPIO_STATUS_ERR."""
+        naming ``line`` (every line if None) answer VIRTIO_GPIO_STATUS_ERR. GET_NAMES,
+        which names no line, is not affected. Change the returned fault's ``end_ns`` to
+        end it later."""
         start = at_ns if at_ns is not None else (self.now if self.backend else 0)
         fault = Fault(None if line is None else self.offset(line), start, until_ns)
         self.faults.append(fault)
@@ -196,8 +198,8 @@ class VirtioGpio(VirtioDevice):
         self.call_at(at, lambda: self._set_input(offset, level))
 
     def config(self) -> bytes:
-        names = self._names_block()
-        return CONFIG.pack(len(self.lines), len(names)) + names
+        # The names themselves come with GET_NAMES; the config only says how long they are.
+        return CONFIG.pack(len(self.lines), len(self._names_block()))
 
     def _names_block(self) -> bytes:
         if not any(line.name for line in self.lines):
