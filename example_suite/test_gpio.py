@@ -16,9 +16,9 @@ def test_a_button_press_is_seen_at_its_exact_instant(uml_factory: MachineFactory
     chip = VirtioGpio(["led", "button"])
     chip.drive("button", 1, at_ns=1500 * MS)
     board = uml_factory("board", devices=[chip])
-    press = board.start("gpiomon -n 1 -r -F '%o %s.%n' gpiochip0 1").wait(timeout=10)
-    # Event timestamps are the guest's CLOCK_MONOTONIC, which is virtual time.
-    assert press.output == "1 1.500000000\n"
+    press = board.start("gpiomon -n 1 -r -F '%s %n' gpiochip0 1").wait(timeout=10)
+    # Event stamps (seconds, nanoseconds) are the guest's CLOCK_MONOTONIC: virtual time.
+    assert press.output == "1 500000000\n"
 
 
 def test_the_guest_blinks_the_led(uml_factory: MachineFactory) -> None:
