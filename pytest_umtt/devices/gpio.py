@@ -1,4 +1,4 @@
-"""virtio-gpio (virtio 1.2, 5.17): a GPIO chip whose lines a test drives and reads.
+"""virtio-gpio (virtio 1.2, "GPIO Device"): a GPIO chip whose lines a test drives and reads.
 
 The guest sees a gpiochip (``gpiodetect``, ``gpioinfo``, ``gpioget``, ``gpioset``,
 ``gpiomon`` and in-kernel users all go through drivers/gpio/gpio-virtio.c). The model
@@ -263,7 +263,7 @@ class VirtioGpio(VirtioDevice):
         line = self.lines[offset]
         line.irq_type, line.latched = irq_type, False
         if irq_type == "none" and line.event_buffer is not None:
-            # Disabled: the driver gets its buffer back, marked invalid (virtio 5.17.6.3).
+            # Disabled: the spec has the device give the buffer back, marked invalid.
             self._report(offset, IRQ_STATUS_INVALID)
         else:
             self._check_level(offset)
