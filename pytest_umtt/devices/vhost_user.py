@@ -21,6 +21,7 @@ import enum
 import os
 import socket
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -221,7 +222,7 @@ class Backend:
         self._pending_calls: set[int] = set()
         self._deferred = self._released_early = False
         self._later: tuple[Message, bytes | None] | None = None
-        self._release: Callable[[], None] | None = None
+        self._holds: deque[Callable[[], None]] = deque()  # one per interrupt unanswered
         self._handlers = self._handler_table()
         clock.add_reader(self._listener.fileno(), self._accept)
 
@@ -261,7 +262,7 @@ class Backend:
         self._drop_requests_channel()
         self._conn = self._reader = None
         self.connected = False
-        self._release_hold()
+        self._release_holds()
         self.memory.unmap()
         self.device.on_disconnect()
 
@@ -436,25 +437,28 @@ class Backend:
                                                  payload)):
             self._disconnect()
             return
-        self._release_hold()
-        self._release = self.clock.hold(f"{self.device.label}: waiting for the kernel to "
-                                        f"take interrupt of queue {queue.index}")
+        self._holds.append(self.clock.hold(f"{self.device.label}: waiting for the kernel "
+                                           f"to take interrupt of queue {queue.index}"))
 
     def _on_request_reply(self) -> None:
         assert self._request_reader is not None
         replies = self._request_reader.read()
         if replies is None:
             self._drop_requests_channel()
-            self._release_hold()
+            self._release_holds()
             return
         self.messages_received += len(replies)
         for _reply in replies:
             self._release_hold()
 
     def _release_hold(self) -> None:
-        if self._release is not None:
-            self._release()
-            self._release = None
+        """The kernel answered an interrupt: the oldest one (it answers in order)."""
+        if self._holds:
+            self._holds.popleft()()
+
+    def _release_holds(self) -> None:
+        while self._holds:
+            self._holds.popleft()()
 
     # --- record ---------------------------------------------------------------------
 
