@@ -9,9 +9,10 @@ base class), then the models. Nothing here knows of machines or the plugin.
 
 from .device import VirtioDevice
 from .gpio import VirtioGpio
+from .net import Network, VirtioNet
 from .rng import VirtioRng
 from .vhost_user import Backend, DeviceClock, VhostUserError
 from .virtqueue import Chain, VirtQueue
 
-__all__ = ["Backend", "Chain", "DeviceClock", "VhostUserError", "VirtQueue", "VirtioDevice",
-           "VirtioGpio", "VirtioRng"]
+__all__ = ["Backend", "Chain", "DeviceClock", "Network", "VhostUserError", "VirtQueue",
+           "VirtioDevice", "VirtioGpio", "VirtioNet", "VirtioRng"]

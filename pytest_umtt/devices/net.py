@@ -1,0 +1,200 @@
+"""virtio-net ports on a simulated switch: Ethernet between machines in virtual time.
+
+A :class:`Network` is a learning switch. Every port pair is a link with a latency, a
+bandwidth (frames queue per direction, so a transfer takes as long as its bytes need),
+a loss probability drawn from the network's seeded generator, and a state (cut or not);
+each frame's fate and arrival instant are decided on the calendar's clock when the
+sending kernel kicks its transmit queue. With ``capture`` every port writes what it sent
+and received to ``PORT.pcapng`` with virtual timestamps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from .device import VirtioDevice
+from .pcapng import PcapngWriter
+from .virtqueue import VirtQueue
+
+DEVICE_ID_NET = 1
+F_MAC = 1 << 5
+HEADER_SIZE = 12  # struct virtio_net_hdr_v1 (VIRTIO_F_VERSION_1)
+RECEIVE_QUEUE = 0
+TRANSMIT_QUEUE = 1
+MAX_WAITING = 256
+BROADCAST = b"\xff" * 6
+
+
+@dataclass
+class Link:
+    """One port pair's properties; ``busy_until`` is per direction (serialisation)."""
+
+    latency_ns: int = 0
+    bandwidth_bps: int | None = None
+    loss: float = 0.0
+    cut: bool = False
+
+    def __post_init__(self) -> None:
+        self.busy_until: dict[str, int] = {}
+
+
+class VirtioNet(VirtioDevice):
+    """One machine's network interface (``eth0`` in the guest), a port of ``network``."""
+
+    device_id = DEVICE_ID_NET
+    num_queues = 2
+    features = F_MAC
+
+    def __init__(self, network: Network, port: str) -> None:
+        super().__init__(f"net-{port}")
+        self.network = network
+        self.port = port
+        self.mac = bytes([0x52, 0x54]) + hashlib.sha256(port.encode()).digest()[:4]
+        self._waiting: deque[bytes] = deque()
+        self.dropped = 0
+        self.capture: PcapngWriter | None = None
+
+    def config(self) -> bytes:
+        return self.mac
+
+    def on_queue_ready(self, queue: VirtQueue) -> None:
+        if queue.index == RECEIVE_QUEUE:
+            queue.notify_me(False)  # the driver refills without kicking unless we wait
+
+    def on_kick(self, queue: VirtQueue) -> None:
+        if queue.index == TRANSMIT_QUEUE:
+            self._transmit(queue)
+        else:
+            self._fill(queue)
+
+    def on_disconnect(self) -> None:
+        self._waiting.clear()
+
+    def _transmit(self, queue: VirtQueue) -> None:
+        sent = False
+        while (chain := queue.pop()) is not None:
+            frame = queue.read(chain)[HEADER_SIZE:]
+            queue.push(chain, 0)
+            sent = True
+            self._record(frame)
+            self.network.forward(self, frame)
+        if sent:
+            self.interrupt(queue)  # the driver frees what it sent on this interrupt
+
+    def receive(self, frame: bytes) -> None:
+        """A frame arrives now: into the next receive buffer, or waiting for one."""
+        if self.backend is None or not self.backend.connected:
+            self.dropped += 1
+            return
+        self._record(frame)
+        if len(self._waiting) >= MAX_WAITING:
+            self.dropped += 1
+            return
+        self._waiting.append(frame)
+        self._fill(self.queue(RECEIVE_QUEUE))
+
+    def _fill(self, queue: VirtQueue) -> None:
+        delivered = self._put_waiting(queue)
+        if self._waiting:
+            # Out of buffers: hear of new ones, and look again in case one came meanwhile.
+            queue.notify_me(True)
+            delivered |= self._put_waiting(queue)
+        if not self._waiting:
+            queue.notify_me(False)
+        if delivered:
+            self.interrupt(queue)
+
+    def _put_waiting(self, queue: VirtQueue) -> bool:
+        delivered = False
+        while self._waiting and (chain := queue.pop()) is not None:
+            header = bytes(10) + (1).to_bytes(2, "little")  # num_buffers = 1
+            queue.push(chain, queue.write(chain, header + self._waiting.popleft()))
+            delivered = True
+        return delivered
+
+    def _record(self, frame: bytes) -> None:
+        if self.capture is not None and self.backend is not None:
+            self.capture.write(self.now, frame)
+
+
+class Network:
+    """A switch: ports by name, links between them, all fates drawn from ``seed``."""
+
+    def __init__(self, seed: int = 0, *, latency_ns: int = 0,
+                 bandwidth_bps: int | None = None, capture: Path | None = None) -> None:
+        self.random = random.Random(f"network/{seed}")
+        self.default = Link(latency_ns, bandwidth_bps)
+        self.capture = capture
+        self.ports: dict[str, VirtioNet] = {}
+        self.links: dict[frozenset[str], Link] = {}
+        self.macs: dict[bytes, str] = {}
+        self.lost = 0
+
+    def port(self, name: str) -> VirtioNet:
+        """A new port (a machine's virtio-net device): ``uml_factory(name, devices=[...])``."""
+        if name in self.ports:
+            raise ValueError(f"port {name!r} exists already")
+        device = VirtioNet(self, name)
+        if self.capture is not None:
+            self.capture.mkdir(parents=True, exist_ok=True)
+            device.capture = PcapngWriter(self.capture / f"{name}.pcapng", name)
+        self.ports[name] = device
+        return device
+
+    def link(self, a: str, b: str, *, latency_ns: int | None = None,
+             bandwidth_bps: int | None = None, loss: float | None = None) -> Link:
+        """The link between ports ``a`` and ``b`` (both directions), changed as given."""
+        link = self.links.setdefault(frozenset((a, b)), Link(
+            self.default.latency_ns, self.default.bandwidth_bps, self.default.loss))
+        if latency_ns is not None:
+            link.latency_ns = latency_ns
+        if bandwidth_bps is not None:
+            link.bandwidth_bps = bandwidth_bps
+        if loss is not None:
+            link.loss = loss
+        return link
+
+    def cut(self, a: str, b: str, at_ns: int | None = None) -> None:
+        """Drop every frame between ``a`` and ``b`` from ``at_ns`` (default: now)."""
+        self._set_cut(a, b, True, at_ns)
+
+    def heal(self, a: str, b: str, at_ns: int | None = None) -> None:
+        """Carry frames between ``a`` and ``b`` again from ``at_ns`` (default: now)."""
+        self._set_cut(a, b, False, at_ns)
+
+    def _set_cut(self, a: str, b: str, state: bool, at_ns: int | None) -> None:
+        link = self.link(a, b)
+        if at_ns is None:
+            link.cut = state
+            return
+        clock = self.ports[a].clock
+        clock.call_at(at_ns, lambda: setattr(link, "cut", state), f"network {a}-{b}")
+
+    def forward(self, sender: VirtioNet, frame: bytes) -> None:
+        """Switch a frame the sender's kernel just sent, at this instant."""
+        self.macs[frame[6:12]] = sender.port
+        target = self.macs.get(frame[:6]) if frame[:6] != BROADCAST else None
+        targets = [target] if target else [p for p in self.ports if p != sender.port]
+        for name in targets:
+            self._carry(sender, self.ports[name], frame)
+
+    def _carry(self, sender: VirtioNet, receiver: VirtioNet, frame: bytes) -> None:
+        link = self.link(sender.port, receiver.port)
+        if link.cut or (link.loss and self.random.random() < link.loss):
+            self.lost += 1
+            return
+        now = sender.now
+        start = max(now, link.busy_until.get(sender.port, 0))
+        wire = 0 if link.bandwidth_bps is None else \
+            -(-len(frame) * 8 * 1_000_000_000 // link.bandwidth_bps)
+        link.busy_until[sender.port] = start + wire
+        sender.call_at(start + wire + link.latency_ns, lambda: receiver.receive(frame))
+
+    def close(self) -> None:
+        for port in self.ports.values():
+            if port.capture is not None:
+                port.capture.close()
