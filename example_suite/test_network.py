@@ -19,8 +19,10 @@ CLIENT = ("import socket\n"
 
 
 @pytest.fixture
-def pair(uml_factory: MachineFactory, umtt_sim: Simulation) -> tuple[Network, Machine, Machine]:
-    net = Network(umtt_sim.seed, latency_ns=5 * MS)
+def pair(uml_factory: MachineFactory, umtt_sim: Simulation,
+         umtt_network: Network) -> tuple[Network, Machine, Machine]:
+    net = umtt_network  # seeded by the test's seed; --umtt-artifacts keeps its captures
+    net.link("a", "b", latency_ns=5 * MS)
     a = uml_factory("a", devices=[net.port("a")], boot=False)
     b = uml_factory("b", devices=[net.port("b")], boot=False)
     umtt_sim.boot(a, b)

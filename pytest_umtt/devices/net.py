@@ -31,11 +31,15 @@ BROADCAST = b"\xff" * 6
 
 @dataclass
 class Link:
-    """One port pair's properties; ``busy_until`` is per direction (serialisation)."""
+    """One port pair's properties; ``busy_until`` is per direction (serialisation). A
+    frame is lost with probability ``loss``; with probability ``reorder`` it is held
+    ``reorder_ns`` longer, so frames sent after it overtake it."""
 
     latency_ns: int = 0
     bandwidth_bps: int | None = None
     loss: float = 0.0
+    reorder: float = 0.0
+    reorder_ns: int = 0
     cut: bool = False
 
     def __post_init__(self) -> None:
@@ -145,17 +149,16 @@ class Network:
         self.ports[name] = device
         return device
 
-    def link(self, a: str, b: str, *, latency_ns: int | None = None,
-             bandwidth_bps: int | None = None, loss: float | None = None) -> Link:
-        """The link between ports ``a`` and ``b`` (both directions), changed as given."""
+    def link(self, a: str, b: str, **changes: int | float | None) -> Link:
+        """The link between ports ``a`` and ``b`` (both directions), with the given
+        :class:`Link` fields changed (``latency_ns``, ``bandwidth_bps``, ``loss``,
+        ``reorder``, ``reorder_ns``)."""
         link = self.links.setdefault(frozenset((a, b)), Link(
-            self.default.latency_ns, self.default.bandwidth_bps, self.default.loss))
-        if latency_ns is not None:
-            link.latency_ns = latency_ns
-        if bandwidth_bps is not None:
-            link.bandwidth_bps = bandwidth_bps
-        if loss is not None:
-            link.loss = loss
+            self.default.latency_ns, self.default.bandwidth_bps))
+        for name, value in changes.items():
+            if name not in ("latency_ns", "bandwidth_bps", "loss", "reorder", "reorder_ns"):
+                raise TypeError(f"a link has no {name!r}")
+            setattr(link, name, value)
         return link
 
     def cut(self, a: str, b: str, at_ns: int | None = None) -> None:
@@ -192,7 +195,8 @@ class Network:
         wire = 0 if link.bandwidth_bps is None else \
             -(-len(frame) * 8 * 1_000_000_000 // link.bandwidth_bps)
         link.busy_until[sender.port] = start + wire
-        sender.call_at(start + wire + link.latency_ns, lambda: receiver.receive(frame))
+        held = link.reorder_ns if link.reorder and self.random.random() < link.reorder else 0
+        sender.call_at(start + wire + link.latency_ns + held, lambda: receiver.receive(frame))
 
     def close(self) -> None:
         for port in self.ports.values():

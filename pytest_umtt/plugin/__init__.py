@@ -22,6 +22,7 @@ from .fixtures import uml as uml
 from .fixtures import uml_factory as uml_factory
 from .fixtures import uml_module as uml_module
 from .fixtures import umtt_module_sim as umtt_module_sim
+from .fixtures import umtt_network as umtt_network
 from .fixtures import umtt_sim as umtt_sim
 from .fixtures import umtt_variant as umtt_variant
 from .reports import pytest_report_header as pytest_report_header

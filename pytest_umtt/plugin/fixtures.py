@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 
+from ..devices.net import Network
 from ..simulation import (
     MachineFactory,
     Simulation,
@@ -18,6 +19,7 @@ from ..simulation import (
 from ..summary import EXPLORED_SEED, FINGERPRINT
 from ..uml.machine import Machine
 from .state import (
+    CAPTURE_DIR,
     ITEM_SETTINGS,
     ITEM_SIM,
     STATE,
@@ -77,6 +79,17 @@ def _compare_runs(state: SessionState, nodeid: str, fingerprint: list[str]) -> N
     difference = first_difference(first, fingerprint)
     if difference is not None:
         raise AssertionError(f"not deterministic: two runs with one seed differ; {difference}")
+
+
+@pytest.fixture
+def umtt_network(request: pytest.FixtureRequest, umtt_sim: Simulation) -> Iterator[Network]:
+    """A switch for this test's machines, seeded by the test's seed:
+    ``uml_factory("a", devices=[umtt_network.port("a")])``. With ``--umtt-artifacts``
+    each port's capture is kept as ``PORT.pcapng`` among the test's artifacts."""
+    keep = settings_of(request.node).artifacts is not None
+    network = Network(umtt_sim.seed, capture=umtt_sim.directory / CAPTURE_DIR if keep else None)
+    yield network
+    network.close()
 
 
 @pytest.fixture

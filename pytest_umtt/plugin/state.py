@@ -101,6 +101,10 @@ def close_simulation(config: pytest.Config, sim: Simulation, started: float,
             shutil.rmtree(sim.directory, ignore_errors=True)
 
 
+CAPTURE_DIR = "capture"
+"""Where the ``umtt_network`` fixture's ports write their pcapng captures."""
+
+
 def machine_factory(config: pytest.Config, sim: Simulation, settings: Settings) -> MachineFactory:
     def make(name: str | None = None, *, boot: bool = True, mem: str | None = None,
              cmdline: Sequence[str] = (), devices: Sequence[VirtioDevice] = ()) -> Machine:
@@ -131,6 +135,8 @@ def save_artifacts(sim: Simulation, target: Path) -> None:
             # Links the guest made stay links: never copy what they point to.
             shutil.copytree(commands, target / f"{name}.commands", symlinks=True,
                             dirs_exist_ok=True)
+    for capture in sorted((sim.directory / CAPTURE_DIR).glob("*.pcapng")):
+        shutil.copyfile(capture, target / capture.name)
     trace = sim.calendar.trace
     if trace is not None:
         with (target / "trace.jsonl").open("w") as stream:
