@@ -71,14 +71,7 @@ class VirtioConsole(VirtioDevice):
             self.on_receive(bytes(data))
 
     def _deliver(self, queue: VirtQueue) -> None:
-        delivered = self._fill(queue)
-        if self._outgoing:
-            # Out of buffers: hear of new ones, and look again in case one came meanwhile.
-            queue.notify_me(True)
-            delivered |= self._fill(queue)
-        if not self._outgoing:
-            queue.notify_me(False)  # the driver refills without kicking
-        if delivered:
+        if queue.feed(self._fill, lambda: bool(self._outgoing)):
             self.interrupts += 1
             self.interrupt(queue)
 

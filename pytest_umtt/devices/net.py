@@ -102,14 +102,7 @@ class VirtioNet(VirtioDevice):
         self._fill(self.queue(RECEIVE_QUEUE))
 
     def _fill(self, queue: VirtQueue) -> None:
-        delivered = self._put_waiting(queue)
-        if self._waiting:
-            # Out of buffers: hear of new ones, and look again in case one came meanwhile.
-            queue.notify_me(True)
-            delivered |= self._put_waiting(queue)
-        if not self._waiting:
-            queue.notify_me(False)
-        if delivered:
+        if queue.feed(self._put_waiting, lambda: bool(self._waiting)):
             self.interrupt(queue)
 
     def _put_waiting(self, queue: VirtQueue) -> bool:

@@ -9,6 +9,7 @@ index: the devices here never offer those features.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .guest_memory import GuestMemory, GuestMemoryError
@@ -129,6 +130,19 @@ class VirtQueue:
         a device that has nothing to put in them needs no kick, and each costs a message
         and its acknowledgement."""
         self.memory.pack(U16, self.used, 0 if wanted else USED_F_NO_NOTIFY)
+
+    def feed(self, fill: Callable[[VirtQueue], bool], waiting: Callable[[], bool]) -> bool:
+        """Put what waits for the driver into its buffers with ``fill`` (True if it put
+        anything). While something still waits, ask for the driver's kicks (and look
+        again, in case a buffer came meanwhile); once nothing does, the driver refills
+        without kicking. True if anything was delivered."""
+        delivered = fill(self)
+        if waiting():
+            self.notify_me(True)
+            delivered |= fill(self)
+        if not waiting():
+            self.notify_me(False)
+        return delivered
 
     def wants_interrupt(self) -> bool:
         """False while the driver suppresses interrupts (VRING_AVAIL_F_NO_INTERRUPT)."""
