@@ -8,7 +8,7 @@ LATENCY = 2_000_000  # 2 ms per request
 
 
 def test_the_guest_reads_the_models_bytes(uml_factory: MachineFactory) -> None:
-    rng = VirtioRng(latency=LATENCY)
+    rng = VirtioRng(latency_ns=LATENCY)
     machine = uml_factory("entropy", devices=[rng])
     assert machine.run("cat /sys/class/misc/hw_random/rng_current").output == "virtio_rng.0\n"
     read = machine.run("head -c 64 /dev/hwrng | wc -c")
@@ -19,6 +19,6 @@ def test_the_guest_reads_the_models_bytes(uml_factory: MachineFactory) -> None:
 def test_hwrng_bytes_reach_the_guests_pool(uml_factory: MachineFactory) -> None:
     # The hwrng core mixes what it reads into the pool: urandom follows the seed too,
     # which --umtt-check-determinism and --umtt-explore show.
-    machine = uml_factory("pool", devices=[VirtioRng(latency=LATENCY)])
+    machine = uml_factory("pool", devices=[VirtioRng(latency_ns=LATENCY)])
     sample = machine.run("head -c 16 /dev/urandom | od -An -tx1").output
     assert len(sample.split()) == 16

@@ -35,7 +35,7 @@ def test_virtio_rng_is_the_guests_hwrng_and_follows_the_seed(uml_kernel: Path,
 
 def test_a_request_is_answered_after_the_models_latency(uml_kernel: Path,
                                                         rootfs: Rootfs) -> None:
-    rng = VirtioRng(latency=250 * MS)
+    rng = VirtioRng(latency_ns=250 * MS)
     with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
         machine = sim.machine("m", devices=[rng])
         assert machine.run("cat /sys/class/misc/hw_random/rng_current").output == \

@@ -2,7 +2,7 @@
 
 The guest's hwrng core reads it and mixes what it reads into the entropy pool, so a
 kernel with this device gets the same randomness for the same seed, and another seed
-changes it. ``latency`` is how long a request takes in virtual time.
+changes it. ``latency_ns`` is how long a request takes in virtual time.
 """
 
 from __future__ import annotations
@@ -14,21 +14,21 @@ DEVICE_ID_RNG = 4
 
 
 class VirtioRng(VirtioDevice):
-    """Fills every request with seeded bytes, ``latency`` ns after the driver asked."""
+    """Fills every request with seeded bytes, ``latency_ns`` after the driver asked."""
 
     device_id = DEVICE_ID_RNG
     num_queues = 1
 
-    def __init__(self, name: str = "rng", latency: int = 1_000_000) -> None:
+    def __init__(self, name: str = "rng", latency_ns: int = 1_000_000) -> None:
         super().__init__(name)
-        self.latency = latency
+        self.latency_ns = latency_ns
         self.bytes_served = 0
         self.answers: list[tuple[int, int]] = []
         """(asked, answered) virtual instants (ns) of every request."""
 
     def on_kick(self, queue: VirtQueue) -> None:
         asked = self.now
-        self.call_at(asked + self.latency, lambda: self._answer(queue, asked))
+        self.call_at(asked + self.latency_ns, lambda: self._answer(queue, asked))
 
     def _answer(self, queue: VirtQueue, asked: int) -> None:
         self.answers.append((asked, self.now))
