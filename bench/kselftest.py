@@ -32,7 +32,7 @@ def booted(sim: Simulation, tree: Path, name: str, cmdline: list[str]) -> Machin
 
 
 def show(result: KselftestResult, boot: float) -> None:
-    print(f"{result.test.id:28} {result.outcome.value:8} {result.virtual_ns / 1e9:10.3f} s "
+    print(f"{result.test.id:28} {result.outcome.value:8} {result.virtual:10.3f} s "
           f"virtual {result.wall_seconds:7.2f} s wall  boot {boot:.2f} s  "
           f"{len(result.cases)} cases  {result.detail[:150]}", flush=True)
 
@@ -87,7 +87,7 @@ def main() -> None:
     run = per_test if args.per == "test" else per_tree
     results = run(args.tree, tests, args.wall, args.cmdline)
     total = time.monotonic() - started
-    virtual = sum(r.virtual_ns for r in results) / 1e9
+    virtual = sum(r.virtual for r in results)
     counts: dict[str, int] = {}
     for result in results:
         counts[result.outcome.value] = counts.get(result.outcome.value, 0) + 1

@@ -7,11 +7,6 @@ from pytest_umtt.devices import VirtioGpio
 MS = 1_000_000
 
 
-def at_ns(thing: object, name: str) -> int:
-    """An instant in exact ns (``name_ns`` where the API also gives float seconds)."""
-    return int(getattr(thing, f"{name}_ns", getattr(thing, name)))
-
-
 def test_a_button_press_is_seen_at_its_exact_instant(uml_factory: MachineFactory) -> None:
     chip = VirtioGpio(["led", "button"])
     chip.drive("button", 1, at_ns=1500 * MS)
@@ -38,7 +33,7 @@ def test_a_broken_line_fails_from_its_instant(uml_factory: MachineFactory,
                                               umtt_sim: Simulation) -> None:
     chip = VirtioGpio(["led", "button"])
     board = uml_factory("board", devices=[chip])
-    chip.fail("button", at_ns=at_ns(umtt_sim, "now") + 1000 * MS)
+    chip.fail("button", at_ns=umtt_sim.now_ns + 1000 * MS)
     assert board.run("gpioget gpiochip0 1").ok
     umtt_sim.advance(1.0)
     broken = board.run("gpioget gpiochip0 1")

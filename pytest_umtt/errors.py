@@ -1,12 +1,18 @@
-"""Exceptions of pytest-umtt: one base class, subclasses that carry their context."""
+"""Exceptions of pytest-umtt: one base class, subclasses that carry their context.
+
+Every virtual instant an error carries is kept exact, as integer nanoseconds (``now_ns``),
+and given in seconds under the bare name (``now``), as everywhere at the user API.
+"""
 
 from __future__ import annotations
+
+NS_PER_S = 10**9
 
 
 def format_ns(ns: int) -> str:
     """Render a virtual time in nanoseconds as seconds with nanosecond precision."""
     sign = "-" if ns < 0 else ""
-    seconds, rest = divmod(abs(ns), 1_000_000_000)
+    seconds, rest = divmod(abs(ns), NS_PER_S)
     return f"{sign}{seconds}.{rest:09d} s"
 
 
@@ -14,27 +20,40 @@ class UmttError(Exception):
     """Base class of every error pytest-umtt raises."""
 
 
-class ProtocolError(UmttError):
+class _AtVirtualTime:
+    """An error raised at a virtual instant: ``now_ns`` exact, ``now`` in seconds."""
+
+    now_ns: int
+
+    @property
+    def now(self) -> float:
+        """When it happened, in virtual seconds."""
+        return self.now_ns / NS_PER_S
+
+
+class ProtocolError(_AtVirtualTime, UmttError):
     """A client broke the time-travel protocol; the calendar dropped it and went on."""
 
-    def __init__(self, client: str, detail: str, now: int, message: str | None = None) -> None:
+    def __init__(self, client: str, detail: str, now_ns: int,
+                 message: str | None = None) -> None:
         self.client = client
         self.detail = detail
-        self.now = now
+        self.now_ns = now_ns
         self.message = message
         where = f" on {message}" if message else ""
-        super().__init__(f"{client}: {detail}{where} at virtual time {format_ns(now)}")
+        super().__init__(f"{client}: {detail}{where} at virtual time {format_ns(now_ns)}")
 
 
-class StallError(UmttError):
+class StallError(_AtVirtualTime, UmttError):
     """Virtual time did not move for longer than the wall-clock budget allowed."""
 
-    def __init__(self, now: int, waited: float, waiting_for: str) -> None:
-        self.now = now
+    def __init__(self, now_ns: int, waited: float, waiting_for: str) -> None:
+        self.now_ns = now_ns
         self.waited = waited
+        """Wall seconds it stood still."""
         self.waiting_for = waiting_for
         super().__init__(
-            f"virtual time stalled at {format_ns(now)} for {waited:.1f} s wall "
+            f"virtual time stalled at {format_ns(now_ns)} for {waited:.1f} s wall "
             f"(waiting for {waiting_for})"
         )
 
@@ -43,7 +62,7 @@ class CalendarClosedError(UmttError):
     """The calendar was used after close()."""
 
 
-class MachineError(UmttError):
+class MachineError(_AtVirtualTime, UmttError):
     """Something went wrong with one UML machine; says which, when, and shows its console."""
 
     def __init__(self, machine: str, what: str, now_ns: int, console_tail: str = "",
@@ -58,11 +77,6 @@ class MachineError(UmttError):
         if console_tail or log:
             text += f"\n--- console tail{f' ({log})' if log else ''} ---\n{console_tail}"
         super().__init__(text)
-
-    @property
-    def now(self) -> float:
-        """When it happened, in virtual seconds."""
-        return self.now_ns / 1e9
 
 
 class BootError(MachineError):
@@ -89,12 +103,17 @@ class SocketInUseError(UmttError):
     """Another controller is listening on the socket path."""
 
 
-class ClockError(UmttError):
+class ClockError(_AtVirtualTime, UmttError):
     """A virtual clock was about to go backwards, from ``now`` to ``when``: a bug in
     whatever drives the clock (the calendar, or a device model on its own)."""
 
-    def __init__(self, now: int, when: int) -> None:
-        super().__init__(f"the clock would go backwards from {format_ns(now)} "
-                         f"to {format_ns(when)}")
-        self.now = now
-        self.when = when
+    def __init__(self, now_ns: int, when_ns: int) -> None:
+        super().__init__(f"the clock would go backwards from {format_ns(now_ns)} "
+                         f"to {format_ns(when_ns)}")
+        self.now_ns = now_ns
+        self.when_ns = when_ns
+
+    @property
+    def when(self) -> float:
+        """The instant it was asked to go to, in virtual seconds."""
+        return self.when_ns / NS_PER_S

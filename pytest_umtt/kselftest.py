@@ -31,10 +31,17 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .errors import MachineCrashed, MachineError, MachineStalled, UmttError, format_ns
+from .errors import (
+    NS_PER_S,
+    MachineCrashed,
+    MachineError,
+    MachineStalled,
+    UmttError,
+    format_ns,
+)
 from .kernel import KernelError, cache_root, debian_source, user_source
 from .ktap import KtapCase, parse_ktap
-from .uml.machine import NS_PER_S, BackgroundCommand, Machine, seconds_to_ns
+from .uml.machine import BackgroundCommand, Machine, seconds_to_ns
 
 LIST_FILE = "kselftest-list.txt"
 SETTINGS_FILE = "settings"
@@ -152,6 +159,11 @@ class KselftestResult:
     cases: tuple[KtapCase, ...] = field(default=())
 
     @property
+    def virtual(self) -> float:
+        """Virtual seconds the test took (``virtual_ns`` is exact)."""
+        return self.virtual_ns / NS_PER_S
+
+    @property
     def ok(self) -> bool:
         return self.outcome in (Outcome.PASS, Outcome.SKIP)
 
@@ -239,8 +251,8 @@ def _stopped(test: KselftestTest, job: BackgroundCommand, budget: float, wall: f
 
 def slow_diagnosis(virtual_ns: int, wall: float, budget: float) -> str:
     """What it means that ``virtual_ns`` of virtual time passed in ``wall`` seconds."""
-    rate = virtual_ns / 1e9 / wall if wall > 0 else 0.0
-    text = (f"virtual time advanced {virtual_ns / 1e9:.3f} s in {wall:.1f} s of wall time: "
+    rate = virtual_ns / NS_PER_S / wall if wall > 0 else 0.0
+    text = (f"virtual time advanced {virtual_ns / NS_PER_S:.3f} s in {wall:.1f} s of wall time: "
             f"a loop that polls the clock")
     if 0 < rate < 1:
         text += f", running {1 / rate:.{0 if rate < 0.1 else 1}f}x slower than real time"
@@ -255,7 +267,7 @@ def _stalled(test: KselftestTest, job: BackgroundCommand, exc: MachineStalled,
              stall: float, wall: float) -> KselftestResult:
     moved = exc.now_ns - job.started_ns
     detail = (f"virtual time stood still at {format_ns(exc.now_ns)} (the test had run "
-              f"{moved / 1e9:.3f} virtual s) for {stall:.1f} s "
+              f"{moved / NS_PER_S:.3f} virtual s) for {stall:.1f} s "
               f"of wall time: a busy loop that never reads the clock or sleeps, which stops "
               f"UML's virtual time")
     return KselftestResult(test, Outcome.STALL, detail, _output_so_far(job.machine, job),

@@ -24,6 +24,7 @@ import psutil
 from .controller import Calendar, Client, Stop, StopReason, Trace, TraceEvent
 from .devices import VirtioDevice
 from .errors import (
+    NS_PER_S,
     BootError,
     MachineError,
     MachineStalled,
@@ -44,22 +45,22 @@ from .uml.confine import confinement_available
 from .uml.machine import (
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_MEM,
-    DEFAULT_TIME_TRAVEL_START,
+    DEFAULT_TIME_TRAVEL_START_NS,
     ROOTFS_FROM_MACHINE_DIR,
     Machine,
     MachineState,
     seconds_to_ns,
 )
 
-DEFAULT_CONSOLE_RESOLUTION = 1_000_000
+DEFAULT_CONSOLE_RESOLUTION_NS = 1_000_000
 """1 ms: while an expect() waits, how far a kernel may run without telling the calendar;
 it bounds how late a console line is stamped, at one round trip per busy virtual ms."""
-DEFAULT_MAX_FREE_RUN = 24 * 3600 * 10**9
+DEFAULT_MAX_FREE_RUN_NS = 24 * 3600 * NS_PER_S
 """A day: without a bound, a lone kernel free-runs through its own periodic timers for
 2^62 ns and the calendar never learns where it is. A day of virtual time costs a lone
 kernel about 1.5 s of wall time and two messages."""
 DEFAULT_WALL_TIMEOUT = 30.0
-PERTURBED_DOORBELL_LATENCY = 1_000_000
+PERTURBED_DOORBELL_LATENCY_NS = 1_000_000
 """With perturbation on, a doorbell's pause (a command's end, say) comes up to 1 ms late."""
 DEFAULT_BOOT_TIMEOUT = 60.0
 SUN_PATH_MAX = 108
@@ -141,19 +142,35 @@ class MachineFactory(Protocol):
 
 @dataclass
 class Elapsed:
-    """Virtual time spent in a ``with sim.elapsed():`` block (``end`` set on exit)."""
+    """Virtual time spent in a ``with sim.elapsed():`` block (``end_ns`` set on exit):
+    ``start``, ``end`` and ``duration`` in seconds, ``*_ns`` exact."""
 
-    start: int
-    end: int | None = None
-
-    @property
-    def ns(self) -> int:
-        assert self.end is not None, "the block has not ended"
-        return self.end - self.start
+    start_ns: int
+    end_ns: int | None = None
 
     @property
-    def seconds(self) -> float:
-        return self.ns / 1e9
+    def start(self) -> float:
+        """Virtual time the block began, in seconds."""
+        return self.start_ns / NS_PER_S
+
+    @property
+    def end(self) -> float:
+        """Virtual time the block ended, in seconds."""
+        return self._end_ns() / NS_PER_S
+
+    @property
+    def duration_ns(self) -> int:
+        """Virtual time the block took, exact."""
+        return self._end_ns() - self.start_ns
+
+    @property
+    def duration(self) -> float:
+        """Virtual seconds the block took."""
+        return self.duration_ns / NS_PER_S
+
+    def _end_ns(self) -> int:
+        assert self.end_ns is not None, "the block has not ended"
+        return self.end_ns
 
 
 class Simulation:
@@ -168,9 +185,9 @@ class Simulation:
         shm: bool = True,
         deterministic: bool = True,
         wall_timeout: float = DEFAULT_WALL_TIMEOUT,
-        console_resolution: int = DEFAULT_CONSOLE_RESOLUTION,
-        max_free_run: int = DEFAULT_MAX_FREE_RUN,
-        time_travel_start: int = DEFAULT_TIME_TRAVEL_START,
+        console_resolution_ns: int = DEFAULT_CONSOLE_RESOLUTION_NS,
+        max_free_run_ns: int = DEFAULT_MAX_FREE_RUN_NS,
+        time_travel_start_ns: int = DEFAULT_TIME_TRAVEL_START_NS,
         trace: bool = True,
         perturb: bool = False,
         rootfs: Rootfs | None = None,
@@ -184,16 +201,18 @@ class Simulation:
         self.seed = seed
         self.wall_timeout = wall_timeout
         """Wall seconds virtual time may stand still before the runner counts as hung."""
-        self.time_travel_start = time_travel_start
-        self.console_resolution = console_resolution
+        self.time_travel_start_ns = time_travel_start_ns
+        """The guests' wall clock at virtual time 0 (ns since the epoch)."""
+        self.console_resolution_ns = console_resolution_ns
+        """While an expect() waits, how far a kernel may run without telling the calendar."""
         self.shim = build_shim() if deterministic else None  # first: it may fail
         self._own_directory = directory is None
         self.directory = _make_directory(directory)
-        self.calendar = Calendar(shm=shm, max_free_run=max_free_run,
+        self.calendar = Calendar(shm=shm, max_free_run=max_free_run_ns,
                                  tie_seed=seed if perturb else None,
-                                 doorbell_latency=PERTURBED_DOORBELL_LATENCY if perturb else 0,
+                                 doorbell_latency=PERTURBED_DOORBELL_LATENCY_NS if perturb else 0,
                                  trace=Trace() if trace else None, pause_on_broadcast=True,
-                                 time_at_start=time_travel_start)
+                                 time_at_start=time_travel_start_ns)
         self.calendar.on_drop.append(self._on_drop)
         self.calendar.on_wait.append(self._on_wait)
         self.machines: dict[str, Machine] = {}
@@ -241,7 +260,7 @@ class Simulation:
     @property
     def now(self) -> float:
         """Virtual time in seconds (``now_ns`` is exact)."""
-        return self.calendar.now / 1e9
+        return self.calendar.now / NS_PER_S
 
     @property
     def now_ns(self) -> int:
@@ -259,18 +278,18 @@ class Simulation:
         __tracebackhide__ = True
         measured = Elapsed(self.now_ns)
         yield measured
-        measured.end = self.now_ns
-        took = measured.seconds
-        wanted = [(exactly is not None and measured.ns != round(exactly * 1e9),
+        measured.end_ns = self.now_ns
+        took = measured.duration
+        wanted = [(exactly is not None and measured.duration_ns != seconds_to_ns(exactly),
                    f"exactly {exactly}"),
                   (at_least is not None and took < at_least, f"at least {at_least}"),
                   (at_most is not None and took > at_most, f"at most {at_most}")]
         for failed, expectation in wanted:
             if failed:
                 raise AssertionError(
-                    f"the block took {format_ns(measured.ns)} of virtual time, expected "
-                    f"{expectation} s (from {format_ns(measured.start)} to "
-                    f"{format_ns(measured.end)})")
+                    f"the block took {format_ns(measured.duration_ns)} of virtual time, "
+                    f"expected {expectation} s (from {format_ns(measured.start_ns)} to "
+                    f"{format_ns(measured.end_ns)})")
 
     # --- machines -------------------------------------------------------------------
 
@@ -375,7 +394,7 @@ class Simulation:
             try:
                 stop = self.calendar.run_until(
                     lambda: bool(condition and condition()) or self._trouble(watched),
-                    deadline=deadline_ns, stall_timeout=self.wall_timeout)
+                    deadline_ns=deadline_ns, stall_timeout=self.wall_timeout)
             except StallError as exc:
                 raise self._stalled(exc) from None
             if stop.reason is StopReason.DOORBELL:
@@ -393,7 +412,7 @@ class Simulation:
         usual = self.wall_timeout, self.calendar.max_free_run
         if wall_timeout is not None:
             self.wall_timeout = wall_timeout
-        self.calendar.max_free_run = self.console_resolution
+        self.calendar.max_free_run = self.console_resolution_ns
         try:
             yield
         finally:
@@ -448,10 +467,10 @@ class Simulation:
         runner = self.calendar.runner
         machine = self._machine_of(runner) if runner is not None else None
         if machine is None:
-            return MachineStalled("simulation", str(exc), exc.now)
-        error = MachineStalled(machine.name, f"virtual time stalled at {exc.now / 1e9:.9f} s "
+            return MachineStalled("simulation", str(exc), exc.now_ns)
+        error = MachineStalled(machine.name, f"virtual time stalled at {format_ns(exc.now_ns)} "
                                f"for {exc.waited:.1f} s wall (the guest never lets time "
-                               f"advance: a busy loop?)", exc.now, machine.console_tail(),
+                               f"advance: a busy loop?)", exc.now_ns, machine.console_tail(),
                                machine.console_log())
         machine.stalled(error)
         return error

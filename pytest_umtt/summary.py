@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .errors import format_ns
+from .errors import NS_PER_S, format_ns
 
 FINGERPRINT = "umtt_fingerprint"
 """User property: the digest of a determinism run's fingerprint (with its run number)."""
@@ -49,7 +49,7 @@ class Summary:
         """The summary's lines (none when nothing was simulated)."""
         if not self.simulations:
             return []
-        speedup = self.virtual_ns / 1e9 / self.wall_seconds if self.wall_seconds else 0.0
+        speedup = self.virtual_ns / NS_PER_S / self.wall_seconds if self.wall_seconds else 0.0
         lines = [f"{self.simulations} simulations: {format_ns(self.virtual_ns)} of virtual "
                  f"time in {self.wall_seconds:.2f} s wall ({speedup:.1f}x)"]
         if self.checked:

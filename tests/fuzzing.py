@@ -128,7 +128,7 @@ class FuzzWorld:
     def run(self, span: int) -> None:
         # StallError: a client that holds the CPU and says nothing is not the calendar's fault.
         with contextlib.suppress(StallError):
-            self.calendar.run_until(deadline=self.calendar.now + span, stall_timeout=0.02)
+            self.calendar.run_until(deadline_ns=self.calendar.now + span, stall_timeout=0.02)
 
     def do_send(self, fuzz: FuzzClient, op: int, time: int, own_seq: bool) -> None:
         seq = fuzz.ref.seq + 1 if own_seq else time & 0xFFFFFFFF

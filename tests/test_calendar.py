@@ -42,14 +42,14 @@ def test_jobs_interleave_with_clients_on_one_clock(calendar: Calendar,
     order.append(f"client@{ref.time}")
     ref.request(10**6)
     ref.send(Op.WAIT, U64_MAX)
-    calendar.run_until(deadline=700)
+    calendar.run_until(deadline_ns=700)
     assert order == ["job@400", "client@500", "job@600"]
 
 
 def test_pause_from_a_job_stops_at_that_instant(calendar: Calendar) -> None:
     calendar.call_at(250, calendar.pause)
     calendar.call_at(900, lambda: None)
-    stop = calendar.run_until(deadline=10_000)
+    stop = calendar.run_until(deadline_ns=10_000)
     assert (stop.reason, stop.time, calendar.now) == (StopReason.PAUSE, 250, 250)
 
 
@@ -57,10 +57,10 @@ def test_deadline_is_exact_and_events_on_it_run(calendar: Calendar) -> None:
     ran: list[int] = []
     for when in (999, 1000, 1001):
         calendar.call_at(when, lambda: ran.append(calendar.now))
-    stop = calendar.run_until(deadline=1000)
+    stop = calendar.run_until(deadline_ns=1000)
     assert (stop.reason, calendar.now, ran) == (StopReason.DEADLINE, 1000, [999, 1000])
     with pytest.raises(ValueError, match="before now"):
-        calendar.run_until(deadline=10)
+        calendar.run_until(deadline_ns=10)
     with pytest.raises(ValueError, match="already at"):
         calendar.call_at(5, lambda: None)
 

@@ -295,7 +295,7 @@ def test_update_past_the_runs_deadline_is_the_clients_error(connect: Connect) ->
         client, ref = connect(cal, "updater")
         booted(cal, ref, 1, 1000)
         ref.send(Op.UPDATE, 1600)  # read only once it runs, with the deadline at 1500
-        stop = cal.run_until(deadline=1500, stall_timeout=5)
+        stop = cal.run_until(deadline_ns=1500, stall_timeout=5)
         assert (stop.reason, cal.now) == (StopReason.DEADLINE, 1500)
         assert client.state is ClientState.GONE
         assert "UPDATE to 0.000001600 s passes" in str(cal.errors[-1])

@@ -57,7 +57,7 @@ def doorbell_time(connect: Connect, tie_seed: int, queued: int = 0) -> int:
 
         thread = threading.Thread(target=guest)
         thread.start()
-        stop = calendar.run_until(deadline=10**5)
+        stop = calendar.run_until(deadline_ns=10**5)
         thread.join(timeout=5)
         assert stop.reason is StopReason.DOORBELL and stop.value == 7
         return stop.time

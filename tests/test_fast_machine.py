@@ -16,6 +16,7 @@ from pytest_umtt import (
     MachineCrashed,
     MachineStalled,
     Simulation,
+    format_ns,
 )
 from pytest_umtt import simulation as simulation_module
 from pytest_umtt.kernel import KernelCheck
@@ -96,9 +97,26 @@ def test_a_panic_on_the_console_is_a_crash_with_its_cause(sim: Simulation) -> No
 
 def test_a_guest_that_stops_time_is_stalled_within_the_wall_budget(sim: Simulation) -> None:
     machine = sim.machine("fake")
-    with pytest.raises(MachineStalled):
+    sim.advance(1.25)
+    with pytest.raises(MachineStalled) as stalled:
         machine.run("spin")
     assert not machine.alive
+    assert stalled.value.now_ns == sim.now_ns
+    assert stalled.value.now == sim.now >= 1.25
+    assert f"stalled at {format_ns(sim.now_ns)} for" in str(stalled.value)
+
+
+def test_elapsed_gives_seconds_and_exact_nanoseconds(sim: Simulation) -> None:
+    sim.machine("fake")
+    sim.advance(0.5)
+    with sim.elapsed(exactly=1.5) as block:
+        sim.advance(1.5)
+    assert (block.start_ns, block.end_ns, block.duration_ns) == (
+        sim.now_ns - 3 * S // 2, sim.now_ns, 3 * S // 2)
+    assert (block.start, block.end, block.duration) == (sim.now - 1.5, sim.now, 1.5)
+    short = r"took 0\.000000000 s .* expected at least 1 s"
+    with pytest.raises(AssertionError, match=short), sim.elapsed(at_least=1):
+        pass
 
 
 def test_console_lines_carry_their_virtual_time(sim: Simulation) -> None:

@@ -82,7 +82,7 @@ def test_expect_finds_kernel_output_at_its_virtual_time(machine: Machine, sim: S
     machine.start("sleep 2; echo marker-42 > /dev/kmsg")
     found = machine.expect(r"marker-(\d+)", timeout=5)
     assert found.group(1) == "42"
-    assert 2 * S <= found.time_ns - start <= 2 * S + sim.console_resolution
+    assert 2 * S <= found.time_ns - start <= 2 * S + sim.console_resolution_ns
 
 
 def test_expect_timeout_is_exact_and_shows_the_console(machine: Machine, sim: Simulation) -> None:

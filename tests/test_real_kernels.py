@@ -216,7 +216,7 @@ def test_message_runner_with_a_joining_requester(uml_kernel: Path, tmp_path: Pat
         first = start_guest(uml_kernel, tmp_path, 1, 0.5)
         guests.append(first)
         assert calendar.serve_until(lambda: calendar.starts_seen == 1, wall_timeout=30)
-        calendar.run_until(deadline=NS // 10, stall_timeout=30)
+        calendar.run_until(deadline_ns=NS // 10, stall_timeout=30)
         second = start_guest(uml_kernel, tmp_path, 2, 0.25)
         guests.append(second)
         assert calendar.serve_until(lambda: calendar.starts_seen == 2, wall_timeout=30)

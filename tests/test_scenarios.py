@@ -384,7 +384,7 @@ def test_17_join_mid_run_offsets_local_times(connect: Connect) -> None:
         next_run(cal, a)
         post_request(cal, a, 5000)
         a.send(Op.WAIT, U64_MAX)
-        assert cal.run_until(deadline=1000).reason is StopReason.DEADLINE
+        assert cal.run_until(deadline_ns=1000).reason is StopReason.DEADLINE
         a.recv()
         _, b = connect(cal)
         started(cal, b, 2)

@@ -366,27 +366,28 @@ class Calendar:
         self,
         condition: Callable[[], bool] | None = None,
         *,
-        deadline: int | None = None,
+        deadline_ns: int | None = None,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
     ) -> Stop:
         """Run the simulation until ``condition()`` holds, a doorbell or pause, the
-        virtual ``deadline`` (ns, exact: nothing later runs and the clock ends on it),
-        or quiescence (every client waits with nothing due). Raises StallError when
+        virtual instant ``deadline_ns`` (exact: nothing later runs and the clock ends on
+        it), or quiescence (every client waits with nothing due). Raises StallError when
         virtual time does not move for ``stall_timeout`` wall seconds.
         """
         self._check_open()
-        if deadline is not None and deadline < self._clock.now:
-            raise ValueError(f"deadline {format_ns(deadline)} is before now "
+        if deadline_ns is not None and deadline_ns < self._clock.now:
+            raise ValueError(f"deadline {format_ns(deadline_ns)} is before now "
                              f"({format_ns(self._clock.now)})")
-        self._limit = deadline
+        self._limit = deadline_ns
         try:
-            return self._run(condition, deadline, stall_timeout)
+            return self._run(condition, deadline_ns, stall_timeout)
         finally:
             self._limit = None
 
     def advance(self, nanoseconds: int, *, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> Stop:
         """Run for exactly ``nanoseconds`` of virtual time unless something stops it first."""
-        return self.run_until(deadline=self._clock.now + nanoseconds, stall_timeout=stall_timeout)
+        return self.run_until(deadline_ns=self._clock.now + nanoseconds,
+                              stall_timeout=stall_timeout)
 
     def hold(self, reason: str) -> Callable[[], None]:
         """Keep the schedule at this instant, serving I/O, until the returned function

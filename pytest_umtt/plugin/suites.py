@@ -144,7 +144,7 @@ class KselftestItem(pytest.Item):
         self.case = case
         if case is None:
             self.user_properties += [
-                ("umtt_virtual_seconds", f"{result.virtual_ns / 1e9:.9f}"),
+                ("umtt_virtual_seconds", f"{result.virtual:.9f}"),
                 ("umtt_wall_seconds", f"{result.wall_seconds:.3f}")]
 
     def runtest(self) -> None:
@@ -163,7 +163,7 @@ class KselftestItem(pytest.Item):
         result = self.result
         lines = result.output.splitlines()[-CONSOLE_TAIL:]
         return (f"{result.outcome.value}: {result.detail}\n"
-                f"({result.virtual_ns / 1e9:.3f} s virtual, {result.wall_seconds:.1f} s wall)"
+                f"({result.virtual:.3f} s virtual, {result.wall_seconds:.1f} s wall)"
                 + (f"\n--- output (last {len(lines)} lines) ---\n" + "\n".join(lines)
                    if lines else "\n(no output)"))
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import format_ns
+from ..errors import NS_PER_S, format_ns
 
 CRASH_PATTERNS = (
     (re.compile(r"Attempted to kill init!"), "the guest agent (init) exited"),
@@ -39,7 +39,7 @@ class ConsoleLine:
 
     @property
     def time(self) -> float:
-        return self.time_ns / 1e9
+        return self.time_ns / NS_PER_S
 
     def __str__(self) -> str:
         return f"[{format_ns(self.time_ns)}] {self.text}"

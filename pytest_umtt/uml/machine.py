@@ -31,6 +31,7 @@ import psutil
 from ..devices import VirtioDevice
 from ..devices.console import VirtioConsole
 from ..errors import (
+    NS_PER_S,
     CommandTimeout,
     ExpectTimeout,
     MachineCrashed,
@@ -53,7 +54,7 @@ from .console import Console
 if TYPE_CHECKING:
     from ..controller import Calendar, Client, Stop
 
-DEFAULT_TIME_TRAVEL_START = 1_700_000_000 * 10**9
+DEFAULT_TIME_TRAVEL_START_NS = 1_700_000_000 * NS_PER_S
 """The guest's wall clock at virtual time 0 (2023-11-14), fixed so its date is reproducible."""
 
 DEFAULT_MEM = "256M"
@@ -96,7 +97,7 @@ def uml_command(
     client_id: int,
     boot_script: str = BOOT_SCRIPT,
     mem: str = DEFAULT_MEM,
-    time_travel_start: int = DEFAULT_TIME_TRAVEL_START,
+    time_travel_start_ns: int = DEFAULT_TIME_TRAVEL_START_NS,
     socket_path: str = SOCKET_FROM_MACHINE_DIR,
     extra: Sequence[str] = (),
     rootfs: bool = False,
@@ -131,7 +132,7 @@ def uml_command(
         "umid=uml",
         # Its own parameter, although "time-travel" is a prefix of it: the kernel tries the
         # built-in setup table in order, and that lists time-travel-start= first (§4).
-        f"time-travel-start={time_travel_start}",
+        f"time-travel-start={time_travel_start_ns}",
         f"time-travel=ext:{client_id}:{socket_path}",
         *extra,
         "rdinit=/bin/bash" if rootfs else "init=/bin/bash",
@@ -249,7 +250,6 @@ def kill_process_tree(pid: int, timeout: float = 5.0, *, reap_root: bool = True)
 
 # --- the machine ----------------------------------------------------------------------
 
-NS_PER_S = 10**9
 DEFAULT_IDLE_MAX = 0.1
 DEFAULT_COMMAND_TIMEOUT = 24 * 3600.0
 """Virtual seconds a command may take when the caller gives no timeout."""
@@ -367,7 +367,7 @@ class MachineHost(Protocol):
     seed: int
     shim: Path | None
     confined: bool
-    time_travel_start: int
+    time_travel_start_ns: int
     wall_timeout: float
 
     @property
@@ -416,6 +416,7 @@ class Machine:
         self.process: pexpect.spawn[bytes] | None = None
         self.console: Console | None = None
         self.doorbells: list[tuple[int, int]] = []
+        """(time_ns, value) of every doorbell the guest rang."""
         self.results: list[CommandResult] = []
         self.error: MachineError | None = None
         self._next_command = 1
@@ -450,9 +451,9 @@ class Machine:
                  *self._serve_devices(), *self.cmdline]
         # The guest's clock reads the simulation's: a machine booted at virtual time T
         # starts its wall clock T after the others did.
+        start_ns = self.sim.time_travel_start_ns + self.sim.now_ns
         command = uml_command(self.kernel, client_id=self.client_id, mem=self.mem, extra=extra,
-                              time_travel_start=self.sim.time_travel_start + self.sim.now_ns,
-                              rootfs=self.rootfs)
+                              time_travel_start_ns=start_ns, rootfs=self.rootfs)
         env = uml_environment(self.sim.shim, derive_seed(self.sim.seed, self.name))
         self.process = pexpect.spawn(command[0], command[1:], cwd=str(self.directory),
                                      env=env, echo=False, timeout=None,
