@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TextIO
 
 from filelock import FileLock
@@ -180,11 +180,65 @@ def debian_source(cache: Path, say: Callable[[str], None]) -> KernelSource:
     with FileLock(str(target) + ".lock"):
         if not (target / "Makefile").is_file():
             say(f"extracting {tarball.name} into {target.parent}")
-            with _staging_beside(target) as staging, tarfile.open(tarball) as archive:
-                archive.extractall(staging, filter="tar")
+            with _staging_beside(target) as staging:
+                _extract_into(tarball, staging)
                 (inner,) = list(staging.iterdir())
                 inner.rename(target)
     return KernelSource(target, version, f"debian {DEBIAN_SOURCE_PACKAGE} {version}", True)
+
+
+def _extract_into(tarball: Path, staging: Path) -> None:
+    """Unpack ``tarball`` into ``staging``, one pass over the stream, each member checked
+    before it is written (Python before 3.11.4, Debian 12's 3.11.2 among them, has no
+    ``extractall(filter=)``); a disk that fills up is named with what to do about it."""
+    try:
+        with tarfile.open(tarball, mode="r|*") as archive:
+            for member in archive:
+                check_tar_member(member, tarball)
+                archive.extract(member, staging, set_attrs=not member.isdir(),
+                                **_TRUSTED_FILTER)
+    except OSError as exc:
+        raise KernelError(f"extracting {tarball} into {staging.parent} failed: "
+                          f"{exc.strerror or exc}; nothing was kept. Free space there (the "
+                          f"source takes ~1.5 GB) or set UMTT_CACHE_DIR, then run "
+                          f"umtt-kernel build again") from None
+    except tarfile.TarError as exc:
+        raise KernelError(f"{tarball} is not a readable tar archive ({exc}); reinstall "
+                          f"{DEBIAN_SOURCE_PACKAGE} and run umtt-kernel build again") from None
+
+
+# Members are checked by check_tar_member; where tarfile filters exist (3.11.4 and later)
+# say so, so that newer Pythons neither warn nor apply their own default.
+_TRUSTED_FILTER: dict[str, str] = (
+    {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {})
+
+
+def check_tar_member(member: tarfile.TarInfo, archive: Path) -> None:
+    """Refuse a member that could write outside the tree it is extracted into: an
+    absolute path, a ``..`` component, a link whose target leaves the tree, or a device,
+    fifo or other special file."""
+    name = PurePosixPath(member.name)
+    problem = _path_problem(name, "path")
+    if problem is None and member.issym():
+        problem = _path_problem(name.parent / member.linkname, f"symlink to {member.linkname!r}")
+    elif problem is None and member.islnk():
+        problem = _path_problem(PurePosixPath(member.linkname),
+                                f"hard link to {member.linkname!r}")
+    elif problem is None and not (member.isfile() or member.isdir()):
+        problem = "a device, fifo or other special file"
+    if problem is not None:
+        raise KernelError(f"{archive}: refusing member {member.name!r}: {problem}")
+
+
+def _path_problem(path: PurePosixPath, what: str) -> str | None:
+    if path.is_absolute():
+        return f"{what} is absolute"
+    depth = 0
+    for part in path.parts:
+        depth += -1 if part == ".." else 0 if part == "." else 1
+        if depth < 0:
+            return f"{what} leaves the tree"
+    return None
 
 
 def _debian_tarball(cache: Path, say: Callable[[str], None]) -> tuple[Path, str]:
