@@ -7,8 +7,8 @@ from collections.abc import Generator
 
 import pytest
 
-from ..errors import format_ns
-from ..kernel import KernelError, build_shim, kernel_identity
+from ..errors import KernelError, format_ns
+from ..kernel import build_shim, kernel_identity
 from ..simulation import (
     Simulation,
 )
