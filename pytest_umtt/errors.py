@@ -121,6 +121,10 @@ class ClockError(_AtVirtualTime, UmttError):
         return self.when_ns / NS_PER_S
 
 
+class ConfinementError(UmttError):
+    """Machines were to be confined to their directories, and the host does not allow it."""
+
+
 class CacheError(UmttError):
     """Preparing something in the cache (a kernel source, a kernel, the shim, the pinned
     root, kselftests) failed; the message says what, where, and what to run next."""

@@ -9,6 +9,7 @@ import pytest
 
 from ..errors import KernelError, format_ns
 from ..kernel import build_shim, kernel_identity
+from ..uml.confine import confinement_problem
 from ..simulation import (
     Simulation,
 )
@@ -30,7 +31,18 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     entropy = ("seeded by the getrandom shim" if shim is not None else
                "NOT deterministic: no C compiler to build the getrandom shim")
     return [f"umtt: kernel {kernel}", f"umtt: guest root {_root_description(state)}",
-            f"umtt: seed {settings.seed} ({settings.seed_source}), guest entropy {entropy}"]
+            f"umtt: seed {settings.seed} ({settings.seed_source}), guest entropy {entropy}",
+            f"umtt: machines {_confinement_description(settings)}"]
+
+
+def _confinement_description(settings: Settings) -> str:
+    if not settings.confine:
+        return ("NOT confined (--umtt-confine=off): a guest can write what the user running "
+                "pytest can write")
+    problem = confinement_problem()
+    if problem is not None:
+        return f"cannot be confined on this host ({problem}): tests that boot one will fail"
+    return "confined to their own directories (private mount namespace, host read-only)"
 
 
 def _root_description(state: SessionState) -> str:

@@ -53,6 +53,7 @@ class Settings:
     kselftest: Path | None = None
     kselftest_timeout: float | None = None  # None: the tree's settings, else 45 s
     kselftest_wall_timeout: float = KSELFTEST_WALL_TIMEOUT
+    confine: bool = True
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,12 @@ def _switch(text: str, where: str) -> bool:
     if text.lower() in ("0", "false", "no", "off", ""):
         return False
     raise pytest.UsageError(f"{where}: expected true or false, got {text!r}")
+
+
+def _on_off(text: str, where: str) -> bool:
+    if text.lower() not in ("on", "off"):
+        raise pytest.UsageError(f"{where}: expected on or off, got {text!r}")
+    return text.lower() == "on"
 
 
 def _count(text: str, where: str) -> int:
@@ -235,6 +242,11 @@ OPTIONS = (
            f"{KSELFTEST_WALL_TIMEOUT:g}; UML runs clock-polling loops about 100x "
            "slower than real time)", "SECONDS",
            "kselftest_wall_timeout", _positive_float, KSELFTEST_WALL_TIMEOUT),
+    Option("umtt_confine", "--umtt-confine", "confine each machine to its own directory "
+           "(private mount namespace, the host read-only): 'on' (default; a host that "
+           "refuses the namespaces is an error) or 'off' (the guest can write what the user "
+           "running pytest can write)", "on|off",
+           "confine", _on_off, True),
 )
 
 

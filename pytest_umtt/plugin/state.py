@@ -81,6 +81,7 @@ def settings_of(item: pytest.Item) -> Settings:
 def open_simulation(config: pytest.Config, settings: Settings) -> Simulation:
     sim = Simulation(kernel=settings.kernel, seed=settings.seed,
                      wall_timeout=settings.wall_timeout, perturb=settings.perturb,
+                     confine=settings.confine,
                      rootfs=config.stash[STATE].guest_root())
     sim.on_doorbell.append(
         lambda machine, value: config.hook.pytest_umtt_doorbell(machine=machine, value=value))
