@@ -21,7 +21,7 @@ from typing import Protocol
 
 import psutil
 
-from .controller import Calendar, Client, Stop, StopReason, Trace, TraceEvent
+from .controller import Calendar, Client, Decisions, Stop, StopReason, Trace, TraceEvent
 from .devices import VirtioDevice
 from .errors import (
     NS_PER_S,
@@ -200,6 +200,7 @@ class Simulation:
         perturb: bool = False,
         rootfs: Rootfs | None = None,
         confine: bool = True,
+        decisions: Decisions | None = None,
     ) -> None:
         self.kernel = None if kernel is None else Path(kernel)
         self.confined = _confinement(confine)
@@ -214,12 +215,16 @@ class Simulation:
         """The guests' wall clock at virtual time 0 (ns since the epoch)."""
         self.console_resolution_ns = console_resolution_ns
         """While an expect() waits, how far a kernel may run without telling the calendar."""
+        self.decisions = Decisions() if decisions is None else decisions
+        """Every perturbed decision of the run (ties and doorbells with ``perturb``, a
+        seeded network's losses and reorderings), and which of them to apply."""
         self.shim = build_shim() if deterministic else None  # first: it may fail
         self._own_directory = directory is None
         self.directory = _make_directory(directory)
         self.calendar = Calendar(shm=shm, max_free_run=max_free_run_ns,
                                  tie_seed=seed if perturb else None,
                                  doorbell_latency=PERTURBED_DOORBELL_LATENCY_NS if perturb else 0,
+                                 decisions=self.decisions,
                                  trace=Trace() if trace else None, pause_on_broadcast=True,
                                  time_at_start=time_travel_start_ns)
         self.calendar.on_drop.append(self._on_drop)

@@ -12,7 +12,7 @@ Device models can use the clock and the reactor without the protocol.
 
 from .clock import Clock, Job, ScheduledCall
 from .engine import Calendar, Client, ClientState, Stop, StopReason
-from .perturb import Perturbation
+from .perturb import Decision, Decisions, Perturbation
 from .reactor import Connection, Reactor
 from .trace import Trace, TraceEvent
 
@@ -22,6 +22,8 @@ __all__ = [
     "ClientState",
     "Clock",
     "Connection",
+    "Decision",
+    "Decisions",
     "Job",
     "Perturbation",
     "Reactor",

@@ -35,6 +35,11 @@ class Job:
         return (self.time, self.order) < (other.time, other.order)
 
 
+def _queued_at(job: Job) -> int:
+    """The insertion counter under a job's seeded tie bits: first-in-first-out order."""
+    return job.order & ((1 << TIE_BITS_SHIFT) - 1)
+
+
 class ScheduledCall:
     """An in-process participant: a callback at a virtual time. Cancel it with cancel()."""
 
@@ -62,14 +67,19 @@ class Clock:
     """A virtual clock (ns) and the queue of what is due when.
 
     ``ties``, when given, orders jobs due at one instant by its random bits instead of
-    first-in-first-out; the same stream state gives the same order.
+    first-in-first-out; the same stream state gives the same order. ``judge``, when
+    given, is asked each time that order would run a job before one due at the same
+    instant and queued earlier: ``judge(now, first, earlier)`` True lets it, False runs
+    the earlier one first (first-in-first-out again, for that choice alone).
     """
 
-    def __init__(self, ties: random.Random | None = None) -> None:
+    def __init__(self, ties: random.Random | None = None,
+                 judge: Callable[[int, Job, Job], bool] | None = None) -> None:
         self._now = 0
         self._queue: list[Job] = []
         self._order = itertools.count()
         self._ties = ties
+        self._judge = judge
 
     @property
     def now(self) -> int:
@@ -120,8 +130,29 @@ class Clock:
         job = self.peek()
         if job is None or (limit is not None and job.time > limit):
             return None
+        if self._judge is not None:
+            return self._judged_pop(job, self._judge)
         heapq.heappop(self._queue)
         return job
+
+    def _judged_pop(self, first: Job, judge: Callable[[int, Job, Job], bool]) -> Job:
+        """Take ``first`` (the seeded order's next job) or, if the judge says so, the job
+        due at the same instant that was queued first. The others go back unchanged:
+        their keys are a total order, so putting them back changes no later choice."""
+        queue = self._queue
+        tied = []
+        while queue and queue[0].time == first.time:
+            job = heapq.heappop(queue)
+            if not job.cancelled:
+                tied.append(job)
+        earliest = min(tied, key=_queued_at)
+        chosen = first
+        if earliest is not first and not judge(first.time, first, earliest):
+            chosen = earliest
+        for job in tied:
+            if job is not chosen:
+                heapq.heappush(queue, job)
+        return chosen
 
     def run_until(self, deadline: int) -> int:
         """Run every call due up to ``deadline`` in order, then move to ``deadline``; how

@@ -53,7 +53,7 @@ from ..wire import (
     op_name,
 )
 from .clock import Clock, Job, ScheduledCall
-from .perturb import Perturbation
+from .perturb import Decisions, Perturbation
 from .reactor import Connection, Reactor
 from .shm import ScheduleMap
 from .trace import Trace, TraceEvent
@@ -170,7 +170,8 @@ class Calendar:
     over messages); ``busy_poll`` (wall seconds) is how long to spin for a running
     client's next message before sleeping in epoll_wait: lower latency for more CPU.
     ``tie_seed`` perturbs the run (:class:`~.perturb.Perturbation`): ties in a seeded
-    order, and doorbells a seeded 0..``doorbell_latency`` ns late.
+    order, and doorbells a seeded 0..``doorbell_latency`` ns late; ``decisions`` records
+    each such choice and says which to apply (:class:`~.perturb.Decisions`).
     """
 
     def __init__(
@@ -188,6 +189,7 @@ class Calendar:
         log_fd: int | None = None,
         busy_poll: float = 0.0,
         late_joiners_shm: bool = False,
+        decisions: Decisions | None = None,
     ) -> None:
         self.busy_poll = busy_poll
         self.max_free_run = max_free_run
@@ -204,8 +206,9 @@ class Calendar:
         # Ties run first-in-first-out, or in a seeded shuffled order when asked to (to
         # shake out races between machines that happen to share an instant).
         self.perturbation = None if tie_seed is None \
-            else Perturbation(tie_seed, doorbell_latency)
-        self._clock = Clock(ties=None if self.perturbation is None else self.perturbation.ties)
+            else Perturbation(tie_seed, doorbell_latency, decisions)
+        self._clock = Clock() if self.perturbation is None else Clock(
+            ties=self.perturbation.ties, judge=self.perturbation.keeps_tie_order)
         self._init_schedule()
         self._map: ScheduleMap[Client] = ScheduleMap(self._clock, shm_clients + 1)
         self._own_log_fd = log_fd is None
@@ -225,7 +228,7 @@ class Calendar:
 
     def _init_schedule(self) -> None:
         """Who starts, who runs and until when, and what is still owed."""
-        self._delayed_doorbells: list[tuple[Client, int]] = []
+        self._delayed_doorbells: list[tuple[Client, int, int]] = []  # with the ring's time
         self._serials = itertools.count(1)
         self._seq = itertools.count(1)
         self._starting: list[Client] = []
@@ -724,24 +727,30 @@ class Calendar:
             if perturbed:
                 # The ring's instant is known only once the kernel yields (it ran on since
                 # it last told its time): the delay counts from there (_end_run).
-                self._delayed_doorbells.append((client, value))
+                self._delayed_doorbells.append((client, value, self._clock.now))
                 return
         if perturbed:
-            self._delay_doorbell(client, value)
+            self._delay_doorbell(client, value, self._clock.now)
             return
         self._stops.append(Stop(StopReason.DOORBELL, self._clock.now, client, value))
 
-    def _delay_doorbell(self, client: Client, value: int) -> None:
+    def _delay_doorbell(self, client: Client, value: int, rung_at: int) -> None:
+        """Pause a seeded delay from now; a reverted decision pauses as an unperturbed
+        run does (the delay is drawn all the same, so later ones keep theirs)."""
         assert self.perturbation is not None
         delay = self.perturbation.doorbell_delay()
+        if not self.perturbation.decisions.decide("doorbell", client.name, self._clock.now,
+                                                  delay):
+            self._stops.append(Stop(StopReason.DOORBELL, rung_at, client, value))
+            return
         self.call_at(self._clock.now + delay, lambda: self._stops.append(
             Stop(StopReason.DOORBELL, self._clock.now, client, value)), "doorbell")
 
     def _release_delayed_doorbells(self, client: Client) -> None:
-        rung = [value for owner, value in self._delayed_doorbells if owner is client]
-        self._delayed_doorbells = [(o, v) for o, v in self._delayed_doorbells if o is not client]
-        for value in rung:
-            self._delay_doorbell(client, value)
+        rung = [(value, at) for owner, value, at in self._delayed_doorbells if owner is client]
+        self._delayed_doorbells = [d for d in self._delayed_doorbells if d[0] is not client]
+        for value, at in rung:
+            self._delay_doorbell(client, value, at)
 
     def _broadcast_acked(self, pending: _Broadcast, recipient: Client,
                          _ack: Message | None = None) -> None:

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..controller.perturb import Decisions
 from .device import VirtioDevice
 from .pcapng import PcapngWriter
 from .virtqueue import VirtQueue
@@ -119,11 +120,15 @@ class VirtioNet(VirtioDevice):
 
 
 class Network:
-    """A switch: ports by name, links between them, all fates drawn from ``seed``."""
+    """A switch: ports by name, links between them, all fates drawn from ``seed``.
+    ``decisions`` records each loss and reordering the draws make and may revert some
+    (:class:`~pytest_umtt.controller.perturb.Decisions`: shrinking a failing run)."""
 
     def __init__(self, seed: int = 0, *, latency_ns: int = 0,
-                 bandwidth_bps: int | None = None, capture: Path | None = None) -> None:
+                 bandwidth_bps: int | None = None, capture: Path | None = None,
+                 decisions: Decisions | None = None) -> None:
         self.random = random.Random(f"network/{seed}")
+        self.decisions = Decisions() if decisions is None else decisions
         self.default = Link(latency_ns, bandwidth_bps)
         self.capture = capture
         self.ports: dict[str, VirtioNet] = {}
@@ -180,7 +185,9 @@ class Network:
 
     def _carry(self, sender: VirtioNet, receiver: VirtioNet, frame: bytes) -> None:
         link = self.link(sender.port, receiver.port)
-        if link.cut or (link.loss and self.random.random() < link.loss):
+        route = f"{sender.port}>{receiver.port}"
+        if link.cut or (link.loss and self.random.random() < link.loss
+                        and self.decisions.decide("drop", route, sender.now, len(frame))):
             self.lost += 1
             return
         now = sender.now
@@ -188,7 +195,8 @@ class Network:
         wire = 0 if link.bandwidth_bps is None else \
             -(-len(frame) * 8 * 1_000_000_000 // link.bandwidth_bps)
         link.busy_until[sender.port] = start + wire
-        held = link.reorder_ns if link.reorder and self.random.random() < link.reorder else 0
+        held = link.reorder_ns if link.reorder and self.random.random() < link.reorder \
+            and self.decisions.decide("reorder", route, now, link.reorder_ns) else 0
         sender.call_at(start + wire + link.latency_ns + held, lambda: receiver.receive(frame))
 
     def close(self) -> None:
