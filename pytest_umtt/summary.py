@@ -16,11 +16,36 @@ from typing import Any
 import pytest
 
 from .errors import NS_PER_S, format_ns
+from .triage import format_rate, wilson_interval
 
 FINGERPRINT = "umtt_fingerprint"
 """User property: the digest of a determinism run's fingerprint (with its run number)."""
 EXPLORED_SEED = "umtt_explored_seed"
 """User property: the seed of an ``--umtt-explore`` item."""
+SIGNATURE = "umtt_signature"
+"""User property: a failed test's failure signature (:func:`.triage.failure_signature`)."""
+
+
+@dataclass(frozen=True)
+class Explored:
+    """One explored seed of a test: whether it failed, and how."""
+
+    seed: int
+    failed: bool
+    signature: str = ""
+
+
+def signature_groups(outcomes: list[Explored]) -> list[tuple[str, list[int]]]:
+    """Failing seeds grouped by signature, the largest group first (then by first seed)."""
+    groups: dict[str, list[int]] = {}
+    for outcome in sorted(outcomes, key=lambda o: o.seed):
+        if outcome.failed:
+            groups.setdefault(outcome.signature or "(no signature)", []).append(outcome.seed)
+    return sorted(groups.items(), key=lambda group: (-len(group[1]), group[1][0]))
+
+
+def _seeds(seeds: list[int]) -> str:
+    return ", ".join(map(str, seeds))
 
 
 @dataclass
@@ -32,7 +57,9 @@ class Summary:
     wall_seconds: float = 0.0
     checked: int = 0
     differed: list[str] = field(default_factory=list)
-    explored: dict[str, list[tuple[int, bool]]] = field(default_factory=dict)
+    explored: dict[str, list[Explored]] = field(default_factory=dict)
+    shrinks: list[dict[str, Any]] = field(default_factory=list)
+    """What ``--umtt-shrink`` found, one entry per failing test (see plugin/triage.py)."""
 
     def add_simulation(self, virtual_ns: int, wall_seconds: float) -> None:
         self.simulations += 1
@@ -44,6 +71,7 @@ class Summary:
         self.simulations += int(counts["simulations"])
         self.virtual_ns += int(counts["virtual_ns"])
         self.wall_seconds += float(counts["wall_seconds"])
+        self.shrinks += list(counts.get("shrinks", []))
 
     def lines(self) -> list[str]:
         """The summary's lines (none when nothing was simulated)."""
@@ -57,13 +85,51 @@ class Summary:
                          f"{len(self.differed)} differed"
                          + "".join(f"\n  differs: {nodeid}" for nodeid in self.differed))
         for nodeid, outcomes in self.explored.items():
-            failed = sorted(seed for seed, bad in outcomes if bad)
-            line = f"explore: {nodeid}: {len(failed)} of {len(outcomes)} seeds failed"
-            if failed:
-                line += (f" ({', '.join(map(str, failed))}); reproduce: pytest "
-                         f"{shlex.quote(nodeid)} --umtt-seed={failed[0]}")
-            lines.append(line)
+            lines += self._explore_lines(nodeid, outcomes)
+        for shrink in self.shrinks:
+            lines += shrink_lines(shrink)
         return lines
+
+    @staticmethod
+    def _explore_lines(nodeid: str, outcomes: list[Explored]) -> list[str]:
+        """A test's explore row (seeds, rate and its 95% interval) and a row per failure
+        signature with its seeds."""
+        failed = sorted(o.seed for o in outcomes if o.failed)
+        line = (f"explore: {nodeid}: {len(failed)} of {len(outcomes)} seeds failed"
+                + (f" ({_seeds(failed)})" if failed else "")
+                + f"; failure rate {format_rate(len(failed), len(outcomes))}")
+        if failed:
+            line += f"; reproduce: pytest {shlex.quote(nodeid)} --umtt-seed={failed[0]}"
+        return [line] + [f"  {len(seeds):3} seed{'s' if len(seeds) > 1 else ' '} "
+                         f"({_seeds(seeds)}): {signature}"
+                         for signature, seeds in signature_groups(outcomes)]
+
+    def explore_report(self) -> list[dict[str, Any]]:
+        """The explore summary as data (``--umtt-explore-json``): per test its runs,
+        failures, rate with its 95% Wilson interval, and seeds grouped by signature."""
+        report = []
+        for nodeid, outcomes in self.explored.items():
+            failed = [o.seed for o in outcomes if o.failed]
+            low, high = wilson_interval(len(failed), len(outcomes))
+            report.append({
+                "nodeid": nodeid, "runs": len(outcomes), "failures": len(failed),
+                "rate": len(failed) / len(outcomes) if outcomes else 0.0,
+                "ci95": [low, high],
+                "passed_seeds": sorted(o.seed for o in outcomes if not o.failed),
+                "groups": [{"signature": signature, "seeds": seeds,
+                            "reproduce": f"pytest {shlex.quote(nodeid)} --umtt-seed={seeds[0]}"}
+                           for signature, seeds in signature_groups(outcomes)]})
+        return report
+
+
+def shrink_lines(shrink: dict[str, Any]) -> list[str]:
+    """How ``--umtt-shrink`` reduced one failing run, for the terminal."""
+    head = f"shrink: {shrink['nodeid']} (seed {shrink['seed']}): {shrink['outcome']}"
+    lines = [head] + [f"  {line}" for line in shrink.get("schedule", [])]
+    if shrink.get("file"):
+        lines.append(f"  schedule written to {shrink['file']}; replay: pytest "
+                     f"{shlex.quote(shrink['nodeid'])} --umtt-schedule={shrink['file']}")
+    return lines
 
 
 class SummaryReporter:
@@ -85,7 +151,8 @@ class SummaryReporter:
         if EXPLORED_SEED in properties and (report.when == "call" or
                                             (report.when == "setup" and report.failed)):
             self.summary.explored.setdefault(self._base_nodeid(report.nodeid), []).append(
-                (int(str(properties[EXPLORED_SEED])), report.failed))
+                Explored(int(str(properties[EXPLORED_SEED])), report.failed,
+                         str(properties.get(SIGNATURE, ""))))
 
     def _pair(self, nodeid: str, digest: str) -> None:
         key = nodeid.replace("determinism-1", "determinism").replace("determinism-2",
@@ -109,8 +176,8 @@ class SummaryReporter:
         workeroutput = getattr(session.config, "workeroutput", None)
         if workeroutput is not None:
             counts = asdict(self.summary)
-            workeroutput["umtt"] = {key: counts[key]
-                                    for key in ("simulations", "virtual_ns", "wall_seconds")}
+            workeroutput["umtt"] = {key: counts[key] for key in
+                                    ("simulations", "virtual_ns", "wall_seconds", "shrinks")}
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

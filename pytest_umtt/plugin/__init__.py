@@ -32,6 +32,7 @@ from .settings import MARKERS, OPTIONS, item_settings, resolve_settings
 from .state import ITEM_SETTINGS as ITEM_SETTINGS
 from .state import STATE, SessionState, Variant, base_nodeid
 from .suites import KselftestRun, KunitRun
+from .triage import TriagePlugin
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -59,6 +60,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(SummaryReporter(
         state.summary, worker=hasattr(config, "workerinput"), base_nodeid=base_nodeid),
         "umtt-summary")
+    config.pluginmanager.register(TriagePlugin(config), "umtt-triage")
     if not hasattr(config, "workerinput"):  # xdist workers' owners are alive anyway
         remove_stale_directories()
     state.previous_sigterm = _sigterm_as_interrupt()

@@ -31,6 +31,7 @@ from .state import (
     open_simulation,
     settings_of,
 )
+from .triage import record_identity, simulation_inputs
 
 
 @pytest.fixture
@@ -48,13 +49,15 @@ def umtt_sim(request: pytest.FixtureRequest, umtt_variant: Variant) -> Iterator[
     settings = settings_of(item)
     if umtt_variant.seed is not None:
         settings = replace(settings, seed=umtt_variant.seed, seed_source="--umtt-explore")
+    settings, decisions = simulation_inputs(item, settings)
     item.stash[ITEM_SETTINGS] = settings
     item.user_properties.append(("umtt_seed", str(settings.seed)))
     if umtt_variant.seed is not None:
         item.user_properties.append((EXPLORED_SEED, str(umtt_variant.seed)))
     started = time.monotonic()
-    sim = open_simulation(request.config, settings)
+    sim = open_simulation(request.config, settings, decisions)
     item.stash[ITEM_SIM] = sim
+    record_identity(item, settings, sim)
     try:
         yield sim
     finally:
@@ -87,7 +90,8 @@ def umtt_network(request: pytest.FixtureRequest, umtt_sim: Simulation) -> Iterat
     ``uml_factory("a", devices=[umtt_network.port("a")])``. With ``--umtt-artifacts``
     each port's capture is kept as ``PORT.pcapng`` among the test's artifacts."""
     keep = settings_of(request.node).artifacts is not None
-    network = Network(umtt_sim.seed, capture=umtt_sim.directory / CAPTURE_DIR if keep else None)
+    network = Network(umtt_sim.seed, capture=umtt_sim.directory / CAPTURE_DIR if keep else None,
+                      decisions=umtt_sim.decisions)
     yield network
     network.close()
 

@@ -54,6 +54,9 @@ class Settings:
     kselftest_timeout: float | None = None  # None: the tree's settings, else 45 s
     kselftest_wall_timeout: float = KSELFTEST_WALL_TIMEOUT
     confine: bool = True
+    shrink: bool = False
+    schedule: Path | None = None
+    explore_json: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,13 @@ def _path(text: str, _where: str) -> Path:
     return Path(text)
 
 
+def _existing_file(text: str, where: str) -> Path:
+    path = Path(text).expanduser().absolute()
+    if not path.is_file():
+        raise pytest.UsageError(f"{where}: no file at {text!r}")
+    return path
+
+
 def _text(text: str, _where: str) -> str:
     return text
 
@@ -247,6 +257,18 @@ OPTIONS = (
            "refuses the namespaces is an error) or 'off' (the guest can write what the user "
            "running pytest can write)", "on|off",
            "confine", _on_off, True),
+    Option("umtt_shrink", "--umtt-shrink", "for a test that fails with perturbed decisions "
+           "(--umtt-perturb's tie orders and doorbell delays, a seeded network's losses and "
+           "reorderings): rerun it to find the fewest decisions that still fail it, print "
+           "that schedule and write it for --umtt-schedule", None,
+           "shrink", _switch, False),
+    Option("umtt_schedule", "--umtt-schedule", "replay a schedule that --umtt-shrink wrote: "
+           "its test runs with its seed and only its decisions perturbed", "FILE",
+           "schedule", _existing_file, None),
+    Option("umtt_explore_json", "--umtt-explore-json", "write the --umtt-explore summary "
+           "(rates, 95% intervals, seeds by failure signature) as JSON to FILE (default: "
+           "explore.json in --umtt-artifacts, if given)", "FILE",
+           "explore_json", _path, None),
 )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ..controller import Decisions
 from ..devices import VirtioDevice
 from ..rootfs import Rootfs, build_rootfs
 from ..simulation import (
@@ -78,10 +79,11 @@ def settings_of(item: pytest.Item) -> Settings:
     return item.stash.get(ITEM_SETTINGS, item.config.stash[STATE].settings)
 
 
-def open_simulation(config: pytest.Config, settings: Settings) -> Simulation:
+def open_simulation(config: pytest.Config, settings: Settings,
+                    decisions: Decisions | None = None) -> Simulation:
     sim = Simulation(kernel=settings.kernel, seed=settings.seed,
                      wall_timeout=settings.wall_timeout, perturb=settings.perturb,
-                     confine=settings.confine,
+                     confine=settings.confine, decisions=decisions,
                      rootfs=config.stash[STATE].guest_root())
     sim.on_doorbell.append(
         lambda machine, value: config.hook.pytest_umtt_doorbell(machine=machine, value=value))

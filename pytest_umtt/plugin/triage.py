@@ -1,0 +1,282 @@
+"""Triage in pytest: a failure's signature on its report and in JUnit XML, the explore
+summary file, shrinking a failing perturbed run (``--umtt-shrink``) and replaying the
+schedule it wrote (``--umtt-schedule``).
+
+Shrinking reruns the failing item in this process (``runtestprotocol``, as a rerun does,
+with nothing logged), each time keeping a chosen subset of the decisions the failing run
+made (:class:`~pytest_umtt.controller.perturb.Decisions`) and reverting the others, and
+searches with delta debugging (:func:`~pytest_umtt.triage.ddmin`) for the fewest that
+still fail it with the same signature.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _pytest.runner import runtestprotocol
+
+from ..controller.perturb import Decision, Decisions
+from ..kernel import kernel_identity
+from ..simulation import Simulation
+from ..summary import SIGNATURE
+from ..triage import ddmin, failure_signature
+from .settings import Settings
+from .state import ITEM_SIM, STATE, artifacts_dir, base_nodeid, settings_of
+
+SCHEDULE_FORMAT = "pytest-umtt schedule"
+SCHEDULE_VERSION = 1
+MAX_SHRINK_RUNS = 100
+"""Reruns one shrink may take; past it the smallest failing schedule so far is kept."""
+SCHEDULES_DIR = "umtt-schedules"
+"""Where ``--umtt-shrink`` writes schedules without ``--umtt-artifacts`` (in the
+directory pytest was started from)."""
+
+
+@dataclass(frozen=True)
+class FailedRun:
+    """A failed run of an item: its signature and the perturbed decisions it made."""
+
+    signature: str
+    decisions: tuple[Decision, ...]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A test, a seed and the perturbed decisions to apply: what ``--umtt-schedule``
+    replays (every other decision goes back to its unperturbed value)."""
+
+    nodeid: str
+    seed: int
+    perturb: bool
+    decisions: tuple[Decision, ...]
+    path: Path | None = None
+
+    @property
+    def keep(self) -> frozenset[str]:
+        return frozenset(decision.key for decision in self.decisions)
+
+    def to_json(self, **extra: Any) -> dict[str, Any]:
+        return {"format": SCHEDULE_FORMAT, "version": SCHEDULE_VERSION,
+                "nodeid": self.nodeid, "seed": self.seed, "perturb": self.perturb,
+                "decisions": [d.to_json() for d in self.decisions], **extra}
+
+    @classmethod
+    def load(cls, path: Path) -> Schedule:
+        """Read a schedule file; a UsageError naming the file and what is wrong."""
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != SCHEDULE_FORMAT or data.get("version") != SCHEDULE_VERSION:
+                raise ValueError(f"not a {SCHEDULE_FORMAT} version {SCHEDULE_VERSION} file")
+            return cls(str(data["nodeid"]), int(data["seed"]), bool(data["perturb"]),
+                       tuple(Decision.from_json(d) for d in data["decisions"]), path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise pytest.UsageError(f"--umtt-schedule={path}: cannot read the schedule: "
+                                    f"{type(exc).__name__}: {exc}") from None
+
+
+KEEP = pytest.StashKey[frozenset[str]]()
+"""On an item being shrunk: the decisions this rerun keeps."""
+FAILED = pytest.StashKey[FailedRun]()
+SCHEDULE = pytest.StashKey["Schedule | None"]()
+
+
+# --- what the umtt_sim fixture asks -------------------------------------------------------
+
+def simulation_inputs(item: pytest.Item, settings: Settings) -> tuple[Settings, Decisions]:
+    """The settings and decision policy of an item's simulation: a shrink rerun keeps
+    its subset (and writes no artifacts over the failing run's); an item a schedule
+    names runs with its seed and decisions; any other applies every decision."""
+    keep = item.stash.get(KEEP, None)
+    if keep is not None:
+        return replace(settings, artifacts=None), Decisions(keep)
+    schedule = item.config.stash.get(SCHEDULE, None)
+    if schedule is not None and base_nodeid(item.nodeid) == schedule.nodeid:
+        return replace(settings, seed=schedule.seed, perturb=schedule.perturb,
+                       seed_source=f"--umtt-schedule={schedule.path}"), \
+            Decisions(schedule.keep)
+    return settings, Decisions()
+
+
+def reproduce_command(nodeid: str, settings: Settings) -> str:
+    """The command that reruns this test the same way, perturbation included."""
+    if settings.schedule is not None and settings.seed_source.startswith("--umtt-schedule"):
+        command = f"pytest {shlex.quote(base_nodeid(nodeid))} --umtt-schedule={settings.schedule}"
+    else:
+        command = f"pytest {shlex.quote(base_nodeid(nodeid))} --umtt-seed={settings.seed}"
+        command += " --umtt-perturb" if settings.perturb else ""
+    if settings.kernel is not None:
+        command += f" --uml-kernel={shlex.quote(str(settings.kernel))}"
+    if settings.rootfs != "pinned":
+        command += f" --umtt-rootfs={settings.rootfs}"
+    return command
+
+
+def record_identity(item: pytest.Item, settings: Settings, sim: Simulation) -> None:
+    """User properties (JUnit XML ``<properties>``): how to rerun the test, and the
+    kernel and root a run depends on besides its seed."""
+    item.user_properties.append(("umtt_reproduce", reproduce_command(item.nodeid, settings)))
+    if settings.kernel is not None:
+        item.user_properties.append(("umtt_kernel", str(kernel_identity(settings.kernel))))
+    root = "host / (hostfs)" if sim.rootfs is None else sim.rootfs.identity
+    item.user_properties.append(("umtt_root", root))
+
+
+# --- the plugin ----------------------------------------------------------------------------
+
+class TriagePlugin:
+    """Signatures on failed reports, shrinking, and the explore summary file."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.worker = hasattr(config, "workerinput")
+        settings = config.stash[STATE].settings
+        config.stash[SCHEDULE] = None if settings.schedule is None \
+            else Schedule.load(settings.schedule)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
+                                  ) -> Any:
+        report: pytest.TestReport = yield
+        if call.excinfo is None or not report.failed or call.when == "teardown":
+            return report
+        signature = failure_signature(call.excinfo.value)
+        report.user_properties.append((SIGNATURE, signature))
+        item.user_properties.append((SIGNATURE, signature))  # the teardown report's too
+        sim = item.stash.get(ITEM_SIM, None)
+        item.stash[FAILED] = FailedRun(
+            signature, () if sim is None else tuple(sim.decisions.applied))
+        return report
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None
+                                ) -> Any:
+        _forget(item, FAILED)
+        result = yield
+        failed = item.stash.get(FAILED, None)
+        if failed is not None and settings_of(item).shrink:
+            shrink = Shrink(item, nextitem, failed).run()
+            self.config.stash[STATE].summary.shrinks.append(shrink)
+        return result
+
+    @pytest.hookimpl
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.worker:
+            return
+        state = self.config.stash[STATE]
+        settings = state.settings
+        target = settings.explore_json or (
+            settings.artifacts / "explore.json" if settings.artifacts is not None else None)
+        if target is None or not state.summary.explored:
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps({
+            "seeds_per_test": settings.explore, "first_seed": settings.seed,
+            "perturb": settings.perturb,
+            "kernel": str(kernel_identity(settings.kernel)) if settings.kernel else None,
+            "tests": state.summary.explore_report()}, indent=2))
+
+
+# --- shrinking -----------------------------------------------------------------------------
+
+class Shrink:
+    """Reduce one failed run of ``item`` to the fewest perturbed decisions that still
+    fail it the same way (the same signature)."""
+
+    def __init__(self, item: pytest.Item, nextitem: pytest.Item | None,
+                 failed: FailedRun) -> None:
+        self.item = item
+        self.nextitem = nextitem
+        self.failed = failed
+        self.settings = settings_of(item)
+        self.applied: dict[frozenset[str], tuple[Decision, ...]] = {}
+        self.runs = 0
+        self.terminal = item.config.pluginmanager.get_plugin("terminalreporter")
+
+    def run(self) -> dict[str, Any]:
+        """Search, write the schedule, and say what was found (for the summary)."""
+        started = time.monotonic()
+        keys = [decision.key for decision in self.failed.decisions]
+        entry: dict[str, Any] = {"nodeid": base_nodeid(self.item.nodeid),
+                                 "seed": self.settings.seed, "before": len(keys),
+                                 "signature": self.failed.signature}
+        entry.update(self._search(keys))
+        entry["seconds"] = round(time.monotonic() - started, 1)
+        entry["runs"] = self.runs
+        entry["outcome"] += f" ({self.runs} reruns, {entry['seconds']} s wall)"
+        return entry
+
+    def _search(self, keys: list[str]) -> dict[str, Any]:
+        if not keys:
+            return {"outcome": "nothing to shrink: the failing run made no perturbed "
+                               "decision (its seed alone decides the failure)"}
+        if not self.fails(keys):
+            return {"outcome": "did not fail the same way again with all its decisions "
+                               "kept: the run depends on more than its seed and schedule"}
+        if self.fails([]):
+            return {"outcome": "fails the same way with every decision reverted: it needs "
+                               "no perturbation", **self._written([])}
+        result = ddmin(keys, self.fails, budget=MAX_SHRINK_RUNS - self.runs)
+        done = "" if result.complete else \
+            f" (stopped after {MAX_SHRINK_RUNS} reruns: smaller may exist)"
+        minimal = self.applied[frozenset(result.minimal)]
+        return {"outcome": f"{len(keys)} perturbed decisions -> {len(minimal)}{done}",
+                "after": len(minimal), "complete": result.complete,
+                **self._written(list(minimal))}
+
+    def fails(self, keep: list[str]) -> bool:
+        """Rerun the item keeping ``keep``: does it fail with the same signature?"""
+        item = self.item
+        saved = list(item.user_properties)
+        item.stash[KEEP] = frozenset(keep)
+        _forget(item, FAILED)
+        _forget(item, ITEM_SIM)
+        try:
+            runtestprotocol(item, nextitem=self.nextitem, log=False)
+        finally:
+            item.user_properties[:] = saved
+            del item.stash[KEEP]
+        self.runs += 1
+        sim = item.stash.get(ITEM_SIM, None)
+        self.applied[frozenset(keep)] = () if sim is None else tuple(sim.decisions.applied)
+        failed = item.stash.get(FAILED, None)
+        same = failed is not None and failed.signature == self.failed.signature
+        self._progress(keep, failed, same)
+        return same
+
+    def _progress(self, keep: list[str], failed: FailedRun | None, same: bool) -> None:
+        if self.terminal is None:
+            return
+        verdict = "fails the same way" if same else \
+            "passes" if failed is None else f"fails otherwise: {failed.signature}"
+        self.terminal.write_line(f"umtt shrink: rerun {self.runs} keeping {len(keep)} "
+                                 f"decisions: {verdict}")
+
+    def _written(self, minimal: list[Decision]) -> dict[str, Any]:
+        """Write the schedule where a later run finds it; what the summary shows."""
+        schedule = Schedule(base_nodeid(self.item.nodeid), self.settings.seed,
+                            self.settings.perturb, tuple(minimal))
+        path = self._path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(schedule.to_json(
+            signature=self.failed.signature, before=len(self.failed.decisions),
+            reruns=self.runs), indent=2) + "\n")
+        return {"file": str(path), "schedule": [d.describe() for d in minimal]}
+
+    def _path(self) -> Path:
+        target = artifacts_dir(self.settings, self.item.nodeid)
+        if target is not None:
+            return target / "schedule.json"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.item.nodeid).strip("_")
+        return self.item.config.invocation_params.dir / SCHEDULES_DIR / f"{name}.json"
+
+
+def _forget(item: pytest.Item, key: pytest.StashKey[Any]) -> None:
+    if key in item.stash:
+        del item.stash[key]
