@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import random
+import re
 import threading
+from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pytest_umtt import Simulation
 from pytest_umtt.controller import Calendar, Clock, Decisions, StopReason
 from pytest_umtt.controller.perturb import Decision, Perturbation
 from pytest_umtt.errors import MachineCrashed
+from pytest_umtt.rootfs import Rootfs
 from pytest_umtt.triage import (
     Z_95,
     call_trace_frames,
@@ -250,3 +256,145 @@ def test_a_reverted_doorbell_delay_pauses_as_an_unperturbed_run(connect: Connect
     assert doorbell_stop(connect, ["doorbell m #1"])[0] == delayed
     reverted, again = doorbell_stop(connect, [])
     assert reverted == 500 and [d.key for d in again.reverted] == ["doorbell m #1"]
+
+
+# --- on real kernels ---------------------------------------------------------------------------
+
+MS = 1_000_000
+PAIR_TEST = """
+    MS = 1_000_000
+    SERVER = ("import socket\\n"
+              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\\n"
+              "s.bind(('10.0.0.2', 5000)); s.settimeout(1); got = []\\n"
+              "try:\\n"
+              "    while len(got) < 3: got.append(s.recv(64).decode())\\n"
+              "except OSError: pass\\n"
+              "print(*got)\\n")
+    CLIENT = ("import socket\\n"
+              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\\n"
+              "for n in range(3): s.sendto(str(n).encode(), ('10.0.0.2', 5000))\\n")
+
+    def test_pair(uml_factory, umtt_sim, umtt_network):
+        umtt_network.link("a", "b", latency_ns=MS, reorder=0.3, reorder_ns=3 * MS, loss=0.1)
+        a = uml_factory("a", devices=[umtt_network.port("a")], boot=False)
+        b = uml_factory("b", devices=[umtt_network.port("b")], boot=False)
+        umtt_sim.boot(a, b)
+        a.run("ip addr add 10.0.0.1/24 dev eth0 && ip link set eth0 up", check=True)
+        b.run("ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up", check=True)
+        listening = b.start(f'python3 -c "{SERVER}"')
+        a.run(f'sleep 0.2; python3 -c "{CLIENT}"', check=True)
+        got = listening.wait().output.split()
+        assert len(got) == 3, f"lost: got {len(got)} of 3 updates by {umtt_sim.now} s"
+        assert got == sorted(got), f"out of order: {got}"
+"""
+
+
+def explore_line(result: pytest.RunResult) -> tuple[str, list[str], list[int]]:
+    """The explore row of the one test, its signature rows, and its failing seeds."""
+    index = next(i for i, line in enumerate(result.outlines) if line.startswith("explore:"))
+    line = result.outlines[index]
+    groups = [row for row in result.outlines[index + 1:] if row.startswith("  ")]
+    seeds = [int(seed) for seed in line.split("(")[1].split(")")[0].split(", ")]
+    return line, groups, seeds
+
+
+@pytest.mark.kernel
+def test_explore_reports_rate_interval_and_seeds_by_signature(
+        pytester: pytest.Pytester, kernel_args: list[str]) -> None:
+    pytester.makepyfile(PAIR_TEST)
+    result = pytester.runpytest_subprocess(*kernel_args, "--umtt-explore=8",
+                                           "--umtt-explore-json=explore.json",
+                                           "--junitxml=report.xml")
+    line, groups, failed = explore_line(result)
+    assert 0 < len(failed) < 8, result.stdout.str()
+    assert f"failure rate {format_rate(len(failed), 8)}" in line
+    grouped = sorted(int(seed) for row in groups
+                     for seed in row.split("(")[1].split(")")[0].split(", "))
+    assert grouped == failed  # every failing seed in exactly one group
+    assert all(": AssertionError: " in row and "<N>" in row for row in groups), groups
+    summary = json.loads((pytester.path / "explore.json").read_text())
+    (test,) = summary["tests"]
+    assert (test["runs"], test["failures"]) == (8, len(failed))
+    assert test["ci95"] == list(wilson_interval(len(failed), 8))
+    assert sorted(s for group in test["groups"] for s in group["seeds"]) == failed
+    assert sorted(failed + test["passed_seeds"]) == list(range(8))
+    cases = ElementTree.parse(pytester.path / "report.xml").getroot().iter("testcase")
+    properties = [{p.get("name"): p.get("value") for p in case.iter("property")}
+                  for case in cases]
+    assert all({"umtt_seed", "umtt_reproduce", "umtt_kernel", "umtt_root"} <= set(p)
+               for p in properties)
+    failing = [p for p in properties if "umtt_signature" in p]
+    assert len(failing) == len(failed)
+    assert all(f"--umtt-seed={p['umtt_seed']}" in str(p["umtt_reproduce"]) for p in failing)
+
+
+@pytest.mark.kernel
+def test_shrink_finds_the_decisions_a_failure_needs_and_the_schedule_replays_it(
+        pytester: pytest.Pytester, kernel_args: list[str]) -> None:
+    pytester.makepyfile(PAIR_TEST)
+    _, _, failed = explore_line(pytester.runpytest_subprocess(*kernel_args, "--umtt-explore=8"))
+    artifacts = pytester.path / "artifacts"
+    shrunk = pytester.runpytest_subprocess(*kernel_args, f"--umtt-seed={failed[0]}",
+                                           "--umtt-shrink", f"--umtt-artifacts={artifacts}")
+    shrunk.assert_outcomes(failed=1)
+    line = next(line for line in shrunk.outlines if line.startswith("shrink:"))
+    before, after = (int(n) for n in re.findall(r"(\d+) perturbed decisions -> (\d+)",
+                                                line)[0])
+    assert 1 <= after <= before, line
+    (file,) = artifacts.glob("*/schedule.json")
+    schedule = json.loads(file.read_text())
+    assert (schedule["seed"], schedule["before"]) == (failed[0], before)
+    assert len(schedule["decisions"]) == after
+    assert {d["kind"] for d in schedule["decisions"]} <= {"drop", "reorder"}
+    signature = schedule["signature"]
+    replay = pytester.runpytest_subprocess(*kernel_args, f"--umtt-schedule={file}",
+                                           "--junitxml=replay.xml")
+    replay.assert_outcomes(failed=1)
+    assert f'value="{signature}"' in (pytester.path / "replay.xml").read_text().replace(
+        "&lt;", "<").replace("&gt;", ">")
+    schedule["decisions"] = []  # every decision reverted: the failure goes away
+    file.write_text(json.dumps(schedule))
+    pytester.runpytest_subprocess(*kernel_args, f"--umtt-schedule={file}").assert_outcomes(
+        passed=1)
+
+
+def two_machine_run(uml_kernel: Path, rootfs: Rootfs, *, perturb: bool,
+                    keep: list[str] | None) -> tuple[list[str], Decisions]:
+    with Simulation(kernel=uml_kernel, rootfs=rootfs, seed=5, perturb=perturb,
+                    decisions=Decisions(keep)) as sim:
+        a = sim.machine("a", boot=False)
+        b = sim.machine("b", boot=False)
+        sim.boot(a, b)
+        jobs = [m.start("for i in 1 2 3; do sleep 0.01; echo $i > /dev/kmsg; done")
+                for m in (a, b)]
+        for job in jobs:
+            job.wait()
+        a.run("true")
+        return sim.fingerprint(), sim.decisions
+
+
+@pytest.mark.kernel
+def test_keeping_every_decision_is_the_perturbed_run_and_reverting_all_the_plain_one(
+        uml_kernel: Path, rootfs: Rootfs) -> None:
+    perturbed, decisions = two_machine_run(uml_kernel, rootfs, perturb=True, keep=None)
+    kinds = {d.kind for d in decisions.applied}
+    assert kinds == {"tie", "doorbell"}, decisions.applied
+    keys = [d.key for d in decisions.applied]
+    assert two_machine_run(uml_kernel, rootfs, perturb=True, keep=keys)[0] == perturbed
+    plain, none = two_machine_run(uml_kernel, rootfs, perturb=False, keep=None)
+    assert not none.applied and plain != perturbed
+    reverted, all_reverted = two_machine_run(uml_kernel, rootfs, perturb=True, keep=[])
+    assert reverted == plain
+    assert all_reverted.reverted and not all_reverted.applied
+
+
+def test_a_schedule_that_is_not_one_is_a_usage_error_naming_the_file(
+        pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x():\n    pass\n")
+    (pytester.path / "bad.json").write_text('{"format": "something else"}')
+    result = pytester.runpytest_subprocess("--umtt-schedule=bad.json", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--umtt-schedule=*bad.json: cannot read the schedule: "
+                                 "ValueError: not a pytest-umtt schedule version 1 file*"])
+    missing = pytester.runpytest_subprocess("--umtt-schedule=nowhere.json")
+    missing.stderr.fnmatch_lines(["*--umtt-schedule: no file at 'nowhere.json'*"])

@@ -161,9 +161,17 @@ class TriagePlugin:
         result = yield
         failed = item.stash.get(FAILED, None)
         if failed is not None and settings_of(item).shrink:
-            shrink = Shrink(item, nextitem, failed).run()
-            self.config.stash[STATE].summary.shrinks.append(shrink)
+            self.config.stash[STATE].summary.shrinks.append(self._shrink(item, nextitem, failed))
         return result
+
+    @staticmethod
+    def _shrink(item: pytest.Item, nextitem: pytest.Item | None,
+                failed: FailedRun) -> dict[str, Any]:
+        try:
+            return Shrink(item, nextitem, failed).run()
+        except Exception as exc:  # the test's verdict stands; say why there is no schedule
+            return {"nodeid": base_nodeid(item.nodeid), "seed": settings_of(item).seed,
+                    "outcome": f"could not shrink: {type(exc).__name__}: {exc}"}
 
     @pytest.hookimpl
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -180,6 +188,7 @@ class TriagePlugin:
             "seeds_per_test": settings.explore, "first_seed": settings.seed,
             "perturb": settings.perturb,
             "kernel": str(kernel_identity(settings.kernel)) if settings.kernel else None,
+            "root": state.rootfs.identity if state.rootfs is not None else settings.rootfs,
             "tests": state.summary.explore_report()}, indent=2))
 
 
