@@ -60,6 +60,8 @@ class Summary:
     explored: dict[str, list[Explored]] = field(default_factory=dict)
     shrinks: list[dict[str, Any]] = field(default_factory=list)
     """What ``--umtt-shrink`` found, one entry per failing test (see plugin/triage.py)."""
+    reproduce_options: str = ""
+    """Options a reproduce command needs besides the seed (``--umtt-perturb``)."""
 
     def add_simulation(self, virtual_ns: int, wall_seconds: float) -> None:
         self.simulations += 1
@@ -85,13 +87,13 @@ class Summary:
                          f"{len(self.differed)} differed"
                          + "".join(f"\n  differs: {nodeid}" for nodeid in self.differed))
         for nodeid, outcomes in self.explored.items():
-            lines += self._explore_lines(nodeid, outcomes)
+            lines += self._explore_lines(nodeid, outcomes, self.reproduce_options)
         for shrink in self.shrinks:
             lines += shrink_lines(shrink)
         return lines
 
     @staticmethod
-    def _explore_lines(nodeid: str, outcomes: list[Explored]) -> list[str]:
+    def _explore_lines(nodeid: str, outcomes: list[Explored], options: str) -> list[str]:
         """A test's explore row (seeds, rate and its 95% interval) and a row per failure
         signature with its seeds."""
         failed = sorted(o.seed for o in outcomes if o.failed)
@@ -99,7 +101,8 @@ class Summary:
                 + (f" ({_seeds(failed)})" if failed else "")
                 + f"; failure rate {format_rate(len(failed), len(outcomes))}")
         if failed:
-            line += f"; reproduce: pytest {shlex.quote(nodeid)} --umtt-seed={failed[0]}"
+            line += (f"; reproduce: pytest {shlex.quote(nodeid)} --umtt-seed={failed[0]}"
+                     + options)
         return [line] + [f"  {len(seeds):3} seed{'s' if len(seeds) > 1 else ' '} "
                          f"({_seeds(seeds)}): {signature}"
                          for signature, seeds in signature_groups(outcomes)]
@@ -117,7 +120,8 @@ class Summary:
                 "ci95": [low, high],
                 "passed_seeds": sorted(o.seed for o in outcomes if not o.failed),
                 "groups": [{"signature": signature, "seeds": seeds,
-                            "reproduce": f"pytest {shlex.quote(nodeid)} --umtt-seed={seeds[0]}"}
+                            "reproduce": f"pytest {shlex.quote(nodeid)} --umtt-seed={seeds[0]}"
+                                         + self.reproduce_options}
                            for signature, seeds in signature_groups(outcomes)]})
         return report
 

@@ -15,6 +15,7 @@ import json
 import re
 import shlex
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,8 @@ class TriagePlugin:
         settings = config.stash[STATE].settings
         config.stash[SCHEDULE] = None if settings.schedule is None \
             else Schedule.load(settings.schedule)
+        config.stash[STATE].summary.reproduce_options = " --umtt-perturb" \
+            if settings.perturb else ""
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
@@ -235,7 +238,7 @@ class Shrink:
         done = "" if result.complete else \
             f" (stopped after {MAX_SHRINK_RUNS} reruns: smaller may exist)"
         minimal = self.applied[frozenset(result.minimal)]
-        return {"outcome": f"{len(keys)} perturbed decisions -> {len(minimal)}{done}",
+        return {"outcome": f"{_count(self.failed.decisions)} -> {_count(minimal)}{done}",
                 "after": len(minimal), "complete": result.complete,
                 **self._written(list(minimal))}
 
@@ -282,8 +285,17 @@ class Shrink:
         target = artifacts_dir(self.settings, self.item.nodeid)
         if target is not None:
             return target / "schedule.json"
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.item.nodeid).strip("_")
-        return self.item.config.invocation_params.dir / SCHEDULES_DIR / f"{name}.json"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", base_nodeid(self.item.nodeid)).strip("_")
+        return (self.item.config.invocation_params.dir / SCHEDULES_DIR
+                / f"{name}.seed{self.settings.seed}.json")
+
+
+def _count(decisions: tuple[Decision, ...]) -> str:
+    """``260 perturbed decisions (259 tie, 1 reorder)``."""
+    kinds = Counter(decision.kind for decision in decisions)
+    detail = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+    plural = "" if len(decisions) == 1 else "s"
+    return f"{len(decisions)} perturbed decision{plural}" + (f" ({detail})" if detail else "")
 
 
 def _forget(item: pytest.Item, key: pytest.StashKey[Any]) -> None:
