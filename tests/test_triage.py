@@ -398,3 +398,23 @@ def test_a_schedule_that_is_not_one_is_a_usage_error_naming_the_file(
                                  "ValueError: not a pytest-umtt schedule version 1 file*"])
     missing = pytester.runpytest_subprocess("--umtt-schedule=nowhere.json")
     missing.stderr.fnmatch_lines(["*--umtt-schedule: no file at 'nowhere.json'*"])
+
+
+def provoked_crash(uml_kernel: Path, rootfs: Rootfs, seed: int) -> MachineCrashed:
+    with Simulation(kernel=uml_kernel, rootfs=rootfs, seed=seed) as sim:
+        machine = sim.machine("m")
+        with pytest.raises(MachineCrashed) as crashed:
+            machine.run("mount -t debugfs none /sys/kernel/debug && "
+                        "echo EXCEPTION > /sys/kernel/debug/provoke-crash/DIRECT")
+        return crashed.value
+
+
+@pytest.mark.kernel
+def test_a_real_oops_signature_names_its_kind_and_frames_whatever_the_seed(
+        uml_kernel: Path, rootfs: Rootfs) -> None:
+    signatures = {failure_signature(provoked_crash(uml_kernel, rootfs, seed))
+                  for seed in (1, 2)}
+    (signature,) = signatures  # one crash, one signature, wherever it lands
+    kind, frames = signature.split(" | ")
+    assert kind.startswith("MachineCrashed: kernel panic: ") and "<hex>" in kind
+    assert frames.split(" < ")[:2] == ["direct_entry", "full_proxy_write"], signature
