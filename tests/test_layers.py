@@ -14,13 +14,13 @@ import pytest_umtt
 
 PACKAGE = Path(pytest_umtt.__file__).parent
 LAYERS = [
-    {"errors", "wire"},
+    {"errors", "wire", "cache"},
     {"controller"},
     {"devices"},
     {"uml"},
     {"kernel", "rootfs", "ktap"},
     {"simulation"},
-    {"canary", "kselftest", "summary", "tracetool"},
+    {"canary", "kselftest", "summary", "tracetool", "triage"},
     {"plugin", "hookspecs"},
 ]
 """Each set may import its own members' siblings and every set before it."""
