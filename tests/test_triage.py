@@ -306,6 +306,10 @@ def test_explore_reports_rate_interval_and_seeds_by_signature(
                                            "--junitxml=report.xml")
     line, groups, failed = explore_line(result)
     assert 0 < len(failed) < 8, result.stdout.str()
+    result.stdout.fnmatch_lines([  # each failure says how to find the decisions it needs
+        "*umtt perturbed decisions*", "signature: AssertionError: *",
+        "this run made * perturbed decision* (*); the fewest that fail it:",
+        "  pytest test_explore_*.py::test_pair --umtt-seed=* --uml-kernel=* --umtt-shrink"])
     assert f"failure rate {format_rate(len(failed), 8)}" in line
     grouped = sorted(int(seed) for row in groups
                      for seed in row.split("(")[1].split(")")[0].split(", "))

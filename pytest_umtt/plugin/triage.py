@@ -153,8 +153,10 @@ class TriagePlugin:
         report.user_properties.append((SIGNATURE, signature))
         item.user_properties.append((SIGNATURE, signature))  # the teardown report's too
         sim = item.stash.get(ITEM_SIM, None)
-        item.stash[FAILED] = FailedRun(
-            signature, () if sim is None else tuple(sim.decisions.applied))
+        failed = FailedRun(signature, () if sim is None else tuple(sim.decisions.applied))
+        item.stash[FAILED] = failed
+        if failed.decisions and KEEP not in item.stash:
+            report.sections.append(("umtt perturbed decisions", _shrink_hint(item, failed)))
         return report
 
     @pytest.hookimpl(wrapper=True)
@@ -288,6 +290,14 @@ class Shrink:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", base_nodeid(self.item.nodeid)).strip("_")
         return (self.item.config.invocation_params.dir / SCHEDULES_DIR
                 / f"{name}.seed{self.settings.seed}.json")
+
+
+def _shrink_hint(item: pytest.Item, failed: FailedRun) -> str:
+    """What a failed run's perturbed decisions were, and how to find those it needs."""
+    settings = settings_of(item)
+    return (f"signature: {failed.signature}\n"
+            f"this run made {_count(failed.decisions)}; the fewest that fail it:\n"
+            f"  {reproduce_command(item.nodeid, settings)} --umtt-shrink")
 
 
 def _count(decisions: tuple[Decision, ...]) -> str:
