@@ -402,6 +402,15 @@ def test_a_schedule_that_is_not_one_is_a_usage_error_naming_the_file(
                                  "ValueError: not a pytest-umtt schedule version 1 file*"])
     missing = pytester.runpytest_subprocess("--umtt-schedule=nowhere.json")
     missing.stderr.fnmatch_lines(["*--umtt-schedule: no file at 'nowhere.json'*"])
+    other = {"format": "pytest-umtt schedule", "version": 1, "nodeid": "elsewhere.py::test_y",
+             "seed": 3, "perturb": False, "decisions": []}
+    (pytester.path / "other.json").write_text(json.dumps(other))
+    elsewhere = pytester.runpytest_subprocess("--umtt-schedule=other.json",
+                                              "-p", "no:cacheprovider")
+    assert elsewhere.ret == pytest.ExitCode.USAGE_ERROR
+    elsewhere.stderr.fnmatch_lines(["*replays elsewhere.py::test_y, which is not among the "
+                                    "tests collected; run: pytest elsewhere.py::test_y "
+                                    "--umtt-schedule=*other.json"])
 
 
 def provoked_crash(uml_kernel: Path, rootfs: Rootfs, seed: int) -> MachineCrashed:

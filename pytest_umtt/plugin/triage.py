@@ -143,6 +143,18 @@ class TriagePlugin:
         config.stash[STATE].summary.reproduce_options = " --umtt-perturb" \
             if settings.perturb else ""
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """A schedule replays one test: running others instead would replay nothing."""
+        schedule = self.config.stash[SCHEDULE]
+        if schedule is None or self.worker:
+            return
+        if not any(base_nodeid(item.nodeid) == schedule.nodeid for item in items):
+            raise pytest.UsageError(
+                f"--umtt-schedule={schedule.path} replays {schedule.nodeid}, which is not "
+                f"among the tests collected; run: pytest {shlex.quote(schedule.nodeid)} "
+                f"--umtt-schedule={schedule.path}")
+
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
                                   ) -> Any:
