@@ -137,6 +137,7 @@ class TriagePlugin:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.worker = hasattr(config, "workerinput")
+        self.shrunk: set[tuple[str, str]] = set()  # (test, signature): one shrink each
         settings = config.stash[STATE].settings
         config.stash[SCHEDULE] = None if settings.schedule is None \
             else Schedule.load(settings.schedule)
@@ -178,7 +179,12 @@ class TriagePlugin:
         result = yield
         failed = item.stash.get(FAILED, None)
         if failed is not None and settings_of(item).shrink:
-            self.config.stash[STATE].summary.shrinks.append(self._shrink(item, nextitem, failed))
+            # Explored seeds that fail the same way are one failure: shrink the first.
+            key = (base_nodeid(item.nodeid), failed.signature)
+            if key not in self.shrunk:
+                self.shrunk.add(key)
+                self.config.stash[STATE].summary.shrinks.append(
+                    self._shrink(item, nextitem, failed))
         return result
 
     @staticmethod
