@@ -9,10 +9,10 @@ import pytest
 
 from ..errors import KernelError, format_ns
 from ..kernel import build_shim, kernel_identity
-from ..uml.confine import confinement_problem
 from ..simulation import (
     Simulation,
 )
+from ..uml.confine import confinement_problem
 from .settings import CONSOLE_TAIL, PROTOCOL_TAIL, Settings
 from .state import ITEM_SIM, STATE, SessionState, artifacts_dir, base_nodeid, settings_of
 

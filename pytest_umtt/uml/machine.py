@@ -115,7 +115,10 @@ def uml_command(
     """
     init = f"mount -t hostfs -o . none {GUEST_MOUNT} && exec {GUEST_MOUNT}/{boot_script}"
     if rootfs:
-        root = [f"initrd={ROOTFS_FROM_MACHINE_DIR}", f"hostfs={HOSTFS_PREFIX}"]
+        # ramfs, not tmpfs: the kernel caps a tmpfs root at half of memory, counted while
+        # the loaded image still holds its share (init/do_mounts.c init_rootfs).
+        root = [f"initrd={ROOTFS_FROM_MACHINE_DIR}", "rootfstype=ramfs",
+                f"hostfs={HOSTFS_PREFIX}"]
     else:
         root = ["root=/dev/root", "rootfstype=hostfs", f"hostfs={HOSTFS_PREFIX}",
                 f"rootflags={HOST_ROOT_FROM_CWD}", "ro"]
