@@ -40,6 +40,7 @@ from .kernel import (
     default_kernel,
     has_virtio_console,
     kernel_identity,
+    modules_dir,
 )
 from .rootfs import Rootfs
 from .uml.confine import confinement_problem, refusal
@@ -333,7 +334,7 @@ class Simulation:
         machine = Machine(self, name, len(self.machines) + 1, kernel=kernel,
                           mem=mem, cmdline=cmdline, idle_max=idle_max, agent=agent,
                           default_timeout=default_timeout, rootfs=self.rootfs is not None,
-                          devices=devices,
+                          devices=devices, modules=modules_dir(kernel),
                           agent_console=has_virtio_console(kernel) and agent_console is not False)
         self.machines[name] = machine
         if boot:

@@ -40,6 +40,10 @@ setup() {
     local _dev mnt _rest
     while read -r _dev mnt _rest; do [ "$mnt" = /dev ] && break; done < /proc/mounts
     [ "$mnt" = /dev ] || mount -t devtmpfs devtmpfs /dev
+    # The kernel's modules, read-only from the host (agent.py install, MODULES_LINK).
+    if [ -L "$X/lib-modules" ]; then
+        mkdir -p /lib/modules && mount -t hostfs -o ./lib-modules,ro none /lib/modules
+    fi
     [ -n "${UMTT_HOSTNAME:-}" ] && echo "$UMTT_HOSTNAME" > /proc/sys/kernel/hostname
 }
 

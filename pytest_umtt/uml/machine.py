@@ -395,8 +395,12 @@ class Machine:
                  mem: str = DEFAULT_MEM, cmdline: Sequence[str] = (),
                  idle_max: float = DEFAULT_IDLE_MAX, agent: Path | None = None,
                  default_timeout: float = DEFAULT_COMMAND_TIMEOUT, rootfs: bool = False,
-                 devices: Sequence[VirtioDevice] = (), agent_console: bool = False) -> None:
+                 devices: Sequence[VirtioDevice] = (), agent_console: bool = False,
+                 modules: Path | None = None) -> None:
         self.sim = sim
+        self.modules = modules
+        """The kernel's installed modules (the directory holding ``RELEASE/``), which the
+        guest sees at /lib/modules; None: the kernel has none."""
         self.devices = list(devices)
         self.agent_console: VirtioConsole | None = None
         """The agent's command channel when the kernel has virtio-console (the agent
@@ -445,7 +449,7 @@ class Machine:
     def spawn(self) -> None:
         """Start the kernel process; the simulation then serves its START."""
         self.directory.mkdir(mode=0o700)
-        self._channel = install(self.directory, self.agent)
+        self._channel = install(self.directory, self.agent, self.modules)
         # Beside the machine's directory, not in it: the guest can replace what is in it.
         self.console = Console(self.sim.directory / f"{self.name}.console.log")
         extra = [f"UMTT_HOSTNAME={self.name}",
