@@ -11,6 +11,7 @@ import pytest
 from pytest_umtt import KernelConfig, Simulation
 from pytest_umtt.cache import cache_root
 from pytest_umtt.kernel import build_kernel, debian_source, kernel_identity, modules_dir
+from pytest_umtt.kselftest import build_kselftests
 from pytest_umtt.rootfs import Rootfs
 
 pytestmark = pytest.mark.kernel
@@ -73,3 +74,16 @@ def test_pytest_takes_the_variant_as_an_option(pytester: pytest.Pytester, gpio_k
                                            "no:cacheprovider")
     result.stdout.fnmatch_lines(["umtt: kernel *", "*variant: default + kselftest:gpio"])
     result.assert_outcomes(passed=2)
+
+
+def test_the_gpio_kselftests_pass_on_their_variant(pytester: pytest.Pytester,
+                                                   gpio_kernel: Path, real_cache: Path) -> None:
+    tree = build_kselftests(["gpio"])
+    pytester.makepyfile("def test_nothing_else(): pass")
+    result = pytester.runpytest_subprocess(f"--umtt-kselftest={tree}", "-p", "no:cacheprovider",
+                                           "--umtt-kconfig=kselftest:gpio", "-v")
+    # gpio-mockup.sh reloads the module with parameters; gpio-sim.sh needs configfs,
+    # a module here, loaded and mounted by the agent as a distribution's init does.
+    result.stdout.fnmatch_lines(["*kselftest::gpio:gpio-mockup.sh PASSED*",
+                                 "*kselftest::gpio:gpio-sim.sh PASSED*"])
+    result.assert_outcomes(passed=3)
