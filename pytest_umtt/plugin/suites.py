@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shlex
 import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -20,7 +23,7 @@ from ..kselftest import (
 )
 from ..ktap import KtapCase, parse_ktap
 from ..uml.console import Console
-from .settings import CONSOLE_TAIL, Settings
+from .settings import CONSOLE_TAIL
 from .state import STATE, artifacts_dir, close_simulation, machine_factory, open_simulation
 
 
@@ -102,23 +105,42 @@ class KselftestFailure(Exception):
 
 
 class KselftestRun(pytest.Collector):
-    """An installed kselftest tree: each test runs in a fresh machine (a crash, a hang or
-    a changed clock cannot touch the next test, and a test's run does not depend on
-    which others ran); one item per test and one per KTAP subtest it printed."""
+    """An installed kselftest tree: one item per test of its list, run when the item runs
+    (so ``-k`` selects what boots, and xdist spreads the tests over its workers), each in
+    a fresh machine: a crash, a hang or a changed clock cannot touch the next test, and a
+    test's run does not depend on which others ran. The KTAP subtests a test prints are
+    reported beside it, as results of their own."""
 
     def collect(self) -> list[pytest.Item]:
         settings = self.config.stash[STATE].settings
         assert settings.kselftest is not None
-        items: list[pytest.Item] = []
-        for test in read_tests(settings.kselftest):
-            result = self._run(settings, settings.kselftest, test)
-            items.append(KselftestItem.from_parent(self, name=test.id, result=result))
-            items += [KselftestItem.from_parent(self, name=f"{test.id}/{case.name}",
-                                                result=result, case=case)
-                      for case in result.cases]
-        return items
+        return [KselftestItem.from_parent(self, name=test.id, test=test)
+                for test in read_tests(settings.kselftest)]
 
-    def _run(self, settings: Settings, root: Path, test: KselftestTest) -> KselftestResult:
+
+class KselftestItem(pytest.Item):
+    """One kselftest: it runs in a machine of its own when the item runs."""
+
+    def __init__(self, *, test: KselftestTest, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.test = test
+        self.result: KselftestResult | None = None
+
+    def runtest(self) -> None:
+        result = self.result = self._run()
+        self.user_properties += [("umtt_virtual_seconds", f"{result.virtual:.9f}"),
+                                 ("umtt_wall_seconds", f"{result.wall_seconds:.3f}")]
+        for case in result.cases:
+            self._report_subtest(case)
+        if result.outcome is Outcome.SKIP:
+            pytest.skip(result.detail)
+        if result.outcome is not Outcome.PASS:
+            raise KselftestFailure(self._failure_text())
+
+    def _run(self) -> KselftestResult:
+        settings = self.config.stash[STATE].settings
+        root, test = settings.kselftest, self.test
+        assert root is not None
         started = time.monotonic()
         sim = open_simulation(self.config, settings)
         try:
@@ -131,41 +153,49 @@ class KselftestRun(pytest.Collector):
                                    wall_seconds=time.monotonic() - started)
         finally:
             close_simulation(self.config, sim, started,
-                              artifacts_dir(settings, f"kselftest/{test.id}"))
+                             artifacts_dir(settings, f"kselftest/{test.id}"))
 
+    def _report_subtest(self, case: KtapCase) -> None:
+        """A KTAP subtest's result as a report of its own (``TEST/SUBTEST``): they are
+        known only once the test ran, too late to be collected as items. Logged once the
+        test's own reports are (:func:`pytest_runtest_protocol`), outside its capture."""
+        longrepr: Any = None
+        outcome: Literal["passed", "failed", "skipped"] = "passed"
+        if case.skipped:
+            outcome = "skipped"
+            longrepr = (str(self.path), 0, f"Skipped: {case.reason or 'skipped (KTAP)'}")
+        elif not case.ok:
+            outcome = "failed"
+            longrepr = (f"kselftest {self.name}/{case.name}: "
+                        + ("\n".join(case.diagnostics) or "not ok"))
+        # pytest's subtest reports: the test's own node id (xdist requires it), the
+        # subtest's name as their context; shown as SUBPASSED[name] and counted apart.
+        report = pytest.SubtestReport(
+            nodeid=self.nodeid, location=self.location, keywords={}, outcome=outcome,
+            longrepr=longrepr, when="call", user_properties=[("umtt_ktap_subtest", case.name)])
+        report.context = KtapContext(msg=case.name)  # type: ignore[assignment]
+        self.config.stash.setdefault(SUBTEST_REPORTS, {}).setdefault(self.nodeid, []).append(
+            report)
 
-class KselftestItem(pytest.Item):
-    """A kselftest's result (or one of its KTAP subtests'), as the run reported it."""
-
-    def __init__(self, *, result: KselftestResult, case: KtapCase | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.result = result
-        self.case = case
-        if case is None:
-            self.user_properties += [
-                ("umtt_virtual_seconds", f"{result.virtual:.9f}"),
-                ("umtt_wall_seconds", f"{result.wall_seconds:.3f}")]
-
-    def runtest(self) -> None:
-        if self.case is not None:
-            if self.case.skipped:
-                pytest.skip(self.case.reason or "skipped (KTAP)")
-            if not self.case.ok:
-                raise KselftestFailure("\n".join(self.case.diagnostics) or "not ok")
-            return
-        if self.result.outcome is Outcome.SKIP:
-            pytest.skip(self.result.detail)
-        if self.result.outcome is not Outcome.PASS:
-            raise KselftestFailure(self._failure_text())
 
     def _failure_text(self) -> str:
         result = self.result
+        assert result is not None
         lines = result.output.splitlines()[-CONSOLE_TAIL:]
         return (f"{result.outcome.value}: {result.detail}\n"
-                f"({result.virtual:.3f} s virtual, {result.wall_seconds:.1f} s wall)"
+                f"({result.virtual:.3f} s virtual, {result.wall_seconds:.1f} s wall)\n"
+                f"reproduce: {self._reproduce_command()}"
                 + (f"\n--- output (last {len(lines)} lines) ---\n" + "\n".join(lines)
                    if lines else "\n(no output)"))
+
+    def _reproduce_command(self) -> str:
+        """This test alone, the same way: its tree, seed and kernel."""
+        settings = self.config.stash[STATE].settings
+        words = ["pytest", f"--umtt-kselftest={settings.kselftest}", "-k", self.name,
+                 f"--umtt-seed={settings.seed}"]
+        if settings.kernel is not None:
+            words.append(f"--uml-kernel={settings.kernel}")
+        return shlex.join(words)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
                      style: Any = None) -> str:
@@ -175,3 +205,29 @@ class KselftestItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Path, None, str]:
         return self.path, None, f"kselftest: {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class KtapContext:
+    """What a subtest report says of its subtest (the fields of pytest's own context)."""
+
+    msg: str
+    kwargs: dict[str, str] = field(default_factory=dict)
+
+    def _to_json(self) -> dict[str, object]:
+        return {"msg": self.msg, "kwargs": self.kwargs}
+
+
+SUBTEST_REPORTS = pytest.StashKey[dict[str, list[pytest.SubtestReport]]]()
+"""KTAP subtest reports of the kselftests that ran, waiting to be logged, by test node id."""
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[
+        None, object, object]:
+    """Log a kselftest's KTAP subtests right after the test's own reports."""
+    del nextitem
+    result = yield
+    for report in item.config.stash.get(SUBTEST_REPORTS, {}).pop(item.nodeid, []):
+        item.ihook.pytest_runtest_logreport(report=report)
+    return result
