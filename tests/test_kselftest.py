@@ -157,8 +157,9 @@ def test_a_real_kselftest_reports_each_subtest(pytester: pytest.Pytester,
     shutil.copy2(built / "timers" / "nanosleep", tree / "timers")
     (tree / "kselftest-list.txt").write_text("timers:nanosleep\n")
     result = pytester.runpytest_subprocess(*kernel_args, f"--umtt-kselftest={tree}")
-    result.stdout.fnmatch_lines_random(["*kselftest::timers:nanosleep PASSED*",
-                                        "*kselftest::timers:nanosleep SUBPASSED[[]CLOCK_MONOTONIC[]]*"])
+    result.stdout.fnmatch_lines_random([
+        "*kselftest::timers:nanosleep PASSED*",
+        "*kselftest::timers:nanosleep SUBPASSED[[]CLOCK_MONOTONIC[]]*"])
     result.stdout.fnmatch_lines_random(["*SKIPPED* *CLOCK_PROCESS_CPUTIME_ID"])
     result.assert_outcomes(passed=1, skipped=6)
     result.stdout.fnmatch_lines(["* 6 subtests passed in *"])

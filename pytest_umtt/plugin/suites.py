@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import time
 from collections.abc import Generator
@@ -23,7 +24,7 @@ from ..kselftest import (
 )
 from ..ktap import KtapCase, parse_ktap
 from ..uml.console import Console
-from .settings import CONSOLE_TAIL
+from .settings import CONSOLE_TAIL, Settings
 from .state import STATE, artifacts_dir, close_simulation, machine_factory, open_simulation
 
 
@@ -31,37 +32,68 @@ class KunitFailure(Exception):
     """A KUnit case reported ``not ok``."""
 
 
+KUNIT_LISTED = re.compile(r"^([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+)$")
+"""A case as ``kunit.action=list`` prints it: ``suite.case`` (lib/kunit/executor.c)."""
+
+
 class KunitRun(pytest.Collector):
-    """The kernel's KUnit suites, run at boot; one item per test case (KTAP)."""
+    """The kernel's KUnit suites: one item per test case, as the kernel lists them
+    (``kunit.action=list``, one short boot while pytest collects). The cases run when
+    their items do: one boot runs every selected case (:class:`KunitCase`)."""
 
     def collect(self) -> list[pytest.Item]:
         settings = self.config.stash[STATE].settings
         glob = settings.kunit or "*"
-        started = time.monotonic()
-        sim = open_simulation(self.config, settings)
-        boot_error: UmttError | None = None
-        try:
-            machine_factory(self.config, sim, settings)(
-                "kunit", cmdline=["kunit.enable=1", f"kunit.filter_glob={glob}"])
-        except UmttError as exc:  # a case may crash the kernel: report it, run the rest
-            boot_error = exc
-        finally:
-            machine = sim.machines.get("kunit")
-            console = machine.console if machine else None
-            text = console.text if console else ""
-            tail = machine.console_tail() if machine else ""
-            close_simulation(self.config, sim, started, None)
-        items: list[pytest.Item] = [
-            KunitCase.from_parent(self, name=case.name, case=case, detail=(
-                crash_console(console, case) if case.crashed else ""))
-            for case in parse_ktap(text)]
+        text, tail, boot_error = boot_kunit(self.config, settings, glob, action="list")
+        names = [line.strip() for line in text.splitlines()
+                 if KUNIT_LISTED.match(line.strip())]
+        items: list[pytest.Item] = [KunitCase.from_parent(self, name=name)
+                                    for name in dict.fromkeys(names)]
         if boot_error is not None:
-            items.append(KunitCase.from_parent(self, name="boot", case=None, detail=(
+            items.append(KunitCase.from_parent(self, name="boot", listing_error=(
                 f"the KUnit machine did not come up: {boot_error}")))
         elif not items:
-            items.append(KunitCase.from_parent(self, name="no-cases", case=None, detail=(
+            items.append(KunitCase.from_parent(self, name="no-cases", listing_error=(
                 f"no KUnit test case matched {glob!r} (is the suite built in?)\n{tail}")))
         return items
+
+
+def boot_kunit(config: pytest.Config, settings: Settings, glob: str,
+               action: str | None = None) -> tuple[str, str, UmttError | None]:
+    """Boot a machine that runs (or lists) the KUnit cases matching ``glob``; its console
+    text, console tail, and the error if it did not come up (a case may crash it)."""
+    started = time.monotonic()
+    sim = open_simulation(config, settings)
+    boot_error: UmttError | None = None
+    cmdline = ["kunit.enable=1", f"kunit.filter_glob={glob}"]
+    if action is not None:
+        cmdline.append(f"kunit.action={action}")
+    try:
+        machine_factory(config, sim, settings)("kunit", cmdline=cmdline)
+    except UmttError as exc:
+        boot_error = exc
+    finally:
+        machine = sim.machines.get("kunit")
+        console = machine.console if machine else None
+        text = console.text if console else ""
+        tail = machine.console_tail() if machine else ""
+        close_simulation(config, sim, started, None)
+    config.stash.setdefault(KUNIT_CONSOLES, {})[glob] = console
+    return text, tail, boot_error
+
+
+KUNIT_CONSOLES = pytest.StashKey[dict[str, "Console | None"]]()
+KUNIT_RUNS = pytest.StashKey[dict[str, "KunitResults"]]()
+
+
+@dataclass(frozen=True, slots=True)
+class KunitResults:
+    """What one boot reported: each case by name, and what to say of a case it did not."""
+
+    glob: str
+    cases: dict[str, KtapCase]
+    console: Console | None
+    missing: str
 
 
 def crash_console(console: Console | None, case: KtapCase) -> str:
@@ -73,28 +105,69 @@ def crash_console(console: Console | None, case: KtapCase) -> str:
 
 
 class KunitCase(pytest.Item):
-    """One KUnit test case's result, as the kernel reported it."""
+    """One KUnit test case: run when its item runs, with the other selected cases, in one
+    boot per glob and xdist worker (``-k`` picks which cases, and so which boot)."""
 
-    def __init__(self, *, case: KtapCase | None, detail: str = "", **kwargs: Any) -> None:
+    def __init__(self, *, listing_error: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.case = case
-        self.detail = detail
+        self.listing_error = listing_error
+        self.case: KtapCase | None = None
+        self.detail = ""
 
     def runtest(self) -> None:
-        if self.case is None:
-            raise KunitFailure(self.detail)
-        if self.case.skipped:
-            pytest.skip(self.case.reason or "skipped by KUnit")
-        if not self.case.ok:
-            raise KunitFailure("\n".join([*self.case.diagnostics, self.detail]).strip()
-                               or "not ok")
+        if self.listing_error:
+            raise KunitFailure(self.listing_error)
+        results = self._results()
+        self.case = case = results.cases.get(self.name)
+        if case is None:
+            raise KunitFailure(f"not reported by the boot that ran {results.glob!r}: "
+                               f"{results.missing}")
+        if case.crashed:
+            self.detail = crash_console(results.console, case)
+        if case.skipped:
+            pytest.skip(case.reason or "skipped by KUnit")
+        if not case.ok:
+            raise KunitFailure("\n".join([*case.diagnostics, self.detail]).strip() or "not ok")
+
+    def _results(self) -> KunitResults:
+        glob = self._glob()
+        runs = self.config.stash.setdefault(KUNIT_RUNS, {})
+        if glob not in runs:
+            settings = self.config.stash[STATE].settings
+            text, tail, error = boot_kunit(self.config, settings, glob)
+            missing = (f"the machine did not come up: {error}" if error is not None else
+                       f"the kernel stopped reporting before it (console tail:\n{tail})")
+            runs[glob] = KunitResults(glob, {c.name: c for c in parse_ktap(text)},
+                                      self.config.stash[KUNIT_CONSOLES].get(glob), missing)
+        return runs[glob]
+
+    def _glob(self) -> str:
+        """The narrowest glob for the cases selected in this session: one case, one
+        suite, or the session's own (``--umtt-kunit``); a case outside it still runs."""
+        selected = [item.name for item in self.session.items if isinstance(item, KunitCase)]
+        suites = {name.split(".")[0] for name in selected}
+        if len(selected) == 1:
+            return selected[0]
+        if len(suites) == 1:
+            return f"{suites.pop()}"
+        return self.config.stash[STATE].settings.kunit or "*"
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
                      style: Any = None) -> str:
         if isinstance(excinfo.value, KunitFailure):
             how = "crashed" if self.case is not None and self.case.crashed else "failed"
-            return f"KUnit: {self.name} {how}\n{excinfo.value}"
+            text = f"KUnit: {self.name} {how}\n{excinfo.value}"
+            return text if self.listing_error else (
+                f"{text}\nreproduce: {self._reproduce_command()}")
         return str(super().repr_failure(excinfo, style))
+
+    def _reproduce_command(self) -> str:
+        settings = self.config.stash[STATE].settings
+        words = ["pytest", f"--umtt-kunit={self.name.split('.')[0]}", "-k", self.name,
+                 f"--umtt-seed={settings.seed}"]
+        if settings.kernel is not None:
+            words.append(f"--uml-kernel={settings.kernel}")
+        return shlex.join(words)
 
     def reportinfo(self) -> tuple[Path, None, str]:
         return self.path, None, f"kunit: {self.name}"
