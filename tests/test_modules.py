@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_umtt import KernelConfig, Simulation
+from pytest_umtt import KernelConfig, Machine, Simulation
 from pytest_umtt.cache import cache_root
 from pytest_umtt.kernel import build_kernel, debian_source, kernel_identity, modules_dir
 from pytest_umtt.kselftest import build_kselftests
@@ -87,3 +87,10 @@ def test_the_gpio_kselftests_pass_on_their_variant(pytester: pytest.Pytester,
     result.stdout.fnmatch_lines(["*kselftest::gpio:gpio-mockup.sh PASSED*",
                                  "*kselftest::gpio:gpio-sim.sh PASSED*"])
     result.assert_outcomes(passed=3)
+
+
+@pytest.mark.uml(kernel=GPIO)
+def test_the_readme_driver_example(uml: Machine) -> None:
+    uml.run("modprobe gpio-mockup gpio_mockup_ranges=-1,8", check=True)
+    uml.run("echo 1 > /sys/kernel/debug/gpio-mockup/gpiochip0/3", check=True)
+    assert uml.run("gpioget gpiochip0 3").output.strip() == "1"
