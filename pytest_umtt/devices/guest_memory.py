@@ -156,7 +156,7 @@ def _parse_table(table: bytes, fds: int) -> list[tuple[int, int, int, int]]:
 
 
 def _check_region(index: int, guest: int, size: int, offset: int) -> None:
-    where = f"SET_MEM_TABLE region {index} ({guest:#x}+{size:#x} at file offset {offset:#x})"
+    where = f"region {index} ({guest:#x}+{size:#x} at file offset {offset:#x})"
     if size == 0 or size % mmap.PAGESIZE or offset % mmap.PAGESIZE:
         raise GuestMemoryError(f"{where}: size and offset must be non-zero multiples of the "
                                f"page size ({mmap.PAGESIZE})")
@@ -167,7 +167,7 @@ def _check_region(index: int, guest: int, size: int, offset: int) -> None:
 def _check_file(fd: int, offset: int, size: int, index: int) -> None:
     """The region's file must be a regular file open for reading and writing that holds
     the whole region now."""
-    where = f"SET_MEM_TABLE region {index}"
+    where = f"region {index}"
     try:
         info = os.fstat(fd)
         mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
