@@ -45,7 +45,10 @@ class GuestRam:
         os.ftruncate(self.fd, size)
 
     def write(self, addr: int, data: bytes) -> None:
-        os.pwrite(self.fd, data, addr - self.base)
+        """Write what falls inside the memory (never growing the file past its size)."""
+        start, end = max(addr, self.base), min(addr + len(data), self.base + self.size)
+        if start < end:
+            os.pwrite(self.fd, data[start - addr:end - addr], start - self.base)
 
     def read(self, addr: int, length: int) -> bytes:
         return os.pread(self.fd, length, addr - self.base)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from pytest_umtt import DeviceError, MachineCrashed, Simulation
 from pytest_umtt import simulation as simulation_module
@@ -32,6 +33,7 @@ from pytest_umtt.devices.vhost_user import (
 from pytest_umtt.devices.virtqueue import DESC_F_NEXT, DESC_F_WRITE
 from pytest_umtt.kernel import KernelCheck
 from pytest_umtt.rootfs import Rootfs
+from tests.device_fuzzing import Action, inputs, play
 from tests.hostile_frontend import GuestRam, HostileFrontend, Ring, Served
 
 MiB = 1 << 20
@@ -479,3 +481,15 @@ def test_a_device_failing_under_a_real_kernel_crashes_its_machine_at_once(
         assert "device m/net-a failed on GET_CONFIG: config bytes 0..6 asked for, the " \
                "config space has 2" in str(crash.value)
         assert device.failure is not None and device.failure.request == "GET_CONFIG"
+
+
+# --- fuzzing ----------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=inputs)
+def test_no_hostile_input_escapes_a_device(case: tuple[str, list[Action]]) -> None:
+    """Random hostile inputs (tests/device_fuzzing.py; bench/fuzz_devices.py runs them
+    for minutes): nothing escapes the device, every descriptor comes back."""
+    device, steps = case
+    play(device, steps)
