@@ -30,7 +30,7 @@ from pytest_umtt.devices.vhost_user import (
     VERSION,
     Request,
 )
-from pytest_umtt.devices.virtqueue import DESC_F_NEXT, DESC_F_WRITE
+from pytest_umtt.devices.virtqueue import DESC_F_NEXT, DESC_F_WRITE, VirtQueue
 from pytest_umtt.kernel import KernelCheck
 from pytest_umtt.rootfs import Rootfs
 from tests.device_fuzzing import Action, inputs, play
@@ -493,3 +493,31 @@ def test_no_hostile_input_escapes_a_device(case: tuple[str, list[Action]]) -> No
     for minutes): nothing escapes the device, every descriptor comes back."""
     device, steps = case
     play(device, steps)
+
+
+class BreakableRng(VirtioRng):
+    """An rng model with a bug a test can switch on: its kick handler raises."""
+
+    broken = False
+
+    def on_kick(self, queue: VirtQueue) -> None:
+        if self.broken:
+            raise RuntimeError("the model's own bug")
+        super().on_kick(queue)
+
+
+@pytest.mark.kernel
+def test_a_model_that_raises_on_a_kick_crashes_its_machine_not_the_calendar(
+        uml_kernel: Path, rootfs: Rootfs) -> None:
+    rng = BreakableRng()
+    with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
+        machine = sim.machine("m", devices=[rng])
+        other = sim.machine("other")
+        rng.broken = True
+        with pytest.raises(MachineCrashed) as crash:
+            machine.run("head -c 64 /dev/hwrng > /dev/null")
+        assert "device m/rng failed on VRING_KICK: RuntimeError: the model's own bug" \
+            in str(crash.value)
+        with pytest.raises(MachineCrashed):
+            machine.run("true")
+        assert other.run("echo fine").output == "fine\n"

@@ -85,7 +85,7 @@ class VirtioDevice:
     def call_at(self, when: int, fn: Callable[[], object]) -> ScheduledCall:
         """Run ``fn`` at virtual time ``when`` (ns) on the shared clock, as device work:
         whatever it raises fails the device (:meth:`guard`)."""
-        return self.clock.call_at(when, lambda: self.guard(self.label, fn), self.label)
+        return self.clock.call_at(when, lambda: self.guard("a timer", fn), self.label)
 
     def guard(self, what: str, action: Callable[[], object]) -> None:
         """Do ``action`` as device work: an exception fails the device (the machine
