@@ -116,6 +116,8 @@ class HostileFrontend:
         self.sock.setblocking(False)
         self.requests: socket.socket | None = None  # our end of the backend-request channel
         self.replies: list[tuple[int, int, bytes]] = []
+        self._incoming = b""
+        self._calls = b""
         self.interrupts = 0
         self.closed = False
         pump()
@@ -155,7 +157,7 @@ class HostileFrontend:
 
     def drain(self) -> None:
         """Read every reply waiting (noting when the backend closed the connection)."""
-        buffer = b""
+        buffer = self._incoming
         while True:
             try:
                 data = self.sock.recv(65536)
@@ -169,20 +171,28 @@ class HostileFrontend:
             buffer += data
         while len(buffer) >= HEADER.size:
             request, flags, size = HEADER.unpack_from(buffer)
+            if len(buffer) < HEADER.size + size:
+                break
             self.replies.append((request, flags, buffer[HEADER.size:HEADER.size + size]))
             buffer = buffer[HEADER.size + size:]
+        self._incoming = buffer
 
     def answer_interrupts(self) -> int:
         """Acknowledge every VRING_CALL the backend sent; how many there were."""
         if self.requests is None:
             return 0
-        answered = 0
         with contextlib.suppress(BlockingIOError, ConnectionResetError):
             while data := self.requests.recv(4096):
-                for offset in range(0, len(data) - HEADER.size + 1, HEADER.size + 8):
-                    request, _flags, _size = HEADER.unpack_from(data, offset)
-                    self.requests.send(HEADER.pack(request, 0x4 | VERSION, 8) + U64.pack(0))
-                    answered += 1
+                self._calls += data
+        answered = 0
+        while len(self._calls) >= HEADER.size:
+            request, _flags, size = HEADER.unpack_from(self._calls)
+            if len(self._calls) < HEADER.size + size:
+                break
+            self._calls = self._calls[HEADER.size + size:]
+            with contextlib.suppress(OSError):
+                self.requests.send(HEADER.pack(request, 0x4 | VERSION, 8) + U64.pack(0))
+            answered += 1
         self.interrupts += answered
         return answered
 

@@ -106,6 +106,24 @@ def test_a_kernel_that_never_reads_its_replies_fails_its_device_and_blocks_nothi
     assert "does not read its replies" in error.detail
 
 
+def test_replies_a_kernel_reads_late_all_arrive_in_order(serve: Serve) -> None:
+    served = serve(VirtioConsole(), handshake=False)
+    peer = frontend(served)
+    count = 2000  # more than the socket holds, less than the 64 KiB that may wait
+    peer.raw(HEADER.pack(Request.GET_FEATURES, FLAG_NEED_REPLY | VERSION, 0) * count)
+    backend = served.device.backend
+    assert backend is not None and backend._replies is not None
+    assert backend._replies.waiting, "the socket took everything: nothing was tested"
+    for _ in range(100):
+        peer.drain()
+        served.pump()
+        if len(peer.replies) == count:
+            break
+    assert len(peer.replies) == count
+    assert {request for request, _flags, _payload in peer.replies} == {Request.GET_FEATURES}
+    assert served.device.failure is None
+
+
 @pytest.mark.parametrize("request_code", sorted(PAYLOAD_SIZES))
 def test_a_message_without_its_payload_is_an_error_naming_the_request(
         serve: Serve, request_code: int) -> None:
