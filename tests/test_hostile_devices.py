@@ -178,6 +178,53 @@ def test_a_descriptor_goes_with_its_own_message(serve: Serve) -> None:
     assert served.device.backend.memory.read(served.ram.base, 4) == b"mine"
 
 
+def not_a_socket() -> list[int]:
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    return [read_end]
+
+
+def datagram_socket() -> list[int]:
+    one, two = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    two.close()
+    return [one.detach()]
+
+
+def two_sockets() -> list[int]:
+    pairs = [socket.socketpair() for _ in range(2)]
+    for _ours, theirs in pairs:
+        theirs.close()
+    return [ours.detach() for ours, _theirs in pairs]
+
+
+@pytest.mark.parametrize("make,expected", [
+    (list, "takes one descriptor, came with 0"),
+    (two_sockets, "takes one descriptor, came with 2"),
+    (not_a_socket, "its descriptor is not a socket"),
+    (datagram_socket, "its descriptor is not a Unix stream socket"),
+])
+def test_a_bad_backend_request_channel_is_an_error(serve: Serve, make: Callable[[], list[int]],
+                                                   expected: str) -> None:
+    served = serve(VirtioRng(), handshake=False)
+    fds = make()
+    frontend(served).send(Request.SET_SLAVE_REQ_FD, fds=fds)
+    for fd in fds:
+        os.close(fd)
+    error = failure(served)
+    assert (error.request, error.detail) == ("SET_SLAVE_REQ_FD", expected)
+
+
+@pytest.mark.parametrize("header,expected", [
+    (CONFIG_HEADER.pack(0, 7, 0) + bytes(7), "config bytes 0..7 asked for"),
+    (CONFIG_HEADER.pack(4, 4, 0) + bytes(2), "writes 4 config bytes and carries 2"),
+])
+def test_set_config_is_bounded_by_the_config_space(serve: Serve, header: bytes,
+                                                   expected: str) -> None:
+    served = serve(Network().port("a"))
+    frontend(served).send(Request.SET_CONFIG, header)
+    assert expected in failure(served).detail
+
+
 # --- the memory table -------------------------------------------------------------------
 
 
