@@ -216,7 +216,7 @@ def test_a_bad_backend_request_channel_is_an_error(serve: Serve, make: Callable[
 
 @pytest.mark.parametrize("header,expected", [
     (CONFIG_HEADER.pack(0, 7, 0) + bytes(7), "config bytes 0..7 asked for"),
-    (CONFIG_HEADER.pack(4, 4, 0) + bytes(2), "writes 4 config bytes and carries 2"),
+    (CONFIG_HEADER.pack(2, 4, 0) + bytes(2), "writes 4 config bytes and carries 2"),
 ])
 def test_set_config_is_bounded_by_the_config_space(serve: Serve, header: bytes,
                                                    expected: str) -> None:
