@@ -529,7 +529,8 @@ def test_a_device_failing_on_guest_input_crashes_its_machine_with_the_cause(
 
 
 class ShortConfigNet(VirtioNet):
-    """A network device whose config space is shorter than the MAC its driver reads."""
+    """A network device whose config space is shorter than the MAC its driver reads
+    (byte by byte: the third read is the first past it)."""
 
     def config(self) -> bytes:
         return self.mac[:2]
@@ -543,7 +544,7 @@ def test_a_device_failing_under_a_real_kernel_crashes_its_machine_at_once(
     with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
         with pytest.raises(MachineCrashed) as crash:
             sim.machine("m", devices=[device])
-        assert "device m/net-a failed on GET_CONFIG: config bytes 0..6 asked for, the " \
+        assert "device m/net-a failed on GET_CONFIG: config bytes 0..3 asked for, the " \
                "config space has 2" in str(crash.value)
         assert device.failure is not None and device.failure.request == "GET_CONFIG"
 
