@@ -4,9 +4,12 @@ rng for 64 bytes (a kick, the answer a latency later, its interrupt answered), a
 wall time per round trip is measured, the frontend's share included.
 
 ``--tree DIR`` measures another checkout of pytest-umtt (an older commit, say) with the
-same frontend, for an A/B of a change to the device layer.
+same frontend, for an A/B of a change to the device layer. ``--mapped`` measures this
+checkout twice, rounds interleaved: as it is (guest memory through the file descriptor)
+and with guest memory accessed through a mapping instead, as before docs/DESIGN.md
+fact 26 (for the measurement only: a mapping is what a shrunk file turns into a SIGBUS).
 
-Run: python bench/device_kicks.py [--rounds 5] [--tree DIR]
+Run: python bench/device_kicks.py [--rounds 5] [--tree DIR | --mapped]
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import mmap
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -73,24 +78,79 @@ def rng_requests(frontend: ModuleType, directory: Path) -> float:
     return took
 
 
+def mapped_access() -> tuple[dict[str, object], dict[str, object]]:
+    """GuestMemory's accessors as they are, and through mappings of the region files."""
+    memory = importlib.import_module("pytest_umtt.devices.guest_memory").GuestMemory
+    names = ("read", "write", "unpack", "pack", "unmap")
+    through_fd: dict[str, object] = {name: getattr(memory, name) for name in names}
+    views: dict[int, mmap.mmap] = {}
+
+    def view(fd: int) -> mmap.mmap:
+        if fd not in views:
+            views[fd] = mmap.mmap(fd, 0)
+        return views[fd]
+
+    def read(self: object, addr: int, length: int) -> bytes:
+        fd, offset = self.locate(addr, length)  # type: ignore[attr-defined]
+        return view(fd)[offset:offset + length]
+
+    def write(self: object, addr: int, data: bytes) -> None:
+        fd, offset = self.locate(addr, len(data))  # type: ignore[attr-defined]
+        view(fd)[offset:offset + len(data)] = data
+
+    def unpack(self: object, layout: struct.Struct, addr: int) -> tuple[int, ...]:
+        fd, offset = self.locate(addr, layout.size)  # type: ignore[attr-defined]
+        return layout.unpack_from(view(fd), offset)
+
+    def pack(self: object, layout: struct.Struct, addr: int, *values: int) -> None:
+        fd, offset = self.locate(addr, layout.size)  # type: ignore[attr-defined]
+        layout.pack_into(view(fd), offset, *values)
+
+    def unmap(self: object) -> None:
+        for mapping in views.values():
+            mapping.close()
+        views.clear()
+        through_fd["unmap"](self)  # type: ignore[operator]  # GuestMemory.unmap
+
+    mapped: dict[str, object] = {"read": read, "write": write, "unpack": unpack, "pack": pack, "unmap": unmap}
+    return through_fd, mapped
+
+
+def measure(frontend: ModuleType, rounds: int, variants: dict[str, dict[str, object]]
+            ) -> dict[str, tuple[list[float], list[float]]]:
+    """Per variant (accessors to install; none: as it is), console and rng times."""
+    memory = importlib.import_module("pytest_umtt.devices.guest_memory").GuestMemory
+    results: dict[str, tuple[list[float], list[float]]] = {v: ([], []) for v in variants}
+    with tempfile.TemporaryDirectory() as directory:
+        for _ in range(rounds):
+            for name, accessors in variants.items():
+                for attribute, function in accessors.items():
+                    setattr(memory, attribute, function)
+                results[name][0].append(console_kicks(frontend, Path(directory)))
+                results[name][1].append(rng_requests(frontend, Path(directory)))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tree", type=Path, default=HERE)
+    parser.add_argument("--mapped", action="store_true")
     args = parser.parse_args()
     frontend = load(args.tree.resolve())
-    console, rng = [], []
-    with tempfile.TemporaryDirectory() as directory:
-        for _ in range(args.rounds):
-            console.append(console_kicks(frontend, Path(directory)))
-            rng.append(rng_requests(frontend, Path(directory)))
-    print(f"tree: {args.tree}")
-    print("| what | median per round trip | min..max |")
-    print("|---|---|---|")
-    for name, values in (("console kick, 64 bytes", console), ("rng request, 64 bytes", rng)):
-        print(f"| {name} | {statistics.median(values) * 1e6:.1f} us | "
-              f"{min(values) * 1e6:.1f}..{max(values) * 1e6:.1f} us |")
+    variants: dict[str, dict[str, object]] = {str(args.tree): {}}
+    if args.mapped:
+        through_fd, mapped = mapped_access()
+        variants = {"through the descriptor": through_fd, "through a mapping": mapped}
+    results = measure(frontend, args.rounds, variants)
+    print(f"| what | {' | '.join(variants)} |")
+    print("|---|" + "---|" * len(variants))
+    for row, name in enumerate(("console kick, 64 bytes", "rng request, 64 bytes")):
+        cells = [f"{statistics.median(times[row]) * 1e6:.1f} us "
+                 f"({min(times[row]) * 1e6:.0f}..{max(times[row]) * 1e6:.0f})"
+                 for times in results.values()]
+        print(f"| {name} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":
