@@ -112,7 +112,8 @@ def mapped_access() -> tuple[dict[str, object], dict[str, object]]:
         views.clear()
         through_fd["unmap"](self)  # type: ignore[operator]  # GuestMemory.unmap
 
-    mapped: dict[str, object] = {"read": read, "write": write, "unpack": unpack, "pack": pack, "unmap": unmap}
+    mapped: dict[str, object] = {"read": read, "write": write, "unpack": unpack, "pack": pack,
+                                 "unmap": unmap}
     return through_fd, mapped
 
 

@@ -12,12 +12,16 @@ Counted: inputs tried; host crashes (the worker died); hangs (an input over the
 per-input wall bound); escapes (an exception out of a device, or a descriptor not given
 back); the worker's memory (RSS) and descriptors after the first batch and at the end.
 
-Run: python bench/fuzz_devices.py --minutes 10
+``--mapped`` accesses guest memory through mappings, as before docs/DESIGN.md fact 26,
+to see that the fuzzer finds what that costs (host crashes: SIGBUS).
+
+Run: python bench/fuzz_devices.py --minutes 10 [--mapped]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -34,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil
 from hypothesis import HealthCheck, given, settings
 
+from bench.device_kicks import mapped_access
 from tests.device_fuzzing import Action, inputs, play
 
 BATCH = 200
@@ -48,8 +53,12 @@ def _alarm(_signum: int, _frame: FrameType | None) -> None:
     raise Hang
 
 
-def worker(seconds: float, bound: float) -> None:
+def worker(seconds: float, bound: float, mapped: bool) -> None:
     """Play inputs for ``seconds``, one JSON line of counts per batch on stdout."""
+    if mapped:
+        memory = importlib.import_module("pytest_umtt.devices.guest_memory").GuestMemory
+        for name, function in mapped_access()[1].items():
+            setattr(memory, name, function)
     signal.signal(signal.SIGALRM, _alarm)
     counts = {"inputs": 0, "actions": 0, "failed": 0, "hangs": 0, "escapes": 0}
     escapes: list[str] = []
@@ -83,7 +92,7 @@ def worker(seconds: float, bound: float) -> None:
         print(json.dumps(report), flush=True)
 
 
-def run(minutes: float, bound: float) -> dict[str, Any]:
+def run(minutes: float, bound: float, mapped: bool) -> dict[str, Any]:
     """Start workers until the time is up; what they reported, and their crashes."""
     end = time.monotonic() + minutes * 60
     totals = {"inputs": 0, "actions": 0, "failed": 0, "hangs": 0, "escapes": 0}
@@ -92,7 +101,8 @@ def run(minutes: float, bound: float) -> dict[str, Any]:
     last: dict[str, Any] = {}
     while (left := end - time.monotonic()) > 1:
         child = subprocess.Popen([sys.executable, __file__, "--worker", str(left),
-                                  "--bound", str(bound)], stdout=subprocess.PIPE, text=True)
+                                  "--bound", str(bound), *(["--mapped"] if mapped else [])],
+                                 stdout=subprocess.PIPE, text=True)
         assert child.stdout is not None
         reported: dict[str, Any] = {}
         for line in child.stdout:
@@ -115,13 +125,15 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--bound", type=float, default=10.0,
                         help="wall seconds an input may take before it counts as a hang")
+    parser.add_argument("--mapped", action="store_true",
+                        help="guest memory through mappings (to see the fuzzer find SIGBUS)")
     parser.add_argument("--worker", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        worker(args.worker, args.bound)
+        worker(args.worker, args.bound, args.mapped)
         return
     began = time.monotonic()
-    result = run(args.minutes, args.bound)
+    result = run(args.minutes, args.bound, args.mapped)
     totals, first, last = result["totals"], result["first"], result["last"]
     wall = time.monotonic() - began
     print(f"| inputs | actions | devices failed (clear error) | host crashes | hangs "
