@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import mmap
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -78,45 +76,6 @@ def rng_requests(frontend: ModuleType, directory: Path) -> float:
     return took
 
 
-def mapped_access() -> tuple[dict[str, object], dict[str, object]]:
-    """GuestMemory's accessors as they are, and through mappings of the region files."""
-    memory = importlib.import_module("pytest_umtt.devices.guest_memory").GuestMemory
-    names = ("read", "write", "unpack", "pack", "unmap")
-    through_fd: dict[str, object] = {name: getattr(memory, name) for name in names}
-    views: dict[int, mmap.mmap] = {}
-
-    def view(fd: int) -> mmap.mmap:
-        if fd not in views:
-            views[fd] = mmap.mmap(fd, 0)
-        return views[fd]
-
-    def read(self: object, addr: int, length: int) -> bytes:
-        fd, offset = self.locate(addr, length)  # type: ignore[attr-defined]
-        return view(fd)[offset:offset + length]
-
-    def write(self: object, addr: int, data: bytes) -> None:
-        fd, offset = self.locate(addr, len(data))  # type: ignore[attr-defined]
-        view(fd)[offset:offset + len(data)] = data
-
-    def unpack(self: object, layout: struct.Struct, addr: int) -> tuple[int, ...]:
-        fd, offset = self.locate(addr, layout.size)  # type: ignore[attr-defined]
-        return layout.unpack_from(view(fd), offset)
-
-    def pack(self: object, layout: struct.Struct, addr: int, *values: int) -> None:
-        fd, offset = self.locate(addr, layout.size)  # type: ignore[attr-defined]
-        layout.pack_into(view(fd), offset, *values)
-
-    def unmap(self: object) -> None:
-        for mapping in views.values():
-            mapping.close()
-        views.clear()
-        through_fd["unmap"](self)  # type: ignore[operator]  # GuestMemory.unmap
-
-    mapped: dict[str, object] = {"read": read, "write": write, "unpack": unpack, "pack": pack,
-                                 "unmap": unmap}
-    return through_fd, mapped
-
-
 def measure(frontend: ModuleType, rounds: int, variants: dict[str, dict[str, object]]
             ) -> dict[str, tuple[list[float], list[float]]]:
     """Per variant (accessors to install; none: as it is), console and rng times."""
@@ -142,7 +101,7 @@ def main() -> None:
     frontend = load(args.tree.resolve())
     variants: dict[str, dict[str, object]] = {str(args.tree): {}}
     if args.mapped:
-        through_fd, mapped = mapped_access()
+        through_fd, mapped = frontend.mapped_access()
         variants = {"through the descriptor": through_fd, "through a mapping": mapped}
     results = measure(frontend, args.rounds, variants)
     print(f"| what | {' | '.join(variants)} |")

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil
 from hypothesis import HealthCheck, given, settings
 
-from bench.device_kicks import mapped_access
 from tests.device_fuzzing import Action, inputs, play
+from tests.hostile_frontend import mapped_access
 
 BATCH = 200
 MiB = 1 << 20

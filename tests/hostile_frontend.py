@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import array
 import contextlib
+import importlib
+import mmap
 import os
 import socket
 import struct
@@ -280,3 +282,44 @@ class Served:
         self.device.close()
         self.calendar.close()
         self.ram.close()
+
+
+def mapped_access() -> tuple[dict[str, object], dict[str, object]]:
+    """GuestMemory's accessors as they are, and through mappings of the region files:
+    for benches that measure what reading through the descriptor costs, or that check
+    the fuzzer finds the SIGBUS a mapping allows. Never for a real run."""
+    memory = importlib.import_module("pytest_umtt.devices.guest_memory").GuestMemory
+    names = ("read", "write", "unpack", "pack", "unmap")
+    through_fd: dict[str, object] = {name: getattr(memory, name) for name in names}
+    views: dict[int, mmap.mmap] = {}
+
+    def view(fd: int) -> mmap.mmap:
+        if fd not in views:
+            views[fd] = mmap.mmap(fd, 0)
+        return views[fd]
+
+    def read(self: object, addr: int, length: int) -> bytes:
+        fd, offset = self.locate(addr, length)  # type: ignore[attr-defined]
+        return view(fd)[offset:offset + length]
+
+    def write(self: object, addr: int, data: bytes) -> None:
+        fd, offset = self.locate(addr, len(data))  # type: ignore[attr-defined]
+        view(fd)[offset:offset + len(data)] = data
+
+    def unpack(self: object, layout: struct.Struct, addr: int) -> tuple[int, ...]:
+        fd, offset = self.locate(addr, layout.size)  # type: ignore[attr-defined]
+        return layout.unpack_from(view(fd), offset)
+
+    def pack(self: object, layout: struct.Struct, addr: int, *values: int) -> None:
+        fd, offset = self.locate(addr, layout.size)  # type: ignore[attr-defined]
+        layout.pack_into(view(fd), offset, *values)
+
+    def unmap(self: object) -> None:
+        for mapping in views.values():
+            mapping.close()
+        views.clear()
+        through_fd["unmap"](self)  # type: ignore[operator]  # GuestMemory.unmap
+
+    mapped: dict[str, object] = {"read": read, "write": write, "unpack": unpack, "pack": pack,
+                                 "unmap": unmap}
+    return through_fd, mapped
