@@ -158,8 +158,8 @@ def _parse_table(table: bytes, fds: int) -> list[tuple[int, int, int, int]]:
 def _check_region(index: int, guest: int, size: int, offset: int) -> None:
     where = f"region {index} ({guest:#x}+{size:#x} at file offset {offset:#x})"
     if size == 0 or size % mmap.PAGESIZE or offset % mmap.PAGESIZE:
-        raise GuestMemoryError(f"{where}: size and offset must be non-zero multiples of the "
-                               f"page size ({mmap.PAGESIZE})")
+        raise GuestMemoryError(f"{where}: the size must be a non-zero multiple of the page "
+                               f"size ({mmap.PAGESIZE}), the offset a multiple of it")
     if guest + size > U64_LIMIT or offset + size > OFFSET_LIMIT:
         raise GuestMemoryError(f"{where}: overflows the address or file offset range")
 
