@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -100,19 +101,22 @@ def run(minutes: float, bound: float, mapped: bool) -> dict[str, Any]:
     first: dict[str, Any] = {}
     last: dict[str, Any] = {}
     while (left := end - time.monotonic()) > 1:
-        child = subprocess.Popen([sys.executable, __file__, "--worker", str(left),
-                                  "--bound", str(bound), *(["--mapped"] if mapped else [])],
-                                 stdout=subprocess.PIPE, text=True)
-        assert child.stdout is not None
-        reported: dict[str, Any] = {}
-        for line in child.stdout:
-            reported = json.loads(line)
-            first = first or reported
-            last = reported
-            examples += [e for e in reported["escapes_seen"] if e not in examples]
-        if child.wait() < 0:
-            crashes += 1
-            print(f"worker died of signal {-child.returncode}", file=sys.stderr)
+        # A worker that dies leaves its inputs' directories: they go with its scratch.
+        with tempfile.TemporaryDirectory(prefix="umtt-fuzz-worker-") as scratch:
+            child = subprocess.Popen(
+                [sys.executable, __file__, "--worker", str(left), "--bound", str(bound),
+                 *(["--mapped"] if mapped else [])],
+                stdout=subprocess.PIPE, text=True, env=dict(os.environ, TMPDIR=scratch))
+            assert child.stdout is not None
+            reported: dict[str, Any] = {}
+            for line in child.stdout:
+                reported = json.loads(line)
+                first = first or reported
+                last = reported
+                examples += [e for e in reported["escapes_seen"] if e not in examples]
+            if child.wait() < 0:
+                crashes += 1
+                print(f"worker died of signal {-child.returncode}", file=sys.stderr)
         for key in totals:
             totals[key] += int(reported.get(key, 0))
     return {"totals": totals, "crashes": crashes, "first": first, "last": last,
