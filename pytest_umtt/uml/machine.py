@@ -33,6 +33,7 @@ from ..devices.console import VirtioConsole
 from ..errors import (
     NS_PER_S,
     CommandTimeout,
+    DeviceError,
     ExpectTimeout,
     MachineCrashed,
     MachineError,
@@ -483,10 +484,15 @@ class Machine:
         for device in self.devices:
             socket_name = f"{self.name}-{device.name}.sock"
             label = f"{self.name}/{device.name}"
-            device.serve(self.sim.calendar, self.sim.bind_path(socket_name),
-                         derive_seed(self.sim.seed, label), label)
+            backend = device.serve(self.sim.calendar, self.sim.bind_path(socket_name),
+                                   derive_seed(self.sim.seed, label), label)
+            backend.on_failure.append(self._device_failed)
             arguments.append(f"virtio_uml.device=../{socket_name}:{device.device_id}")
         return arguments
+
+    def _device_failed(self, error: DeviceError) -> None:
+        """A device failed on what the kernel sent it: the machine cannot go on."""
+        self.crashed(f"device {error.device} failed on {error.request}: {error.detail}")
 
     def _on_process_exit(self) -> None:
         self.sim.calendar.remove_reader(self._pidfd)
