@@ -13,6 +13,7 @@ calendar: clock, reactor, protocol engine, ``umtt-controller``),
 from .errors import (
     BootError,
     CommandTimeout,
+    DeviceError,
     ExpectTimeout,
     MachineCrashed,
     MachineError,
@@ -22,6 +23,7 @@ from .errors import (
     UmttError,
     format_ns,
 )
+from .kconfig import KernelConfig
 from .simulation import Elapsed, MachineFactory, Simulation
 from .uml.console import ConsoleLine
 from .uml.machine import BackgroundCommand, CommandResult, ConsoleMatch, Machine, MachineState
@@ -33,8 +35,10 @@ __all__ = [
     "CommandTimeout",
     "ConsoleLine",
     "ConsoleMatch",
+    "DeviceError",
     "Elapsed",
     "ExpectTimeout",
+    "KernelConfig",
     "Machine",
     "MachineCrashed",
     "MachineError",

@@ -101,6 +101,20 @@ class ExpectTimeout(MachineError):
     """The console did not show the expected pattern within the virtual timeout."""
 
 
+class DeviceError(_AtVirtualTime, UmttError):
+    """A device model failed: the kernel broke the vhost-user protocol or its rings, or
+    the model raised. Names the device (``machine/device``), what it was doing (the
+    request, a kick, a timer) and when; the machine serving it is marked crashed."""
+
+    def __init__(self, device: str, request: str, detail: str, now_ns: int) -> None:
+        self.device = device
+        self.request = request
+        self.detail = detail
+        self.now_ns = now_ns
+        super().__init__(f"device {device}: {request}: {detail} (at virtual time "
+                         f"{format_ns(now_ns)})")
+
+
 class SocketInUseError(UmttError):
     """Another controller is listening on the socket path."""
 

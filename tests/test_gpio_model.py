@@ -4,7 +4,7 @@ queued) and to pin the response layouts."""
 
 from __future__ import annotations
 
-import mmap
+import os
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +31,12 @@ class LoopbackClock(Clock):
         pass
 
     def remove_reader(self, fd: int) -> None:
+        pass
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        pass
+
+    def remove_writer(self, fd: int) -> None:
         pass
 
     def hold(self, reason: str) -> Callable[[], None]:
@@ -88,12 +94,15 @@ class Bench:
         self.chip = Recording()
         self.clock = LoopbackClock()
         backend = self.chip.serve(self.clock, str(path), seed=0)
-        backend.memory.regions.append(Region(0, 1 << 16, 0, mmap.mmap(-1, 1 << 16)))
+        memory = os.memfd_create("guest", os.MFD_CLOEXEC)
+        os.ftruncate(memory, 1 << 16)
+        backend.memory.regions.append(Region(0, 1 << 16, 0, memory))
         self.requests = DriverRing(self.chip.queue(REQUEST_QUEUE), 0x1000)
         self.events = DriverRing(self.chip.queue(EVENT_QUEUE), 0x4000)
 
     def request(self, kind: int, line: int, value: int = 0, reply: int = 2) -> bytes:
         self.requests.offer(REQUEST.pack(kind, line, value), reply)
+        self.requests.queue.start_batch()  # a kick is one go of the device
         self.chip.on_kick(self.requests.queue)
         (answer,) = self.requests.used()
         return answer
@@ -101,6 +110,7 @@ class Bench:
     def arm(self, line: int) -> None:
         """Queue the line's eventq buffer, as the driver does on unmask."""
         self.events.offer(struct.pack("<H", line), 1)
+        self.events.queue.start_batch()
         self.chip.on_kick(self.events.queue)
 
 

@@ -18,7 +18,7 @@ LAYERS = [
     {"controller"},
     {"devices"},
     {"uml"},
-    {"kernel", "rootfs", "ktap"},
+    {"cache", "kconfig", "kernel", "rootfs", "ktap"},
     {"simulation"},
     {"canary", "kselftest", "summary", "tracetool", "triage"},
     {"plugin", "hookspecs"},

@@ -329,6 +329,18 @@ class Calendar:
         if not self._closed:
             self._reactor.remove_reader(fd)
 
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        """Also call ``callback`` whenever ``fd`` (watched with :meth:`add_reader`) is
+        writable, until :meth:`remove_writer`: devices queue replies a kernel does not
+        take at once, and never block."""
+        self._check_open()
+        self._reactor.add_writer(fd, callback)
+
+    def remove_writer(self, fd: int) -> None:
+        """Stop calling ``fd``'s writer (a no-op once the calendar is closed)."""
+        if not self._closed:
+            self._reactor.remove_writer(fd)
+
     def call_at(self, when: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
         """Run ``fn`` in-process at virtual time ``when`` (ns), on the shared clock."""
         call = self._clock.call_at(when, fn, name)

@@ -76,6 +76,7 @@ class Reactor(Generic[C]):
         self._epoll = select.epoll()
         self._conns: dict[int, C] = {}
         self._readers: dict[int, Callable[[], None]] = {}
+        self._writers: dict[int, Callable[[], None]] = {}
         self._dirty: list[C] = []  # connections with queued output, in queueing order
         self._listener: socket.socket | None = None
         self._listener_fd = -1
@@ -114,9 +115,22 @@ class Reactor(Generic[C]):
         self._readers[fd] = callback
 
     def remove_reader(self, fd: int) -> None:
-        """Stop watching ``fd`` (a no-op if it is not watched)."""
+        """Stop watching ``fd`` (a no-op if it is not watched), for writing too."""
+        self._writers.pop(fd, None)
         if self._readers.pop(fd, None) is not None:
             self._epoll.unregister(fd)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        """Also call ``callback`` whenever ``fd`` (a reader's) is writable, until
+        :meth:`remove_writer`: for output that did not fit."""
+        if fd in self._readers and fd not in self._writers:
+            self._writers[fd] = callback
+            self._epoll.modify(fd, select.EPOLLIN | select.EPOLLOUT)
+
+    def remove_writer(self, fd: int) -> None:
+        """Stop calling ``fd``'s writer (a no-op if it has none)."""
+        if self._writers.pop(fd, None) is not None and fd in self._readers:
+            self._epoll.modify(fd, select.EPOLLIN)
 
     def discard(self, conn: C) -> None:
         """Stop serving ``conn``, close its socket and forget its output."""
@@ -212,10 +226,18 @@ class Reactor(Generic[C]):
                     self._receive(conn)
             elif fd == self._listener_fd:
                 self._accept()
-            elif (reader := self._readers.get(fd)) is not None:
-                reader()
+            elif fd in self._readers:
+                self._serve_reader(fd, mask)
         self.flush()
         return bool(events)
+
+    def _serve_reader(self, fd: int, mask: int) -> None:
+        """An extra descriptor's events: its writer first (a waiting reply), then its
+        reader; either may have stopped watching it by the time the other would run."""
+        if mask & _OUT and (writer := self._writers.get(fd)) is not None:
+            writer()
+        if mask & ~_OUT and (reader := self._readers.get(fd)) is not None:
+            reader()
 
     def _wait(self, timeout: float, spin: float) -> list[tuple[int, int]]:
         """epoll_wait, after up to ``spin`` seconds of polling: a running peer's next

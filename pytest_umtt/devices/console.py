@@ -40,7 +40,7 @@ class VirtioConsole(VirtioDevice):
         """Hand ``data`` to the guest now (it reads it at this virtual instant)."""
         self._outgoing += data
         if self.backend is not None and self.backend.connected:
-            self._deliver(self.queue(RECEIVE_QUEUE))
+            self.guard("send", lambda: self._deliver(self.queue(RECEIVE_QUEUE)))
 
     def on_kick(self, queue: VirtQueue) -> None:
         self.kicks += 1

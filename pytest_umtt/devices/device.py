@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from ..controller.clock import ScheduledCall
+from ..errors import DeviceError
 from .vhost_user import Backend, DeviceClock
 from .virtqueue import VirtQueue
 
@@ -82,8 +83,23 @@ class VirtioDevice:
         return self.clock.now
 
     def call_at(self, when: int, fn: Callable[[], object]) -> ScheduledCall:
-        """Run ``fn`` at virtual time ``when`` (ns) on the shared clock."""
-        return self.clock.call_at(when, fn, self.label)
+        """Run ``fn`` at virtual time ``when`` (ns) on the shared clock, as device work:
+        whatever it raises fails the device (:meth:`guard`)."""
+        return self.clock.call_at(when, lambda: self.guard("a timer", fn), self.label)
+
+    def guard(self, what: str, action: Callable[[], object]) -> None:
+        """Do ``action`` as device work: an exception fails the device (the machine
+        serving it is marked crashed) instead of reaching the caller; nothing runs once
+        the device failed. ``what`` names the work in the error."""
+        if self.backend is None:
+            action()
+        else:
+            self.backend.guard(what, action)
+
+    @property
+    def failure(self) -> DeviceError | None:
+        """Why the device failed, if it did."""
+        return None if self.backend is None else self.backend.failure
 
     def interrupt(self, queue: VirtQueue, when: int | None = None) -> None:
         """Interrupt the driver for ``queue`` at ``when`` (ns; default now)."""

@@ -162,7 +162,7 @@ class VirtioGpio(VirtioDevice):
         if at_ns is None and self.backend is None:
             self.lines[offset].value = level  # the value the chip powers up with
         elif at_ns is None:
-            self._set_input(offset, level)
+            self.guard("drive", lambda: self._set_input(offset, level))
         elif self.backend is None:
             self._drives.append((offset, level, at_ns))  # scheduled once served
         else:

@@ -27,6 +27,13 @@ HEADER_SIZE = 12  # struct virtio_net_hdr_v1 (VIRTIO_F_VERSION_1)
 RECEIVE_QUEUE = 0
 TRANSMIT_QUEUE = 1
 MAX_WAITING = 256
+"""Frames waiting for a port's receive buffers (or for its rings, at boot)."""
+MAX_IN_FLIGHT = 4096
+"""Frames on their way to one port (sent, not arrived yet); more are dropped, as a
+switch's full buffer drops them."""
+MIN_FRAME = 14  # destination, source, type
+MAX_FRAME = 1518
+"""The longest frame carried: a 1500-byte MTU, its Ethernet header and a VLAN tag."""
 BROADCAST = b"\xff" * 6
 
 
@@ -61,6 +68,11 @@ class VirtioNet(VirtioDevice):
         self.mac = bytes([0x52, 0x54]) + hashlib.sha256(port.encode()).digest()[:4]
         self._waiting: deque[bytes] = deque()
         self.dropped = 0
+        """Frames for this port it had no room for, or no kernel to take them."""
+        self.invalid = 0
+        """Frames its guest sent that no Ethernet carries (under 14 or over 1518 bytes):
+        dropped."""
+        self.in_flight = 0
         self.capture: PcapngWriter | None = None
 
     def config(self) -> bytes:
@@ -68,7 +80,9 @@ class VirtioNet(VirtioDevice):
 
     def on_queue_ready(self, queue: VirtQueue) -> None:
         if queue.index == RECEIVE_QUEUE:
-            queue.notify_me(False)  # the driver refills without kicking unless we wait
+            # The driver refills without kicking unless frames wait (they may have come
+            # before the rings were set up: they go into the first buffers).
+            queue.notify_me(bool(self._waiting))
 
     def on_kick(self, queue: VirtQueue) -> None:
         if queue.index == TRANSMIT_QUEUE:
@@ -82,16 +96,22 @@ class VirtioNet(VirtioDevice):
     def _transmit(self, queue: VirtQueue) -> None:
         sent = False
         while (chain := queue.pop()) is not None:
+            sent = True
+            if not MIN_FRAME <= chain.length - HEADER_SIZE <= MAX_FRAME:
+                self.invalid += 1  # not read at all: it could be gigabytes
+                queue.push(chain, 0)
+                continue
             frame = queue.read(chain)[HEADER_SIZE:]
             queue.push(chain, 0)
-            sent = True
             self._record(frame)
             self.network.forward(self, frame)
         if sent:
             self.interrupt(queue)  # the driver frees what it sent on this interrupt
 
     def receive(self, frame: bytes) -> None:
-        """A frame arrives now: into the next receive buffer, or waiting for one."""
+        """A frame arrives now: into the next receive buffer, or waiting for one (also
+        while the kernel has not set its rings up yet). Whatever goes wrong fails this
+        port's device, never the sender's."""
         if self.backend is None or not self.backend.connected:
             self.dropped += 1
             return
@@ -100,7 +120,7 @@ class VirtioNet(VirtioDevice):
             self.dropped += 1
             return
         self._waiting.append(frame)
-        self._fill(self.queue(RECEIVE_QUEUE))
+        self.guard("frame delivery", lambda: self._fill(self.queue(RECEIVE_QUEUE)))
 
     def _fill(self, queue: VirtQueue) -> None:
         if queue.feed(self._put_waiting, lambda: bool(self._waiting)):
@@ -197,7 +217,15 @@ class Network:
         link.busy_until[sender.port] = start + wire
         held = link.reorder_ns if link.reorder and self.random.random() < link.reorder \
             and self.decisions.decide("reorder", route, now, link.reorder_ns) else 0
-        sender.call_at(start + wire + link.latency_ns + held, lambda: receiver.receive(frame))
+        if receiver.in_flight >= MAX_IN_FLIGHT:
+            receiver.dropped += 1
+            return
+        receiver.in_flight += 1
+        sender.call_at(start + wire + link.latency_ns + held, lambda: self._arrive(receiver, frame))
+
+    def _arrive(self, receiver: VirtioNet, frame: bytes) -> None:
+        receiver.in_flight -= 1
+        receiver.receive(frame)
 
     def close(self) -> None:
         for port in self.ports.values():

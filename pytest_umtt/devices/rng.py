@@ -11,6 +11,11 @@ from .device import VirtioDevice
 from .virtqueue import VirtQueue
 
 DEVICE_ID_RNG = 4
+MAX_REQUEST_BYTES = 64 * 1024
+"""The most one request gets (the driver asks for 32 or 64 bytes at a time; a device may
+fill less than a buffer holds)."""
+MAX_ANSWER_BYTES = 1 << 20
+"""The most one answer draws; requests beyond it are answered ``latency_ns`` later."""
 
 
 class VirtioRng(VirtioDevice):
@@ -32,8 +37,15 @@ class VirtioRng(VirtioDevice):
 
     def _answer(self, queue: VirtQueue, asked: int) -> None:
         self.answers.append((asked, self.now))
-        while (chain := queue.pop()) is not None:
-            written = queue.write(chain, self.random.randbytes(chain.capacity))
+        drawn = 0
+        while drawn < MAX_ANSWER_BYTES and (chain := queue.pop()) is not None:
+            # The buffers were checked when the chain was taken: nothing is drawn for
+            # memory that is not there.
+            wanted = min(chain.capacity, MAX_REQUEST_BYTES, MAX_ANSWER_BYTES - drawn)
+            written = queue.write(chain, self.random.randbytes(wanted))
             queue.push(chain, written)
+            drawn += wanted
             self.bytes_served += written
+        if drawn >= MAX_ANSWER_BYTES and queue.pending():
+            self.on_kick(queue)  # the rest, after another latency
         self.interrupt(queue)

@@ -32,6 +32,7 @@ from .settings import MARKERS, OPTIONS, item_settings, resolve_settings
 from .state import ITEM_SETTINGS as ITEM_SETTINGS
 from .state import STATE, SessionState, Variant, base_nodeid
 from .suites import KselftestRun, KunitRun
+from .suites import pytest_runtest_protocol as pytest_runtest_protocol
 from .triage import TriagePlugin
 
 

@@ -9,10 +9,10 @@ import pytest
 
 from ..errors import KernelError, format_ns
 from ..kernel import build_shim, kernel_identity
-from ..uml.confine import confinement_problem
 from ..simulation import (
     Simulation,
 )
+from ..uml.confine import confinement_problem
 from .settings import CONSOLE_TAIL, PROTOCOL_TAIL, Settings
 from .state import ITEM_SIM, STATE, SessionState, artifacts_dir, base_nodeid, settings_of
 
@@ -24,7 +24,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         kernel = "none (build one with `umtt-kernel build` or pass --uml-kernel)"
     else:
         identity = kernel_identity(settings.kernel)
-        kernel = f"{settings.kernel}\n      {identity}\n      {identity.provenance}"
+        kernel = (f"{settings.kernel}\n      {identity}\n      {identity.provenance}"
+                  f"\n      variant: {identity.variant}")
         if not identity.pinned:
             kernel += "\n      (version string not pinned: a rebuild changes seeded runs)"
     shim = build_shim()
