@@ -420,7 +420,8 @@ def provoked_crash(uml_kernel: Path, rootfs: Rootfs, seed: int) -> MachineCrashe
     with Simulation(kernel=uml_kernel, rootfs=rootfs, seed=seed) as sim:
         machine = sim.machine("m")
         with pytest.raises(MachineCrashed) as crashed:
-            machine.run("mount -t debugfs none /sys/kernel/debug && "
+            machine.run("mountpoint -q /sys/kernel/debug || "
+                        "mount -t debugfs none /sys/kernel/debug; "
                         "echo EXCEPTION > /sys/kernel/debug/provoke-crash/DIRECT")
         return crashed.value
 
