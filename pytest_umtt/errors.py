@@ -117,3 +117,8 @@ class ClockError(_AtVirtualTime, UmttError):
     def when(self) -> float:
         """The instant it was asked to go to, in virtual seconds."""
         return self.when_ns / NS_PER_S
+
+
+class BundleError(UmttError):
+    """A replay bundle cannot be written or replayed: the message names the bundle and
+    the member (or file) that is wrong, and what to do."""

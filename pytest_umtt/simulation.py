@@ -70,7 +70,8 @@ def _digest(data: bytes) -> str:
     return f"{len(data)}:{hashlib.sha256(data).hexdigest()[:16]}"
 
 
-def first_difference(one: Sequence[str], two: Sequence[str], context: int = 3) -> str | None:
+def first_difference(one: Sequence[str], two: Sequence[str], context: int = 3,
+                     labels: tuple[str, str] = ("first run", "second run")) -> str | None:
     """Where two fingerprints part, with a little context; None when they are equal."""
     index = next((i for i, (a, b) in enumerate(zip(one, two, strict=False)) if a != b),
                  None if len(one) == len(two) else min(len(one), len(two)))
@@ -87,7 +88,7 @@ def first_difference(one: Sequence[str], two: Sequence[str], context: int = 3) -
         return "\n".join(shown)
 
     return (f"first difference at item {index} of {len(one)} / {len(two)}:\n"
-            f"first run:\n{show(one)}\nsecond run:\n{show(two)}")
+            f"{labels[0]}:\n{show(one)}\n{labels[1]}:\n{show(two)}")
 
 
 OWNER_FILE = "owner"
@@ -192,6 +193,7 @@ class Simulation:
         perturb: bool = False,
         rootfs: Rootfs | None = None,
         confine: bool = True,
+        shim: Path | None = None,
     ) -> None:
         self.kernel = None if kernel is None else Path(kernel)
         self.confined = confine and confinement_available()
@@ -205,7 +207,8 @@ class Simulation:
         """The guests' wall clock at virtual time 0 (ns since the epoch)."""
         self.console_resolution_ns = console_resolution_ns
         """While an expect() waits, how far a kernel may run without telling the calendar."""
-        self.shim = build_shim() if deterministic else None  # first: it may fail
+        # First: building it may fail. A replay brings its own (shim=), built elsewhere.
+        self.shim = shim if shim is not None else build_shim() if deterministic else None
         self._own_directory = directory is None
         self.directory = _make_directory(directory)
         self.calendar = Calendar(shm=shm, max_free_run=max_free_run_ns,

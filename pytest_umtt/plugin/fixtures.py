@@ -18,6 +18,7 @@ from ..simulation import (
 )
 from ..summary import EXPLORED_SEED, FINGERPRINT
 from ..uml.machine import Machine
+from .replay import write_item_bundle
 from .state import (
     CAPTURE_DIR,
     ITEM_SETTINGS,
@@ -60,6 +61,7 @@ def umtt_sim(request: pytest.FixtureRequest, umtt_variant: Variant) -> Iterator[
     finally:
         item.user_properties.append(("umtt_virtual_seconds", f"{sim.now:.9f}"))
         close_simulation(request.config, sim, started, artifacts_dir(settings, item.nodeid))
+    write_item_bundle(item, sim, settings)
     if umtt_variant.run is not None:
         fingerprint = sim.fingerprint()
         # The summary pairs the runs by this digest, wherever (which xdist worker) each ran.

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,10 @@ class SessionState:
     first_runs: dict[str, list[str]] = field(default_factory=dict)
     rootfs: Rootfs | None = None
     previous_sigterm: signal.Handlers | None = None
+    shim: Path | None = None
+    """The getrandom shim a replay bundle brought (None: the cache's, built if needed)."""
+    replay: Any = None
+    """The replay under way (:class:`.replay.Replay`), if ``--umtt-replay`` was given."""
 
     def guest_root(self) -> Rootfs | None:
         """The pinned root filesystem (built once per session, cached across sessions),
@@ -81,7 +86,7 @@ def settings_of(item: pytest.Item) -> Settings:
 def open_simulation(config: pytest.Config, settings: Settings) -> Simulation:
     sim = Simulation(kernel=settings.kernel, seed=settings.seed,
                      wall_timeout=settings.wall_timeout, perturb=settings.perturb,
-                     rootfs=config.stash[STATE].guest_root())
+                     rootfs=config.stash[STATE].guest_root(), shim=config.stash[STATE].shim)
     sim.on_doorbell.append(
         lambda machine, value: config.hook.pytest_umtt_doorbell(machine=machine, value=value))
     config.stash[STATE].open.add(sim)
