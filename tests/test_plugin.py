@@ -22,6 +22,11 @@ pytestmark = pytest.mark.kernel
     (["--umtt-mem=lots"], "--umtt-mem: expected a size like 64M or 1G, got 'lots'"),
     (["--umtt-wall-timeout=-3"], "--umtt-wall-timeout: expected a number of seconds above 0"),
     (["--uml-kernel=/nonexistent/linux"], "--uml-kernel: no kernel at '/nonexistent/linux'"),
+    (["--umtt-bundle=sometimes", "--umtt-artifacts=a"],
+     "--umtt-bundle: expected one of always, failed, never, got 'sometimes'"),
+    (["--umtt-bundle=always"], "--umtt-bundle=always needs --umtt-artifacts=DIR"),
+    (["--umtt-replay=nothing.umtt-bundle"], "--umtt-replay: no replay bundle at "
+                                           "'nothing.umtt-bundle'"),
 ])
 def test_bad_option_values_are_usage_errors(pytester: pytest.Pytester, args: list[str],
                                             message: str) -> None:

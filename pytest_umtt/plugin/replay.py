@@ -252,7 +252,8 @@ def replay_summary(state: SessionState, terminal: Any) -> None:
     if replay is None:
         return
     terminal.write_sep("-", "pytest-umtt replay")
-    for line in replay.verdict or [f"the bundle's test {replay.bundle.nodeid} did not run"]:
+    for line in replay.verdict or [f"no simulation ran for the bundle's test "
+                                   f"{replay.bundle.nodeid}: nothing to compare"]:
         terminal.write_line(line)
 
 
