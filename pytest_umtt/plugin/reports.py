@@ -120,8 +120,8 @@ def what_the_test_did(sim: Simulation, limit: int = CONSOLE_TAIL) -> str:
 
 
 def _command_line(machine: str, result: CommandResult) -> str:
-    command, *more = result.command.splitlines() or [""]
-    text = (f"[{format_ns(result.started_ns)}] {machine} $ {command}{' ...' if more else ''}\n"
+    command, *rest = result.command.splitlines() or [""]
+    text = (f"[{format_ns(result.started_ns)}] {machine} $ {command}{' ...' if rest else ''}\n"
             f"{' ' * (len(format_ns(result.started_ns)) + 3)}exit {result.status} at "
             f"{format_ns(result.ended_ns)} ({format_ns(result.ended_ns - result.started_ns)})")
     for stream, data in (("stdout", result.stdout), ("stderr", result.stderr)):
