@@ -93,22 +93,29 @@ def root_differences(expected: Mapping[str, Any] | None,
 
 def kernel_differences(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[str]:
     """Why two kernel binaries differ (empty when they are the same binary): source
-    version, pytest-umtt's patches, the banner (compiler), else the build itself."""
+    version, pytest-umtt's patches, the banner (compiler), else the build itself. A field
+    only one record has (an older record) is left out."""
     if expected["sha256"] == found["sha256"]:
         return []
     lines = [f"kernel sha256:{str(expected['sha256'])[:12]} (expected) / "
              f"sha256:{str(found['sha256'])[:12]} (here)"]
-    source = expected.get("source"), found.get("source")
-    if source[0] != source[1]:
-        lines.append(f"kernel source: {source[0] or 'not recorded'} (expected) / "
-                     f"{source[1] or 'not recorded'} (here)")
-    patches = list(expected.get("patches", [])), list(found.get("patches", []))
-    if patches[0] != patches[1]:
-        lines.append(f"pytest-umtt's kernel patches: {' '.join(patches[0]) or 'none'} "
-                     f"(expected) / {' '.join(patches[1]) or 'none'} (here)")
-    if expected.get("banner") != found.get("banner"):
-        lines.append(f"kernel banner: {expected.get('banner')} (expected) / "
-                     f"{found.get('banner')} (here)")
-    if len(lines) == 1:
+    fields = [name for name in ("source", "patches", "banner")
+              if name in expected and name in found]
+    for name in fields:
+        want, have = expected[name], found[name]
+        if want != have:
+            lines.append(f"{FIELD_NAMES[name]}: {_shown(want)} (expected) / "
+                         f"{_shown(have)} (here)")
+    if len(lines) == 1 and len(fields) == len(FIELD_NAMES):
         lines.append("same source, patches and banner: another config or build")
     return lines
+
+
+FIELD_NAMES = {"source": "kernel source", "patches": "pytest-umtt's kernel patches",
+               "banner": "kernel banner"}
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
+    return str(value) if value else "not recorded"
