@@ -70,8 +70,7 @@ def _digest(data: bytes) -> str:
     return f"{len(data)}:{hashlib.sha256(data).hexdigest()[:16]}"
 
 
-def first_difference(one: Sequence[str], two: Sequence[str], context: int = 3,
-                     labels: tuple[str, str] = ("first run", "second run")) -> str | None:
+def first_difference(one: Sequence[str], two: Sequence[str], context: int = 3) -> str | None:
     """Where two fingerprints part, with a little context; None when they are equal."""
     index = next((i for i, (a, b) in enumerate(zip(one, two, strict=False)) if a != b),
                  None if len(one) == len(two) else min(len(one), len(two)))
@@ -88,7 +87,7 @@ def first_difference(one: Sequence[str], two: Sequence[str], context: int = 3,
         return "\n".join(shown)
 
     return (f"first difference at item {index} of {len(one)} / {len(two)}:\n"
-            f"{labels[0]}:\n{show(one)}\n{labels[1]}:\n{show(two)}")
+            f"first run:\n{show(one)}\nsecond run:\n{show(two)}")
 
 
 OWNER_FILE = "owner"

@@ -11,10 +11,10 @@ from dataclasses import replace
 import pytest
 
 from ..devices.net import Network
+from ..divergence import first_divergence
 from ..simulation import (
     MachineFactory,
     Simulation,
-    first_difference,
 )
 from ..summary import EXPLORED_SEED, FINGERPRINT
 from ..uml.machine import Machine
@@ -78,9 +78,9 @@ def _compare_runs(state: SessionState, nodeid: str, fingerprint: list[str]) -> N
     if first is None:
         state.first_runs[key] = fingerprint
         return
-    difference = first_difference(first, fingerprint)
-    if difference is not None:
-        raise AssertionError(f"not deterministic: two runs with one seed differ; {difference}")
+    divergence = first_divergence(first, fingerprint)
+    if divergence is not None:
+        raise AssertionError(f"not deterministic: two runs with one seed differ; {divergence}")
 
 
 @pytest.fixture

@@ -24,11 +24,12 @@ from ..bundle import (
     test_files,
     write_bundle,
 )
+from ..divergence import first_divergence
 from ..errors import BundleError
 from ..identity import kernel_differences, kernel_record, root_differences
 from ..kernel import cache_root, default_kernel
 from ..rootfs import MANIFEST_NAME
-from ..simulation import Simulation, first_difference
+from ..simulation import Simulation
 from .settings import MARKERS, Settings
 from .state import SessionState, artifacts_dir, base_nodeid
 
@@ -232,9 +233,9 @@ def compare_replay(state: SessionState, nodeid: str, run: RunEnd) -> list[str]:
         lines.append(f"reproduced: same run (fingerprint {digest[:16]}, "
                      f"{len(run.fingerprint)} items)")
     else:
-        difference = first_difference(bundle.fingerprint, run.fingerprint,
+        divergence = first_divergence(bundle.fingerprint, run.fingerprint,
                                       labels=("in the bundle", "in this replay"))
-        lines += [difference or "", f"not reproduced: the run differed from the bundle's "
+        lines += [str(divergence), f"not reproduced: the run differed from the bundle's "
                   f"(fingerprint {digest[:16]} here, {bundle.fingerprint_sha256[:16]} in the "
                   f"bundle)"]
     replay.verdict = lines

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from ..devices import VirtioDevice
+from ..divergence import FINGERPRINT_FILE
 from ..rootfs import Rootfs, build_rootfs
 from ..simulation import (
     MachineFactory,
@@ -149,6 +150,7 @@ def save_artifacts(sim: Simulation, target: Path) -> None:
         for name in sim.machines:
             with (target / f"{name}.trace.jsonl").open("w") as stream:
                 trace.write_jsonl(stream, client=name)
+    (target / FINGERPRINT_FILE).write_text("\n".join(sim.fingerprint()))
     (target / "simulation.json").write_text(json.dumps(
         {"seed": sim.seed, "virtual_ns": sim.now_ns,
          "machines": {name: sim.identity(machine) for name, machine in sim.machines.items()}},
