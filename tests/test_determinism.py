@@ -204,7 +204,11 @@ def test_check_determinism_passes_same_runs_and_shows_where_others_part(
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-check-determinism")
     result.assert_outcomes(passed=4, errors=1)
     result.stdout.fnmatch_lines([
-        "*not deterministic: two runs with one seed differ; first difference at item *",
+        "E * not deterministic: two runs with one seed differ; first divergence at virtual "
+        "time 0.* s on uml: command result *",
+        "E * first run: [[]0.* s[]] uml command result: 'sleep 0.1' status=0 ended at 0.1*",
+        "E * second run: [[]0.* s[]] uml command result: 'sleep 0.2' status=0 ended at 0.2*",
+        "E * uml's console around it, first run:",
         "*determinism: 2 tests run twice, 1 differed*",
         "*differs: test_check_determinism_passes_same_runs_and_shows_where_others_part.py"
         "::test_host_dependent*",
