@@ -140,12 +140,13 @@ def reproduce_text(nodeid: str, settings: Settings, sim: Simulation | None = Non
         command += f" --uml-kernel={shlex.quote(str(settings.kernel))}"
     if settings.rootfs != "pinned":
         command += f" --umtt-rootfs={settings.rootfs}"
-    bundle = bundle_path(settings, nodeid) if settings.replay is None else None
+    bundle = settings.replay or bundle_path(settings, nodeid)
     lines = [] if bundle is None else [
         "replay bundle (kernel, root, shim, seed, settings and test files in one file):",
         f"  pytest --umtt-replay={shlex.quote(str(bundle))}"]
-    lines += [f"seed {settings.seed} ({settings.seed_source}); with the seed alone "
-              f"(the same run where the kernel and root below are the same):", f"  {command}"]
+    if settings.replay is None:  # a replay's kernel lies in a directory that goes away
+        lines += [f"seed {settings.seed} ({settings.seed_source}); with the seed alone (the "
+                  f"same run where the kernel and root below are the same):", f"  {command}"]
     machines = list(sim.machines.values())[:1] if sim is not None else []
     for machine in machines:
         identity = kernel_identity(machine.kernel)
