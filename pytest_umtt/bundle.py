@@ -35,6 +35,8 @@ from importlib import metadata, resources
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from filelock import FileLock
+
 from .errors import BundleError
 from .identity import kernel_record, root_record
 from .kernel import PATCHES_FILE, SHIM_NAME, SOURCE_FILE, kernel_identity
@@ -169,21 +171,24 @@ class _Writer:
 
 
 def ensure_stored_root(rootfs: Rootfs, store: Path) -> Path:
-    """The root compressed in ``store`` (done once per store; concurrent writers, such
-    as xdist workers, each write a file of their own and rename it into place)."""
+    """The root compressed in ``store``, done once per store: concurrent writers (xdist
+    workers) wait for the one that compresses, which renames its file into place whole."""
     target = store / store_name(rootfs.digest)
     if target.is_file():
         return target
     store.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    try:
-        with rootfs.image.open("rb") as source, lzma.open(partial, "wb",
-                                                          preset=XZ_PRESET) as out:
-            while chunk := source.read(CHUNK):
-                out.write(chunk)
-        partial.replace(target)
-    finally:
-        partial.unlink(missing_ok=True)
+    with FileLock(str(store / ".lock")):
+        if target.is_file():
+            return target
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        try:
+            with rootfs.image.open("rb") as source, lzma.open(partial, "wb",
+                                                              preset=XZ_PRESET) as out:
+                while chunk := source.read(CHUNK):
+                    out.write(chunk)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
     return target
 
 

@@ -109,6 +109,12 @@ def _make_directory(explicit: str | os.PathLike[str] | None) -> Path:
     return path
 
 
+def owned_directory() -> Path:
+    """A new directory under TMPDIR, stamped with this process, that a later session's
+    :func:`remove_stale_directories` removes if this process dies without doing so."""
+    return _make_directory(None)
+
+
 def _owner_stamp(pid: int) -> str:
     try:
         return f"{pid} {psutil.Process(pid).create_time()}"

@@ -52,7 +52,7 @@ def test_a_failing_test_replays_from_its_bundle_on_an_empty_cache(
     fingerprint = manifest["fingerprint"]["sha256"]  # type: ignore[index]
     assert manifest["outcome"]["error"].startswith(  # type: ignore[index]
         "AssertionError: the guest drew other bytes")
-    assert list((artifacts / STORE).iterdir())  # the root, shared
+    assert list((artifacts / STORE).glob("*.cpio.xz"))  # the root, shared
 
     empty = tmp_path / "empty-cache"
     empty.mkdir()
@@ -116,7 +116,7 @@ def _fake_bundle(project: Path, scratch: Path) -> Path:
 def test_a_tampered_bundle_is_refused_naming_the_member(pytester: pytest.Pytester,
                                                          tmp_path: Path) -> None:
     bundle = _fake_bundle(pytester.path, tmp_path)
-    stored = next(iter((pytester.path / STORE).iterdir()))
+    stored = next((pytester.path / STORE).glob("*.xz"))
     stored.write_bytes(stored.read_bytes().replace(b"image", b"imagE"))
     result = pytester.runpytest_subprocess(f"--umtt-replay={bundle}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from ..errors import BundleError
 from ..identity import kernel_differences, kernel_record, root_differences
 from ..kernel import cache_root, default_kernel
 from ..rootfs import MANIFEST_NAME
-from ..simulation import Simulation
+from ..simulation import Simulation, owned_directory
 from .settings import MARKERS, Settings
 from .state import SessionState, artifacts_dir, base_nodeid
 
@@ -141,7 +140,7 @@ def start_replay(config: pytest.Config, state: SessionState) -> None:
     """Unpack and check the bundle; the session then runs its test with its kernel,
     root, shim, seed and settings (never the cache's), and nothing else."""
     assert state.settings.replay is not None
-    directory = Path(tempfile.mkdtemp(prefix="umtt-replay-"))
+    directory = owned_directory()
     try:
         bundle = open_bundle(state.settings.replay, directory)
         state.settings = replayed_settings(bundle, state.settings)
