@@ -6,6 +6,8 @@ and given in seconds under the bare name (``now``), as everywhere at the user AP
 
 from __future__ import annotations
 
+from pathlib import Path
+
 NS_PER_S = 10**9
 
 
@@ -122,3 +124,34 @@ class ClockError(_AtVirtualTime, UmttError):
 class BundleError(UmttError):
     """A replay bundle cannot be written or replayed: the message names the bundle and
     the member (or file) that is wrong, and what to do."""
+
+
+class ConfinementError(UmttError):
+    """Machines were to be confined to their directories, and the host does not allow it."""
+
+
+class CacheError(UmttError):
+    """Preparing something in the cache (a kernel source, a kernel, the shim, the pinned
+    root, kselftests) failed; the message says what, where, and what to run next."""
+
+
+class KernelError(CacheError):
+    """Building or checking a kernel failed; the message says what and where."""
+
+
+class KernelBuildError(KernelError):
+    """A build failed: carries the log path and its last lines."""
+
+    def __init__(self, what: str, log: Path, tail: list[str]) -> None:
+        self.log = log
+        self.tail = tail
+        lines = "\n".join(f"    {line}" for line in tail)
+        super().__init__(f"{what}; full log: {log}\n  last lines:\n{lines}")
+
+
+class RootfsError(KernelError):
+    """Building the pinned root filesystem failed; the message says what and where."""
+
+
+class KselftestError(CacheError):
+    """A kselftest tree could not be built or read; the message says what and where."""

@@ -28,7 +28,8 @@ from typing import TextIO
 
 from filelock import FileLock
 
-from .errors import UmttError
+from .cache import cache_root, run_step, staging_beside, writable_dir
+from .errors import KernelBuildError, KernelError
 
 # 2: KBUILD_BUILD_VERSION pinned (kernels built before carry a build counter).
 # 3: the source carries pytest-umtt's patches (data/patches), named in the identity.
@@ -60,43 +61,7 @@ BUILD_LOG = "build.log"
 LOG_TAIL_LINES = 25
 
 
-class KernelError(UmttError):
-    """Building or checking a kernel failed; the message says what and where."""
-
-
-class KernelBuildError(KernelError):
-    """A build failed: carries the log path and its last lines."""
-
-    def __init__(self, what: str, log: Path, tail: list[str]) -> None:
-        self.log = log
-        self.tail = tail
-        lines = "\n".join(f"    {line}" for line in tail)
-        super().__init__(f"{what}; full log: {log}\n  last lines:\n{lines}")
-
-
 # --- where things live ----------------------------------------------------------------
-
-def cache_root() -> Path:
-    """``$UMTT_CACHE_DIR``, else ``$XDG_CACHE_HOME/pytest-umtt``, else ``~/.cache/pytest-umtt``."""
-    explicit = os.environ.get("UMTT_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "pytest-umtt"
-
-
-def _writable_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise KernelError(f"cache directory {path} is not usable: {exc.strerror or exc} "
-                          f"(set UMTT_CACHE_DIR to a writable directory)") from None
-    return path
-
 
 def fragment_text() -> str:
     """The config fragment shipped with the package."""
@@ -128,20 +93,6 @@ class KernelSource:
     default: bool = False
     patches: tuple[str, ...] = ()
     """The names of pytest-umtt's patches applied to this tree."""
-
-
-@contextmanager
-def _staging_beside(target: Path) -> Iterator[Path]:
-    """A fresh directory next to ``target`` to build it whole in; the caller renames it
-    (or something in it) into place, and whatever is left is removed on every exit path,
-    so an interrupted step never leaves a ``target`` that looks finished."""
-    staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def user_source(path: Path) -> KernelSource:
@@ -183,11 +134,22 @@ def debian_source(cache: Path, say: Callable[[str], None]) -> KernelSource:
     with FileLock(str(target) + ".lock"):
         if not (target / "Makefile").is_file():
             say(f"extracting {tarball.name} into {target.parent}")
-            with _staging_beside(target) as staging:
-                _extract_into(tarball, staging)
-                (inner,) = list(staging.iterdir())
-                inner.rename(target)
+            extract_tree(tarball, target)
     return KernelSource(target, version, f"debian {DEBIAN_SOURCE_PACKAGE} {version}", True)
+
+
+def extract_tree(tarball: Path, target: Path) -> None:
+    """Unpack a source tarball holding one top directory as ``target``, whole or not at
+    all: it is unpacked beside ``target`` and renamed into place, so an interrupted or
+    failed extraction leaves nothing a later run takes for complete."""
+    with staging_beside(target) as staging:
+        _extract_into(tarball, staging)
+        tops = list(staging.iterdir())
+        if len(tops) != 1 or not tops[0].is_dir():
+            raise KernelError(f"{tarball}: expected one top directory, found "
+                              f"{sorted(p.name for p in tops)[:5]}")
+        shutil.rmtree(target, ignore_errors=True)
+        tops[0].rename(target)
 
 
 def _extract_into(tarball: Path, staging: Path) -> None:
@@ -198,8 +160,7 @@ def _extract_into(tarball: Path, staging: Path) -> None:
         with tarfile.open(tarball, mode="r|*") as archive:
             for member in archive:
                 check_tar_member(member, tarball)
-                archive.extract(member, staging, set_attrs=not member.isdir(),
-                                **_TRUSTED_FILTER)
+                _extract_checked(archive, member, staging)
     except OSError as exc:
         raise KernelError(f"extracting {tarball} into {staging.parent} failed: "
                           f"{exc.strerror or exc}; nothing was kept. Free space there (the "
@@ -210,10 +171,14 @@ def _extract_into(tarball: Path, staging: Path) -> None:
                           f"{DEBIAN_SOURCE_PACKAGE} and run umtt-kernel build again") from None
 
 
-# Members are checked by check_tar_member; where tarfile filters exist (3.11.4 and later)
-# say so, so that newer Pythons neither warn nor apply their own default.
-_TRUSTED_FILTER: dict[str, str] = (
-    {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {})
+def _extract_checked(archive: tarfile.TarFile, member: tarfile.TarInfo, into: Path) -> None:
+    """Write a member check_tar_member let through. Pythons with tarfile filters (3.11.4
+    and later) are told it was checked, so they neither warn nor apply a default of
+    their own; directories get their modes as created (set_attrs off, as extractall)."""
+    if hasattr(tarfile, "fully_trusted_filter"):
+        archive.extract(member, into, set_attrs=not member.isdir(), filter="fully_trusted")
+    else:
+        archive.extract(member, into, set_attrs=not member.isdir())
 
 
 def check_tar_member(member: tarfile.TarInfo, archive: Path) -> None:
@@ -249,25 +214,48 @@ def _debian_tarball(cache: Path, say: Callable[[str], None]) -> tuple[Path, str]
                                capture_output=True, text=True, check=False)
     if installed.returncode == 0 and DEBIAN_SOURCE_TARBALL.is_file():
         return DEBIAN_SOURCE_TARBALL, installed.stdout.strip()
-    downloads = _writable_dir(cache / "downloads")
+    downloads = writable_dir(cache / "downloads")
     if shutil.which("apt-get") is None:
         raise KernelError(f"no kernel source: {DEBIAN_SOURCE_PACKAGE} is not installed and "
                           f"there is no apt-get; pass --source DIR with a Linux tree")
+    deb = _download_source_package(downloads, say)
+    version = _dpkg_deb(["-f", str(deb), "Version"], deb).strip()
+    unpacked = downloads / deb.stem
+    if not unpacked.is_dir():
+        with staging_beside(unpacked) as staging:
+            _dpkg_deb(["-x", str(deb), str(staging)], deb)
+            staging.rename(unpacked)
+    tarball = unpacked / DEBIAN_SOURCE_TARBALL.relative_to("/")
+    if not tarball.is_file():
+        raise KernelError(f"{deb} holds no {DEBIAN_SOURCE_TARBALL}; delete {downloads} and "
+                          f"run umtt-kernel build again")
+    return tarball, version
+
+
+def _download_source_package(downloads: Path, say: Callable[[str], None]) -> Path:
+    """``apt-get download`` the source package into ``downloads`` (apt writes it under a
+    partial name and renames it when complete); the .deb's path."""
     say(f"downloading {DEBIAN_SOURCE_PACKAGE} with apt-get")
     fetched = subprocess.run(["apt-get", "download", DEBIAN_SOURCE_PACKAGE], cwd=downloads,
                              capture_output=True, text=True, check=False)
     debs = sorted(downloads.glob(f"{DEBIAN_SOURCE_PACKAGE}_*.deb"))
     if fetched.returncode != 0 or not debs:
-        raise KernelError(f"apt-get download {DEBIAN_SOURCE_PACKAGE} failed: "
-                          f"{fetched.stderr.strip()[-500:]} (run apt-get update first?)")
-    deb = debs[-1]
-    version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-    unpacked = downloads / deb.stem
-    tarball = unpacked / DEBIAN_SOURCE_TARBALL.relative_to("/")
-    if not tarball.is_file():
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
-    return tarball, version
+        reason = fetched.stderr.strip()[-500:] or f"exit {fetched.returncode}"
+        raise KernelError(f"apt-get download {DEBIAN_SOURCE_PACKAGE} failed: {reason}. Check "
+                          f"that the package archive is reachable (sudo apt-get update), or "
+                          f"install it (sudo apt-get install {DEBIAN_SOURCE_PACKAGE}), then "
+                          f"run umtt-kernel build again")
+    return debs[-1]
+
+
+def _dpkg_deb(arguments: list[str], deb: Path) -> str:
+    result = subprocess.run(["dpkg-deb", *arguments], capture_output=True, text=True,
+                            check=False)
+    if result.returncode != 0:
+        raise KernelError(f"dpkg-deb {arguments[0]} {deb} failed: "
+                          f"{result.stderr.strip()[-500:]}; delete {deb} and run "
+                          f"umtt-kernel build again")
+    return result.stdout
 
 
 # --- patches --------------------------------------------------------------------------
@@ -297,7 +285,7 @@ def patched_source(source: KernelSource, patches: Sequence[KernelPatch], cache: 
         return source
     material = source.identity.encode() + b"".join(p.name.encode() + p.text for p in patches)
     digest = hashlib.sha256(material).hexdigest()[:12]
-    target = _writable_dir(cache / "src") / f"{source.path.name}+umtt-{digest}"
+    target = writable_dir(cache / "src") / f"{source.path.name}+umtt-{digest}"
     names = "\n".join(patch.name for patch in patches)
     with FileLock(str(target) + ".lock"):
         if not (target / ".umtt-patches").is_file():
@@ -318,7 +306,7 @@ def patched_source(source: KernelSource, patches: Sequence[KernelPatch], cache: 
 
 def _make_patched_copy(tree: Path, target: Path, patches: Sequence[KernelPatch],
                        names: str) -> None:
-    with _staging_beside(target) as staging:
+    with staging_beside(target) as staging:
         copy = staging / "tree"
         subprocess.run(["cp", "-al", str(tree), str(copy)], check=True)
         for patch in patches:
@@ -408,19 +396,19 @@ def build_kernel(source: KernelSource, jobs: int | None = None, force: bool = Fa
                  say: Callable[[str], None] = lambda _: None,
                  progress_stream: TextIO | None = None) -> Path:
     """Build (or reuse) the kernel for ``source`` with the shipped fragment; its path."""
-    cache = _writable_dir(cache_root())
+    cache = writable_dir(cache_root())
     fragment = fragment_text()
     patches = shipped_patches()
     source = patched_source(source, patches, cache, say)
     key = kernel_key(source, fragment)
-    kernels = _writable_dir(cache / "kernels")
+    kernels = writable_dir(cache / "kernels")
     final_dir = kernels / key
     with FileLock(str(final_dir) + ".lock"):
         if (final_dir / "linux").is_file() and not force:
             _mark_default(kernels, key, source)
             return final_dir / "linux"
         ensure_build_tools(say)
-        objdir = _writable_dir(cache / "build" / hashlib.sha256(
+        objdir = writable_dir(cache / "build" / hashlib.sha256(
             source.identity.encode()).hexdigest()[:16])
         log = final_dir.with_name(f"{key}.build.log")
         with FileLock(str(objdir) + ".lock"):
@@ -496,7 +484,7 @@ def _check_config(config: Path, fragment: str, log: Path) -> None:
 
 
 def _publish(objdir: Path, final_dir: Path, log: Path, source: KernelSource) -> None:
-    with _staging_beside(final_dir) as staging:
+    with staging_beside(final_dir) as staging:
         shutil.copy2(objdir / "linux", staging / "linux")
         (staging / PATCHES_FILE).write_text("".join(f"{name}\n" for name in source.patches))
         (staging / SOURCE_FILE).write_text(source_description(source) + "\n")
@@ -721,11 +709,11 @@ def build_shim(say: Callable[[str], None] = lambda _: None) -> Path | None:
     target = target_dir / SHIM_NAME
     if target.is_file():  # a read-only cache with the shim built is fine
         return target
-    _writable_dir(target_dir.parent)
+    writable_dir(target_dir.parent)
     with FileLock(str(target_dir) + ".lock"):
         if target.is_file():
             return target
-        with _staging_beside(target_dir) as staging:
+        with staging_beside(target_dir) as staging:
             (staging / "umtt_getrandom.c").write_bytes(source)
             result = subprocess.run(
                 [compiler, "-O2", "-shared", "-fPIC", "-Wall", "-o", str(staging / SHIM_NAME),
@@ -743,7 +731,7 @@ def _say(text: str) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    cache = _writable_dir(cache_root())
+    cache = writable_dir(cache_root())
     source = user_source(Path(args.source)) if args.source else debian_source(cache, _say)
     started = time.monotonic()
     path = build_kernel(source, jobs=args.jobs, force=args.force, say=_say)
@@ -801,14 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("shim", help="build the getrandom shim; print its path").set_defaults(
         run=_cmd_shim)
     args = parser.parse_args(argv)
-    try:
-        code: int = args.run(args)
-    except KernelError as exc:
-        _say(str(exc))
-        return 1
-    except KeyboardInterrupt:
-        _say("interrupted; nothing half-built was kept")
-        return 130
+    code: int = run_step("umtt-kernel", args.command, lambda: int(args.run(args)), _say)
     return code
 
 

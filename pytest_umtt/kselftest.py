@@ -31,15 +31,16 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from .cache import cache_root, run_step, staging_beside, writable_dir
 from .errors import (
     NS_PER_S,
+    KselftestError,
     MachineCrashed,
     MachineError,
     MachineStalled,
-    UmttError,
     format_ns,
 )
-from .kernel import KernelError, cache_root, debian_source, user_source
+from .kernel import debian_source, user_source
 from .ktap import KtapCase, parse_ktap
 from .uml.machine import BackgroundCommand, Machine, seconds_to_ns
 
@@ -61,10 +62,6 @@ OUTPUT_TAIL = 40
 LINE_BUFFERED = "stdbuf -oL -eL"
 """coreutils' stdbuf: stdio output as on a terminal, not held in a 4 KiB buffer."""
 RECIPE_VERSION = "1"
-
-
-class KselftestError(UmttError):
-    """An installed kselftest tree is unusable, or building one failed."""
 
 
 # --- the installed tree ---------------------------------------------------------------
@@ -295,8 +292,7 @@ def build_kselftests(targets: Sequence[str], *, source: Path | None = None,
     """Build and install the kselftests of ``targets`` (cached); the installed tree.
     With ``destructive`` a target's DESTRUCTIVE_TESTS (timers: tests that set the clock
     or need privileges) join kselftest-list.txt: harmless in a throwaway UML machine."""
-    cache = kselftest_cache()
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = writable_dir(kselftest_cache())
     tree = user_source(source) if source else debian_source(cache_root(), say)
     key = hashlib.sha256("\n".join([RECIPE_VERSION, tree.identity, *sorted(targets),
                                     str(destructive)]).encode()).hexdigest()[:16]
@@ -304,17 +300,13 @@ def build_kselftests(targets: Sequence[str], *, source: Path | None = None,
     with FileLock(str(final) + ".lock"):
         if (final / LIST_FILE).is_file() and not force:
             return final
-        shutil.rmtree(final, ignore_errors=True)
-        staging = final.with_name(f"{key}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
+        with staging_beside(final) as staging:
             _install(tree.path / "tools" / "testing" / "selftests", targets, staging, say)
             if destructive:
                 _list_destructive(tree.path / "tools" / "testing" / "selftests", targets,
                                   staging / "install")
+            shutil.rmtree(final, ignore_errors=True)
             (staging / "install").rename(final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
@@ -367,14 +359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(text: str) -> None:
         print(f"umtt-kselftest: {text}", file=sys.stderr, flush=True)
 
-    try:
+    def step() -> int:
         path = build_kselftests(args.targets, source=Path(args.source) if args.source else None,
                                 destructive=args.destructive, force=args.force, say=say)
-    except (KselftestError, KernelError) as exc:
-        say(str(exc))
-        return 1
-    print(path)
-    return 0
+        print(path)
+        return 0
+
+    return run_step("umtt-kselftest", "build", step, say)
 
 
 if __name__ == "__main__":

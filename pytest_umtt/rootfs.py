@@ -29,7 +29,8 @@ from pathlib import Path, PurePosixPath
 
 from filelock import FileLock
 
-from .kernel import KernelError, _staging_beside, _writable_dir, cache_root
+from .cache import cache_root, run_step, staging_beside, writable_dir
+from .errors import RootfsError
 
 RECIPE_VERSION = "1"
 IMAGE_NAME = "rootfs.cpio"
@@ -61,10 +62,6 @@ SKELETON_LINKS = {"usr/bin/sh": "bash", "usr/bin/python3": "python3.11"}
 # The kernel opens /dev/console for init before anything can mount devtmpfs.
 DEVICE_NODES = {"dev/console": (stat.S_IFCHR | 0o600, 5, 1),
                 "dev/null": (stat.S_IFCHR | 0o666, 1, 3)}
-
-
-class RootfsError(KernelError):
-    """Building the pinned root filesystem failed; the message says what and where."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,12 +155,12 @@ def build_rootfs(packages: Sequence[str] | None = None, *, force: bool = False,
                           "needs apt-get (use the host root: --umtt-rootfs=host)")
     versions = candidate_versions(names)
     pinned = tuple(f"{name}={versions[name]}" for name in names)
-    target = _writable_dir(cache_root() / "rootfs") / rootfs_key(pinned)
+    target = writable_dir(cache_root() / "rootfs") / rootfs_key(pinned)
     with FileLock(str(target) + ".lock"):
         if not force and (found := load_rootfs(target)) is not None:
             return found
         say(f"building the guest root filesystem from {len(pinned)} Debian packages")
-        with _staging_beside(target) as staging:
+        with staging_beside(target) as staging:
             _download(pinned, staging / "debs")
             image = build_image(sorted((staging / "debs").glob("*.deb")))
             (staging / IMAGE_NAME).write_bytes(image)
@@ -195,7 +192,10 @@ def _download(pinned: Sequence[str], into: Path) -> None:
     result = subprocess.run(["apt-get", "download", *pinned], cwd=into, capture_output=True,
                             text=True, check=False)
     if result.returncode != 0:
-        raise RootfsError(f"apt-get download failed: {result.stderr.strip()[-500:]}")
+        reason = result.stderr.strip()[-500:] or f"exit {result.returncode}"
+        raise RootfsError(f"apt-get download of the guest root's packages failed: {reason}. "
+                          f"Check that the package archive is reachable (sudo apt-get "
+                          f"update), then run umtt-rootfs build again")
 
 
 # --- the image --------------------------------------------------------------------------
@@ -363,17 +363,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     commands.add_parser("show", help="the image's digest and packages")
     args = parser.parse_args(argv)
-    try:
+
+    def step() -> int:
         rootfs = build_rootfs(force=getattr(args, "force", False), say=_say)
-    except KernelError as exc:
-        _say(str(exc))
-        return 1
-    if args.command == "show":
-        print(f"{rootfs.image}\n{rootfs.identity} ({rootfs.digest})")
-        print("\n".join(f"  {package}" for package in rootfs.packages))
-    else:
-        print(rootfs.image)
-    return 0
+        if args.command == "show":
+            print(f"{rootfs.image}\n{rootfs.identity} ({rootfs.digest})")
+            print("\n".join(f"  {package}" for package in rootfs.packages))
+        else:
+            print(rootfs.image)
+        return 0
+
+    return run_step("umtt-rootfs", "build", step, _say)
 
 
 if __name__ == "__main__":

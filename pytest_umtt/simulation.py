@@ -26,6 +26,7 @@ from .devices import VirtioDevice
 from .errors import (
     NS_PER_S,
     BootError,
+    ConfinementError,
     MachineError,
     MachineStalled,
     ProtocolError,
@@ -41,7 +42,7 @@ from .kernel import (
     kernel_identity,
 )
 from .rootfs import Rootfs
-from .uml.confine import confinement_available
+from .uml.confine import confinement_problem, refusal
 from .uml.machine import (
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_MEM,
@@ -179,6 +180,13 @@ class Elapsed:
         return self.end_ns
 
 
+def _confinement(wanted: bool) -> bool:
+    problem = confinement_problem() if wanted else None
+    if problem is not None:
+        raise ConfinementError(refusal(problem))
+    return wanted
+
+
 class Simulation:
     """Virtual time for a set of UML machines; use as a context manager."""
 
@@ -201,9 +209,10 @@ class Simulation:
         shim: Path | None = None,
     ) -> None:
         self.kernel = None if kernel is None else Path(kernel)
-        self.confined = confine and confinement_available()
+        self.confined = _confinement(confine)
         """Whether UML processes may change nothing outside their machine directory
-        (:mod:`pytest_umtt.uml.confine`); False where the host allows no mount namespace."""
+        (:mod:`pytest_umtt.uml.confine`): ``confine=True`` (the default) on a host that
+        allows no mount namespace is a ConfinementError, never a silent False."""
         self.rootfs = rootfs
         self.seed = seed
         self.wall_timeout = wall_timeout

@@ -11,8 +11,9 @@ import psutil
 import pytest
 
 from pytest_umtt import Machine, Simulation
+from pytest_umtt.cache import cache_root
 from pytest_umtt.controller import Calendar, Client, Trace
-from pytest_umtt.kernel import build_shim, cache_root, default_kernel
+from pytest_umtt.kernel import build_shim, default_kernel
 from pytest_umtt.rootfs import Rootfs, build_rootfs
 from tests.refclient import RefClient
 

@@ -18,9 +18,8 @@ import psutil
 import pytest
 
 from pytest_umtt import kernel
+from pytest_umtt.errors import CacheError, KernelBuildError, KernelError
 from pytest_umtt.kernel import (
-    KernelBuildError,
-    KernelError,
     KernelSource,
     build_kernel,
     check_kernel,
@@ -158,7 +157,7 @@ def test_unwritable_cache_is_reported(tmp_path: Path, monkeypatch: pytest.Monkey
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("UMTT_CACHE_DIR", str(blocker / "cache"))
-    with pytest.raises(KernelError, match=f"cache directory {blocker}/cache is not usable"):
+    with pytest.raises(CacheError, match=f"cache directory {blocker}/cache is not usable"):
         build_kernel(user_source(fake_tree(tmp_path)), jobs=1)
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from pytest_umtt.errors import KselftestError
 from pytest_umtt.kselftest import (
     DEFAULT_TIMEOUT,
-    KselftestError,
     KselftestTest,
     build_kselftests,
     collection_timeout,

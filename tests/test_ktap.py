@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pytest_umtt.kernel import cache_root
+from pytest_umtt.cache import cache_root
 from pytest_umtt.ktap import KtapCase, KtapStatus, parse_ktap
 
 CRAFTED = """\

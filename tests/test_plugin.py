@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_umtt.kernel import cache_root
+from pytest_umtt.cache import cache_root
 from pytest_umtt.ktap import parse_ktap
 from pytest_umtt.plugin.suites import crash_console
 from pytest_umtt.uml.console import Console

@@ -15,11 +15,11 @@ import pytest
 from pytest_umtt import Simulation
 from pytest_umtt import rootfs as rootfs_module
 from pytest_umtt.canary import CanaryResult, golden_mismatch, host_variations, run_in_child
+from pytest_umtt.errors import RootfsError
 from pytest_umtt.kernel import KernelIdentity, check_kernel, kernel_identity
 from pytest_umtt.rootfs import (
     Entry,
     Rootfs,
-    RootfsError,
     build_image,
     cpio_paths,
     elf_needed,

@@ -16,8 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from pytest_umtt.errors import BootError, CommandTimeout, MachineCrashed, MachineError, UmttError
-from pytest_umtt.kernel import KernelError, build_shim
+from pytest_umtt.errors import (
+    BootError,
+    CommandTimeout,
+    KernelError,
+    MachineCrashed,
+    MachineError,
+    UmttError,
+)
+from pytest_umtt.kernel import build_shim
 from pytest_umtt.simulation import Simulation, remove_stale_directories
 from pytest_umtt.uml.console import Console
 from pytest_umtt.uml.machine import POWEROFF_WALL_TIMEOUT, Machine
@@ -246,7 +253,7 @@ def test_a_read_only_cache_with_the_shim_built_is_usable(
     def refuse(path: Path) -> Path:
         raise KernelError(f"{path} is read-only")
 
-    monkeypatch.setattr("pytest_umtt.kernel._writable_dir", refuse)
+    monkeypatch.setattr("pytest_umtt.kernel.writable_dir", refuse)
     assert build_shim() == built
 
 

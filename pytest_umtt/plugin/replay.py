@@ -23,10 +23,11 @@ from ..bundle import (
     test_files,
     write_bundle,
 )
+from ..cache import cache_root
 from ..divergence import first_divergence
 from ..errors import BundleError
 from ..identity import kernel_differences, kernel_record, root_differences
-from ..kernel import cache_root, default_kernel
+from ..kernel import default_kernel
 from ..rootfs import MANIFEST_NAME
 from ..simulation import Simulation, owned_directory
 from .settings import MARKERS, Settings

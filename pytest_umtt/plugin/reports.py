@@ -7,12 +7,13 @@ from collections.abc import Generator
 
 import pytest
 
-from ..errors import MachineError, format_ns
+from ..errors import KernelError, MachineError, format_ns
 from ..identity import root_summary
-from ..kernel import KernelError, build_shim, kernel_identity
+from ..kernel import build_shim, kernel_identity
 from ..simulation import (
     Simulation,
 )
+from ..uml.confine import confinement_problem
 from ..uml.machine import CommandResult
 from .replay import bundle_path, compare_replay, record_run, replay_header
 from .settings import CONSOLE_TAIL, PROTOCOL_TAIL, Settings
@@ -34,7 +35,18 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
                "NOT deterministic: no C compiler to build the getrandom shim")
     replay = replay_header(state) if state.replay is not None else []
     return [*replay, f"umtt: kernel {kernel}", f"umtt: guest root {_root_description(state)}",
-            f"umtt: seed {settings.seed} ({settings.seed_source}), guest entropy {entropy}"]
+            f"umtt: seed {settings.seed} ({settings.seed_source}), guest entropy {entropy}",
+            f"umtt: machines {_confinement_description(settings)}"]
+
+
+def _confinement_description(settings: Settings) -> str:
+    if not settings.confine:
+        return ("NOT confined (--umtt-confine=off): a guest can write what the user running "
+                "pytest can write")
+    problem = confinement_problem()
+    if problem is not None:
+        return f"cannot be confined on this host ({problem}): tests that boot one will fail"
+    return "confined to their own directories (private mount namespace, host read-only)"
 
 
 def _root_description(state: SessionState) -> str:

@@ -55,6 +55,7 @@ class Settings:
     kselftest_wall_timeout: float = KSELFTEST_WALL_TIMEOUT
     bundle: str = "never"
     replay: Path | None = None
+    confine: bool = True
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,12 @@ def _switch(text: str, where: str) -> bool:
     if text.lower() in ("0", "false", "no", "off", ""):
         return False
     raise pytest.UsageError(f"{where}: expected true or false, got {text!r}")
+
+
+def _on_off(text: str, where: str) -> bool:
+    if text.lower() not in ("on", "off"):
+        raise pytest.UsageError(f"{where}: expected on or off, got {text!r}")
+    return text.lower() == "on"
 
 
 def _count(text: str, where: str) -> int:
@@ -263,6 +270,11 @@ OPTIONS = (
            "bundle's kernel, root, shim, seed and settings, and say whether the run is the "
            "same", "BUNDLE",
            "replay", _bundle_file, None),
+    Option("umtt_confine", "--umtt-confine", "confine each machine to its own directory "
+           "(private mount namespace, the host read-only): 'on' (default; a host that "
+           "refuses the namespaces is an error) or 'off' (the guest can write what the user "
+           "running pytest can write)", "on|off",
+           "confine", _on_off, True),
 )
 
 

@@ -87,7 +87,8 @@ def settings_of(item: pytest.Item) -> Settings:
 def open_simulation(config: pytest.Config, settings: Settings) -> Simulation:
     sim = Simulation(kernel=settings.kernel, seed=settings.seed,
                      wall_timeout=settings.wall_timeout, perturb=settings.perturb,
-                     rootfs=config.stash[STATE].guest_root(), shim=config.stash[STATE].shim)
+                     confine=settings.confine, shim=config.stash[STATE].shim,
+                     rootfs=config.stash[STATE].guest_root())
     sim.on_doorbell.append(
         lambda machine, value: config.hook.pytest_umtt_doorbell(machine=machine, value=value))
     config.stash[STATE].open.add(sim)

@@ -29,6 +29,7 @@ AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x1
 SYS_MOUNT_SETATTR = 442  # x86_64
 SHM = "/dev/shm"
+PROBLEM_BYTES = 1000
 
 
 class MountAttr(ctypes.Structure):
@@ -84,15 +85,41 @@ def confine_to(writable: Path) -> None:
 
 
 @functools.cache
-def confinement_available() -> bool:
-    """Whether this host lets a child confine itself (tried once, in a throwaway child)."""
+def confinement_problem() -> str | None:
+    """Why this host does not let a child confine itself, or None when it does (tried
+    once, in a throwaway child that reports the failing step through a pipe)."""
     probe = Path(tempfile.gettempdir())
+    reader, writer = os.pipe()
     pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through its exit status
+    if pid == 0:  # pragma: no cover - the child reports through the pipe and its status
+        os.close(reader)
         try:
             confine_to(probe)
             os._exit(0)
-        except BaseException:
+        except BaseException as exc:
+            os.write(writer, str(exc).encode(errors="replace")[:PROBLEM_BYTES])
             os._exit(1)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as said:
+        reason = said.read(PROBLEM_BYTES).decode(errors="replace")
     _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0
+    if os.waitstatus_to_exitcode(status) == 0:
+        return None
+    return reason or f"the probe child ended with status {status}"
+
+
+def confinement_available() -> bool:
+    """Whether this host lets a child confine itself."""
+    return confinement_problem() is None
+
+
+def refusal(problem: str) -> str:
+    """What to tell a user whose host refuses confinement, and the two ways on."""
+    how = ("" if os.geteuid() == 0 else
+           " (distributions that restrict user namespaces for non-root users: "
+           "sysctl kernel.apparmor_restrict_unprivileged_userns=0, or "
+           "kernel.unprivileged_userns_clone=1)")
+    return (f"machines cannot be confined on this host: {problem}. Unconfined, a guest "
+            f"can write any file the user running pytest can write. Allow the namespaces"
+            f"{how}, or accept that risk with --umtt-confine=off "
+            f"(Simulation(confine=False))")
