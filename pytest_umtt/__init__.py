@@ -22,6 +22,7 @@ from .errors import (
     UmttError,
     format_ns,
 )
+from .kconfig import KernelConfig
 from .simulation import Elapsed, MachineFactory, Simulation
 from .uml.console import ConsoleLine
 from .uml.machine import BackgroundCommand, CommandResult, ConsoleMatch, Machine, MachineState
@@ -35,6 +36,7 @@ __all__ = [
     "ConsoleMatch",
     "Elapsed",
     "ExpectTimeout",
+    "KernelConfig",
     "Machine",
     "MachineCrashed",
     "MachineError",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -30,6 +31,15 @@ from filelock import FileLock
 
 from .cache import cache_root, run_step, staging_beside, writable_dir
 from .errors import KernelBuildError, KernelError
+from .kconfig import (
+    DEFAULT_CONFIG,
+    KernelConfig,
+    MergedConfig,
+    did_not_take,
+    fragment_options,
+    fragment_text,
+    merge,
+)
 
 # 2: KBUILD_BUILD_VERSION pinned (kernels built before carry a build counter).
 # 3: the source carries pytest-umtt's patches (data/patches), named in the identity.
@@ -39,7 +49,7 @@ DEBIAN_SOURCE_TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
 BUILD_TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc",
                "patch": "patch"}
 LIBELF_HEADER = Path("/usr/include/libelf.h")
-APT_BUILD_PACKAGES = ("make", "gcc", "flex", "bison", "bc", "patch", "libelf-dev")
+APT_BUILD_PACKAGES = ("make", "gcc", "flex", "bison", "bc", "patch", "libelf-dev", "kmod")
 REPRODUCIBLE_ENV = {
     # The guest's uname is part of the run: keep it the same on every machine.
     "KBUILD_BUILD_TIMESTAMP": "1970-01-01 00:00:00 UTC",
@@ -62,24 +72,6 @@ LOG_TAIL_LINES = 25
 
 
 # --- where things live ----------------------------------------------------------------
-
-def fragment_text() -> str:
-    """The config fragment shipped with the package."""
-    return resources.files("pytest_umtt").joinpath("data/umtt.config").read_text()
-
-
-def fragment_options(text: str) -> dict[str, str]:
-    """``{"CONFIG_X": "y", "CONFIG_Y": "n", ...}`` from a fragment (``is not set`` = n)."""
-    options = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line.startswith("# CONFIG_") and line.endswith(" is not set"):
-            options[line[2:].split()[0]] = "n"
-        elif line.startswith("CONFIG_") and "=" in line:
-            name, value = line.split("=", 1)
-            options[name] = value
-    return options
-
 
 # --- sources --------------------------------------------------------------------------
 
@@ -332,6 +324,8 @@ def missing_build_tools() -> list[str]:
     missing = [pkg for tool, pkg in BUILD_TOOLS.items() if shutil.which(tool) is None]
     if not LIBELF_HEADER.is_file():
         missing.append("libelf-dev")
+    if _find_depmod() is None:
+        missing.append("kmod")
     return missing
 
 
@@ -392,47 +386,86 @@ class BuildProgress:
         self.stream.flush()
 
 
-def build_kernel(source: KernelSource, jobs: int | None = None, force: bool = False,
+def build_kernel(source: KernelSource, *, jobs: int | None = None, force: bool = False,
                  say: Callable[[str], None] = lambda _: None,
-                 progress_stream: TextIO | None = None) -> Path:
-    """Build (or reuse) the kernel for ``source`` with the shipped fragment; its path."""
+                 progress_stream: TextIO | None = None,
+                 config: KernelConfig = DEFAULT_CONFIG) -> Path:
+    """Build (or reuse) the kernel for ``source`` with the shipped fragment and what
+    ``config`` adds (:mod:`pytest_umtt.kconfig`); its path. Modules (``=m``) are built
+    too, and installed beside it (:func:`modules_dir`)."""
     cache = writable_dir(cache_root())
-    fragment = fragment_text()
-    patches = shipped_patches()
-    source = patched_source(source, patches, cache, say)
-    key = kernel_key(source, fragment)
+    source = patched_source(source, shipped_patches(), cache, say)
+    merged = merge(config, source.path)
+    key = kernel_key(source, merged.text)
     kernels = writable_dir(cache / "kernels")
     final_dir = kernels / key
     with FileLock(str(final_dir) + ".lock"):
-        if (final_dir / "linux").is_file() and not force:
+        if not (final_dir / "linux").is_file() or force:
+            ensure_build_tools(say)
+            _build_and_publish(source, merged, final_dir, jobs=jobs or os.cpu_count() or 1,
+                               say=say, stream=progress_stream or sys.stderr,
+                               variant=config.describe())
+        if config.empty:
             _mark_default(kernels, key, source)
-            return final_dir / "linux"
-        ensure_build_tools(say)
-        objdir = writable_dir(cache / "build" / hashlib.sha256(
-            source.identity.encode()).hexdigest()[:16])
-        log = final_dir.with_name(f"{key}.build.log")
-        with FileLock(str(objdir) + ".lock"):
-            _run_build(source, objdir, fragment, jobs=jobs or os.cpu_count() or 1, log=log,
-                       progress=BuildProgress(f"building Linux {source.version} for UML",
-                                              progress_stream or sys.stderr))
-        _publish(objdir, final_dir, log, source)
-        _mark_default(kernels, key, source)
     return final_dir / "linux"
 
 
-def _run_build(source: KernelSource, objdir: Path, fragment: str, *, jobs: int, log: Path,
-               progress: BuildProgress) -> None:
+def _build_and_publish(source: KernelSource, merged: MergedConfig, final_dir: Path, *,
+                       jobs: int, say: Callable[[str], None], stream: TextIO,
+                       variant: str) -> None:
+    cache = final_dir.parent.parent
+    objdir = writable_dir(cache / "build" / hashlib.sha256(
+        source.identity.encode()).hexdigest()[:16])
+    log = final_dir.with_name(f"{final_dir.name}.build.log")
+    with FileLock(str(objdir) + ".lock"):
+        missed = _run_build(source, objdir, merged, jobs=jobs, log=log, progress=BuildProgress(
+            f"building Linux {source.version} for UML ({variant})", stream))
+        for option in missed:
+            say(f"warning: {option}: olddefconfig did not keep it (a dependency UML lacks?)")
+        _publish(objdir, final_dir, log, source,
+                 {"variant": variant, "requested": merged.requested, "did_not_take": missed})
+
+
+def _run_build(source: KernelSource, objdir: Path, merged: MergedConfig, *, jobs: int,
+               log: Path, progress: BuildProgress) -> list[str]:
+    """Configure and build in ``objdir``; the user's options that did not take."""
     fragment_file = objdir / "umtt.config"
-    fragment_file.write_text(fragment)
+    fragment_file.write_text(merged.text)
     make = ["make", "-C", str(source.path), "ARCH=um", f"O={objdir}"]
-    merge = [str(source.path / "scripts" / "kconfig" / "merge_config.sh"), "-m", "-O",
-             str(objdir), str(objdir / ".config"), str(fragment_file)]
+    merge_config = [str(source.path / "scripts" / "kconfig" / "merge_config.sh"), "-m", "-O",
+                    str(objdir), str(objdir / ".config"), str(fragment_file)]
+    shutil.rmtree(objdir / MODULES_STAGING, ignore_errors=True)
     with log.open("w") as out:
-        for step in ([*make, "defconfig"], merge, [*make, "olddefconfig"]):
+        for step in ([*make, "defconfig"], merge_config, [*make, "olddefconfig"]):
             _run_logged(step, out, log, progress, cwd=source.path)
-        _check_config(objdir / ".config", fragment, log)
+        config_text = (objdir / ".config").read_text()
+        _check_config(config_text, merged, log)
         _run_logged([*make, f"-j{jobs}", "linux"], out, log, progress, cwd=source.path)
+        if MODULE_LINE.search(config_text):
+            _run_logged([*make, f"-j{jobs}", "modules"], out, log, progress, cwd=source.path)
+            _run_logged([*make, "modules_install", f"INSTALL_MOD_PATH={objdir / MODULES_STAGING}",
+                         "INSTALL_MOD_STRIP=1", f"DEPMOD={_depmod()}"], out, log, progress,
+                        cwd=source.path)
     progress.show(final=True)
+    return did_not_take(config_text, merged)
+
+
+MODULE_LINE = re.compile(r"^CONFIG_\w+=m$", re.MULTILINE)
+MODULES_STAGING = "modules-install"
+MODULES_DIR = "modules"
+"""Beside a built kernel: ``lib/modules/RELEASE`` as modules_install wrote it."""
+
+
+def _find_depmod() -> str | None:
+    """depmod's path (modules_install runs it): /usr/sbin is not on every PATH."""
+    return shutil.which("depmod", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+
+
+def _depmod() -> str:
+    found = _find_depmod()
+    if found is None:
+        raise KernelError("building modules needs depmod (sudo apt-get install kmod)")
+    return found
 
 
 def _run_logged(command: list[str], out: TextIO, log: Path, progress: BuildProgress,
@@ -472,24 +505,32 @@ def _process_group(command: list[str], cwd: Path,
             proc.stdout.close()
 
 
-def _check_config(config: Path, fragment: str, log: Path) -> None:
-    """Every option of the fragment must have survived olddefconfig, or say which did not."""
-    actual = fragment_options(config.read_text())
+def _check_config(config_text: str, merged: MergedConfig, log: Path) -> None:
+    """Every option of pytest-umtt's fragment the user did not override must have
+    survived olddefconfig, or say which did not."""
+    actual = fragment_options(config_text)
+    ours = {name: want for name, want in fragment_options(fragment_text()).items()
+            if name not in merged.requested}
     wrong = [f"{name}={want} (got {actual.get(name, 'n')})"
-             for name, want in fragment_options(fragment).items()
-             if actual.get(name, "n") != want]
+             for name, want in ours.items() if actual.get(name, "n") != want]
     if wrong:
         raise KernelBuildError("the kernel config does not take these options: "
                                + ", ".join(wrong), log, _tail(log))
 
 
-def _publish(objdir: Path, final_dir: Path, log: Path, source: KernelSource) -> None:
+def _publish(objdir: Path, final_dir: Path, log: Path, source: KernelSource,
+             variant: dict[str, object]) -> None:
     with staging_beside(final_dir) as staging:
         shutil.copy2(objdir / "linux", staging / "linux")
         (staging / PATCHES_FILE).write_text("".join(f"{name}\n" for name in source.patches))
         (staging / SOURCE_FILE).write_text(source_description(source) + "\n")
         shutil.copy2(objdir / ".config", staging / "config")
         shutil.copy2(log, staging / BUILD_LOG)
+        modules = objdir / MODULES_STAGING / "lib" / "modules"
+        if modules.is_dir():
+            shutil.copytree(modules, staging / MODULES_DIR, symlinks=True,
+                            ignore=shutil.ignore_patterns("build", "source"))
+        (staging / VARIANT_FILE).write_text(json.dumps(variant, indent=2) + "\n")
         shutil.rmtree(final_dir, ignore_errors=True)
         staging.rename(final_dir)
 
@@ -500,6 +541,17 @@ def source_description(source: KernelSource) -> str:
     if source.default:
         return f"{DEBIAN_SOURCE_PACKAGE} {source.version}"
     return f"Linux {source.version} from {source.identity.replace(chr(10), ' ')}"
+
+
+def modules_dir(kernel: Path) -> Path | None:
+    """The modules ``umtt-kernel build`` installed beside ``kernel`` (the directory that
+    holds ``RELEASE/``), if it built any."""
+    found = kernel.resolve().parent / MODULES_DIR
+    return found if found.is_dir() else None
+
+
+VARIANT_FILE = "variant.json"
+"""Beside a built kernel: what was asked of it, and which of the user's options did not take."""
 
 
 def _mark_default(kernels: Path, key: str, source: KernelSource) -> None:
@@ -540,6 +592,11 @@ class KernelIdentity:
     banner: str
     sha256: str
     patches: tuple[str, ...] = ()
+    modules: str | None = None
+    """sha256 over the modules installed beside the kernel (names and contents), if any:
+    the guest loads them, so they are part of the run."""
+    variant: str = "default"
+    """What was asked of the kernel beside pytest-umtt's fragment (``variant.json``)."""
     source: str | None = None
     """Where it was built from (:func:`source_description`), if its build left a record."""
 
@@ -552,7 +609,8 @@ class KernelIdentity:
         """Banner and sha256 only: they name the binary wherever it lies (the patches
         file beside a built kernel does not travel with a copy, and runs are compared by
         this text)."""
-        return f"{self.banner} (sha256:{self.sha256[:12]})"
+        text = f"{self.banner} (sha256:{self.sha256[:12]})"
+        return text if self.modules is None else f"{text} (modules sha256:{self.modules[:12]})"
 
     @property
     def provenance(self) -> str:
@@ -583,9 +641,32 @@ def kernel_identity(path: Path) -> KernelIdentity:
         data = path.read_bytes()
         found = re.search(rb"Linux version [^\n\0]*", data)
         banner = found.group(0).decode(errors="replace").strip() if found else "unknown"
+        modules = modules_dir(path)
         _identities[key] = KernelIdentity(banner, hashlib.sha256(data).hexdigest(),
-                                          _patches_beside(path), source_beside(path))
+                                          _patches_beside(path),
+                                          None if modules is None else tree_digest(modules),
+                                          _variant_beside(path), source_beside(path))
     return _identities[key]
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over every file under ``root``: relative path, link target or contents."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        if path.is_symlink():
+            digest.update(b"L" + os.readlink(path).encode())
+        elif path.is_file():
+            digest.update(b"F" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _variant_beside(kernel: Path) -> str:
+    try:
+        variant = json.loads((kernel.resolve().parent / VARIANT_FILE).read_text())
+        return str(variant.get("variant", "default"))
+    except (OSError, ValueError, AttributeError):
+        return "default"
 
 
 VIRTIO_CONSOLE_MARKER = b"virtio_console"
@@ -730,11 +811,28 @@ def _say(text: str) -> None:
     print(f"umtt-kernel: {text}", file=sys.stderr, flush=True)
 
 
+def variant_kernel(config: KernelConfig, *, source: Path | None = None,
+                   say: Callable[[str], None] = lambda _: None) -> Path:
+    """Where the kernel for ``config`` (built from ``source``, default Debian's) is or
+    will be, without building it."""
+    cache = writable_dir(cache_root())
+    tree = user_source(source) if source else debian_source(cache, say)
+    tree = patched_source(tree, shipped_patches(), cache, say)
+    return cache / "kernels" / kernel_key(tree, merge(config, tree.path).text) / "linux"
+
+
+def _config_of(args: argparse.Namespace) -> KernelConfig:
+    return KernelConfig(tuple(Path(p).absolute() for p in args.kconfig),
+                        tuple(Path(p).absolute() for p in args.kunitconfig),
+                        tuple(args.kselftest_config), tuple(args.kconfig_add))
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     cache = writable_dir(cache_root())
     source = user_source(Path(args.source)) if args.source else debian_source(cache, _say)
     started = time.monotonic()
-    path = build_kernel(source, jobs=args.jobs, force=args.force, say=_say)
+    path = build_kernel(source, jobs=args.jobs, force=args.force, say=_say,
+                        config=_config_of(args))
     _say(f"kernel ready in {time.monotonic() - started:.1f} s")
     if build_shim(_say) is None:
         _say("warning: runs will not be deterministic without the getrandom shim")
@@ -742,13 +840,29 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_path(_args: argparse.Namespace) -> int:
-    path = default_kernel()
-    if path is None:
-        _say(f"no default kernel in {cache_root()}; build one with: umtt-kernel build")
+def _cmd_path(args: argparse.Namespace) -> int:
+    config = _config_of(args)
+    path = default_kernel() if config.empty and not args.source else variant_kernel(
+        config, source=Path(args.source) if args.source else None, say=_say)
+    if path is None or not path.is_file():
+        flags = " ".join(sys.argv[2:]) if len(sys.argv) > 2 else ""
+        _say(f"no such kernel in {cache_root()}; build it with: umtt-kernel build {flags}")
         return 1
     print(path)
     return 0
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", metavar="DIR",
+                        help=f"Linux tree to build (default: Debian's {DEBIAN_SOURCE_PACKAGE})")
+    parser.add_argument("--kconfig", nargs="+", default=[], metavar="FILE",
+                        help="config fragments merged over pytest-umtt's, in order")
+    parser.add_argument("--kunitconfig", nargs="+", default=[], metavar="FILE",
+                        help="KUnit .kunitconfig files, merged like fragments")
+    parser.add_argument("--kselftest-config", nargs="+", default=[], metavar="TARGET",
+                        help="the config file of these kselftest targets (e.g. gpio)")
+    parser.add_argument("--kconfig-add", nargs="+", default=[], metavar="CONFIG_X=V",
+                        help="single options, merged last (e.g. CONFIG_GPIO_SIM=m)")
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -777,12 +891,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description="Build and check time-travel UML kernels.")
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build (or reuse) a time-travel UML kernel")
-    build.add_argument("--source", metavar="DIR",
-                       help=f"Linux tree to build (default: Debian's {DEBIAN_SOURCE_PACKAGE})")
+    _add_config_flags(build)
     build.add_argument("--jobs", "-j", type=int, metavar="N", help="parallel jobs (default: CPUs)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.set_defaults(run=_cmd_build)
-    commands.add_parser("path", help="print the default kernel's path").set_defaults(run=_cmd_path)
+    path = commands.add_parser("path", help="print a built kernel's path (the default one, "
+                               "or the one the same flags would build)")
+    _add_config_flags(path)
+    path.set_defaults(run=_cmd_path)
     check = commands.add_parser("check", help="does a kernel support time-travel=ext?")
     check.add_argument("path", metavar="PATH")
     check.set_defaults(run=_cmd_check)

@@ -40,6 +40,7 @@ from .kernel import (
     default_kernel,
     has_virtio_console,
     kernel_identity,
+    modules_dir,
 )
 from .rootfs import Rootfs
 from .uml.confine import confinement_problem, refusal
@@ -180,6 +181,18 @@ class Elapsed:
         return self.end_ns
 
 
+MEMORY_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def memory_bytes(mem: str) -> int:
+    """Bytes in a UML memory size (``128M``, ``1G``, ``65536K``, or plain bytes)."""
+    unit = MEMORY_UNITS.get(mem[-1:].upper(), 1)
+    digits = mem[:-1] if unit > 1 else mem
+    if not digits.isdigit():
+        raise ValueError(f"mem={mem!r}: expected a size like 128M or 1G")
+    return int(digits) * unit
+
+
 def _confinement(wanted: bool) -> bool:
     problem = confinement_problem() if wanted else None
     if problem is not None:
@@ -243,7 +256,7 @@ class Simulation:
         try:
             if self.rootfs is not None:
                 link = self.directory / Path(ROOTFS_FROM_MACHINE_DIR).name
-                link.symlink_to(self.rootfs.image)
+                link.symlink_to(self.rootfs.boot_image or self.rootfs.image)
             self.calendar.listen(self._socket_path())
         except BaseException:
             self._remove_files()
@@ -325,15 +338,30 @@ class Simulation:
         if name in self.machines or not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"machine name {name!r} is taken or not a plain name")
         kernel = self._kernel(kernel)
+        self._check_memory(name, mem)
         machine = Machine(self, name, len(self.machines) + 1, kernel=kernel,
                           mem=mem, cmdline=cmdline, idle_max=idle_max, agent=agent,
                           default_timeout=default_timeout, rootfs=self.rootfs is not None,
-                          devices=devices,
+                          devices=devices, modules=modules_dir(kernel),
                           agent_console=has_virtio_console(kernel) and agent_console is not False)
         self.machines[name] = machine
         if boot:
             self.boot(machine)
         return machine
+
+    def _check_memory(self, name: str, mem: str) -> None:
+        """A machine too small for the pinned root is refused before it boots (the kernel
+        would panic with "No working init found" or "System is deadlocked on memory")."""
+        if self.rootfs is None:
+            return
+        needed = self.rootfs.minimum_memory
+        if memory_bytes(mem) < needed:
+            raise BootError(name, f"mem={mem} is too small for the pinned root: it needs at "
+                            f"least {needed // 2**20}M (the compressed image and the "
+                            f"{self.rootfs.image.stat().st_size / 2**20:.0f} MiB it unpacks to "
+                            f"are both in guest memory while the kernel boots, beside the "
+                            f"kernel's own); give it more, or use --umtt-rootfs=host",
+                            self.now_ns)
 
     def _kernel(self, explicit: Path | None) -> Path:
         kernel = explicit or self.kernel or default_kernel()

@@ -6,6 +6,7 @@ real-kernel tests; here fake source trees make each failure mode happen on deman
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -19,12 +20,11 @@ import pytest
 
 from pytest_umtt import kernel
 from pytest_umtt.errors import CacheError, KernelBuildError, KernelError
+from pytest_umtt.kconfig import KernelConfig, fragment_options, fragment_text
 from pytest_umtt.kernel import (
     KernelSource,
     build_kernel,
     check_kernel,
-    fragment_options,
-    fragment_text,
     user_source,
 )
 
@@ -37,6 +37,12 @@ olddefconfig:
 \t@cat $(O)/umtt.config >> $(O)/.config
 linux:
 \t@{linux_recipe}
+modules:
+\t@echo modules built >> $(O)/modules.log
+modules_install:
+\t@mkdir -p $(INSTALL_MOD_PATH)/lib/modules/9.9.9-fake/kernel
+\t@printf 'module' > $(INSTALL_MOD_PATH)/lib/modules/9.9.9-fake/kernel/x.ko
+\t@echo "depmod=$(DEPMOD)" > $(INSTALL_MOD_PATH)/lib/modules/9.9.9-fake/modules.dep
 """
 
 
@@ -200,6 +206,61 @@ def test_ctrl_c_mid_build_leaves_nothing(tmp_path: Path, cache: Path) -> None:
     assert not [p for p in descendants if p.is_running() and p.status() != "zombie"]
     assert not list((cache / "kernels").glob("*/linux"))
     assert not list((cache / "kernels").glob("*.partial-*"))
+
+
+def test_a_variant_is_cached_apart_and_leaves_the_default_alone(tmp_path: Path,
+                                                                cache: Path) -> None:
+    source = user_source(fake_tree(tmp_path))
+    plain = build_kernel(source, jobs=1)
+    variant = build_kernel(source, jobs=1, config=KernelConfig(options=("CONFIG_X=y",)))
+    assert variant != plain and variant.is_file()
+    assert "CONFIG_X=y" in (variant.parent / "config").read_text()
+    assert json.loads((variant.parent / "variant.json").read_text()) == {
+        "variant": "default + CONFIG_X=y", "requested": {"CONFIG_X": "y"},
+        "did_not_take": []}
+    assert kernel.kernel_identity(variant).variant == "default + CONFIG_X=y"
+    assert build_kernel(source, jobs=1, config=KernelConfig(options=("CONFIG_X=y",))) == variant
+
+
+def test_modules_are_built_installed_beside_the_kernel_and_named(tmp_path: Path,
+                                                                 cache: Path) -> None:
+    source = user_source(fake_tree(tmp_path))
+    built = build_kernel(source, jobs=1, config=KernelConfig(options=("CONFIG_X=m",)))
+    modules = kernel.modules_dir(built)
+    assert modules is not None
+    assert (modules / "9.9.9-fake" / "kernel" / "x.ko").read_bytes() == b"module"
+    assert "depmod=/" in (modules / "9.9.9-fake" / "modules.dep").read_text()
+    identity = kernel.kernel_identity(built)
+    assert identity.modules == kernel.tree_digest(modules)
+    assert f"(modules sha256:{identity.modules[:12]})" in str(identity)
+    assert kernel.modules_dir(build_kernel(source, jobs=1)) is None
+
+
+def test_an_option_that_does_not_take_is_said_by_name(tmp_path: Path, cache: Path) -> None:
+    tree = fake_tree(tmp_path)
+    makefile = tree / "Makefile"
+    makefile.write_text(makefile.read_text().replace(
+        "\t@cat $(O)/umtt.config >> $(O)/.config",
+        "\t@grep -v CONFIG_PCI $(O)/umtt.config >> $(O)/.config"))
+    said: list[str] = []
+    built = build_kernel(user_source(tree), jobs=1, say=said.append,
+                         config=KernelConfig(options=("CONFIG_PCI=y",)))
+    assert "warning: CONFIG_PCI=y (got n): olddefconfig did not keep it" in "\n".join(said)
+    assert json.loads((built.parent / "variant.json").read_text())["did_not_take"] == [
+        "CONFIG_PCI=y (got n)"]
+
+
+def test_path_takes_the_build_flags(tmp_path: Path, cache: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    tree = fake_tree(tmp_path)
+    assert kernel.main(["path", "--source", str(tree), "--kconfig-add", "CONFIG_X=y"]) == 1
+    assert "build it with: umtt-kernel build" in capsys.readouterr().err
+    built = build_kernel(user_source(tree), jobs=1,
+                         config=KernelConfig(options=("CONFIG_X=y",)))
+    assert kernel.main(["path", "--source", str(tree), "--kconfig-add", "CONFIG_X=y"]) == 0
+    assert capsys.readouterr().out.strip() == str(built)
+    assert kernel.main(["path", "--kconfig-add", "CONFIG_SMP=y", "--source", str(tree)]) == 1
+    assert "contradicts" in capsys.readouterr().err
 
 
 # --- check ----------------------------------------------------------------------------

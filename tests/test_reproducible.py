@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pytest_umtt import Simulation
+from pytest_umtt import BootError, Simulation
 from pytest_umtt import rootfs as rootfs_module
 from pytest_umtt.canary import CanaryResult, golden_mismatch, host_variations, run_in_child
 from pytest_umtt.errors import RootfsError
@@ -118,7 +118,7 @@ def test_the_pinned_root_owns_inodes_and_directory_order(uml_kernel: Path,
         machine = sim.machine()
         listing = machine.run("ls -id / /usr/bin/bash; ls -f /; python3 -c 'print(6*7)'",
                               check=True).output.split("\n")
-    # Inode numbers come from the guest's own tmpfs, counted as the image unpacks.
+    # Inode numbers come from the guest's own ramfs, counted as the image unpacks.
     root_inode, bash_inode = (int(line.split()[0]) for line in listing[:2])
     entries = sum(1 for _ in cpio_paths(rootfs.image.read_bytes()))
     assert root_inode == 1 and bash_inode < entries, listing
@@ -126,6 +126,41 @@ def test_the_pinned_root_owns_inodes_and_directory_order(uml_kernel: Path,
     assert "42" in listing
     host_order = [entry.name for entry in os.scandir("/")]
     assert listing[2:-2] != host_order
+
+
+@pytest.mark.kernel
+def test_a_128M_machine_boots_the_pinned_root(uml_kernel: Path, rootfs: Rootfs) -> None:
+    assert rootfs.minimum_memory <= 128 * 2**20
+    with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
+        machine = sim.machine(mem="128M")
+        assert machine.run("python3 -c 'print(6*7)'", check=True).stdout == b"42\n"
+
+
+@pytest.mark.kernel
+def test_too_little_memory_for_the_root_is_refused_before_boot(uml_kernel: Path,
+                                                               rootfs: Rootfs) -> None:
+    too_small = f"{rootfs.minimum_memory // 2**20 - 8}M"
+    with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
+        with pytest.raises(BootError, match=f"mem={too_small} is too small for the pinned root: "
+                                            f"it needs at least "
+                                            f"{rootfs.minimum_memory // 2**20}M"):
+            sim.machine(mem=too_small)
+        assert not sim.machines and not list(sim.directory.glob("*/linux*"))
+        # The rule holds: what it asks for is enough.
+        sim.machine(mem=f"{rootfs.minimum_memory // 2**20}M").run("true", check=True)
+
+
+def test_a_root_without_its_compressed_image_is_not_taken_for_built(tmp_path: Path) -> None:
+    (tmp_path / rootfs_module.MANIFEST_NAME).write_text('{"digest": "x", "packages": []}')
+    (tmp_path / rootfs_module.IMAGE_NAME).write_bytes(b"cpio")
+    assert rootfs_module.load_rootfs(tmp_path) is None
+
+
+def test_without_lz4_the_root_says_what_to_install(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RootfsError, match=r"needs lz4 \(sudo apt-get install lz4\)"):
+        rootfs_module.compress_image(tmp_path / "image", tmp_path / "image.lz4")
 
 
 @pytest.mark.kernel

@@ -27,7 +27,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         kernel = "none (build one with `umtt-kernel build` or pass --uml-kernel)"
     else:
         identity = kernel_identity(settings.kernel)
-        kernel = f"{settings.kernel}\n      {identity}\n      {identity.provenance}"
+        kernel = (f"{settings.kernel}\n      {identity}\n      {identity.provenance}"
+                  f"\n      variant: {identity.variant}")
         if not identity.pinned:
             kernel += "\n      (version string not pinned: a rebuild changes seeded runs)"
     shim = state.shim or build_shim()

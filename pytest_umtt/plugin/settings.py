@@ -7,6 +7,7 @@ import os
 import random
 import re
 import shlex
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +16,10 @@ from typing import Any
 import pytest
 
 from .. import kselftest
-from ..kernel import default_kernel
+from ..cache import cache_root, writable_dir
+from ..errors import KernelError
+from ..kconfig import DEFAULT_CONFIG, KernelConfig, parse_spec
+from ..kernel import build_kernel, debian_source, default_kernel
 from ..kselftest import (
     LIST_FILE,
 )
@@ -56,6 +60,7 @@ class Settings:
     bundle: str = "never"
     replay: Path | None = None
     confine: bool = True
+    kconfig: KernelConfig = DEFAULT_CONFIG
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,32 @@ def _kernel(text: str, where: str) -> Path:
     return path
 
 
+def _kconfig(text: str, where: str) -> KernelConfig:
+    try:
+        return parse_spec(text, where)
+    except KernelError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def variant_kernel(config: KernelConfig, where: str) -> Path:
+    """The kernel built from Debian's source with ``config`` beside pytest-umtt's fragment
+    (built now if it is not in the cache yet, as kunit.py builds before it runs)."""
+    def say(text: str) -> None:
+        print(f"umtt-kernel: {text}", file=sys.stderr, flush=True)
+    try:
+        source = debian_source(writable_dir(cache_root()), say)
+        return build_kernel(source, config=config, say=say)
+    except KernelError as exc:
+        raise pytest.UsageError(f"{where}: kernel {config.describe()}: {exc}") from None
+
+
+def _marker_kernel(value: object, where: str) -> Path:
+    """``uml(kernel=...)``: a kernel binary's path, or a KernelConfig (its variant)."""
+    if isinstance(value, KernelConfig):
+        return variant_kernel(value, where)
+    return _kernel(str(value), where)
+
+
 def _kselftest_tree(text: str, where: str) -> Path:
     path = Path(text).expanduser().absolute()
     if not (path / LIST_FILE).is_file():
@@ -270,6 +301,11 @@ OPTIONS = (
            "bundle's kernel, root, shim, seed and settings, and say whether the run is the "
            "same", "BUNDLE",
            "replay", _bundle_file, None),
+    Option("umtt_kconfig", "--umtt-kconfig", "kernel config beside pytest-umtt's fragment, as "
+           "shell words: fragment FILEs, kunit:FILE (a .kunitconfig), kselftest:TARGET (its "
+           "config), CONFIG_X=VALUE; the variant is built once and cached (umtt-kernel build "
+           "takes the same as flags). Ignored with --uml-kernel", "SPEC",
+           "kconfig", _kconfig, DEFAULT_CONFIG),
     Option("umtt_confine", "--umtt-confine", "confine each machine to its own directory "
            "(private mount namespace, the host read-only): 'on' (default; a host that "
            "refuses the namespaces is an error) or 'off' (the guest can write what the user "
@@ -285,6 +321,8 @@ def resolve_settings(config: pytest.Config) -> Settings:
         found = _raw_setting(config, option)
         values[option.field] = option.default if found is None else option.parse(*found)
     values["seed"], values["seed_source"] = values["seed"]
+    if values["kernel"] is None and not values["kconfig"].empty:
+        values["kernel"] = variant_kernel(values["kconfig"], "--umtt-kconfig")
     values["kernel"] = values["kernel"] or default_kernel()
     if values["bundle"] is None:
         values["bundle"] = "never" if values["artifacts"] is None else "failed"
@@ -297,7 +335,8 @@ def resolve_settings(config: pytest.Config) -> Settings:
 # --- markers ------------------------------------------------------------------------
 
 MARKERS = {
-    "uml": "uml(mem=None, cmdline=None, kernel=None): options for this test's machines",
+    "uml": "uml(mem=None, cmdline=None, kernel=None): options for this test's machines "
+           "(kernel: a binary's path, or a pytest_umtt.KernelConfig: that variant, built once)",
     "virtual_timeout": "virtual_timeout(seconds): virtual-time budget of each command",
     "wall_timeout": "wall_timeout(seconds): wall seconds virtual time may stand still",
     "umtt_seed": "umtt_seed(n): this test's simulation seed",
@@ -333,7 +372,7 @@ def item_settings(item: pytest.Item, base: Settings) -> Settings:
             settings,
             mem=_mem(uml["mem"], where) if "mem" in uml else settings.mem,
             cmdline=settings.cmdline + cmdline,
-            kernel=_kernel(str(uml["kernel"]), where) if uml.get("kernel") else settings.kernel)
+            kernel=_marker_kernel(uml["kernel"], where) if uml.get("kernel") else settings.kernel)
     if (value := _marker_values(item, "virtual_timeout")) is not None:
         settings = replace(settings,
                            virtual_timeout=_positive_float(str(value["seconds"]), where))

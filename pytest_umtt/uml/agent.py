@@ -20,6 +20,7 @@ from pathlib import Path
 COMMANDS_DIR = "cmd"
 BOOT_SCRIPT = "boot.sh"
 FSTAB = "fstab"
+MODULES_LINK = "lib-modules"
 POWEROFF_COMMAND = "echo o > /proc/sysrq-trigger"
 
 
@@ -36,9 +37,15 @@ def decode(value: int) -> tuple[int, int]:
     return value & 0xFF, value >> 8
 
 
-def install(directory: Path, agent: Path | None = None) -> CommandChannel:
+def install(directory: Path, agent: Path | None = None,
+            modules: Path | None = None) -> CommandChannel:
     """Put the agent (``agent`` or agent.sh) and its fstab into a new machine's
-    directory, and open the command channel there."""
+    directory, and open the command channel there. ``modules`` (the kernel's installed
+    modules, ``lib/modules`` of modules_install) is linked in as ``lib-modules``: the
+    agent mounts it at /lib/modules through hostfs, so the host's kernel follows the
+    link and the guest reads the modules where modprobe looks."""
+    if modules is not None:
+        (directory / MODULES_LINK).symlink_to(modules)
     script = directory / BOOT_SCRIPT
     source = agent or resources.files("pytest_umtt.uml").joinpath("agent.sh")
     script.write_bytes(source.read_bytes())

@@ -34,8 +34,18 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/tmp LANG=C.UTF-8
 
 setup() {
+    # The kernel's modules, read-only from the host (agent.py install, MODULES_LINK),
+    # first: mount -a may load a filesystem's module (configfs=m) through modprobe.
+    if [ -L "$X/lib-modules" ]; then
+        mkdir -p /lib/modules && mount -t hostfs -o ./lib-modules,ro none /lib/modules
+    fi
     # One mount(8) for all: each process costs UML ~16 ms of wall time to create.
     mount -a -T "$X/fstab"
+    # configfs built as a module has no /sys/kernel/config until it is loaded: load and
+    # mount it as a distribution's init does (drivers' tests configure devices there).
+    if [ -L "$X/lib-modules" ] && [ ! -d /sys/kernel/config ]; then
+        modprobe -q configfs && mount -t configfs configfs /sys/kernel/config
+    fi
     # An initramfs root gets no automatic devtmpfs; a hostfs root does.
     local _dev mnt _rest
     while read -r _dev mnt _rest; do [ "$mnt" = /dev ] && break; done < /proc/mounts

@@ -115,7 +115,10 @@ def uml_command(
     """
     init = f"mount -t hostfs -o . none {GUEST_MOUNT} && exec {GUEST_MOUNT}/{boot_script}"
     if rootfs:
-        root = [f"initrd={ROOTFS_FROM_MACHINE_DIR}", f"hostfs={HOSTFS_PREFIX}"]
+        # ramfs, not tmpfs: the kernel caps a tmpfs root at half of memory, counted while
+        # the loaded image still holds its share (init/do_mounts.c init_rootfs).
+        root = [f"initrd={ROOTFS_FROM_MACHINE_DIR}", "rootfstype=ramfs",
+                f"hostfs={HOSTFS_PREFIX}"]
     else:
         root = ["root=/dev/root", "rootfstype=hostfs", f"hostfs={HOSTFS_PREFIX}",
                 f"rootflags={HOST_ROOT_FROM_CWD}", "ro"]
@@ -392,8 +395,12 @@ class Machine:
                  mem: str = DEFAULT_MEM, cmdline: Sequence[str] = (),
                  idle_max: float = DEFAULT_IDLE_MAX, agent: Path | None = None,
                  default_timeout: float = DEFAULT_COMMAND_TIMEOUT, rootfs: bool = False,
-                 devices: Sequence[VirtioDevice] = (), agent_console: bool = False) -> None:
+                 devices: Sequence[VirtioDevice] = (), agent_console: bool = False,
+                 modules: Path | None = None) -> None:
         self.sim = sim
+        self.modules = modules
+        """The kernel's installed modules (the directory holding ``RELEASE/``), which the
+        guest sees at /lib/modules; None: the kernel has none."""
         self.devices = list(devices)
         self.agent_console: VirtioConsole | None = None
         """The agent's command channel when the kernel has virtio-console (the agent
@@ -444,7 +451,7 @@ class Machine:
     def spawn(self) -> None:
         """Start the kernel process; the simulation then serves its START."""
         self.directory.mkdir(mode=0o700)
-        self._channel = install(self.directory, self.agent)
+        self._channel = install(self.directory, self.agent, self.modules)
         # Beside the machine's directory, not in it: the guest can replace what is in it.
         self.console = Console(self.sim.directory / f"{self.name}.console.log")
         extra = [f"UMTT_HOSTNAME={self.name}",
