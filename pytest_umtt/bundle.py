@@ -2,7 +2,8 @@
 
 A run is a function of its seed, the kernel binary, the guest root and the test's code.
 A bundle carries them all, so that a failure seen on one machine replays on another with
-an empty cache and no compiler: the kernel (with the records of its source and patches),
+an empty cache and no compiler: the kernel and its modules (with the records of its
+source, patches and variant),
 the getrandom shim (its source and the compiled library), the seed and every setting
 that changes the run, the node id, the test file and its conftests, pytest-umtt's
 version, and the run's fingerprint to compare the replay with.
@@ -37,9 +38,20 @@ from typing import IO, Any
 
 from filelock import FileLock
 
-from .errors import BundleError
+from .errors import BundleError, KernelError
 from .identity import kernel_record, root_record
-from .kernel import PATCHES_FILE, SHIM_NAME, SOURCE_FILE, kernel_identity
+from .kernel import (
+    MODULES_DIR,
+    PATCHES_FILE,
+    SHIM_NAME,
+    SOURCE_FILE,
+    VARIANT_FILE,
+    _extract_checked,
+    check_tar_member,
+    kernel_identity,
+    modules_dir,
+    tree_digest,
+)
 from .rootfs import IMAGE_NAME, Rootfs
 
 FORMAT = 1
@@ -50,6 +62,9 @@ STORE = "umtt-store"
 KERNEL = "kernel/linux.xz"
 KERNEL_PATCHES = "kernel/patches"
 KERNEL_SOURCE = "kernel/source"
+KERNEL_VARIANT = "kernel/variant.json"
+MODULES = "kernel/modules.tar.xz"
+"""The kernel's modules (``lib/modules/RELEASE`` as modules_install wrote it), if any."""
 SHIM = f"shim/{SHIM_NAME}.xz"
 SHIM_SOURCE = "shim/umtt_getrandom.c"
 ROOT = f"root/{IMAGE_NAME}.xz"
@@ -240,6 +255,29 @@ def _add_kernel(writer: _Writer, kernel: Path) -> None:
     identity = kernel_identity(kernel)
     writer.add(KERNEL_PATCHES, "".join(f"{name}\n" for name in identity.patches).encode())
     writer.add(KERNEL_SOURCE, f"{identity.source or ''}\n".encode())
+    variant = kernel.resolve().parent / VARIANT_FILE
+    if variant.is_file():
+        writer.add(KERNEL_VARIANT, variant.read_bytes())
+    modules = modules_dir(kernel)
+    if modules is not None:
+        tree = tree_tar(modules)
+        writer.add(MODULES, tree, stored=_xz(tree))
+
+
+def tree_tar(root: Path) -> bytes:
+    """A directory as an uncompressed tar that depends only on its contents (sorted
+    names, no times, no owners)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(root.rglob("*")):
+            info = tar.gettarinfo(str(path), str(path.relative_to(root)))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            if info.isfile():
+                with path.open("rb") as stream:
+                    tar.addfile(info, stream)
+            else:
+                tar.addfile(info)
+    return out.getvalue()
 
 
 def _add_shim(writer: _Writer, shim: Path | None, manifest: dict[str, Any]) -> None:
@@ -426,6 +464,10 @@ def _unpack(reader: _Reader, into: Path) -> Bundle:
     kernel.chmod(0o755)
     (kernel.parent / PATCHES_FILE).write_bytes(reader.read(KERNEL_PATCHES))
     (kernel.parent / SOURCE_FILE).write_bytes(reader.read(KERNEL_SOURCE))
+    if KERNEL_VARIANT in manifest["members"]:
+        (kernel.parent / VARIANT_FILE).write_bytes(reader.read(KERNEL_VARIANT))
+    if MODULES in manifest["members"]:
+        _unpack_modules(reader, kernel.parent / MODULES_DIR)
     shim = None
     if manifest.get("shim"):
         shim = into / "shim" / SHIM_NAME
@@ -437,6 +479,27 @@ def _unpack(reader: _Reader, into: Path) -> Bundle:
     reader.check_the_rest()
     return Bundle(path, manifest, kernel, _unpack_root(reader, into), shim,
                   fingerprint if fingerprint != [""] else [], test_files)
+
+
+def _unpack_modules(reader: _Reader, target: Path) -> None:
+    """The kernel's modules, each member checked before it is written (no absolute
+    paths, no ``..``, no links out of the tree, no special files), then as a whole
+    against the digest the manifest's kernel record gives."""
+    where = reader.path / MODULES
+    target.mkdir()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(reader.read(MODULES)), mode="r:") as tree:
+            for member in tree:
+                check_tar_member(member, where)
+                _extract_checked(tree, member, target)
+    except (KernelError, tarfile.TarError) as exc:
+        raise BundleError(f"{reader.path}: member {MODULES} is not a modules tree: "
+                          f"{exc}") from None
+    expected = reader.manifest["kernel"].get("modules")
+    if tree_digest(target) != expected:
+        raise BundleError(f"{reader.path}: member {MODULES} unpacks to modules with sha256 "
+                          f"{tree_digest(target)[:16]}, the manifest's kernel has "
+                          f"{str(expected)[:16]}")
 
 
 def _unpack_root(reader: _Reader, into: Path) -> Rootfs | None:

@@ -28,7 +28,8 @@ def kernel_record(kernel: Path) -> Record:
     """A kernel binary's identity: sha256, banner, source and pytest-umtt's patches."""
     identity = kernel_identity(kernel)
     return {"sha256": identity.sha256, "banner": identity.banner,
-            "source": identity.source, "patches": list(identity.patches)}
+            "source": identity.source, "patches": list(identity.patches),
+            "variant": identity.variant, "modules": identity.modules}
 
 
 def root_record(rootfs: Rootfs | None) -> Record | None:
@@ -95,24 +96,26 @@ def kernel_differences(expected: Mapping[str, Any], found: Mapping[str, Any]) ->
     """Why two kernel binaries differ (empty when they are the same binary): source
     version, pytest-umtt's patches, the banner (compiler), else the build itself. A field
     only one record has (an older record) is left out."""
-    if expected["sha256"] == found["sha256"]:
+    if (expected["sha256"], expected.get("modules")) == (found["sha256"], found.get("modules")):
         return []
     lines = [f"kernel sha256:{str(expected['sha256'])[:12]} (expected) / "
              f"sha256:{str(found['sha256'])[:12]} (here)"]
-    fields = [name for name in ("source", "patches", "banner")
-              if name in expected and name in found]
+    fields = [name for name in FIELD_NAMES if name in expected and name in found]
     for name in fields:
         want, have = expected[name], found[name]
+        if name == "modules":
+            want, have = (str(v)[:12] if v else "none" for v in (want, have))
         if want != have:
             lines.append(f"{FIELD_NAMES[name]}: {_shown(want)} (expected) / "
                          f"{_shown(have)} (here)")
     if len(lines) == 1 and len(fields) == len(FIELD_NAMES):
-        lines.append("same source, patches and banner: another config or build")
+        lines.append("same source, patches, banner, variant and modules: another build")
     return lines
 
 
 FIELD_NAMES = {"source": "kernel source", "patches": "pytest-umtt's kernel patches",
-               "banner": "kernel banner"}
+               "variant": "kernel variant", "banner": "kernel banner",
+               "modules": "kernel modules sha256"}
 
 
 def _shown(value: object) -> str:

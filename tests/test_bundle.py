@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -90,6 +91,55 @@ def test_a_bundle_holds_the_run_and_shares_its_root(tmp_path: Path) -> None:
         "tests/test_x.py::test_x", 7, ["quiet"])
     assert bundle.manifest["pytest_umtt"].startswith("0.1.0 (files sha256:")
     assert set(bundle.test_files) == {"tests/test_x.py", "conftest.py"}
+
+
+def test_a_kernels_modules_travel_with_it_checked(tmp_path: Path) -> None:
+    record = _record(tmp_path)
+    modules = record.kernel.parent / "modules" / "6.12.118" / "kernel" / "drivers"
+    modules.mkdir(parents=True)
+    (modules / "gpio-mockup.ko").write_bytes(b"\x7fELF module")
+    (modules.parent.parent / "modules.dep").write_text("kernel/drivers/gpio-mockup.ko:\n")
+    (record.kernel.parent / "variant.json").write_text('{"variant": "kselftest:gpio"}\n')
+    kernel_identity.__globals__["_identities"].clear()  # the files beside it changed
+    original = kernel_identity(record.kernel)
+    assert original.modules is not None
+    target = write_bundle(record, tmp_path / "a.umtt-bundle", store=tmp_path / STORE)
+    bundle = open_bundle(target, tmp_path / "unpacked")
+    unpacked = kernel_identity(bundle.kernel)
+    assert (unpacked.modules, unpacked.variant) == (original.modules, "kselftest:gpio")
+    assert str(unpacked) == str(original)  # what the trace records: the same run
+
+    def outside(data: bytes) -> bytes:
+        tree = io.BytesIO()
+        with tarfile.open(fileobj=io.BytesIO(lzma.decompress(data))) as old, \
+                tarfile.open(fileobj=tree, mode="w") as new:
+            for info in old.getmembers():
+                new.addfile(info, old.extractfile(info) if info.isfile() else None)
+            link = tarfile.TarInfo("6.12.118/escape")
+            link.type, link.linkname = tarfile.SYMTYPE, "../../../etc"
+            new.addfile(link)
+        return lzma.compress(tree.getvalue())
+
+    _rewrite(target, "kernel/modules.tar.xz", outside)
+    with pytest.raises(BundleError, match=r"member kernel/modules.tar.xz is corrupt"):
+        open_bundle(target, tmp_path / "unpacked-again")
+    # A manifest rewritten to match is still refused: the link would leave the tree.
+    with tarfile.open(target) as tar:
+        stored = tar.extractfile("kernel/modules.tar.xz").read()  # type: ignore[union-attr]
+    tree = lzma.decompress(stored)
+    entry = {"sha256": hashlib.sha256(tree).hexdigest(), "size": len(tree),
+             "stored_sha256": hashlib.sha256(stored).hexdigest()}
+
+    def forged(data: bytes) -> bytes:
+        manifest = json.loads(data)
+        manifest["members"]["kernel/modules.tar.xz"] = entry
+        return json.dumps(manifest).encode()
+
+    _rewrite(target, MANIFEST, forged)
+    with pytest.raises(BundleError, match=r"member kernel/modules.tar.xz is not a modules "
+                                          r"tree: .*refusing member '6.12.118/escape': "
+                                          r"symlink to '../../../etc' leaves the tree"):
+        open_bundle(target, tmp_path / "unpacked-forged")
 
 
 def _rewrite(bundle: Path, member: str, change: Callable[[bytes], bytes]) -> None:
@@ -196,11 +246,13 @@ def test_package_differences_name_each_package() -> None:
 def test_kernel_differences_name_source_patches_and_banner() -> None:
     old = {"sha256": "b8755d97f267" + "0" * 52, "source": "linux-source-6.12 6.12.117-1",
            "patches": ["0001-um-zero-signal-registers"],
-           "banner": "Linux version 6.12.117 (umtt@umtt) (gcc 12.2.0) #1"}
+           "banner": "Linux version 6.12.117 (umtt@umtt) (gcc 12.2.0) #1",
+           "variant": "default", "modules": None}
     new = {"sha256": "21c516a36365" + "0" * 52,
            "source": "linux-source-6.12 6.12.118-1~deb12u1",
            "patches": ["0001-um-zero-signal-registers", "0002-um-irq-numbers-for-irq-domains"],
-           "banner": "Linux version 6.12.118 (umtt@umtt) (gcc 12.2.0) #1"}
+           "banner": "Linux version 6.12.118 (umtt@umtt) (gcc 12.2.0) #1",
+           "variant": "default", "modules": None}
     lines = kernel_differences(old, new)
     assert lines[0] == "kernel sha256:b8755d97f267 (expected) / sha256:21c516a36365 (here)"
     assert lines[1] == ("kernel source: linux-source-6.12 6.12.117-1 (expected) / "
@@ -208,8 +260,12 @@ def test_kernel_differences_name_source_patches_and_banner() -> None:
     assert "0002-um-irq-numbers-for-irq-domains (here)" in lines[2]
     assert kernel_differences(old, dict(old)) == []
     rebuilt = dict(old, sha256="cd" * 32)
-    assert kernel_differences(old, rebuilt)[-1] == ("same source, patches and banner: another "
-                                                    "config or build")
+    assert kernel_differences(old, rebuilt)[-1] == ("same source, patches, banner, variant "
+                                                    "and modules: another build")
+    with_modules = dict(old, modules="ab" * 32, variant="kselftest:gpio")
+    assert kernel_differences(old, with_modules)[1:] == [
+        "kernel variant: default (expected) / kselftest:gpio (here)",
+        "kernel modules sha256: none (expected) / abababababab (here)"]
 
 
 def test_the_source_of_an_older_build_is_read_from_its_log(tmp_path: Path) -> None:
