@@ -10,9 +10,10 @@ version, and the run's fingerprint to compare the replay with.
 
 The file is a plain tar whose large members are xz-compressed one by one (the stdlib's
 ``lzma``), with ``manifest.json`` naming each member and the sha256 of its content. The
-guest root (about 56 MB, 15 MB compressed) is the same for every test of a session, so
-bundles written into one artifacts directory share it: it is stored once, compressed
-and named by its digest, in ``umtt-store/`` beside them, and each manifest names it.
+guest root (the 28 MB image the kernel loads, 22.5 MB in xz) is the same for every test
+of a session, so bundles written into one artifacts directory share it: it is stored
+once, compressed and named by its digest, in ``umtt-store/`` beside them, and each
+manifest names it.
 ``umtt-bundle pack`` puts it inside a bundle for a file that travels alone; a replay
 looks for it inside the bundle first, then in ``umtt-store/`` next to the bundle or in
 a directory above it.
@@ -52,7 +53,7 @@ from .kernel import (
     modules_dir,
     tree_digest,
 )
-from .rootfs import IMAGE_NAME, Rootfs
+from .rootfs import BOOT_IMAGE_NAME, IMAGE_NAME, Rootfs
 
 FORMAT = 1
 SUFFIX = ".umtt-bundle"
@@ -67,7 +68,8 @@ MODULES = "kernel/modules.tar.xz"
 """The kernel's modules (``lib/modules/RELEASE`` as modules_install wrote it), if any."""
 SHIM = f"shim/{SHIM_NAME}.xz"
 SHIM_SOURCE = "shim/umtt_getrandom.c"
-ROOT = f"root/{IMAGE_NAME}.xz"
+ROOT = "root/image.xz"
+"""The root as the kernel loads it (the lz4 boot image, or the cpio where there is none)."""
 FINGERPRINT = "run/fingerprint.txt.xz"
 TEST_FILES = "test-files/"
 XZ_PRESET = 0
@@ -185,9 +187,16 @@ class _Writer:
             self.tar.addfile(info, stream)
 
 
+def loaded_image(rootfs: Rootfs) -> Path:
+    """The bytes the kernel loads (the compressed boot image where there is one): what
+    the root's digest names, and what a bundle carries."""
+    return rootfs.boot_image or rootfs.image
+
+
 def ensure_stored_root(rootfs: Rootfs, store: Path) -> Path:
     """The root compressed in ``store``, done once per store: concurrent writers (xdist
-    workers) wait for the one that compresses, which renames its file into place whole."""
+    workers) wait for the one that compresses, which renames its file into place whole.
+    An image that is not what its digest says (a damaged cache) is refused by name."""
     target = store / store_name(rootfs.digest)
     if target.is_file():
         return target
@@ -197,14 +206,24 @@ def ensure_stored_root(rootfs: Rootfs, store: Path) -> Path:
             return target
         partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
         try:
-            with rootfs.image.open("rb") as source, lzma.open(partial, "wb",
-                                                              preset=XZ_PRESET) as out:
-                while chunk := source.read(CHUNK):
-                    out.write(chunk)
+            _compress_checked(loaded_image(rootfs), partial, rootfs.digest)
             partial.replace(target)
         finally:
             partial.unlink(missing_ok=True)
     return target
+
+
+def _compress_checked(image: Path, out_path: Path, digest: str) -> None:
+    found = hashlib.sha256()
+    with image.open("rb") as source, lzma.open(out_path, "wb", preset=XZ_PRESET) as out:
+        while chunk := source.read(CHUNK):
+            found.update(chunk)
+            out.write(chunk)
+    if found.hexdigest() != digest:
+        raise BundleError(f"the guest root {image} has sha256 {found.hexdigest()[:16]}, but "
+                          f"its manifest says {digest[:16]}: the cache is damaged (or was "
+                          f"rebuilt under this run); rebuild it with `umtt-rootfs build "
+                          f"--force`")
 
 
 def write_bundle(record: RunRecord, target: Path, *, store: Path | None = None) -> Path:
@@ -294,8 +313,9 @@ def _add_root(writer: _Writer, rootfs: Rootfs | None,
     record = root_record(rootfs)
     if rootfs is None or record is None:
         return None
-    content = {"sha256": rootfs.digest, "size": rootfs.image.stat().st_size}
+    content = {"sha256": rootfs.digest, "size": loaded_image(rootfs).stat().st_size}
     record["size"] = content["size"]
+    record["boot_image"] = rootfs.boot_image is not None
     if store is None:
         with tempfile.TemporaryDirectory(prefix="umtt-bundle-") as scratch:
             writer.add_file(ROOT, ensure_stored_root(rootfs, Path(scratch)), content)
@@ -506,7 +526,8 @@ def _unpack_root(reader: _Reader, into: Path) -> Rootfs | None:
     record = reader.manifest.get("root")
     if record is None:
         return None
-    image = into / "root" / IMAGE_NAME
+    boot = bool(record.get("boot_image"))
+    image = into / "root" / (BOOT_IMAGE_NAME if boot else IMAGE_NAME)
     image.parent.mkdir(parents=True, exist_ok=True)
     content = {"sha256": record["digest"], "size": record.get("size", MAX_MEMBER)}
     with image.open("wb") as out:
@@ -517,7 +538,10 @@ def _unpack_root(reader: _Reader, into: Path) -> Rootfs | None:
             stored = find_stored_root(reader.path, str(record["digest"]))
             with lzma.open(stored) as source:
                 copy_checked(source, out, content, f"{stored} (the bundle's guest root)")
-    return Rootfs(image, str(record["digest"]), tuple(record["packages"]))
+    # Only the loaded image travels: it stands for the unpacked one too (which a replay
+    # needs only to estimate a machine's memory; the run's own memory setting booted).
+    return Rootfs(image, str(record["digest"]), tuple(record["packages"]),
+                  image if boot else None)
 
 
 def find_stored_root(bundle: Path, digest: str) -> Path:

@@ -201,6 +201,17 @@ def test_a_bundle_without_its_store_says_what_to_copy_and_pack_makes_one_file(
     assert bundle.rootfs.image.read_bytes() == _root(record).image.read_bytes()
 
 
+def test_a_damaged_root_in_the_cache_is_not_bundled(tmp_path: Path) -> None:
+    record = _record(tmp_path)
+    root = _root(record)
+    record.rootfs = Rootfs(root.image, "0" * 64, root.packages)
+    with pytest.raises(BundleError, match=rf"the guest root {root.image} has sha256 \w+, but "
+                                          r"its manifest says 0000000000000000: the cache is "
+                                          r"damaged"):
+        write_bundle(record, tmp_path / "a.umtt-bundle", store=tmp_path / STORE)
+    assert not list((tmp_path / STORE).glob("*.xz*")) and not (tmp_path / "a.umtt-bundle").exists()
+
+
 def test_what_is_not_a_bundle_is_refused(tmp_path: Path) -> None:
     bogus = tmp_path / "bogus.umtt-bundle"
     bogus.write_bytes(b"not a tar at all" * 100)
