@@ -237,6 +237,29 @@ def test_kunit_cases_become_test_items(pytester: pytest.Pytester, kernel_args: l
     assert outcomes["passed"] > 30 and "failed" not in outcomes
 
 
+def test_kunit_cases_run_when_selected_in_one_boot(pytester: pytest.Pytester,
+                                                   kernel_args: list[str]) -> None:
+    # Listing boots once while pytest collects; then one boot runs what -k kept.
+    result = pytester.runpytest_subprocess(*kernel_args, "--umtt-kunit=*", "-v",
+                                           "-k", "list_test_list_init or sysctl_test")
+    result.stdout.fnmatch_lines_random([
+        "*kunit::list-kunit-test.list_test_list_init PASSED*",
+        "*kunit::sysctl_test.sysctl_test_api_dointvec_null_tbl_data PASSED*",
+        "2 simulations: *"])
+    outcomes = result.parseoutcomes()
+    assert outcomes["passed"] > 5 and outcomes["deselected"] > 50 and "failed" not in outcomes
+
+
+def test_kunit_cases_spread_over_xdist_workers(pytester: pytest.Pytester,
+                                               kernel_args: list[str]) -> None:
+    # Each worker lists once and runs its share in one boot: four boots in all.
+    result = pytester.runpytest_subprocess(*kernel_args, "--umtt-kunit=list-kunit-test",
+                                           "-n", "2")
+    outcomes = result.parseoutcomes()
+    assert outcomes["passed"] > 30 and "failed" not in outcomes
+    result.stdout.fnmatch_lines(["4 simulations: *"])
+
+
 def test_kunit_glob_that_matches_nothing_fails_clearly(pytester: pytest.Pytester,
                                                        kernel_args: list[str]) -> None:
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-kunit=no-such-suite")

@@ -33,6 +33,7 @@ from .settings import MARKERS, OPTIONS, item_settings, resolve_settings
 from .state import ITEM_SETTINGS as ITEM_SETTINGS
 from .state import STATE, SessionState, Variant, base_nodeid
 from .suites import KselftestRun, KunitRun
+from .suites import pytest_runtest_protocol as pytest_runtest_protocol
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -28,37 +32,68 @@ class KunitFailure(Exception):
     """A KUnit case reported ``not ok``."""
 
 
+KUNIT_LISTED = re.compile(r"^([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+)$")
+"""A case as ``kunit.action=list`` prints it: ``suite.case`` (lib/kunit/executor.c)."""
+
+
 class KunitRun(pytest.Collector):
-    """The kernel's KUnit suites, run at boot; one item per test case (KTAP)."""
+    """The kernel's KUnit suites: one item per test case, as the kernel lists them
+    (``kunit.action=list``, one short boot while pytest collects). The cases run when
+    their items do: one boot runs every selected case (:class:`KunitCase`)."""
 
     def collect(self) -> list[pytest.Item]:
         settings = self.config.stash[STATE].settings
         glob = settings.kunit or "*"
-        started = time.monotonic()
-        sim = open_simulation(self.config, settings)
-        boot_error: UmttError | None = None
-        try:
-            machine_factory(self.config, sim, settings)(
-                "kunit", cmdline=["kunit.enable=1", f"kunit.filter_glob={glob}"])
-        except UmttError as exc:  # a case may crash the kernel: report it, run the rest
-            boot_error = exc
-        finally:
-            machine = sim.machines.get("kunit")
-            console = machine.console if machine else None
-            text = console.text if console else ""
-            tail = machine.console_tail() if machine else ""
-            close_simulation(self.config, sim, started, None)
-        items: list[pytest.Item] = [
-            KunitCase.from_parent(self, name=case.name, case=case, detail=(
-                crash_console(console, case) if case.crashed else ""))
-            for case in parse_ktap(text)]
+        text, tail, boot_error = boot_kunit(self.config, settings, glob, action="list")
+        names = [line.strip() for line in text.splitlines()
+                 if KUNIT_LISTED.match(line.strip())]
+        items: list[pytest.Item] = [KunitCase.from_parent(self, name=name)
+                                    for name in dict.fromkeys(names)]
         if boot_error is not None:
-            items.append(KunitCase.from_parent(self, name="boot", case=None, detail=(
+            items.append(KunitCase.from_parent(self, name="boot", listing_error=(
                 f"the KUnit machine did not come up: {boot_error}")))
         elif not items:
-            items.append(KunitCase.from_parent(self, name="no-cases", case=None, detail=(
+            items.append(KunitCase.from_parent(self, name="no-cases", listing_error=(
                 f"no KUnit test case matched {glob!r} (is the suite built in?)\n{tail}")))
         return items
+
+
+def boot_kunit(config: pytest.Config, settings: Settings, glob: str,
+               action: str | None = None) -> tuple[str, str, UmttError | None]:
+    """Boot a machine that runs (or lists) the KUnit cases matching ``glob``; its console
+    text, console tail, and the error if it did not come up (a case may crash it)."""
+    started = time.monotonic()
+    sim = open_simulation(config, settings)
+    boot_error: UmttError | None = None
+    cmdline = ["kunit.enable=1", f"kunit.filter_glob={glob}"]
+    if action is not None:
+        cmdline.append(f"kunit.action={action}")
+    try:
+        machine_factory(config, sim, settings)("kunit", cmdline=cmdline)
+    except UmttError as exc:
+        boot_error = exc
+    finally:
+        machine = sim.machines.get("kunit")
+        console = machine.console if machine else None
+        text = console.text if console else ""
+        tail = machine.console_tail() if machine else ""
+        close_simulation(config, sim, started, None)
+    config.stash.setdefault(KUNIT_CONSOLES, {})[glob] = console
+    return text, tail, boot_error
+
+
+KUNIT_CONSOLES = pytest.StashKey[dict[str, "Console | None"]]()
+KUNIT_RUNS = pytest.StashKey[dict[str, "KunitResults"]]()
+
+
+@dataclass(frozen=True, slots=True)
+class KunitResults:
+    """What one boot reported: each case by name, and what to say of a case it did not."""
+
+    glob: str
+    cases: dict[str, KtapCase]
+    console: Console | None
+    missing: str
 
 
 def crash_console(console: Console | None, case: KtapCase) -> str:
@@ -70,28 +105,69 @@ def crash_console(console: Console | None, case: KtapCase) -> str:
 
 
 class KunitCase(pytest.Item):
-    """One KUnit test case's result, as the kernel reported it."""
+    """One KUnit test case: run when its item runs, with the other selected cases, in one
+    boot per glob and xdist worker (``-k`` picks which cases, and so which boot)."""
 
-    def __init__(self, *, case: KtapCase | None, detail: str = "", **kwargs: Any) -> None:
+    def __init__(self, *, listing_error: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.case = case
-        self.detail = detail
+        self.listing_error = listing_error
+        self.case: KtapCase | None = None
+        self.detail = ""
 
     def runtest(self) -> None:
-        if self.case is None:
-            raise KunitFailure(self.detail)
-        if self.case.skipped:
-            pytest.skip(self.case.reason or "skipped by KUnit")
-        if not self.case.ok:
-            raise KunitFailure("\n".join([*self.case.diagnostics, self.detail]).strip()
-                               or "not ok")
+        if self.listing_error:
+            raise KunitFailure(self.listing_error)
+        results = self._results()
+        self.case = case = results.cases.get(self.name)
+        if case is None:
+            raise KunitFailure(f"not reported by the boot that ran {results.glob!r}: "
+                               f"{results.missing}")
+        if case.crashed:
+            self.detail = crash_console(results.console, case)
+        if case.skipped:
+            pytest.skip(case.reason or "skipped by KUnit")
+        if not case.ok:
+            raise KunitFailure("\n".join([*case.diagnostics, self.detail]).strip() or "not ok")
+
+    def _results(self) -> KunitResults:
+        glob = self._glob()
+        runs = self.config.stash.setdefault(KUNIT_RUNS, {})
+        if glob not in runs:
+            settings = self.config.stash[STATE].settings
+            text, tail, error = boot_kunit(self.config, settings, glob)
+            missing = (f"the machine did not come up: {error}" if error is not None else
+                       f"the kernel stopped reporting before it (console tail:\n{tail})")
+            runs[glob] = KunitResults(glob, {c.name: c for c in parse_ktap(text)},
+                                      self.config.stash[KUNIT_CONSOLES].get(glob), missing)
+        return runs[glob]
+
+    def _glob(self) -> str:
+        """The narrowest glob for the cases selected in this session: one case, one
+        suite, or the session's own (``--umtt-kunit``); a case outside it still runs."""
+        selected = [item.name for item in self.session.items if isinstance(item, KunitCase)]
+        suites = {name.split(".")[0] for name in selected}
+        if len(selected) == 1:
+            return selected[0]
+        if len(suites) == 1:
+            return f"{suites.pop()}"
+        return self.config.stash[STATE].settings.kunit or "*"
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
                      style: Any = None) -> str:
         if isinstance(excinfo.value, KunitFailure):
             how = "crashed" if self.case is not None and self.case.crashed else "failed"
-            return f"KUnit: {self.name} {how}\n{excinfo.value}"
+            text = f"KUnit: {self.name} {how}\n{excinfo.value}"
+            return text if self.listing_error else (
+                f"{text}\nreproduce: {self._reproduce_command()}")
         return str(super().repr_failure(excinfo, style))
+
+    def _reproduce_command(self) -> str:
+        settings = self.config.stash[STATE].settings
+        words = ["pytest", f"--umtt-kunit={self.name.split('.')[0]}", "-k", self.name,
+                 f"--umtt-seed={settings.seed}"]
+        if settings.kernel is not None:
+            words.append(f"--uml-kernel={settings.kernel}")
+        return shlex.join(words)
 
     def reportinfo(self) -> tuple[Path, None, str]:
         return self.path, None, f"kunit: {self.name}"
@@ -102,23 +178,42 @@ class KselftestFailure(Exception):
 
 
 class KselftestRun(pytest.Collector):
-    """An installed kselftest tree: each test runs in a fresh machine (a crash, a hang or
-    a changed clock cannot touch the next test, and a test's run does not depend on
-    which others ran); one item per test and one per KTAP subtest it printed."""
+    """An installed kselftest tree: one item per test of its list, run when the item runs
+    (so ``-k`` selects what boots, and xdist spreads the tests over its workers), each in
+    a fresh machine: a crash, a hang or a changed clock cannot touch the next test, and a
+    test's run does not depend on which others ran. The KTAP subtests a test prints are
+    reported beside it, as results of their own."""
 
     def collect(self) -> list[pytest.Item]:
         settings = self.config.stash[STATE].settings
         assert settings.kselftest is not None
-        items: list[pytest.Item] = []
-        for test in read_tests(settings.kselftest):
-            result = self._run(settings, settings.kselftest, test)
-            items.append(KselftestItem.from_parent(self, name=test.id, result=result))
-            items += [KselftestItem.from_parent(self, name=f"{test.id}/{case.name}",
-                                                result=result, case=case)
-                      for case in result.cases]
-        return items
+        return [KselftestItem.from_parent(self, name=test.id, test=test)
+                for test in read_tests(settings.kselftest)]
 
-    def _run(self, settings: Settings, root: Path, test: KselftestTest) -> KselftestResult:
+
+class KselftestItem(pytest.Item):
+    """One kselftest: it runs in a machine of its own when the item runs."""
+
+    def __init__(self, *, test: KselftestTest, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.test = test
+        self.result: KselftestResult | None = None
+
+    def runtest(self) -> None:
+        result = self.result = self._run()
+        self.user_properties += [("umtt_virtual_seconds", f"{result.virtual:.9f}"),
+                                 ("umtt_wall_seconds", f"{result.wall_seconds:.3f}")]
+        for case in result.cases:
+            self._report_subtest(case)
+        if result.outcome is Outcome.SKIP:
+            pytest.skip(result.detail)
+        if result.outcome is not Outcome.PASS:
+            raise KselftestFailure(self._failure_text())
+
+    def _run(self) -> KselftestResult:
+        settings = self.config.stash[STATE].settings
+        root, test = settings.kselftest, self.test
+        assert root is not None
         started = time.monotonic()
         sim = open_simulation(self.config, settings)
         try:
@@ -131,41 +226,49 @@ class KselftestRun(pytest.Collector):
                                    wall_seconds=time.monotonic() - started)
         finally:
             close_simulation(self.config, sim, started,
-                              artifacts_dir(settings, f"kselftest/{test.id}"))
+                             artifacts_dir(settings, f"kselftest/{test.id}"))
 
+    def _report_subtest(self, case: KtapCase) -> None:
+        """A KTAP subtest's result as a report of its own (``TEST/SUBTEST``): they are
+        known only once the test ran, too late to be collected as items. Logged once the
+        test's own reports are (:func:`pytest_runtest_protocol`), outside its capture."""
+        longrepr: Any = None
+        outcome: Literal["passed", "failed", "skipped"] = "passed"
+        if case.skipped:
+            outcome = "skipped"
+            longrepr = (str(self.path), 0, f"Skipped: {case.reason or 'skipped (KTAP)'}")
+        elif not case.ok:
+            outcome = "failed"
+            longrepr = (f"kselftest {self.name}/{case.name}: "
+                        + ("\n".join(case.diagnostics) or "not ok"))
+        # pytest's subtest reports: the test's own node id (xdist requires it), the
+        # subtest's name as their context; shown as SUBPASSED[name] and counted apart.
+        report = pytest.SubtestReport(
+            nodeid=self.nodeid, location=self.location, keywords={}, outcome=outcome,
+            longrepr=longrepr, when="call", user_properties=[("umtt_ktap_subtest", case.name)])
+        report.context = KtapContext(msg=case.name)  # type: ignore[assignment]
+        self.config.stash.setdefault(SUBTEST_REPORTS, {}).setdefault(self.nodeid, []).append(
+            report)
 
-class KselftestItem(pytest.Item):
-    """A kselftest's result (or one of its KTAP subtests'), as the run reported it."""
-
-    def __init__(self, *, result: KselftestResult, case: KtapCase | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.result = result
-        self.case = case
-        if case is None:
-            self.user_properties += [
-                ("umtt_virtual_seconds", f"{result.virtual:.9f}"),
-                ("umtt_wall_seconds", f"{result.wall_seconds:.3f}")]
-
-    def runtest(self) -> None:
-        if self.case is not None:
-            if self.case.skipped:
-                pytest.skip(self.case.reason or "skipped (KTAP)")
-            if not self.case.ok:
-                raise KselftestFailure("\n".join(self.case.diagnostics) or "not ok")
-            return
-        if self.result.outcome is Outcome.SKIP:
-            pytest.skip(self.result.detail)
-        if self.result.outcome is not Outcome.PASS:
-            raise KselftestFailure(self._failure_text())
 
     def _failure_text(self) -> str:
         result = self.result
+        assert result is not None
         lines = result.output.splitlines()[-CONSOLE_TAIL:]
         return (f"{result.outcome.value}: {result.detail}\n"
-                f"({result.virtual:.3f} s virtual, {result.wall_seconds:.1f} s wall)"
+                f"({result.virtual:.3f} s virtual, {result.wall_seconds:.1f} s wall)\n"
+                f"reproduce: {self._reproduce_command()}"
                 + (f"\n--- output (last {len(lines)} lines) ---\n" + "\n".join(lines)
                    if lines else "\n(no output)"))
+
+    def _reproduce_command(self) -> str:
+        """This test alone, the same way: its tree, seed and kernel."""
+        settings = self.config.stash[STATE].settings
+        words = ["pytest", f"--umtt-kselftest={settings.kselftest}", "-k", self.name,
+                 f"--umtt-seed={settings.seed}"]
+        if settings.kernel is not None:
+            words.append(f"--uml-kernel={settings.kernel}")
+        return shlex.join(words)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
                      style: Any = None) -> str:
@@ -175,3 +278,29 @@ class KselftestItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Path, None, str]:
         return self.path, None, f"kselftest: {self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class KtapContext:
+    """What a subtest report says of its subtest (the fields of pytest's own context)."""
+
+    msg: str
+    kwargs: dict[str, str] = field(default_factory=dict)
+
+    def _to_json(self) -> dict[str, object]:
+        return {"msg": self.msg, "kwargs": self.kwargs}
+
+
+SUBTEST_REPORTS = pytest.StashKey[dict[str, list[pytest.SubtestReport]]]()
+"""KTAP subtest reports of the kselftests that ran, waiting to be logged, by test node id."""
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[
+        None, object, object]:
+    """Log a kselftest's KTAP subtests right after the test's own reports."""
+    del nextitem
+    result = yield
+    for report in item.config.stash.get(SUBTEST_REPORTS, {}).pop(item.nodeid, []):
+        item.ihook.pytest_runtest_logreport(report=report)
+    return result
