@@ -613,13 +613,17 @@ def describe(manifest: Mapping[str, Any]) -> Iterator[str]:
     """A bundle's manifest, for a person."""
     kernel, root = manifest["kernel"], manifest.get("root")
     yield f"test     {manifest['nodeid']} (seed {manifest['seed']})"
-    yield f"outcome  {manifest['outcome'].get('outcome')}: {manifest['outcome'].get('error', '')}"
+    outcome = manifest["outcome"]
+    error = f": {outcome['error']}" if outcome.get("error") else ""
+    yield f"outcome  {outcome.get('outcome')} in {outcome.get('when')}{error}"
     yield (f"kernel   sha256:{kernel['sha256'][:12]} from {kernel.get('source')}, patches "
            f"{' '.join(kernel.get('patches', [])) or 'none'}")
     yield ("root     host / (not in the bundle)" if root is None else
            f"root     sha256:{root['digest'][:12]} ({len(root['packages'])} Debian packages, "
            f"{'inside' if root.get('member') else root.get('store')})")
     yield f"settings {json.dumps(manifest['settings'], sort_keys=True)}"
+    if manifest.get("markers"):
+        yield f"markers  {json.dumps(manifest['markers'], sort_keys=True)}"
     yield f"made by  pytest-umtt {manifest['pytest_umtt']}"
     yield (f"run      fingerprint {manifest['fingerprint']['sha256'][:16]} "
            f"({manifest['fingerprint']['items']} items)")

@@ -26,6 +26,7 @@ from pytest_umtt.bundle import (
     store_name,
     write_bundle,
 )
+from pytest_umtt.bundle import main as bundle_main
 from pytest_umtt.errors import BundleError
 from pytest_umtt.identity import kernel_differences, package_differences, root_differences
 from pytest_umtt.kernel import kernel_identity
@@ -287,3 +288,21 @@ def test_the_source_of_an_older_build_is_read_from_its_log(tmp_path: Path) -> No
         "O=/c/build/b2 defconfig\n")
     assert kernel_identity(kernel).source == "linux-source-6.12 6.12.118-1~deb12u1"
     assert json.dumps(kernel_identity(kernel).provenance).count("6.12.118-1~deb12u1") == 1
+
+
+def test_umtt_bundle_show_says_what_a_bundle_holds(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    record = _record(tmp_path)
+    record.markers = {"umtt_seed": {"args": ["7"], "kwargs": {}}}
+    target = write_bundle(record, tmp_path / "a.umtt-bundle", store=tmp_path / STORE)
+    assert bundle_main(["show", str(target)]) == 0
+    shown = capsys.readouterr().out.split("\n")
+    assert shown[:3] == [
+        "test     tests/test_x.py::test_x (seed 7)",
+        "outcome  failed in call: AssertionError: assert False",
+        "kernel   sha256:" + kernel_identity(record.kernel).sha256[:12] + " from linux-source-6.12 "
+        "6.12.118-1~deb12u1, patches 0001-um-zero-signal-registers"]
+    assert shown[3].startswith("root     sha256:") and "3 Debian packages, umtt-store/" in shown[3]
+    assert 'markers  {"umtt_seed": {"args": ["7"], "kwargs": {}}}' in shown
+    assert bundle_main(["show", str(tmp_path / "none")]) == 1
+    assert "is not a replay bundle" in capsys.readouterr().err
