@@ -37,7 +37,8 @@ def test_a_failing_test_replays_from_its_bundle_on_an_empty_cache(
     test = pytester.makepyfile(test_entropy=FLAKY)
     artifacts = pytester.path / "artifacts"
     failed = pytester.runpytest_subprocess(*kernel_args, "--umtt-seed=3",
-                                           f"--umtt-artifacts={artifacts}")
+                                           f"--umtt-artifacts={artifacts}",
+                                           "--junitxml=report.xml")
     failed.assert_outcomes(failed=1)
     bundles = sorted(artifacts.glob("*/*.umtt-bundle"))
     assert len(bundles) == 1, list(artifacts.rglob("*"))
@@ -48,6 +49,7 @@ def test_a_failing_test_replays_from_its_bundle_on_an_empty_cache(
                                  f"  pytest --umtt-replay={bundle}",
                                  "seed 3 (--umtt-seed); with the seed alone*",
                                  "  pytest test_entropy.py::test_guest_entropy --umtt-seed=3*"])
+    assert f'name="umtt_bundle" value="{bundle}"' in (pytester.path / "report.xml").read_text()
     manifest = _manifest(bundle)
     fingerprint = manifest["fingerprint"]["sha256"]  # type: ignore[index]
     assert manifest["outcome"]["error"].startswith(  # type: ignore[index]

@@ -107,10 +107,16 @@ def write_item_bundle(item: pytest.Item, sim: Simulation, settings: Settings) ->
         machines={m.name: {"mem": m.mem, "cmdline": m.cmdline,
                            "kernel": kernel_record(m.kernel)["sha256"]} for m in machines})
     try:
-        return write_bundle(record, target, store=settings.artifacts / STORE)
+        written = write_bundle(record, target, store=settings.artifacts / STORE)
     except OSError as exc:
         raise BundleError(f"cannot write the replay bundle {target}: "
                           f"{exc.strerror or exc}") from None
+    item.user_properties.append((BUNDLE_PROPERTY, str(written)))  # for CI (JUnit XML)
+    return written
+
+
+BUNDLE_PROPERTY = "umtt_bundle"
+"""User property (and JUnit XML property): the test's replay bundle."""
 
 
 def _plain(value: object) -> Any:
