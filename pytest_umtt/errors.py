@@ -135,6 +135,11 @@ class ClockError(_AtVirtualTime, UmttError):
         return self.when_ns / NS_PER_S
 
 
+class BundleError(UmttError):
+    """A replay bundle cannot be written or replayed: the message names the bundle and
+    the member (or file) that is wrong, and what to do."""
+
+
 class ConfinementError(UmttError):
     """Machines were to be confined to their directories, and the host does not allow it."""
 

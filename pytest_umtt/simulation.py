@@ -111,6 +111,12 @@ def _make_directory(explicit: str | os.PathLike[str] | None) -> Path:
     return path
 
 
+def owned_directory() -> Path:
+    """A new directory under TMPDIR, stamped with this process, that a later session's
+    :func:`remove_stale_directories` removes if this process dies without doing so."""
+    return _make_directory(None)
+
+
 def _owner_stamp(pid: int) -> str:
     try:
         return f"{pid} {psutil.Process(pid).create_time()}"
@@ -213,6 +219,7 @@ class Simulation:
         perturb: bool = False,
         rootfs: Rootfs | None = None,
         confine: bool = True,
+        shim: Path | None = None,
     ) -> None:
         self.kernel = None if kernel is None else Path(kernel)
         self.confined = _confinement(confine)
@@ -227,7 +234,8 @@ class Simulation:
         """The guests' wall clock at virtual time 0 (ns since the epoch)."""
         self.console_resolution_ns = console_resolution_ns
         """While an expect() waits, how far a kernel may run without telling the calendar."""
-        self.shim = build_shim() if deterministic else None  # first: it may fail
+        # First: building it may fail. A replay brings its own (shim=), built elsewhere.
+        self.shim = shim if shim is not None else build_shim() if deterministic else None
         self._own_directory = directory is None
         self.directory = _make_directory(directory)
         self.calendar = Calendar(shm=shm, max_free_run=max_free_run_ns,

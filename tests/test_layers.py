@@ -18,9 +18,9 @@ LAYERS = [
     {"controller"},
     {"devices"},
     {"uml"},
-    {"cache", "kconfig", "kernel", "rootfs", "ktap"},
+    {"cache", "kconfig", "kernel", "rootfs", "ktap", "identity"},
     {"simulation"},
-    {"canary", "kselftest", "summary", "tracetool"},
+    {"canary", "kselftest", "summary", "tracetool", "divergence", "bundle"},
     {"plugin", "hookspecs"},
 ]
 """Each set may import its own members' siblings and every set before it."""

@@ -57,6 +57,8 @@ class Settings:
     kselftest: Path | None = None
     kselftest_timeout: float | None = None  # None: the tree's settings, else 45 s
     kselftest_wall_timeout: float = KSELFTEST_WALL_TIMEOUT
+    bundle: str = "never"
+    replay: Path | None = None
     confine: bool = True
     kconfig: KernelConfig = DEFAULT_CONFIG
 
@@ -212,6 +214,23 @@ def _kselftest_tree(text: str, where: str) -> Path:
     return path
 
 
+BUNDLE_CHOICES = ("always", "failed", "never")
+
+
+def _bundle_when(text: str, where: str) -> str:
+    if text not in BUNDLE_CHOICES:
+        raise pytest.UsageError(f"{where}: expected one of {', '.join(BUNDLE_CHOICES)}, "
+                                f"got {text!r}")
+    return text
+
+
+def _bundle_file(text: str, where: str) -> Path:
+    path = Path(text).expanduser().absolute()
+    if not path.is_file():
+        raise pytest.UsageError(f"{where}: no replay bundle at {text!r}")
+    return path
+
+
 def _path(text: str, _where: str) -> Path:
     return Path(text)
 
@@ -273,6 +292,15 @@ OPTIONS = (
            f"{KSELFTEST_WALL_TIMEOUT:g}; UML runs clock-polling loops about 100x "
            "slower than real time)", "SECONDS",
            "kselftest_wall_timeout", _positive_float, KSELFTEST_WALL_TIMEOUT),
+    Option("umtt_bundle", "--umtt-bundle", "write a replay bundle (kernel, root, seed, "
+           "settings and test files in one file) into the artifacts directory for "
+           "tests that failed, for every test, or never (default: failed with "
+           "--umtt-artifacts, else never)", "always|failed|never",
+           "bundle", _bundle_when, None),
+    Option("umtt_replay", "--umtt-replay", "run the test of a replay bundle with the "
+           "bundle's kernel, root, shim, seed and settings, and say whether the run is the "
+           "same", "BUNDLE",
+           "replay", _bundle_file, None),
     Option("umtt_kconfig", "--umtt-kconfig", "kernel config beside pytest-umtt's fragment, as "
            "shell words: fragment FILEs, kunit:FILE (a .kunitconfig), kselftest:TARGET (its "
            "config), CONFIG_X=VALUE; the variant is built once and cached (umtt-kernel build "
@@ -296,6 +324,11 @@ def resolve_settings(config: pytest.Config) -> Settings:
     if values["kernel"] is None and not values["kconfig"].empty:
         values["kernel"] = variant_kernel(values["kconfig"], "--umtt-kconfig")
     values["kernel"] = values["kernel"] or default_kernel()
+    if values["bundle"] is None:
+        values["bundle"] = "never" if values["artifacts"] is None else "failed"
+    elif values["bundle"] != "never" and values["artifacts"] is None:
+        raise pytest.UsageError(f"--umtt-bundle={values['bundle']} needs --umtt-artifacts=DIR "
+                                f"(bundles are written there)")
     return Settings(**values)
 
 

@@ -426,6 +426,8 @@ class Machine:
         self.doorbells: list[tuple[int, int]] = []
         """(time_ns, value) of every doorbell the guest rang."""
         self.results: list[CommandResult] = []
+        self.ready_ns: int | None = None
+        """When the guest agent was first ready: console lines after it are the test's."""
         self.error: MachineError | None = None
         self._next_command = 1
         self._finished: dict[int, int] = {}
@@ -727,6 +729,7 @@ class Machine:
         self.doorbells.append((now, value))
         if kind == Bell.READY and self.state is MachineState.BOOTING:
             self.state = MachineState.READY
+            self.ready_ns = now
         elif kind == Bell.DONE:
             self._finished[number] = now
             if number in self._background:
@@ -756,6 +759,7 @@ class Machine:
             if match["done"] is None:
                 if self.state is MachineState.BOOTING:
                     self.state = MachineState.READY
+                    self.ready_ns = now
                 continue
             number = int(match["done"])
             if number in self._submitted and number not in self._finished:
