@@ -1,0 +1,171 @@
+"""Splats fail tests: a report the kernel survived (uml/splats.py) on any machine while a
+test ran fails that test, after it ran, unless a marker or option allows it.
+
+Each machine's splats are handed out once, in order, to the test that was running when
+their first line was seen: a machine kept across tests (``uml_module``) blames each test
+for its own. Splats seen by the end of a test's call fail its call phase (a ``FAILED``
+test, whose report says whether the test itself passed); splats printed while its
+machines power off (a driver's remove path) fail its teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from collections import Counter
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass, field
+
+import pytest
+
+from ..simulation import Simulation
+from ..summary import SPLATS
+from ..uml.machine import Machine
+from ..uml.splats import Splat
+from .settings import SplatAllowance
+from .state import ITEM_SIM, STATE, settings_of
+
+SHOWN_IN_FULL = 5
+"""Splats a failure shows whole; the rest by signature only."""
+LISTED = 20
+MAX_SIGNATURES = 100
+"""Distinct signatures a report carries to the summary (a flood of splats is counted by
+signature, and bounded)."""
+
+
+@dataclass
+class PhaseSplats:
+    """The splats one phase of a test saw, split by whether they may pass."""
+
+    failing: list[Splat] = field(default_factory=list)
+    allowed: list[tuple[Splat, SplatAllowance]] = field(default_factory=list)
+    raised: bool = False
+    """This module failed the phase with them (else the phase failed on its own)."""
+
+
+PHASE_SPLATS = pytest.StashKey[dict[str, PhaseSplats]]()
+
+
+class SplatWatcher:
+    """Hands each machine's new splats to the test running, and fails it for them."""
+
+    def __init__(self) -> None:
+        self._handed_out: weakref.WeakKeyDictionary[Machine, int] = weakref.WeakKeyDictionary()
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
+        sims = _watched(item)
+        try:
+            result = yield
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:
+            self._judge(item, "call", sims, already_failed=True)
+            raise
+        self._judge(item, "call", sims, already_failed=False)
+        return result
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, None, None]:
+        sims = _watched(item)  # before teardown closes them
+        try:
+            result = yield
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:
+            self._judge(item, "teardown", sims, already_failed=True)
+            raise
+        self._judge(item, "teardown", sims, already_failed=False)
+        return result
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        seen = item.stash.get(PHASE_SPLATS, {}).get(report.when)
+        if seen is not None:
+            _annotate(report, seen)
+        return report
+
+    def _judge(self, item: pytest.Item, phase: str, sims: Iterable[Simulation], *,
+               already_failed: bool) -> None:
+        splats = self._new_splats(sims)
+        if not splats:
+            return
+        seen = PhaseSplats()
+        allowances = settings_of(item).allow_splat
+        for splat in splats:
+            allowance = _allowance(splat, allowances)
+            if allowance is None:
+                seen.failing.append(splat)
+            else:
+                seen.allowed.append((splat, allowance))
+        item.stash.setdefault(PHASE_SPLATS, {})[phase] = seen
+        if seen.failing and not already_failed:
+            seen.raised = True
+            pytest.fail(failure_text(seen.failing, phase, test_failed=False), pytrace=False)
+
+    def _new_splats(self, sims: Iterable[Simulation]) -> list[Splat]:
+        """Splats no test has been given yet, on every machine of ``sims``."""
+        found: list[Splat] = []
+        for sim in sims:
+            for machine in sim.machines.values():
+                splats = machine.splats
+                found += splats[self._handed_out.get(machine, 0):]
+                self._handed_out[machine] = len(splats)
+        return sorted(found, key=lambda splat: splat.time_ns)
+
+
+def _watched(item: pytest.Item) -> list[Simulation]:
+    """The simulations whose machines can print during this test: the test's own and
+    every other one open (module-scoped ones)."""
+    sims = list(item.config.stash[STATE].open)
+    own = item.stash.get(ITEM_SIM, None)
+    if own is not None and own not in sims:
+        sims.append(own)
+    return sims
+
+
+def _allowance(splat: Splat, allowances: Iterable[SplatAllowance]) -> SplatAllowance | None:
+    signature = splat.signature
+    return next((allowance for allowance in allowances
+                 if allowance.allows(splat.kind, splat.header.text, signature)), None)
+
+
+def _annotate(report: pytest.TestReport, seen: PhaseSplats) -> None:
+    """The splats a phase saw: in its user properties (the summary counts them, with
+    xdist too) and, where the failure text does not already show them, as sections."""
+    counted = Counter([(splat.signature, None) for splat in seen.failing]
+                      + [(splat.signature, allowance.reason) for splat, allowance in seen.allowed])
+    report.user_properties.append((SPLATS, json.dumps(
+        [[signature, reason, count] for (signature, reason), count
+         in counted.most_common(MAX_SIGNATURES)])))
+    if seen.failing and not seen.raised:
+        report.sections.append(("umtt splats", failure_text(seen.failing, report.when,
+                                                            test_failed=True)))
+    if seen.allowed:
+        report.sections.append(("umtt splats (allowed)", "\n\n".join(
+            f"allowed ({allowance.reason}; {allowance.where}):\n{splat.render()}"
+            for splat, allowance in seen.allowed)))
+
+
+def failure_text(splats: list[Splat], phase: str, *, test_failed: bool) -> str:
+    """What a test that splats is told: how many, when, each (at most
+    :data:`SHOWN_IN_FULL` whole), and how to let a known one pass."""
+    count = f"{len(splats)} splat{'s' if len(splats) > 1 else ''}"
+    if phase == "call":
+        what = (f"the kernel reported {count} during this test, which "
+                f"{'failed on its own too' if test_failed else 'itself passed'}")
+    else:
+        what = (f"the kernel reported {count} after this test, during its {phase} "
+                f"(machines powering off, module fixtures ending)")
+    shown = [splat.render() for splat in splats[:SHOWN_IN_FULL]]
+    rest = splats[SHOWN_IN_FULL:]
+    if rest:
+        shown.append(f"and {len(rest)} more:\n" + "\n".join(
+            f"  {splat.kind} on {splat.machine}: {splat.signature}" for splat in rest[:LISTED]))
+    return "\n\n".join([what, *shown,
+                        "a known splat may pass: @pytest.mark.umtt_allow_splat(PATTERN, "
+                        "reason=...) on the test, or --umtt-allow-splat=PATTERN (a regular "
+                        "expression searched in the kind, the first line and the signature)"])
