@@ -54,28 +54,25 @@ class SplatWatcher:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
-        sims = _watched(item)
-        try:
-            result = yield
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException:
-            self._judge(item, "call", sims, already_failed=True)
-            raise
-        self._judge(item, "call", sims, already_failed=False)
-        return result
+        return (yield from self._judged(item, "call"))
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, None, None]:
-        sims = _watched(item)  # before teardown closes them
+        return (yield from self._judged(item, "teardown"))
+
+    def _judged(self, item: pytest.Item, phase: str) -> Generator[None, None, None]:
+        """Run a phase, then judge the splats that appeared meanwhile."""
+        sims = _watched(item)  # before a teardown closes them
         try:
             result = yield
         except (KeyboardInterrupt, SystemExit):
             raise
-        except BaseException:
-            self._judge(item, "teardown", sims, already_failed=True)
+        except BaseException as exc:
+            # A test that skips after a splat is failed by it all the same.
+            judge(item, phase, self._new_splats(sims),
+                  already_failed=not isinstance(exc, pytest.skip.Exception))
             raise
-        self._judge(item, "teardown", sims, already_failed=False)
+        judge(item, phase, self._new_splats(sims), already_failed=False)
         return result
 
     @pytest.hookimpl(wrapper=True)
@@ -88,24 +85,6 @@ class SplatWatcher:
             _annotate(report, seen)
         return report
 
-    def _judge(self, item: pytest.Item, phase: str, sims: Iterable[Simulation], *,
-               already_failed: bool) -> None:
-        splats = self._new_splats(sims)
-        if not splats:
-            return
-        seen = PhaseSplats()
-        allowances = settings_of(item).allow_splat
-        for splat in splats:
-            allowance = _allowance(splat, allowances)
-            if allowance is None:
-                seen.failing.append(splat)
-            else:
-                seen.allowed.append((splat, allowance))
-        item.stash.setdefault(PHASE_SPLATS, {})[phase] = seen
-        if seen.failing and not already_failed:
-            seen.raised = True
-            pytest.fail(failure_text(seen.failing, phase, test_failed=False), pytrace=False)
-
     def _new_splats(self, sims: Iterable[Simulation]) -> list[Splat]:
         """Splats no test has been given yet, on every machine of ``sims``."""
         found: list[Splat] = []
@@ -115,6 +94,25 @@ class SplatWatcher:
                 found += splats[self._handed_out.get(machine, 0):]
                 self._handed_out[machine] = len(splats)
         return sorted(found, key=lambda splat: splat.time_ns)
+
+
+def judge(item: pytest.Item, phase: str, splats: list[Splat], *, already_failed: bool) -> None:
+    """Split ``splats`` by whether the item's settings allow them and keep them for its
+    report; fail the phase with those that may not pass, unless it failed already."""
+    if not splats:
+        return
+    seen = PhaseSplats()
+    allowances = settings_of(item).allow_splat
+    for splat in splats:
+        allowance = _allowance(splat, allowances)
+        if allowance is None:
+            seen.failing.append(splat)
+        else:
+            seen.allowed.append((splat, allowance))
+    item.stash.setdefault(PHASE_SPLATS, {})[phase] = seen
+    if seen.failing and not already_failed:
+        seen.raised = True
+        pytest.fail(failure_text(seen.failing, phase, test_failed=False), pytrace=False)
 
 
 def _watched(item: pytest.Item) -> list[Simulation]:
@@ -151,21 +149,21 @@ def _annotate(report: pytest.TestReport, seen: PhaseSplats) -> None:
 
 
 def failure_text(splats: list[Splat], phase: str, *, test_failed: bool) -> str:
-    """What a test that splats is told: how many, when, each (at most
-    :data:`SHOWN_IN_FULL` whole), and how to let a known one pass."""
-    count = f"{len(splats)} splat{'s' if len(splats) > 1 else ''}"
+    """What a test that splats is told: the first splat's signature on the first line
+    (pytest's short summary shows it), then each splat (at most :data:`SHOWN_IN_FULL`
+    whole), and how to let a known one pass."""
+    first = splats[0]
+    count = "a kernel splat" if len(splats) == 1 else f"{len(splats)} kernel splats, first"
     if phase == "call":
-        what = (f"the kernel reported {count} during this test, which "
-                f"{'failed on its own too' if test_failed else 'itself passed'}")
+        when = f"the test {'failed on its own too' if test_failed else 'itself passed'}"
     else:
-        what = (f"the kernel reported {count} after this test, during its {phase} "
-                f"(machines powering off, module fixtures ending)")
+        when = f"after the test, during its {phase}"
     shown = [splat.render() for splat in splats[:SHOWN_IN_FULL]]
     rest = splats[SHOWN_IN_FULL:]
     if rest:
         shown.append(f"and {len(rest)} more:\n" + "\n".join(
             f"  {splat.kind} on {splat.machine}: {splat.signature}" for splat in rest[:LISTED]))
-    return "\n\n".join([what, *shown,
+    return "\n\n".join([f"{count} on {first.machine}: {first.signature} ({when})", *shown,
                         "a known splat may pass: @pytest.mark.umtt_allow_splat(PATTERN, "
                         "reason=...) on the test, or --umtt-allow-splat=PATTERN (a regular "
                         "expression searched in the kind, the first line and the signature)"])

@@ -89,7 +89,7 @@ RULE = re.compile(r"={20,}\s*$")
 CUT_HERE = re.compile(r"-+\[ cut here \]-+\s*$")
 CALL_TRACE = re.compile(r"\s*Call Trace:\s*$")
 KMEMLEAK_SUMMARY = re.compile(r"kmemleak: \d+ new suspected memory leak")
-WARNING_LINE = "WARNING"
+WARNING_KIND = "WARNING"
 
 
 def header_kind(text: str) -> tuple[str, str] | None:
@@ -131,7 +131,10 @@ class Splat:
     @property
     def signature(self) -> str:
         """Its kind and the first frames of its call trace (:mod:`pytest_umtt.signature`)."""
-        return signature(self.kind, (line.text[:SCAN_CHARS] for line in self.lines))
+        # kmemleak prefixes every line it prints, frames included (mm/kmemleak.c pr_fmt).
+        prefix = "kmemleak: " if self.kind == "kmemleak" else ""
+        return signature(self.kind, (strip_printk_prefix(line.text[:SCAN_CHARS])
+                                     .removeprefix(prefix) for line in self.lines))
 
     def render(self, max_lines: int = RENDER_LINES, width: int = RENDER_WIDTH) -> str:
         """The report for a human: what, where, when, its signature, then its lines
@@ -175,13 +178,13 @@ class SplatScanner:
         be looked at as a line of its own (the report ended before it)."""
         splat = self._open
         assert splat is not None
-        if self._ends(text):
-            splat.lines.append(line)
-            self._close(complete=True)
-            return False
         # A report is printed in one go, within one run of the kernel: output stamped
         # later, another report's header, or the first line after its call trace (for
         # reports without an end marker) is not part of it.
+        if line.time_ns == splat.time_ns and self._ends(text):
+            splat.lines.append(line)
+            self._close(complete=True)
+            return False
         if (line.time_ns != splat.time_ns
                 or (header is not None and not self._same_report(splat, header[0]))
                 or (self._in_trace and self._end == "call-trace" and not is_trace_line(text))):
@@ -201,7 +204,7 @@ class SplatScanner:
         """A refcount_t message and the WARNING that __warn prints with it are one report,
         in either order (the message comes first where the architecture has
         __WARN_FLAGS, after it on UML)."""
-        if {splat.kind, kind} != {"refcount", WARNING_LINE} or self._in_trace:
+        if {splat.kind, kind} != {"refcount", WARNING_KIND} or self._in_trace:
             return False
         if kind == "refcount":
             splat.kind = "refcount"
@@ -216,17 +219,17 @@ class SplatScanner:
 
     def _start(self, header: tuple[str, str], line: ConsoleLine) -> None:
         kind, self._end = header
-        splat = Splat(kind, self.machine, line, [*self._context(), line])
+        splat = Splat(kind, self.machine, line, [*self._context(line.time_ns), line])
         self.splats.append(splat)
         self._open = splat
         self._in_trace = False
         if self._end == "line":
             self._close(complete=True)
 
-    def _context(self) -> list[ConsoleLine]:
+    def _context(self, at_ns: int) -> list[ConsoleLine]:
         """The lines before a header from its report's opening line on, if one is near:
         ``cut here`` (and what followed it), or a line of ``=``."""
-        recent = list(self._recent)
+        recent = [line for line in self._recent if line.time_ns == at_ns]
         for index in range(len(recent) - 1, -1, -1):
             text = strip_printk_prefix(recent[index].text[:SCAN_CHARS])
             if CUT_HERE.match(text) or RULE.match(text):
