@@ -41,7 +41,7 @@ REPORTING_FRAMES = re.compile(
     r"|sched_show_task|dump_trace|_print_addr|stack_trace_print|stack_trace_save"
     r"|arch_stack_walk|panic|__warn|warn_slowpath_fmt|__warn_printk|report_bug|handle_bug"
     r"|__might_resched|__might_sleep|__schedule_bug|check_panic_on_warn"
-    r"|refcount_warn_saturate|ubsan_epilogue|__ubsan_handle_\w+|kasan_report\w*"
+    r"|refcount_warn_saturate|__refcount_\w+|refcount_(?:inc|dec|add|sub)\w*|ubsan_epilogue|__ubsan_handle_\w+|kasan_report\w*"
     r"|__kasan_\w+|kasan_check_range|__asan_\w+|print_report|print_address_description"
     r"|kfence_report_error|kfence_handle_page_fault|__kfence_\w+|kmemleak_alloc\w*"
     r"|create_object|__create_object|lock_acquire|__lock_acquire|lock_release"
@@ -50,8 +50,9 @@ REPORTING_FRAMES = re.compile(
     r"|mark_lock_irq|valid_state|lockdep_\w+|lock_is_held_type|debug_show_all_locks"
     r"|watchdog_timer_fn|rcu_dump_cpu_stacks|print_cpu_stall|check_cpu_stall"
     r"|rcu_sched_clock_irq|_printk|vprintk\w*)")
-"""Frames of the code that prints a report rather than the code it reports on: skipped
-while they lead a trace."""
+"""Frames of the code that prints a report, or of the API that detected the misuse (the
+refcount_t helpers), rather than the code it reports on: skipped while they lead a
+trace."""
 
 HEADER_CHARS = 160
 """Characters of a masked first line a signature keeps."""
