@@ -93,7 +93,7 @@ class SplatWatcher:
                 splats = machine.splats
                 found += splats[self._handed_out.get(machine, 0):]
                 self._handed_out[machine] = len(splats)
-        return sorted(found, key=lambda splat: splat.time_ns)
+        return sorted(found, key=lambda splat: (splat.time_ns, splat.machine))
 
 
 def judge(item: pytest.Item, phase: str, splats: list[Splat], *, already_failed: bool) -> None:
