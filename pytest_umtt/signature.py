@@ -33,15 +33,17 @@ FRAME = re.compile(
     r"(?:\s+\[(?P<module>[A-Za-z0-9_-]+)\])?")
 """One frame as the kernel prints it with %pS: ``function+0xOFFSET/0xSIZE [module]``."""
 
-TRACE_MARK = re.compile(r"\s*</?(?:TASK|IRQ|NMI|SOFTIRQ|EOI)>\s*$")
-"""x86's markers between frames of one call trace."""
+TRACE_MARK = re.compile(r"\s*</?(?:TASK|IRQ|NMI|SOFTIRQ|EOI)>\s*$"
+                        r"|\s*\[<[0-9a-fA-F]+>\]\s*(?:\?\s+)?0x[0-9a-fA-F]+\s*$")
+"""Lines of a call trace that are no frame of it: x86's context markers, and UML's
+addresses that no symbol covers (`` [<6000e589>] 0x6000e589``)."""
 
 REPORTING_FRAMES = re.compile(
     r"(?:dump_stack|dump_stack_lvl|__dump_stack|show_stack|show_regs|show_trace_log_lvl"
-    r"|sched_show_task|dump_trace|_print_addr|stack_trace_print|stack_trace_save"
+    r"|sched_show_task|__switch_to|__schedule|schedule|schedule_timeout|dump_trace|_print_addr|stack_trace_print|stack_trace_save"
     r"|arch_stack_walk|panic|__warn|warn_slowpath_fmt|__warn_printk|report_bug|handle_bug"
     r"|__might_resched|__might_sleep|__schedule_bug|check_panic_on_warn"
-    r"|refcount_warn_saturate|__refcount_\w+|refcount_(?:inc|dec|add|sub)\w*|ubsan_epilogue|__ubsan_handle_\w+|kasan_report\w*"
+    r"|refcount_warn_saturate|__refcount_\w+|refcount_(?:inc|dec|add|sub)\w*|ubsan_\w+|__ubsan_handle_\w+|kasan_report\w*"
     r"|__kasan_\w+|kasan_check_range|__asan_\w+|print_report|print_address_description"
     r"|kfence_report_error|kfence_handle_page_fault|__kfence_\w+|kmemleak_alloc\w*"
     r"|create_object|__create_object|lock_acquire|__lock_acquire|lock_release"
@@ -87,8 +89,9 @@ def parse_frame(text: str) -> Frame | None:
 
 
 def is_trace_line(text: str) -> bool:
-    """Whether the line belongs to a call trace: a frame, or a context marker."""
-    return parse_frame(text) is not None or TRACE_MARK.match(text) is not None
+    """Whether the line belongs to a call trace: a frame, a context marker, or an
+    address without a symbol."""
+    return parse_frame(text) is not None or TRACE_MARK.match(strip_printk_prefix(text)) is not None
 
 
 def first_trace(lines: Iterable[str]) -> list[Frame]:
@@ -99,7 +102,7 @@ def first_trace(lines: Iterable[str]) -> list[Frame]:
         frame = parse_frame(text)
         if frame is not None:
             frames.append(frame)
-        elif frames and TRACE_MARK.match(text) is None:
+        elif frames and TRACE_MARK.match(strip_printk_prefix(text)) is None:
             break
     reliable = [frame for frame in frames if frame.reliable]
     return reliable or frames

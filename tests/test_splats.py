@@ -183,6 +183,58 @@ def test_lkdtm_reports_from_the_default_kernel(tmp_path: Path) -> None:
                          "[1.234000000 s] ------------[ cut here ]------------"]
 
 
+DEBUG_CAPTURES = {
+    # Each console from LKDTM's action on, on a capture kernel: the default fragment plus
+    # KASAN, UBSAN, PROVE_LOCKING, DETECT_HUNG_TASK (20 s), DEBUG_ATOMIC_SLEEP and
+    # DEBUG_KMEMLEAK. Its UBSAN flags misaligned accesses all over UML (UBSAN_ALIGNMENT:
+    # UML lacks HAVE_EFFICIENT_UNALIGNED_ACCESS), so reports come with others around them
+    # and, once, inside them (a UBSAN report from print_modules() within a WARNING).
+    "warning-in-ubsan-kernel": [
+        ("WARNING", f"WARNING: lkdtm_WARNING:{LKDTM_TAIL}", 67),
+        ("UBSAN", "UBSAN: print_modules:__warn:warn_slowpath_fmt:lkdtm_WARNING:lkdtm_do_action",
+         73),
+    ],
+    "kasan-slab-out-of-bounds": [
+        ("KASAN", f"KASAN: lkdtm_SLAB_LINEAR_OVERFLOW:{LKDTM_TAIL}", 103),
+    ],
+    "kasan-use-after-free": [
+        ("KASAN", f"KASAN: lkdtm_READ_AFTER_FREE:{LKDTM_TAIL}", 124),
+    ],
+    "ubsan-array-bounds": [
+        ("UBSAN", f"UBSAN: lkdtm_ARRAY_BOUNDS:{LKDTM_TAIL}", 53),
+    ],
+    "hung-task": [
+        ("UBSAN", "UBSAN: watchdog:kthread:new_thread_handler", 44),
+        ("hung task", f"hung task: lkdtm_HUNG_TASK:{LKDTM_TAIL}", 49),
+        ("UBSAN", "UBSAN: watchdog:kthread:new_thread_handler", 49),
+    ],
+    "lockdep-invalid-wait-context": [  # SPINLOCKUP returns to user space holding a lock
+        ("BUG", "BUG: __fput:____fput:task_work_run:interrupt_end:userspace", 44),
+        ("UBSAN", "UBSAN: do_coredump:get_signal:do_signal:interrupt_end:userspace", 55),
+        ("lockdep", "lockdep: down_read:acct_collect:do_exit:sys_exit_group:get_signal", 75),
+        ("BUG", "BUG: do_task_dead:make_task_dead:sys_exit_group:get_signal:do_signal", 62),
+        ("UBSAN", "UBSAN: print_modules:__schedule_bug:__schedule:do_task_dead:make_task_dead",
+         73),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", DEBUG_CAPTURES)
+def test_sanitizer_and_debug_reports_from_a_capture_kernel(tmp_path: Path, name: str) -> None:
+    console = Console(tmp_path / "uml.console.log")
+    console.feed((DATA / f"splats-debug-6.12-{name}.log").read_bytes(), 5)
+    console.close()
+    assert console.crash is None  # the kernel went on after every one of them
+    found = console.splats
+    assert [(s.kind, s.signature, len(s.lines)) for s in found] == DEBUG_CAPTURES[name]
+    assert all(splat.complete for splat in found)
+    for splat in found:
+        opening = "===" if splat.kind in ("KASAN", "lockdep") else "---"
+        assert splat.lines[0].text.startswith(opening) or splat.lines[0] is splat.header
+    if name.startswith("kasan"):
+        assert found[0].lines[0].text == found[0].lines[-1].text == "=" * 66
+
+
 # --- the plugin ---------------------------------------------------------------------------
 
 def test_an_allowance_without_a_reason_is_a_usage_error(pytester: pytest.Pytester) -> None:

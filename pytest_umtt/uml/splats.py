@@ -40,6 +40,8 @@ MAX_SPLAT_LINES = 400
 SCAN_CHARS = 512
 """Characters of a line looked at for headers, ends and frames: a 2 MB line costs what a
 short one does."""
+MAX_NESTED = 3
+"""Reports read at once: one, another printed inside it, and one inside that."""
 RENDER_LINES = 120
 RENDER_WIDTH = 300
 """How much of a report a failure shows: its first lines, each cut (the whole report is
@@ -54,7 +56,7 @@ NON_FATAL_BUGS = (r"KASAN:", r"KFENCE:", r"soft lockup", r"sleeping function cal
                   r"Bad page (?:state|map)", r"Bad rss-counter", r"non-zero pgtables_bytes",
                   r"spinlock ", r"rwlock ", r"using \S+ in preemptible",
                   r"key \S+ has not been registered", r"looking up invalid subclass",
-                  r"MAX_\w+ too low")
+                  r"MAX_\w+ too low", r"Invalid wait context")
 """``BUG:`` reports after which the kernel goes on (KASAN, KFENCE, the soft-lockup
 watchdog, might_sleep(), the scheduler, workqueues, the page allocator, spinlock and
 lockdep debugging): splats, not crashes."""
@@ -67,7 +69,8 @@ HEADERS: tuple[tuple[str, str, str], ...] = (
     ("lockdep", r"WARNING: (?:possible (?:circular|recursive|irq)|inconsistent lock state"
                 r"|suspicious RCU usage|bad unlock balance|bad contention|held lock freed"
                 r"|lock held when returning|Nested lock was not taken|chain_key collision"
-                r"|\S+-safe -> \S+-unsafe lock order|.{1,64} still has locks held)",
+                r"|\S+-safe -> \S+-unsafe lock order|.{1,64} still has locks held)"
+                r"|\[ BUG: Invalid wait context \]",
      "call-trace"),
     ("refcount", r"refcount_t: ", "end-trace"),
     ("UBSAN", r"UBSAN: ", "end-trace"),
@@ -131,10 +134,12 @@ class Splat:
     @property
     def signature(self) -> str:
         """Its kind and the first frames of its call trace (:mod:`pytest_umtt.signature`)."""
-        # kmemleak prefixes every line it prints, frames included (mm/kmemleak.c pr_fmt).
+        # From the header on (a report without a trace is known by its header line); past
+        # kmemleak's prefix, which it puts on every line, frames included (pr_fmt).
+        start = next(index for index, line in enumerate(self.lines) if line is self.header)
         prefix = "kmemleak: " if self.kind == "kmemleak" else ""
         return signature(self.kind, (strip_printk_prefix(line.text[:SCAN_CHARS])
-                                     .removeprefix(prefix) for line in self.lines))
+                                     .removeprefix(prefix) for line in self.lines[start:]))
 
     def render(self, max_lines: int = RENDER_LINES, width: int = RENDER_WIDTH) -> str:
         """The report for a human: what, where, when, its signature, then its lines
@@ -149,81 +154,86 @@ class Splat:
                           f"signature: {self.signature}", *shown])
 
 
+@dataclass
+class _Reading:
+    """A report being read: the splat, what ends it, and whether its call trace began."""
+
+    splat: Splat
+    end: str
+    in_trace: bool = False
+
+
 class SplatScanner:
     """Cuts one machine's console lines into :class:`Splat` records, appended to
     :attr:`splats` when their header arrives (so a splat belongs to whatever was running
-    when its first line was seen) and completed as the rest comes."""
+    when its first line was seen) and completed as the rest comes.
+
+    A report may print another inside it (UBSAN in the code that prints a WARNING): the
+    inner one is a splat of its own, and the outer one goes on after it ends."""
 
     def __init__(self, machine: str) -> None:
         self.machine = machine
         self.splats: list[Splat] = []
-        self._open: Splat | None = None
-        self._end = ""
-        self._in_trace = False
+        self._reading: list[_Reading] = []
+        """The report being read last; the ones it interrupted before it."""
         self._recent: deque[ConsoleLine] = deque(maxlen=CONTEXT_LINES)
 
     def feed(self, line: ConsoleLine) -> None:
         """One more console line."""
         text = strip_printk_prefix(line.text[:SCAN_CHARS])
         header = header_kind(text)
-        if self._open is not None and not self._continues(header, text, line):
+        if self._reading and line.time_ns != self._reading[-1].splat.time_ns:
+            # A report is printed in one go, within one run of the kernel: output
+            # stamped later is not part of it, nor of any report it interrupted.
+            while self._reading:
+                self._close(complete=self._reading[-1].splat.complete)
+        if self._reading and self._takes(self._reading[-1], header, text, line):
             return
-        if header is not None and self._open is None:
+        if header is not None:
             self._start(header, line)
-        self._recent.append(line)
+        else:
+            self._recent.append(line)
 
-    def _continues(self, header: tuple[str, str] | None, text: str,
-                   line: ConsoleLine) -> bool:
-        """Add ``line`` to the open report if it belongs there; True if it is still to
-        be looked at as a line of its own (the report ended before it)."""
-        splat = self._open
-        assert splat is not None
-        # A report is printed in one go, within one run of the kernel: output stamped
-        # later, another report's header, or the first line after its call trace (for
-        # reports without an end marker) is not part of it.
-        if line.time_ns == splat.time_ns and self._ends(text):
+    def _takes(self, reading: _Reading, header: tuple[str, str] | None, text: str,
+               line: ConsoleLine) -> bool:
+        """Add ``line`` to the report being read if it belongs there (False: it is to be
+        looked at as a line of its own)."""
+        splat = reading.splat
+        if _ends(reading.end, text):
             splat.lines.append(line)
             self._close(complete=True)
-            return False
-        if (line.time_ns != splat.time_ns
-                or (header is not None and not self._same_report(splat, header[0]))
-                or (self._in_trace and self._end == "call-trace" and not is_trace_line(text))):
-            self._close(complete=splat.complete)
             return True
+        if header is not None and not _same_report(reading, header[0]):
+            if splat.complete:  # a whole report (its call trace seen) ends here
+                self._close(complete=True)
+            return False  # else the new one interrupts it
+        if reading.in_trace and reading.end == "call-trace" and not is_trace_line(text):
+            self._close(complete=splat.complete)
+            return self._reading_takes(header, text, line)
         splat.lines.append(line)
-        if self._in_trace and self._end == "call-trace":
+        if reading.in_trace and reading.end == "call-trace":
             # Whole once its call trace has begun: what follows is more of the same.
             splat.complete = splat.complete or is_trace_line(text)
-        self._in_trace = self._in_trace or CALL_TRACE.match(text) is not None
+        reading.in_trace = reading.in_trace or CALL_TRACE.match(text) is not None
         if len(splat.lines) >= MAX_SPLAT_LINES:
             splat.truncated = True
             self._close(complete=False)
-        return False
-
-    def _same_report(self, splat: Splat, kind: str) -> bool:
-        """A refcount_t message and the WARNING that __warn prints with it are one report,
-        in either order (the message comes first where the architecture has
-        __WARN_FLAGS, after it on UML)."""
-        if {splat.kind, kind} != {"refcount", WARNING_KIND} or self._in_trace:
-            return False
-        if kind == "refcount":
-            splat.kind = "refcount"
         return True
 
-    def _ends(self, text: str) -> bool:
-        if END_TRACE.search(text):
-            return True
-        if self._end == "rule":
-            return RULE.match(text) is not None
-        return self._end == "kmemleak" and KMEMLEAK_SUMMARY.match(text) is not None
+    def _reading_takes(self, header: tuple[str, str] | None, text: str,
+                       line: ConsoleLine) -> bool:
+        """After a report ended: the one it interrupted, if any, may take the line."""
+        return bool(self._reading) and self._takes(self._reading[-1], header, text, line)
 
     def _start(self, header: tuple[str, str], line: ConsoleLine) -> None:
-        kind, self._end = header
+        kind, end = header
+        if len(self._reading) >= MAX_NESTED:
+            self._reading.pop(0)  # reports that never end cannot pile up: drop the oldest
         splat = Splat(kind, self.machine, line, [*self._context(line.time_ns), line])
         self.splats.append(splat)
-        self._open = splat
-        self._in_trace = False
-        if self._end == "line":
+        self._reading.append(_Reading(splat, end))
+        self._recent.clear()
+        if end == "line":
             self._close(complete=True)
 
     def _context(self, at_ns: int) -> list[ConsoleLine]:
@@ -237,8 +247,27 @@ class SplatScanner:
         return []
 
     def _close(self, complete: bool) -> None:
-        assert self._open is not None
-        self._open.complete = complete
-        self._open = None
+        reading = self._reading.pop()
+        reading.splat.complete = complete
         self._recent.clear()
 
+
+def _same_report(reading: _Reading, kind: str) -> bool:
+    """A refcount_t message and the WARNING that __warn prints with it are one report, in
+    either order (the message comes first where the architecture has __WARN_FLAGS, after
+    it on UML)."""
+    splat = reading.splat
+    if {splat.kind, kind} != {"refcount", WARNING_KIND} or reading.in_trace:
+        return False
+    if kind == "refcount":
+        splat.kind = "refcount"
+    return True
+
+
+def _ends(end: str, text: str) -> bool:
+    """Whether ``text`` is the last line of a report that ends as ``end`` says."""
+    if END_TRACE.search(text):
+        return True
+    if end == "rule":
+        return RULE.match(text) is not None
+    return end == "kmemleak" and KMEMLEAK_SUMMARY.match(text) is not None
