@@ -41,7 +41,7 @@ addresses that no symbol covers (`` [<6000e589>] 0x6000e589``)."""
 REPORTING_FRAMES = re.compile(
     r"(?:dump_stack|dump_stack_lvl|__dump_stack|show_stack|show_regs|show_trace_log_lvl"
     r"|sched_show_task|__switch_to|__schedule|schedule|schedule_timeout|dump_trace|_print_addr|stack_trace_print|stack_trace_save"
-    r"|arch_stack_walk|panic|__warn|warn_slowpath_fmt|__warn_printk|report_bug|handle_bug"
+    r"|arch_stack_walk|panic|vpanic|__warn|warn_slowpath_fmt|__warn_printk|report_bug|handle_bug"
     r"|__might_resched|__might_sleep|__schedule_bug|check_panic_on_warn"
     r"|refcount_warn_saturate|__refcount_\w+|refcount_(?:inc|dec|add|sub)\w*|ubsan_\w+|__ubsan_handle_\w+|kasan_report\w*"
     r"|__kasan_\w+|kasan_check_range|__asan_\w+|print_report|print_address_description"

@@ -235,6 +235,21 @@ def test_sanitizer_and_debug_reports_from_a_capture_kernel(tmp_path: Path, name:
         assert found[0].lines[0].text == found[0].lines[-1].text == "=" * 66
 
 
+def test_a_crash_has_a_signature_too(tmp_path: Path) -> None:
+    """LKDTM's BUG on the default kernel: UML's BUG() prints and panics (a crash, not a
+    splat); the same signature function names it. The noreturn call to panic() leaves a
+    return address at the start of the next function (lkdtm_PANIC+0x0): wrong by name,
+    the same every time."""
+    console = Console(tmp_path / "uml.console.log")
+    console.feed((DATA / "crash-lkdtm-bug-6.12.log").read_bytes(), 5)
+    console.close()
+    assert console.crash is not None and console.crash[0] == "kernel BUG"
+    assert console.splats == []
+    after = [line.text for line in console.lines]
+    assert signature("kernel BUG", after[after.index(console.crash[1].text):]) == (
+        f"kernel BUG: lkdtm_PANIC:{LKDTM_TAIL}")
+
+
 # --- the plugin ---------------------------------------------------------------------------
 
 def test_an_allowance_without_a_reason_is_a_usage_error(pytester: pytest.Pytester) -> None:
