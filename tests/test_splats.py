@@ -453,3 +453,25 @@ def test_a_kselftest_that_passes_but_warns_fails(pytester: pytest.Pytester,
         "a kernel splat on kselftest: WARNING: lkdtm_WARNING:* (the test itself passed)",
         "kernel splats: 1 failed 1 test, 0 allowed",
     ])
+
+
+@pytest.mark.kernel
+def test_a_flood_of_splats_is_shown_bounded(pytester: pytest.Pytester,
+                                            kernel_args: list[str]) -> None:
+    """3,000 headers that never end, in one run of the kernel: five shown whole, the rest
+    counted by signature; the report stays small."""
+    pytester.makepyfile("""
+        def test_flood(uml):
+            uml.run('for i in $(seq 3000); do '
+                    'echo "WARNING: CPU: 0 PID: $i at x.c:1 f+0x1/0x2" > /dev/kmsg; done')
+    """)
+    result = pytester.runpytest_subprocess(*kernel_args)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "3000 kernel splats, first on uml: WARNING: WARNING: CPU: N PID: N at x.c:N f+N/N *",
+        "WARNING on uml at * (its end was not seen)",
+        "and 2995 more:",
+        "  2995x on uml: WARNING: WARNING: CPU: N PID: N at x.c:N f+N/N",
+        "kernel splats: 3000 failed 1 test, 0 allowed",
+    ])
+    assert len(result.stdout.str()) < 20_000

@@ -161,8 +161,12 @@ def failure_text(splats: list[Splat], phase: str, *, test_failed: bool) -> str:
     shown = [splat.render() for splat in splats[:SHOWN_IN_FULL]]
     rest = splats[SHOWN_IN_FULL:]
     if rest:
-        shown.append(f"and {len(rest)} more:\n" + "\n".join(
-            f"  {splat.kind} on {splat.machine}: {splat.signature}" for splat in rest[:LISTED]))
+        counted = Counter((splat.machine, splat.signature) for splat in rest)
+        listed = [f"  {count}x on {machine}: {signature}"
+                  for (machine, signature), count in counted.most_common(LISTED)]
+        if len(counted) > LISTED:
+            listed.append(f"  ... and {len(counted) - LISTED} more signatures")
+        shown.append(f"and {len(rest)} more:\n" + "\n".join(listed))
     return "\n\n".join([f"{count} on {first.machine}: {first.signature} ({when})", *shown,
                         "a known splat may pass: @pytest.mark.umtt_allow_splat(PATTERN, "
                         "reason=...) on the test, or --umtt-allow-splat=PATTERN (a regular "
