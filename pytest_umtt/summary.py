@@ -82,8 +82,9 @@ class Summary:
         if not failed and not allowed:
             return []
         tests = len({nodeid for nodeids in self.splats_failed.values() for nodeid in nodeids})
-        lines = [f"kernel splats: {failed} failed {tests} test{'s' if tests != 1 else ''}, "
-                 f"{allowed} allowed"]
+        counts = ([f"{failed} failed {tests} test{'s' if tests != 1 else ''}"] if failed else []
+                  ) + ([f"{allowed} allowed"] if allowed else [])
+        lines = [f"kernel splats: {', '.join(counts)}"]
         for label, table in (("failed", self.splats_failed), ("allowed", self.splats_allowed)):
             ranked = sorted(table.items(), key=lambda entry: -len(entry[1]))
             for signature, nodeids in ranked[:SIGNATURES_LISTED]:
