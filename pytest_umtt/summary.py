@@ -23,8 +23,8 @@ FINGERPRINT = "umtt_fingerprint"
 EXPLORED_SEED = "umtt_explored_seed"
 """User property: the seed of an ``--umtt-explore`` item."""
 SPLATS = "umtt_splats"
-"""User property: the kernel splats a test phase saw, as JSON ``[[signature, reason,
-count]]`` (reason null: they failed the test)."""
+"""User property, once per test phase that saw kernel splats: JSON ``[[signature,
+reason, count]]`` (reason null: they failed the test)."""
 SIGNATURES_LISTED = 10
 
 
@@ -111,8 +111,10 @@ class SummaryReporter:
         properties = dict(report.user_properties)
         if report.when == "teardown" and FINGERPRINT in properties:
             self._pair(report.nodeid, str(properties[FINGERPRINT]))
-        if SPLATS in properties:
-            self._count_splats(report.nodeid, str(properties[SPLATS]))
+        if report.when == "teardown":  # it carries every phase's splats
+            for name, value in report.user_properties:
+                if name == SPLATS:
+                    self._count_splats(report.nodeid, str(value))
         if EXPLORED_SEED in properties and (report.when == "call" or
                                             (report.when == "setup" and report.failed)):
             self.summary.explored.setdefault(self._base_nodeid(report.nodeid), []).append(

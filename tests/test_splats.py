@@ -314,8 +314,11 @@ def test_a_test_that_passes_but_warns_fails_with_the_splat(pytester: pytest.Pyte
         def test_quiet(uml):
             assert uml.run("true").ok
     """)
-    result = pytester.runpytest_subprocess(*lkdtm_args, "-v")
+    result = pytester.runpytest_subprocess(*lkdtm_args, "-v", "--junitxml=report.xml")
     result.assert_outcomes(passed=1, failed=2)
+    junit = (pytester.path / "report.xml").read_text()  # signatures for CI's triage
+    assert junit.count('name="umtt_splats"') == 2
+    assert "WARNING: lkdtm_WARNING_MESSAGE:lkdtm_do_action:" in junit
     result.stdout.fnmatch_lines([
         "*::test_warns FAILED*",
         "*::test_fails_and_warns FAILED*",

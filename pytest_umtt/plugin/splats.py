@@ -110,6 +110,9 @@ def judge(item: pytest.Item, phase: str, splats: list[Splat], *, already_failed:
         else:
             seen.allowed.append((splat, allowance))
     item.stash.setdefault(PHASE_SPLATS, {})[phase] = seen
+    # On the item: the teardown report carries every phase's, to the summary (with xdist
+    # too) and to JUnit XML, which writes the teardown report's properties.
+    item.user_properties.append((SPLATS, _recorded(seen)))
     if seen.failing and not already_failed:
         seen.raised = True
         pytest.fail(failure_text(seen.failing, phase, test_failed=False), pytrace=False)
@@ -131,14 +134,18 @@ def _allowance(splat: Splat, allowances: Iterable[SplatAllowance]) -> SplatAllow
                  if allowance.allows(splat.kind, splat.header.text, signature)), None)
 
 
-def _annotate(report: pytest.TestReport, seen: PhaseSplats) -> None:
-    """The splats a phase saw: in its user properties (the summary counts them, with
-    xdist too) and, where the failure text does not already show them, as sections."""
+def _recorded(seen: PhaseSplats) -> str:
+    """``[[signature, reason, count]]`` as JSON (reason null: they failed the test),
+    bounded to :data:`MAX_SIGNATURES` signatures."""
     counted = Counter([(splat.signature, None) for splat in seen.failing]
                       + [(splat.signature, allowance.reason) for splat, allowance in seen.allowed])
-    report.user_properties.append((SPLATS, json.dumps(
-        [[signature, reason, count] for (signature, reason), count
-         in counted.most_common(MAX_SIGNATURES)])))
+    return json.dumps([[signature, reason, count] for (signature, reason), count
+                       in counted.most_common(MAX_SIGNATURES)])
+
+
+def _annotate(report: pytest.TestReport, seen: PhaseSplats) -> None:
+    """The splats a phase saw, as sections where the failure text does not already show
+    them."""
     if seen.failing and not seen.raised:
         report.sections.append(("umtt splats", failure_text(seen.failing, report.when,
                                                             test_failed=True)))
