@@ -28,6 +28,7 @@ from .state import ITEM_SIM, STATE, settings_of
 SHOWN_IN_FULL = 5
 """Splats a failure shows whole; the rest by signature only."""
 LISTED = 20
+"""Signatures listed (with their counts) for the splats beyond those shown whole."""
 MAX_SIGNATURES = 100
 """Distinct signatures a report carries to the summary (a flood of splats is counted by
 signature, and bounded)."""

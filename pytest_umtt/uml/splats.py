@@ -18,7 +18,10 @@ Where a report ends, by the kernel's own printing code:
 - the others (lockdep, hung task, RCU stall, soft lockup, the BUGs the kernel survives)
   have no end marker: they end where their ``Call Trace:`` does.
 
-A new header ends the report before it, and so does :data:`MAX_SPLAT_LINES`.
+Output stamped later ends every report (one is printed in one go, within one run of the
+kernel), and so does :data:`MAX_SPLAT_LINES`. A new header ends a report whose call
+trace is done; one that comes earlier is a report printed inside it (UBSAN from the code
+that prints a WARNING), after which the outer one goes on.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ if TYPE_CHECKING:
     from .console import ConsoleLine
 
 MAX_SPLAT_LINES = 400
-"""Lines kept of one report (a KASAN report with its allocation and free stacks is about
-80; lockdep's longest about 150): a report without its end does not swallow the console."""
+"""Lines kept of one report (KASAN's use-after-free with its allocation and free stacks
+took 124 here): a report without its end does not swallow the console."""
 SCAN_CHARS = 512
 """Characters of a line looked at for headers, ends and frames: a 2 MB line costs what a
 short one does."""
