@@ -30,6 +30,7 @@ from .reports import pytest_report_header as pytest_report_header
 from .reports import pytest_runtest_makereport as pytest_runtest_makereport
 from .reports import reproduce_text as reproduce_text
 from .settings import MARKERS, OPTIONS, item_settings, resolve_settings
+from .splats import SplatWatcher
 from .state import ITEM_SETTINGS as ITEM_SETTINGS
 from .state import STATE, SessionState, Variant, base_nodeid
 from .suites import KselftestRun, KunitRun
@@ -47,10 +48,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         if option.metavar is None:
             group.addoption(option.flag, dest=option.name, action="store_const", const="true",
                             help=help_text)
+        elif option.repeated:
+            group.addoption(option.flag, dest=option.name, metavar=option.metavar,
+                            action="append", help=help_text)
         else:
             group.addoption(option.flag, dest=option.name, metavar=option.metavar,
                             help=help_text)
-        parser.addini(option.name, option.help)
+        if option.repeated:
+            parser.addini(option.name, option.help, type="linelist")
+        else:
+            parser.addini(option.name, option.help)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -64,6 +71,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(SummaryReporter(
         state.summary, worker=hasattr(config, "workerinput"), base_nodeid=base_nodeid),
         "umtt-summary")
+    config.pluginmanager.register(SplatWatcher(), "umtt-splats")
     if not hasattr(config, "workerinput"):  # xdist workers' owners are alive anyway
         remove_stale_directories()
     state.previous_sigterm = _sigterm_as_interrupt()

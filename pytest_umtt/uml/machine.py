@@ -51,6 +51,7 @@ from .agent import (
 )
 from .confine import confine_to
 from .console import Console
+from .splats import Splat
 
 if TYPE_CHECKING:
     from ..controller import Calendar, Client, Stop
@@ -454,7 +455,7 @@ class Machine:
         self.directory.mkdir(mode=0o700)
         self._channel = install(self.directory, self.agent, self.modules)
         # Beside the machine's directory, not in it: the guest can replace what is in it.
-        self.console = Console(self.sim.directory / f"{self.name}.console.log")
+        self.console = Console(self.sim.directory / f"{self.name}.console.log", self.name)
         extra = [f"UMTT_HOSTNAME={self.name}",
                  f"UMTT_IDLE_MAX_US={seconds_to_ns(self.idle_max) // 1000}",
                  *([f"{AGENT_CHANNEL_ENV}=console"] if self.agent_console else []),
@@ -820,6 +821,15 @@ class Machine:
 
     def console_log(self) -> str | None:
         return None if self.console is None else str(self.console.log_path)
+
+    @property
+    def splats(self) -> list[Splat]:
+        """Reports the kernel printed and survived (a WARNING, KASAN, lockdep...) up to
+        now, oldest first, each with its lines, virtual times and signature."""
+        if self.console is None:
+            return []
+        self._catch_up_console()
+        return self.console.splats
 
     def _catch_up_console(self) -> None:
         """Read what is still in the pty and give everything held the present time."""
