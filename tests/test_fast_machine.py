@@ -81,12 +81,39 @@ def test_background_commands_overlap(sim: Simulation) -> None:
     assert result.ended_ns - slow.started_ns == 3 * S
 
 
-def test_a_command_over_its_budget_stops_the_machine(sim: Simulation) -> None:
+def test_a_command_over_its_budget_is_killed_and_the_machine_goes_on(sim: Simulation) -> None:
     machine = sim.machine("fake")
-    with pytest.raises(CommandTimeout, match="did not finish within 2 s"):
-        machine.run("sleep 10", timeout=1)
-    with pytest.raises(MachineCrashed, match="outlived its budget"):
+    submitted = sim.now_ns
+    with pytest.raises(CommandTimeout, match="did not finish within 1 s") as timed_out:
+        machine.run("echo before\nwarn half\nsleep 10\necho never", timeout=1)
+    error = timed_out.value
+    assert (error.command, error.timeout, error.timeout_ns) == (
+        "echo before\nwarn half\nsleep 10\necho never", 1.0, S)
+    assert (error.stdout, error.stderr) == (b"before\n", b"half\n")
+    assert error.now_ns - submitted == S
+    after = machine.run("echo ok")
+    assert after.output == "ok\n" and after.started_ns == submitted + S
+
+
+def test_the_default_budget_kills_too(sim: Simulation) -> None:
+    machine = sim.machine("fake", default_timeout=5)
+    with pytest.raises(CommandTimeout, match="within 5 s") as timed_out:
+        machine.run("sleep 1\nsleep 100")
+    assert timed_out.value.now == 5.0 and machine.run("exit 4").status == 4
+
+
+def test_a_command_that_survives_its_kill_stops_the_machine(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    with pytest.raises(CommandTimeout, match="nor when killed; the machine was stopped"):
+        machine.run("unkillable 100", timeout=1)
+    assert not machine.alive
+    with pytest.raises(MachineCrashed, match="did not end when killed"):
         machine.run("echo")
+
+
+def test_a_command_killed_before_its_budget_is_no_timeout(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    assert machine.run("sleep 1\nexit 137", timeout=2).status == 137
 
 
 def test_a_panic_on_the_console_is_a_crash_with_its_cause(sim: Simulation) -> None:

@@ -67,13 +67,13 @@ def test_a_meaningless_timeout_is_refused(machine: Machine, timeout: float) -> N
 
 
 @pytest.mark.kernel
-def test_a_command_that_outlives_its_budget_stops_its_machine(sim: Simulation) -> None:
+def test_a_command_that_outlives_its_budget_is_killed_and_its_machine_goes_on(
+        sim: Simulation) -> None:
     stuck = sim.machine("stuck", default_timeout=5)
-    with pytest.raises(CommandTimeout, match="the machine was stopped"):
+    with pytest.raises(CommandTimeout, match="the machine runs the next command"):
         stuck.run("sleep 100")
-    assert not stuck.alive
-    with pytest.raises(MachineCrashed, match=r"outlived its budget of 5 s"):
-        stuck.run("true")
+    assert stuck.alive
+    assert stuck.run("true").ok
 
 
 @pytest.mark.kernel

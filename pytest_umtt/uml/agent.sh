@@ -17,7 +17,14 @@
 # as the first console, /dev/hvc0), none of that: the agent blocks reading hvc0, the
 # host writes "N" there at the instant a test submits command N (an interrupt at that
 # virtual instant), and the agent answers "D N STATUS" when it ends: no polling, no
-# doorbell, and an idle machine costs nothing.
+# doorbell, and an idle machine costs nothing. Each command runs in a process group of
+# its own while the agent goes on reading hvc0, so a kill request "K N" (the host sends
+# it when a command outlives its budget) ends the command with everything it started
+# that stayed in its group, and the agent answers "D N 137".
+#
+# Over the polled files the agent hears nothing while a foreground command runs: the
+# host writes the command's budget into its "timeout" file, and timeout(1) (which makes
+# the command a process group of its own) kills the group at that instant.
 #
 # The host takes every time from the doorbells, never from the guest's clock (a test
 # may set it): the main loop rings when ready, when it starts a command after having
@@ -83,21 +90,35 @@ run_one() {
 }
 
 serve_console() {
-    local n dir
+    local n kill leaders=()
     # raw: no echo, no line editing, bytes as they are (one process, once). The hvc
     # driver resets the modes when the last descriptor closes: set them on ours.
     exec 4<>/dev/hvc0
     stty raw -echo <&4
+    # Job control: every command started with & leads a process group of its own.
+    set -m
     echo R >&4
-    while read -r -u 4 n; do
-        dir=$X/cmd/$n
-        if [ -e "$dir/background" ]; then
-            { run_one "$dir"; echo "D $n $status" > /dev/hvc0; } 4>&- &
-        else
-            run_one "$dir"
-            echo "D $n $status" >&4
+    while read -r -u 4 n kill; do
+        [[ $kill =~ ^[0-9]{0,9}$ ]] || continue
+        if [ "$n" = K ]; then
+            stop_group "$kill"
+            continue
         fi
+        [[ $n =~ ^[0-9]{1,9}$ ]] || continue
+        { run_one "$X/cmd/$n"; echo "D $n $status" > /dev/hvc0; } 4>&- &
+        leaders[n]=$!
+        # Forgotten by the job table (its end is reported above), so no "Killed" notice.
+        disown
     done
+}
+
+# Kill request for command $1: its whole process group, then its end, as SIGKILL's status.
+stop_group() {
+    local leader=${leaders[$1]:-}
+    [ -n "$leader" ] || return
+    unset "leaders[$1]"
+    kill -KILL -- "-$leader" 2> /dev/null
+    echo "D $1 137" >&4
 }
 
 serve() {

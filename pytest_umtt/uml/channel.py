@@ -34,6 +34,10 @@ class CommandRecord:
     ended_ns: int | None = None
     status: int | None = None
     """The exit status as the channel carried it; None: it is in the ``result`` file."""
+    budget_ns: int | None = None
+    """How long a foreground command may take; past it, it is killed."""
+    killed_ns: int | None = None
+    """When the host asked the agent to kill it (past its budget)."""
 
     @property
     def finished(self) -> bool:
@@ -80,6 +84,12 @@ class CommandChannel(Protocol):
 
     def exit_status(self, record: CommandRecord) -> int:
         """The exit status of a finished command."""
+        ...
+
+    def kill(self, record: CommandRecord) -> bool:
+        """Have the agent kill the command's process group now; False when the channel
+        cannot reach the agent while a command runs (the agent then kills the command
+        at the budget it was handed with it)."""
         ...
 
     def close(self) -> None: ...

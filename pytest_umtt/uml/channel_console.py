@@ -4,7 +4,9 @@ The machine's first virtio console (/dev/hvc0) is served by the calendar. The ag
 blocks reading it, so an idle machine costs nothing; the host writes ``N`` there at the
 instant a test submits command N (an interrupt at that virtual instant: that is when the
 command starts), and the agent writes ``R`` when it is ready and ``D N STATUS`` when
-command N ends, which the host sees at the instant it is written (agent.sh).
+command N ends, which the host sees at the instant it is written (agent.sh). Each
+command runs in a process group of its own, so ``K N`` kills command N with what it
+started, at the instant the host writes it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class ConsoleChannel(SharedFiles):
         # The guest reads it at this very instant: that is when the command starts.
         record.started_ns = self._calendar.now
         self.device.send(f"{record.number}\n".encode())
+
+    def kill(self, record: CommandRecord) -> bool:
+        self.device.send(f"K {record.number}\n".encode())
+        return True
 
     def on_doorbell(self, value: int) -> None:
         """Doorbells are the guest's own here: the agent does not ring."""

@@ -5,6 +5,8 @@ The host writes ``cmd/N.go`` after command N's files; the agent's main loop poll
 idling starts up to that late), writes ``result``, and rings the doorbell when it is
 ready, when it starts a command after having idled (or in the background), and when a
 foreground command ends (agent.sh). The host takes every instant from those doorbells.
+The agent cannot hear the host while a foreground command runs, so a foreground command
+carries its budget (its ``timeout`` file), and the agent kills its process group then.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..devices import VirtioDevice
+from ..errors import NS_PER_S
 from .agent import Bell, decode
 from .channel import ChannelOwner, CommandRecord, SharedFiles
 
@@ -35,7 +38,15 @@ class FilesChannel(SharedFiles):
         return []
 
     def submit(self, record: CommandRecord, files: Mapping[str, bytes]) -> None:
+        if record.budget_ns is not None:
+            # The agent hears nothing while a foreground command runs: it kills the
+            # command itself at its budget (timeout(1), which kills its process group).
+            seconds, rest = divmod(record.budget_ns, NS_PER_S)
+            files = {**files, "timeout": f"{seconds}.{rest:09d}".encode()}
         self.files.submit(record.number, files, go=True)
+
+    def kill(self, record: CommandRecord) -> bool:
+        return False
 
     def on_doorbell(self, value: int) -> None:
         """The agent rang: it is ready, a command started or ended.

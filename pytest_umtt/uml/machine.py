@@ -61,6 +61,10 @@ DEFAULT_COMMAND_TIMEOUT = 24 * 3600.0
 MAX_COMMAND_TIMEOUT = 1e9
 """About 31 years of virtual time: its nanoseconds still fit the protocol's s64."""
 POWEROFF_WALL_TIMEOUT = 2.0
+KILL_GRACE_NS = NS_PER_S
+"""Virtual time a command killed at its budget has to end before its machine is stopped."""
+KILLED_STATUS = 128 + 9
+"""A command's exit status when SIGKILL ended it (the shell's way of saying so)."""
 REBOOT_MARK = b"reboot: Restarting system"
 MAX_HELD_CONSOLE = 1 << 20
 """Bytes of console output held for a timestamp before they get the run's start time."""
@@ -181,7 +185,7 @@ class BackgroundCommand:
 
     def wait(self, timeout: float | None = None) -> CommandResult:
         """Run the simulation until the command ends (at most ``timeout`` virtual seconds)."""
-        return self.machine._await_result(self.record, timeout)
+        return self.machine._await_background(self.record, timeout)
 
 
 class MachineHost(Protocol):
@@ -403,12 +407,16 @@ class Machine:
             check: bool = False) -> CommandResult:
         """Run ``command`` with /bin/sh semantics in the guest and wait for it: exit
         status, stdout and stderr apart (byte-exact), virtual start and end times.
-        ``timeout`` is in virtual seconds; the guest kills the command at that instant.
-        Without one, the command may take ``default_timeout`` before this raises."""
-        record = self._submit(command, env, cwd, timeout, background=False)
-        # The guest kills the command at ``timeout``; the host allows a second more.
-        result = self._await_result(record, None if timeout is None else timeout + 1,
-                                    foreground=True)
+
+        ``timeout`` (virtual seconds; ``default_timeout`` without one) is the command's
+        budget. As with ``subprocess.run(timeout=)``, a command that outlives it is
+        killed at that instant, with its process group in the guest, and
+        :class:`CommandTimeout` carries what it had written; the machine runs the next
+        command."""
+        _check_timeout(timeout)
+        budget = self.default_timeout if timeout is None else timeout
+        record = self._submit(command, env, cwd, None, background=False, budget=budget)
+        result = self._await_foreground(record)
         if check and not result.ok:
             raise MachineError(self.name, f"command {command!r} exited with {result.status}; "
                                f"stderr: {result.stderr.decode(errors='replace')[-2000:]}",
@@ -438,10 +446,14 @@ class Machine:
             self.state = MachineState.READY
 
     def _submit(self, command: str, env: Mapping[str, str] | None, cwd: str | None,
-                timeout: float | None, *, background: bool) -> CommandRecord:
+                timeout: float | None, *, background: bool,
+                budget: float | None = None) -> CommandRecord:
+        """Hand a command to the guest: ``timeout`` is the guest's own (timeout(1), for a
+        background command), ``budget`` the host's (for a foreground command)."""
         self._raise_if_down()
         _check_timeout(timeout)
-        record = CommandRecord(len(self._commands) + 1, command, self.sim.now_ns, background)
+        record = CommandRecord(len(self._commands) + 1, command, self.sim.now_ns, background,
+                               budget_ns=None if budget is None else seconds_to_ns(budget))
         self._commands[record.number] = record
         try:
             self.channel.submit(record, command_files(command, env, cwd, timeout, background))
@@ -451,22 +463,64 @@ class Machine:
                                self.sim.now_ns) from None
         return record
 
-    def _await_result(self, record: CommandRecord, timeout: float | None, *,
-                      foreground: bool = False) -> CommandResult:
+    def _await_foreground(self, record: CommandRecord) -> CommandResult:
+        """Wait for a foreground command; at its budget, have it killed."""
+        assert record.budget_ns is not None
+        self._wait_for(record, record.submitted_ns + record.budget_ns)
+        if not record.finished and self.channel.kill(record):
+            record.killed_ns = self.sim.now_ns
+        if not record.finished:
+            # Over the console the agent answers at once; over files it kills the
+            # command at its budget, which began when it started: allow a second more.
+            self._wait_for(record, self.sim.now_ns + KILL_GRACE_NS)
+        if not record.finished:
+            raise self._unresponsive(record)
+        result = self._read_result(record)
+        if record.killed_ns is not None or (result.status == KILLED_STATUS
+                                            and result.ended_ns - result.started_ns
+                                            >= record.budget_ns):
+            raise self._timed_out(record, result)
+        return result
+
+    def _await_background(self, record: CommandRecord, timeout: float | None) -> CommandResult:
         budget = self.default_timeout if timeout is None else timeout
-        self.sim.run_until(lambda: record.finished,
-                           deadline_ns=self.sim.now_ns + seconds_to_ns(budget), machines=(self,))
+        self._wait_for(record, self.sim.now_ns + seconds_to_ns(budget))
         if not record.finished:
             self._raise_if_down()
-            what = f"command {record.command!r} did not finish within {budget} s of virtual time"
-            tail = self.console_tail()
-            if foreground:
-                # Still running, it would hold up every later command: stop the machine.
-                self.crashed(f"stopped after command {record.command!r} outlived its budget of "
-                             f"{budget} s (virtual)")
-                what += "; the machine was stopped (later calls on it raise)"
-            raise CommandTimeout(self.name, what, self.sim.now_ns, tail, self.console_log())
+            raise CommandTimeout(self.name, f"command {record.command!r} did not finish within "
+                                 f"{budget} s of virtual time", self.sim.now_ns,
+                                 self.console_tail(), self.console_log(),
+                                 command=record.command, timeout_ns=seconds_to_ns(budget))
         return self._read_result(record)
+
+    def _wait_for(self, record: CommandRecord, deadline_ns: int) -> None:
+        self.sim.run_until(lambda: record.finished, deadline_ns=deadline_ns, machines=(self,))
+
+    def _timed_out(self, record: CommandRecord, result: CommandResult) -> CommandTimeout:
+        """The error for a command killed at its budget (the machine goes on)."""
+        assert record.budget_ns is not None
+        killed = record.killed_ns if record.killed_ns is not None else result.ended_ns
+        return CommandTimeout(
+            self.name, f"command {record.command!r} did not finish within "
+            f"{record.budget_ns / NS_PER_S:g} s of virtual time: killed with its process group "
+            f"at {format_ns(killed)} (the machine runs the next command)", killed,
+            self.console_tail(), self.console_log(), command=record.command,
+            timeout_ns=record.budget_ns, stdout=result.stdout, stderr=result.stderr)
+
+    def _unresponsive(self, record: CommandRecord) -> CommandTimeout:
+        """The error for a command that did not end when killed: the agent is stuck, and
+        a live command would hold up every later one, so the machine is stopped."""
+        self._raise_if_down()
+        assert record.budget_ns is not None
+        budget = f"{record.budget_ns / NS_PER_S:g} s"
+        tail = self.console_tail()
+        self.crashed(f"stopped after command {record.command!r} outlived its budget of "
+                     f"{budget} (virtual) and did not end when killed")
+        return CommandTimeout(self.name, f"command {record.command!r} did not finish within "
+                              f"{budget} of virtual time, nor when killed; the machine was "
+                              f"stopped (later calls on it raise)", self.sim.now_ns, tail,
+                              self.console_log(), command=record.command,
+                              timeout_ns=record.budget_ns)
 
     def _read_result(self, record: CommandRecord) -> CommandResult:
         try:
