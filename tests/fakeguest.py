@@ -19,6 +19,8 @@ time it says and nothing else:
     console TEXT     TEXT on the kernel's console, at this instant
     exit N           end with status N
     panic            the kernel panics (console line, process exit)
+    reset            a sysrq reset: its console line, then the process re-executes itself
+                     (as UML reboots: it neither waits nor leaves)
     spin             a busy loop: virtual time never moves again
     echo o > /proc/sysrq-trigger    power off (what Machine.poweroff sends)
 
@@ -154,6 +156,11 @@ class FakeGuest:
             console(rest)
         elif verb == "exit":
             return int(rest)
+        elif verb == "reset":
+            console("sysrq: Resetting")
+            # UML's connection to the calendar survives its exec, silent from then on.
+            self.client.sock.set_inheritable(True)
+            os.execv(sys.argv[0], sys.argv)
         elif verb == "panic":
             console("Kernel panic - not syncing: the fake guest was told to panic")
             os._exit(1)

@@ -5,6 +5,7 @@ and teardown, without a kernel (the whole file: about 10 s of wall time)."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,6 +121,15 @@ def test_a_panic_on_the_console_is_a_crash_with_its_cause(sim: Simulation) -> No
     machine = sim.machine("fake")
     with pytest.raises(MachineCrashed, match="Kernel panic - not syncing: the fake guest"):
         machine.run("console about to panic\npanic")
+
+
+def test_a_sysrq_reset_is_a_crash_at_once_not_a_stall(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    started = time.monotonic()
+    with pytest.raises(MachineCrashed, match=r"the guest rebooted \(sysrq reset"):
+        machine.run("reset")
+    assert time.monotonic() - started < sim.wall_timeout / 2
+    assert not machine.alive
 
 
 def test_a_guest_that_stops_time_is_stalled_within_the_wall_budget(sim: Simulation) -> None:

@@ -25,6 +25,7 @@ from pytest_umtt.errors import (
     UmttError,
 )
 from pytest_umtt.kernel import build_shim
+from pytest_umtt.rootfs import Rootfs
 from pytest_umtt.simulation import Simulation, remove_stale_directories
 from pytest_umtt.uml.console import Console
 from pytest_umtt.uml.machine import POWEROFF_WALL_TIMEOUT, Machine
@@ -118,6 +119,30 @@ def test_a_guest_reboot_is_reported_at_once(sim: Simulation) -> None:
     with pytest.raises(MachineCrashed, match="the guest rebooted"):
         rebooter.run("reboot -f")
     assert time.monotonic() - started < sim.wall_timeout
+
+
+@pytest.mark.kernel
+def test_a_sysrq_reset_is_reported_at_once(sim: Simulation) -> None:
+    resetter = sim.machine("resetter")
+    started = time.monotonic()
+    with pytest.raises(MachineCrashed, match=r"the guest rebooted \(sysrq reset") as crashed:
+        resetter.run("echo b > /proc/sysrq-trigger")
+    assert time.monotonic() - started < sim.wall_timeout / 2
+    assert "sysrq: Resetting" in crashed.value.console_tail
+    assert not resetter.alive
+
+
+@pytest.mark.kernel
+def test_reboot_on_the_pinned_root_is_reported_at_once(uml_kernel: Path, rootfs: Rootfs,
+                                                       tmp_path: Path) -> None:
+    with Simulation(kernel=uml_kernel, rootfs=rootfs, directory=tmp_path / "sim") as sim:
+        rebooter = sim.machine("rebooter")
+        if not rebooter.run("command -v reboot").ok:
+            pytest.skip("the pinned root has no reboot binary (a sysrq reset is tested above)")
+        started = time.monotonic()
+        with pytest.raises(MachineCrashed, match="the guest rebooted"):
+            rebooter.run("reboot -f")
+        assert time.monotonic() - started < sim.wall_timeout / 2
 
 
 FLOOD = """

@@ -26,6 +26,9 @@ CRASH_PATTERNS = (
     # UML re-executes itself to reboot and would come back as a new client: unsupported.
     (re.compile(r"reboot: Restarting system"), "the guest rebooted (reboot is not supported; "
      "poweroff ends a machine)"),
+    # A sysrq reset (echo b > /proc/sysrq-trigger) prints only this before UML re-executes.
+    (re.compile(r"sysrq: Resetting"), "the guest rebooted (sysrq reset; reboot is not "
+     "supported, poweroff ends a machine)"),
 )
 
 

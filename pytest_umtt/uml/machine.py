@@ -65,7 +65,10 @@ KILL_GRACE_NS = NS_PER_S
 """Virtual time a command killed at its budget has to end before its machine is stopped."""
 KILLED_STATUS = 128 + 9
 """A command's exit status when SIGKILL ended it (the shell's way of saying so)."""
-REBOOT_MARK = b"reboot: Restarting system"
+REBOOT_MARKS = (b"reboot: Restarting system", b"sysrq: Resetting")
+"""What the kernel prints before UML re-executes itself to reboot: reboot(2)'s line
+(kernel/reboot.c), or a sysrq reset's, which prints only its action (drivers/tty/sysrq.c)."""
+REBOOT_MARK_MAX = max(map(len, REBOOT_MARKS))
 MAX_HELD_CONSOLE = 1 << 20
 """Bytes of console output held for a timestamp before they get the run's start time."""
 
@@ -330,13 +333,14 @@ class Machine:
         data = self._drain_pty()
         if data is None:
             return
-        if REBOOT_MARK in self._console_tail_bytes + data:
+        window = self._console_tail_bytes + data
+        if any(mark in window for mark in REBOOT_MARKS):
             # UML re-executes itself to reboot: it would neither WAIT nor leave. Stop it.
             self.console.hold(data)
             self.console.stamp(self.sim.calendar.now)
             self.crashed("the guest rebooted")
             return
-        self._console_tail_bytes = data[-len(REBOOT_MARK):]
+        self._console_tail_bytes = window[-REBOOT_MARK_MAX:]
         if self.client is not None and self.client is self.sim.calendar.runner:
             self.console.hold(data)
             if self.console.held_bytes > MAX_HELD_CONSOLE:
