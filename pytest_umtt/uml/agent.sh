@@ -1,7 +1,8 @@
 #!/bin/bash
 # pytest-umtt guest agent: init of every UML machine.
 #
-# Its host side is pytest_umtt/agent.py (the same kinds and layout). The machine
+# Its host side is pytest_umtt/uml/agent.py (the same kinds and layout) and the two
+# channels, uml/channel_files.py and uml/channel_console.py. The machine
 # directory is mounted read-write at /mnt. The host writes a command into cmd/N/ and
 # then cmd/N.go, always while the simulation is paused, so a run never depends on host
 # speed (DESIGN.md fact 8).
