@@ -19,9 +19,10 @@
 # host writes "N" there at the instant a test submits command N (an interrupt at that
 # virtual instant), and the agent answers "D N STATUS" when it ends: no polling, no
 # doorbell, and an idle machine costs nothing. Each command runs in a process group of
-# its own while the agent goes on reading hvc0, so a kill request "K N" (the host sends
-# it when a command outlives its budget) ends the command with everything it started
-# that stayed in its group, and the agent answers "D N 137".
+# its own; foreground commands run in a second, long-lived shell, so the agent goes on
+# reading hvc0 while one runs, and a kill request "K N" (the host sends it when a
+# command outlives its budget) kills command N's group: the command and everything it
+# started that stayed in its group. Its end, "D N 137", follows as for any command.
 #
 # Over the polled files the agent hears nothing while a foreground command runs: the
 # host writes the command's budget into its "timeout" file, and timeout(1) (which makes
@@ -35,6 +36,7 @@
 X=/mnt
 BELL=/sys/kernel/um-ext-time/bc-message
 IDLE=/run/umtt-idle
+GROUP=/run/umtt-group
 READY=1 DONE=2 STARTED=3  # agent.Bell
 IDLE_MIN_US=1000
 IDLE_MAX_US=${UMTT_IDLE_MAX_US:-100000}
@@ -77,7 +79,9 @@ run_one() {
     local dir=$1 cwd=/
     [ -e "$dir/cwd" ] && cwd=$(<"$dir/cwd")
     (
-        exec 3>&- 4>&-
+        exec 3>&- 4>&- 5>&- 6>&-
+        # A foreground command over the console says which process group it leads.
+        [ -n "${2:-}" ] && echo "$2 $BASHPID" > "$GROUP"
         if [ -e "$dir/env" ]; then
             while IFS= read -r -d '' assignment; do export "$assignment"; done < "$dir/env"
         fi
@@ -91,35 +95,58 @@ run_one() {
 }
 
 serve_console() {
-    local n kill leaders=()
+    local n kill
     # raw: no echo, no line editing, bytes as they are (one process, once). The hvc
     # driver resets the modes when the last descriptor closes: set them on ours.
     exec 4<>/dev/hvc0
     stty raw -echo <&4
-    # Job control: every command started with & leads a process group of its own.
+    # Job control: every command leads a process group of its own.
     set -m
+    # Pipes to and from it, made by bash itself (no mkfifo process); bash's notices of
+    # killed jobs would go to the kernel's console.
+    coproc FOREGROUND { serve_foreground 2> /dev/null; }
+    exec 5>&"${FOREGROUND[1]}" 6<&"${FOREGROUND[0]}"
     echo R >&4
     while read -r -u 4 n kill; do
         [[ $kill =~ ^[0-9]{0,9}$ ]] || continue
         if [ "$n" = K ]; then
-            stop_group "$kill"
-            continue
+            stop_foreground "$kill"
+        elif [[ $n =~ ^[0-9]{1,9}$ ]] && [ -e "$X/cmd/$n/background" ]; then
+            { run_one "$X/cmd/$n"; echo "D $n $status" > /dev/hvc0; } 4>&- 5>&- 6>&- &
+            disown
+        elif [[ $n =~ ^[0-9]{1,9}$ ]]; then
+            echo "$n" >&5
         fi
-        [[ $n =~ ^[0-9]{1,9}$ ]] || continue
-        { run_one "$X/cmd/$n"; echo "D $n $status" > /dev/hvc0; } 4>&- &
-        leaders[n]=$!
-        # Forgotten by the job table (its end is reported above), so no "Killed" notice.
-        disown
     done
 }
 
-# Kill request for command $1: its whole process group, then its end, as SIGKILL's status.
-stop_group() {
-    local leader=${leaders[$1]:-}
-    [ -n "$leader" ] || return
-    unset "leaders[$1]"
-    kill -KILL -- "-$leader" 2> /dev/null
-    echo "D $1 137" >&4
+# Foreground commands one after the other, while the loop above goes on reading hvc0:
+# it passes them on, and kills the one running when the host asks.
+serve_foreground() {
+    local n
+    set -m
+    while read -r n; do
+        run_one "$X/cmd/$n" "$n"
+        echo "$n done" > "$GROUP"
+        echo "D $n $status" >&4
+    done
+}
+
+# Kill request for foreground command $1: its whole process group. Until the command
+# has said which group it leads, wait a virtual millisecond at a time (on fd 6, the
+# foreground shell's output, where nothing comes).
+stop_foreground() {
+    local tries n group
+    [ -n "$1" ] || return
+    for (( tries = 0; tries < 1000; tries++ )); do
+        read -r n group < "$GROUP" 2> /dev/null
+        if [ "${n:-0}" = "$1" ]; then
+            [ "$group" = done ] || kill -KILL -- "-$group" 2> /dev/null
+            return
+        fi
+        (( ${n:-0} > $1 )) && return
+        read -r -t 0.001 -u 6 _
+    done
 }
 
 serve() {
