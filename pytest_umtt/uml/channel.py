@@ -36,6 +36,10 @@ class CommandRecord:
     """The exit status as the channel carried it; None: it is in the ``result`` file."""
     budget_ns: int | None = None
     """How long a foreground command may take; past it, it is killed."""
+    budget_given: bool = False
+    """Whether the caller gave that budget (``timeout=``) rather than the machine's default."""
+    guest_kills: bool = False
+    """Whether the agent was handed the budget and kills the command itself at it."""
     killed_ns: int | None = None
     """When the host asked the agent to kill it (past its budget)."""
 

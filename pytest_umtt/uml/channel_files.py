@@ -6,7 +6,8 @@ idling starts up to that late), writes ``result``, and rings the doorbell when i
 ready, when it starts a command after having idled (or in the background), and when a
 foreground command ends (agent.sh). The host takes every instant from those doorbells.
 The agent cannot hear the host while a foreground command runs, so a foreground command
-carries its budget (its ``timeout`` file), and the agent kills its process group then.
+given a timeout carries it (its ``timeout`` file), and the agent kills its process group
+then. One that outlives the machine's default budget instead stops its machine.
 """
 
 from __future__ import annotations
@@ -38,11 +39,14 @@ class FilesChannel(SharedFiles):
         return []
 
     def submit(self, record: CommandRecord, files: Mapping[str, bytes]) -> None:
-        if record.budget_ns is not None:
+        if record.budget_ns is not None and record.budget_given:
             # The agent hears nothing while a foreground command runs: it kills the
             # command itself at its budget (timeout(1), which kills its process group).
+            # Only a budget the caller gave: timeout(1) and a second bash cost two execs,
+            # which would double every command's wall time for the default day.
             seconds, rest = divmod(record.budget_ns, NS_PER_S)
             files = {**files, "timeout": f"{seconds}.{rest:09d}".encode()}
+            record.guest_kills = True
         self.files.submit(record.number, files, go=True)
 
     def kill(self, record: CommandRecord) -> bool:

@@ -419,7 +419,8 @@ class Machine:
         command."""
         _check_timeout(timeout)
         budget = self.default_timeout if timeout is None else timeout
-        record = self._submit(command, env, cwd, None, background=False, budget=budget)
+        record = self._submit(command, env, cwd, None, background=False, budget=budget,
+                              budget_given=timeout is not None)
         result = self._await_foreground(record)
         if check and not result.ok:
             raise MachineError(self.name, f"command {command!r} exited with {result.status}; "
@@ -450,14 +451,15 @@ class Machine:
             self.state = MachineState.READY
 
     def _submit(self, command: str, env: Mapping[str, str] | None, cwd: str | None,
-                timeout: float | None, *, background: bool,
-                budget: float | None = None) -> CommandRecord:
+                timeout: float | None, *, background: bool, budget: float | None = None,
+                budget_given: bool = False) -> CommandRecord:
         """Hand a command to the guest: ``timeout`` is the guest's own (timeout(1), for a
         background command), ``budget`` the host's (for a foreground command)."""
         self._raise_if_down()
         _check_timeout(timeout)
         record = CommandRecord(len(self._commands) + 1, command, self.sim.now_ns, background,
-                               budget_ns=None if budget is None else seconds_to_ns(budget))
+                               budget_ns=None if budget is None else seconds_to_ns(budget),
+                               budget_given=budget_given)
         self._commands[record.number] = record
         try:
             self.channel.submit(record, command_files(command, env, cwd, timeout, background))
@@ -473,7 +475,7 @@ class Machine:
         self._wait_for(record, record.submitted_ns + record.budget_ns)
         if not record.finished and self.channel.kill(record):
             record.killed_ns = self.sim.now_ns
-        if not record.finished:
+        if not record.finished and (record.killed_ns is not None or record.guest_kills):
             # Over the console the agent answers at once; over files it kills the
             # command at its budget, which began when it started: allow a second more.
             self._wait_for(record, self.sim.now_ns + KILL_GRACE_NS)
@@ -512,17 +514,19 @@ class Machine:
             timeout_ns=record.budget_ns, stdout=result.stdout, stderr=result.stderr)
 
     def _unresponsive(self, record: CommandRecord) -> CommandTimeout:
-        """The error for a command that did not end when killed: the agent is stuck, and
-        a live command would hold up every later one, so the machine is stopped."""
+        """The error for a command that did not end when killed, or that nothing could
+        kill: a live command would hold up every later one, so the machine is stopped."""
         self._raise_if_down()
         assert record.budget_ns is not None
         budget = f"{record.budget_ns / NS_PER_S:g} s"
+        why = ("did not end when killed" if record.killed_ns is not None or record.guest_kills
+               else "could not be killed (over polled files only a command given timeout= is)")
         tail = self.console_tail()
         self.crashed(f"stopped after command {record.command!r} outlived its budget of "
-                     f"{budget} (virtual) and did not end when killed")
+                     f"{budget} (virtual) and {why}")
         return CommandTimeout(self.name, f"command {record.command!r} did not finish within "
-                              f"{budget} of virtual time, nor when killed; the machine was "
-                              f"stopped (later calls on it raise)", self.sim.now_ns, tail,
+                              f"{budget} of virtual time and {why}; the machine was stopped "
+                              f"(later calls on it raise)", self.sim.now_ns, tail,
                               self.console_log(), command=record.command,
                               timeout_ns=record.budget_ns)
 
