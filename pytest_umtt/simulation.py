@@ -44,11 +44,9 @@ from .kernel import (
 )
 from .rootfs import Rootfs
 from .uml.confine import confinement_problem, refusal
+from .uml.launch import DEFAULT_MEM, DEFAULT_TIME_TRAVEL_START_NS, ROOTFS_FROM_MACHINE_DIR
 from .uml.machine import (
     DEFAULT_COMMAND_TIMEOUT,
-    DEFAULT_MEM,
-    DEFAULT_TIME_TRAVEL_START_NS,
-    ROOTFS_FROM_MACHINE_DIR,
     Machine,
     MachineState,
     seconds_to_ns,

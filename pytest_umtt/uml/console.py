@@ -2,7 +2,7 @@
 
 In time-travel modes UML writes console output with blocking writes, so everything a
 kernel printed before its WAIT is already in the pty then (DESIGN.md fact 5). That holds
-only while the output descriptor stays blocking: see machine.separate_console_output. Output is
+only while the output descriptor stays blocking: see launch.separate_console_output. Output is
 therefore stamped at the WAIT that ends the kernel's run: with the free run capped at
 ``max_free_run``, a stamp is at most that much later than the instant of printing.
 """
@@ -29,6 +29,9 @@ CRASH_PATTERNS = (
     # UML re-executes itself to reboot and would come back as a new client: unsupported.
     (re.compile(r"reboot: Restarting system"), "the guest rebooted (reboot is not supported; "
      "poweroff ends a machine)"),
+    # A sysrq reset (echo b > /proc/sysrq-trigger) prints only this before UML re-executes.
+    (re.compile(r"sysrq: Resetting"), "the guest rebooted (sysrq reset; reboot is not "
+     "supported, poweroff ends a machine)"),
 )
 
 
