@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pytest_umtt.kernel import default_kernel
-from pytest_umtt.uml.machine import uml_command
+from pytest_umtt.uml.launch import uml_command
 
 GUEST = """#!/bin/bash
 mount -t proc proc /proc

@@ -9,7 +9,7 @@ from pytest_umtt import Machine
 
 
 def test_first_writer_wins(uml: Machine) -> None:
-    race = ("delay() { echo 0.0$(( $(od -An -N1 -tu1 /dev/urandom) % 11 )); }; "
+    race = ("delay() { echo 0.0$(( $(od -An -N1 -tu1 /dev/urandom) % 13 )); }; "
             "(sleep $(delay); echo first >> /tmp/order) & "
             "(sleep $(delay); echo second >> /tmp/order) & wait; cat /tmp/order")
     assert uml.run(race).output.split() == ["first", "second"]

@@ -3,11 +3,13 @@
 User-Mode Linux kernels run under ``time-travel=ext`` against a calendar that lives in
 the test process. This package exports what a test or a script uses: a
 :class:`Simulation` (the clock, and machines on it), :class:`Machine` and its results,
-and the errors. The layers below have their own modules, each usable without pytest:
+the kernel reports it survived (:class:`Splat`), and the errors. The layers below have
+their own modules, each usable without pytest:
 :mod:`~pytest_umtt.wire` (the protocol's data), :mod:`~pytest_umtt.controller` (the
 calendar: clock, reactor, protocol engine, ``umtt-controller``),
 :mod:`~pytest_umtt.uml`, :mod:`~pytest_umtt.kernel` (the builder),
-:mod:`~pytest_umtt.rootfs` (the pinned guest root) and :mod:`~pytest_umtt.plugin`.
+:mod:`~pytest_umtt.rootfs` (the pinned guest root), :mod:`~pytest_umtt.signature` (a
+kernel report's signature) and :mod:`~pytest_umtt.plugin`.
 """
 
 from .errors import (
@@ -27,6 +29,7 @@ from .kconfig import KernelConfig
 from .simulation import Elapsed, MachineFactory, Simulation
 from .uml.console import ConsoleLine
 from .uml.machine import BackgroundCommand, CommandResult, ConsoleMatch, Machine, MachineState
+from .uml.splats import Splat
 
 __all__ = [
     "BackgroundCommand",
@@ -47,6 +50,7 @@ __all__ = [
     "MachineState",
     "ProtocolError",
     "Simulation",
+    "Splat",
     "StallError",
     "UmttError",
     "format_ns",

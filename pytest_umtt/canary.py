@@ -20,7 +20,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from .identity import kernel_differences, kernel_record, root_differences, root_record
 from .kernel import default_kernel, kernel_identity
 from .rootfs import build_rootfs
 from .simulation import Simulation
@@ -41,6 +43,10 @@ class CanaryResult:
     seed: int
     digest: str
     items: int
+    kernel: dict[str, Any] | None = None
+    """The kernel's identity record (:func:`pytest_umtt.identity.kernel_record`)."""
+    root: dict[str, Any] | None = None
+    """The root's identity record: digest and package versions."""
 
     @property
     def key(self) -> str:
@@ -61,7 +67,25 @@ def run_canary(kernel: Path, seed: int = 0) -> CanaryResult:
         fingerprint = sim.fingerprint()
     digest = hashlib.sha256("\n".join(fingerprint).encode()).hexdigest()
     return CanaryResult(kernel_identity(kernel).sha256, rootfs.digest, seed, digest,
-                        len(fingerprint))
+                        len(fingerprint), kernel_record(kernel), root_record(rootfs))
+
+
+def golden_mismatch(result: CanaryResult, recorded: Mapping[str, Mapping[str, Any]]) -> str:
+    """Why no golden digest applies to this host: for each recorded kernel and root, what
+    differs (source version, patches, package versions) where the golden file says."""
+    lines = [f"no golden digest for kernel/root {result.key} (this host)"]
+    for key, entry in recorded.items():
+        kernel_sha, root_digest = key.split("/")
+        kernel = entry.get("kernel") or {"sha256": kernel_sha}
+        root = entry.get("root") or {"digest": root_digest}
+        here_kernel = result.kernel or {"sha256": result.kernel_sha256}
+        here_root = result.root or {"digest": result.rootfs_digest}
+        differences = kernel_differences(kernel, here_kernel)
+        if differences and "source" not in kernel:
+            differences.append("the golden kernel's source and patches were not recorded")
+        differences += root_differences(root, here_root)
+        lines.append(f"against {key}: " + "; ".join(differences))
+    return "\n".join(lines)
 
 
 def run_in_child(kernel: Path, prefix: Sequence[str] = (),

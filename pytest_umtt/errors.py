@@ -94,7 +94,23 @@ class MachineStalled(MachineError):
 
 
 class CommandTimeout(MachineError):
-    """A command did not finish within its virtual timeout."""
+    """A command did not finish within its virtual timeout: ``command``, its budget
+    (``timeout`` seconds, ``timeout_ns`` exact) and what it had written when it was
+    stopped (``stdout``, ``stderr``); ``now`` is when it was killed."""
+
+    def __init__(self, machine: str, what: str, now_ns: int, console_tail: str = "",
+                 log: str | None = None, *, command: str = "", timeout_ns: int = 0,
+                 stdout: bytes = b"", stderr: bytes = b"") -> None:
+        super().__init__(machine, what, now_ns, console_tail, log)
+        self.command = command
+        self.timeout_ns = timeout_ns
+        self.stdout = stdout
+        self.stderr = stderr
+
+    @property
+    def timeout(self) -> float:
+        """The command's budget, in virtual seconds."""
+        return self.timeout_ns / NS_PER_S
 
 
 class ExpectTimeout(MachineError):
@@ -133,6 +149,11 @@ class ClockError(_AtVirtualTime, UmttError):
     def when(self) -> float:
         """The instant it was asked to go to, in virtual seconds."""
         return self.when_ns / NS_PER_S
+
+
+class BundleError(UmttError):
+    """A replay bundle cannot be written or replayed: the message names the bundle and
+    the member (or file) that is wrong, and what to do."""
 
 
 class ConfinementError(UmttError):

@@ -65,6 +65,9 @@ UML_MARKER = b"UML"
 SHIM_NAME = "libumtt_getrandom.so"
 PATCHES_FILE = "patches"
 """Beside a built kernel: the names of the patches its source carried, one per line."""
+SOURCE_FILE = "source"
+"""Beside a built kernel: one line naming its source (Debian package and version, or tree)."""
+BUILD_LOG = "build.log"
 LOG_TAIL_LINES = 25
 
 
@@ -419,7 +422,7 @@ def _build_and_publish(source: KernelSource, merged: MergedConfig, final_dir: Pa
             f"building Linux {source.version} for UML ({variant})", stream))
         for option in missed:
             say(f"warning: {option}: olddefconfig did not keep it (a dependency UML lacks?)")
-        _publish(objdir, final_dir, log, source.patches,
+        _publish(objdir, final_dir, log, source,
                  {"variant": variant, "requested": merged.requested, "did_not_take": missed})
 
 
@@ -515,13 +518,14 @@ def _check_config(config_text: str, merged: MergedConfig, log: Path) -> None:
                                + ", ".join(wrong), log, _tail(log))
 
 
-def _publish(objdir: Path, final_dir: Path, log: Path, patches: Sequence[str],
+def _publish(objdir: Path, final_dir: Path, log: Path, source: KernelSource,
              variant: dict[str, object]) -> None:
     with staging_beside(final_dir) as staging:
         shutil.copy2(objdir / "linux", staging / "linux")
-        (staging / PATCHES_FILE).write_text("".join(f"{name}\n" for name in patches))
+        (staging / PATCHES_FILE).write_text("".join(f"{name}\n" for name in source.patches))
+        (staging / SOURCE_FILE).write_text(source_description(source) + "\n")
         shutil.copy2(objdir / ".config", staging / "config")
-        shutil.copy2(log, staging / "build.log")
+        shutil.copy2(log, staging / BUILD_LOG)
         modules = objdir / MODULES_STAGING / "lib" / "modules"
         if modules.is_dir():
             shutil.copytree(modules, staging / MODULES_DIR, symlinks=True,
@@ -529,6 +533,14 @@ def _publish(objdir: Path, final_dir: Path, log: Path, patches: Sequence[str],
         (staging / VARIANT_FILE).write_text(json.dumps(variant, indent=2) + "\n")
         shutil.rmtree(final_dir, ignore_errors=True)
         staging.rename(final_dir)
+
+
+def source_description(source: KernelSource) -> str:
+    """One line naming a kernel's source: ``linux-source-6.12 6.12.118-1~deb12u1`` for
+    Debian's package, else the tree's version, path and git state."""
+    if source.default:
+        return f"{DEBIAN_SOURCE_PACKAGE} {source.version}"
+    return f"Linux {source.version} from {source.identity.replace(chr(10), ' ')}"
 
 
 def modules_dir(kernel: Path) -> Path | None:
@@ -585,6 +597,8 @@ class KernelIdentity:
     the guest loads them, so they are part of the run."""
     variant: str = "default"
     """What was asked of the kernel beside pytest-umtt's fragment (``variant.json``)."""
+    source: str | None = None
+    """Where it was built from (:func:`source_description`), if its build left a record."""
 
     @property
     def pinned(self) -> bool:
@@ -600,10 +614,12 @@ class KernelIdentity:
 
     @property
     def provenance(self) -> str:
-        """Which of pytest-umtt's patches the kernel was built with, as far as known."""
+        """Its source and which of pytest-umtt's patches it was built with, as far as
+        known."""
+        source = f"from {self.source}" if self.source else "source not recorded"
         if self.patches:
-            return f"built with pytest-umtt's patches: {' '.join(self.patches)}"
-        return "no record of pytest-umtt's patches beside it"
+            return f"{source}, built with pytest-umtt's patches: {' '.join(self.patches)}"
+        return f"{source}; no record of pytest-umtt's patches beside it"
 
 
 FileVersion = tuple[Path, int, int]
@@ -629,7 +645,7 @@ def kernel_identity(path: Path) -> KernelIdentity:
         _identities[key] = KernelIdentity(banner, hashlib.sha256(data).hexdigest(),
                                           _patches_beside(path),
                                           None if modules is None else tree_digest(modules),
-                                          _variant_beside(path))
+                                          _variant_beside(path), source_beside(path))
     return _identities[key]
 
 
@@ -672,6 +688,31 @@ def _patches_beside(kernel: Path) -> tuple[str, ...]:
         return tuple((kernel.resolve().parent / PATCHES_FILE).read_text().split())
     except OSError:
         return ()
+
+
+BUILT_FROM = re.compile(r"^\$ make -C (\S+)")
+DEBIAN_TREE = re.compile(rf"^({re.escape(DEBIAN_SOURCE_PACKAGE)})_([^+/]+)(\+umtt-\w+)?$")
+
+
+def source_beside(kernel: Path) -> str | None:
+    """What ``umtt-kernel build`` recorded about a kernel's source next to it: the
+    ``source`` file, or (kernels built before it was written) the tree its build log
+    names."""
+    directory = kernel.resolve().parent
+    try:
+        return (directory / SOURCE_FILE).read_text().strip() or None
+    except OSError:
+        pass
+    try:
+        with (directory / BUILD_LOG).open(errors="replace") as log:
+            found = BUILT_FROM.match(log.readline())
+    except OSError:
+        return None
+    if found is None:
+        return None
+    tree = Path(found.group(1)).name
+    debian = DEBIAN_TREE.match(tree)
+    return f"{debian.group(1)} {debian.group(2)}" if debian else f"Linux tree {tree}"
 
 
 def default_kernel() -> Path | None:

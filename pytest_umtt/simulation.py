@@ -44,11 +44,9 @@ from .kernel import (
 )
 from .rootfs import Rootfs
 from .uml.confine import confinement_problem, refusal
+from .uml.launch import DEFAULT_MEM, DEFAULT_TIME_TRAVEL_START_NS, ROOTFS_FROM_MACHINE_DIR
 from .uml.machine import (
     DEFAULT_COMMAND_TIMEOUT,
-    DEFAULT_MEM,
-    DEFAULT_TIME_TRAVEL_START_NS,
-    ROOTFS_FROM_MACHINE_DIR,
     Machine,
     MachineState,
     seconds_to_ns,
@@ -109,6 +107,12 @@ def _make_directory(explicit: str | os.PathLike[str] | None) -> Path:
                         f"(TMPDIR={os.environ.get('TMPDIR', 'unset')}): {exc}") from None
     (path / OWNER_FILE).write_text(_owner_stamp(os.getpid()))
     return path
+
+
+def owned_directory() -> Path:
+    """A new directory under TMPDIR, stamped with this process, that a later session's
+    :func:`remove_stale_directories` removes if this process dies without doing so."""
+    return _make_directory(None)
 
 
 def _owner_stamp(pid: int) -> str:
@@ -214,6 +218,7 @@ class Simulation:
         rootfs: Rootfs | None = None,
         confine: bool = True,
         decisions: Decisions | None = None,
+        shim: Path | None = None,
     ) -> None:
         self.kernel = None if kernel is None else Path(kernel)
         self.confined = _confinement(confine)
@@ -231,7 +236,8 @@ class Simulation:
         self.decisions = Decisions() if decisions is None else decisions
         """Every perturbed decision of the run (ties and doorbells with ``perturb``, a
         seeded network's losses and reorderings), and which of them to apply."""
-        self.shim = build_shim() if deterministic else None  # first: it may fail
+        # First: building it may fail. A replay brings its own (shim=), built elsewhere.
+        self.shim = shim if shim is not None else build_shim() if deterministic else None
         self._own_directory = directory is None
         self.directory = _make_directory(directory)
         self.calendar = Calendar(shm=shm, max_free_run=max_free_run_ns,

@@ -9,6 +9,7 @@ workers, and only the controller sees both.
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,6 +23,10 @@ FINGERPRINT = "umtt_fingerprint"
 """User property: the digest of a determinism run's fingerprint (with its run number)."""
 EXPLORED_SEED = "umtt_explored_seed"
 """User property: the seed of an ``--umtt-explore`` item."""
+SPLATS = "umtt_splats"
+"""User property, once per test phase that saw kernel splats: JSON ``[[signature,
+reason, count]]`` (reason null: they failed the test)."""
+SIGNATURES_LISTED = 10
 SIGNATURE = "umtt_signature"
 """User property: a failed test's failure signature (:func:`.triage.failure_signature`)."""
 
@@ -62,6 +67,10 @@ class Summary:
     """What ``--umtt-shrink`` found, one entry per failing test (see plugin/triage.py)."""
     reproduce_options: str = ""
     """Options a reproduce command needs besides the seed (``--umtt-perturb``)."""
+    splats_failed: dict[str, list[str]] = field(default_factory=dict)
+    """Signature of each splat that failed a test: the tests it failed."""
+    splats_allowed: dict[str, list[str]] = field(default_factory=dict)
+    """Signature of each splat a marker or option let pass: the tests it was seen in."""
 
     def add_simulation(self, virtual_ns: int, wall_seconds: float) -> None:
         self.simulations += 1
@@ -90,6 +99,26 @@ class Summary:
             lines += self._explore_lines(nodeid, outcomes, self.reproduce_options)
         for shrink in self.shrinks:
             lines += shrink_lines(shrink)
+        return lines + self._splat_lines()
+
+    def _splat_lines(self) -> list[str]:
+        """How many splats failed tests and how many were allowed, by signature (the
+        same bug in several tests is one line)."""
+        failed = sum(map(len, self.splats_failed.values()))
+        allowed = sum(map(len, self.splats_allowed.values()))
+        if not failed and not allowed:
+            return []
+        tests = len({nodeid for nodeids in self.splats_failed.values() for nodeid in nodeids})
+        counts = ([f"{failed} failed {tests} test{'s' if tests != 1 else ''}"] if failed else []
+                  ) + ([f"{allowed} allowed"] if allowed else [])
+        lines = [f"kernel splats: {', '.join(counts)}"]
+        for label, table in (("failed", self.splats_failed), ("allowed", self.splats_allowed)):
+            ranked = sorted(table.items(), key=lambda entry: -len(entry[1]))
+            for signature, nodeids in ranked[:SIGNATURES_LISTED]:
+                lines.append(f"  {label} {len(nodeids)}x {signature} (first in {nodeids[0]}"
+                             f"{'' if len(set(nodeids)) == 1 else ', and others'})")
+            if len(ranked) > SIGNATURES_LISTED:
+                lines.append(f"  ... {len(ranked) - SIGNATURES_LISTED} more {label} signatures")
         return lines
 
     @staticmethod
@@ -152,11 +181,20 @@ class SummaryReporter:
         properties = dict(report.user_properties)
         if report.when == "teardown" and FINGERPRINT in properties:
             self._pair(report.nodeid, str(properties[FINGERPRINT]))
+        if report.when == "teardown":  # it carries every phase's splats
+            for name, value in report.user_properties:
+                if name == SPLATS:
+                    self._count_splats(report.nodeid, str(value))
         if EXPLORED_SEED in properties and (report.when == "call" or
                                             (report.when == "setup" and report.failed)):
             self.summary.explored.setdefault(self._base_nodeid(report.nodeid), []).append(
                 Explored(int(str(properties[EXPLORED_SEED])), report.failed,
                          str(properties.get(SIGNATURE, ""))))
+
+    def _count_splats(self, nodeid: str, recorded: str) -> None:
+        for signature, reason, count in json.loads(recorded):
+            table = self.summary.splats_failed if reason is None else self.summary.splats_allowed
+            table.setdefault(str(signature), []).extend([nodeid] * int(count))
 
     def _pair(self, nodeid: str, digest: str) -> None:
         key = nodeid.replace("determinism-1", "determinism").replace("determinism-2",

@@ -1,7 +1,9 @@
 """``umtt-trace``: read the protocol traces pytest-umtt writes (JSON lines).
 
 - ``umtt-trace show TRACE`` prints a readable timeline;
-- ``umtt-trace diff A B`` prints the first divergence with context (exit 1 if any);
+- ``umtt-trace diff A B`` prints the first divergence: its virtual time, machine, kind and
+  both values, with the console lines around it (exit 1 if any); A and B are trace files
+  or tests' artifacts directories (then console lines and command results count too);
 - ``umtt-trace perfetto TRACE -o OUT.json`` exports Chrome/Perfetto trace JSON: a track
   per machine, a slice for each stretch it ran, an instant for each doorbell.
 """
@@ -15,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .divergence import FINGERPRINT_FILE, first_divergence
 from .errors import format_ns
-from .simulation import first_difference
 
 
 def load(path: Path) -> list[dict[str, Any]]:
@@ -29,6 +31,18 @@ def load(path: Path) -> list[dict[str, Any]]:
             raise SystemExit(f"umtt-trace: {path}:{number}: not a trace line ({exc.msg})") \
                 from None
     return events
+
+
+def run_items(path: Path) -> list[str]:
+    """What ``diff`` compares: a test's artifacts directory gives its whole run (its
+    ``fingerprint.txt``: protocol, devices, console lines and command results, each with
+    its virtual time), a trace file its protocol and device events."""
+    if path.is_dir():
+        whole = path / FINGERPRINT_FILE
+        if whole.is_file():
+            return whole.read_text().split("\n")
+        path = path / "trace.jsonl"
+    return [json.dumps(event, sort_keys=True) for event in load(path)]
 
 
 def describe(event: dict[str, Any]) -> str:
@@ -88,11 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe(event))
         return 0
     if args.command == "diff":
-        first = [describe(e) for e in load(args.first)]
-        second = [describe(e) for e in load(args.second)]
-        difference = first_difference(first, second)
-        print(difference or f"identical: {len(first)} events")
-        return 0 if difference is None else 1
+        first, second = run_items(args.first), run_items(args.second)
+        divergence = first_divergence(first, second, labels=(str(args.first),
+                                                              str(args.second)))
+        print(divergence or f"identical: {len(first)} events")
+        return 0 if divergence is None else 1
     args.output.write_text(json.dumps(to_perfetto(load(args.trace))))
     print(f"wrote {args.output} (open it in https://ui.perfetto.dev)")
     return 0

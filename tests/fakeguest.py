@@ -6,7 +6,8 @@ confinement. It speaks the kernel's side of the time-travel protocol with the re
 client (declining shared memory), and the polling agent's side of the command channel
 (pytest_umtt/uml/agent.sh): it looks for ``cmd/N.go``, runs command N, writes
 ``stdout``, ``stderr`` and ``result``, and rings the doorbell with ``(N << 8) | kind``
-exactly where the agent does.
+exactly where the agent does. A command with a ``timeout`` file is killed that long
+after it started, with status 137 and the output it had written, as timeout(1) does.
 
 Commands are a small script language, one statement per line, each taking the virtual
 time it says and nothing else:
@@ -14,9 +15,12 @@ time it says and nothing else:
     echo TEXT        TEXT and a newline on stdout
     warn TEXT        TEXT and a newline on stderr
     sleep SECONDS    virtual time passes
+    unkillable SECONDS   virtual time passes, whatever the command's timeout says
     console TEXT     TEXT on the kernel's console, at this instant
     exit N           end with status N
     panic            the kernel panics (console line, process exit)
+    reset            a sysrq reset: its console line, then the process re-executes itself
+                     (as UML reboots: it neither waits nor leaves)
     spin             a busy loop: virtual time never moves again
     echo o > /proc/sysrq-trigger    power off (what Machine.poweroff sends)
 
@@ -56,6 +60,8 @@ class Command:
     stdout: list[str] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
     background: bool = False
+    deadline: int | None = None
+    killed: bool = False
 
 
 class FakeGuest:
@@ -101,6 +107,9 @@ class FakeGuest:
         self.idle = IDLE_MIN
         lines = iter((directory / "command").read_text().splitlines())
         command = Command(number, directory, lines, background=(directory / "background").exists())
+        budget = directory / "timeout"
+        if budget.exists():
+            command.deadline = self.client.time + round(float(budget.read_text()) * S)
         if command.background or self.idled:
             self.ring(number, Bell.STARTED)
         self.idled = False
@@ -119,13 +128,18 @@ class FakeGuest:
 
     def _step(self, command: Command) -> None:
         """Run statements until one takes time (it is parked) or the command ends."""
+        if command.killed:
+            self._finish(command, 128 + 9)
+            return
         for line in command.lines:
             verb, _, rest = line.strip().partition(" ")
             if line.strip() == POWEROFF_COMMAND:
                 raise PowerOff
-            if verb == "sleep":
-                heapq.heappush(self.running, (self.client.time + round(float(rest) * S),
-                                              command.number, command))
+            if verb in ("sleep", "unkillable"):
+                wake = self.client.time + round(float(rest) * S)
+                if verb == "sleep" and command.deadline is not None and wake > command.deadline:
+                    wake, command.killed = command.deadline, True
+                heapq.heappush(self.running, (wake, command.number, command))
                 return
             status = self._statement(command, verb, rest)
             if status is not None:
@@ -142,6 +156,11 @@ class FakeGuest:
             console(rest)
         elif verb == "exit":
             return int(rest)
+        elif verb == "reset":
+            console("sysrq: Resetting")
+            # UML's connection to the calendar survives its exec, silent from then on.
+            self.client.sock.set_inheritable(True)
+            os.execv(sys.argv[0], sys.argv)
         elif verb == "panic":
             console("Kernel panic - not syncing: the fake guest was told to panic")
             os._exit(1)

@@ -11,6 +11,8 @@ import pytest
 
 from pytest_umtt.controller import Calendar, StopReason, Trace
 from pytest_umtt.controller.perturb import Perturbation
+from pytest_umtt.divergence import first_divergence
+from pytest_umtt.errors import format_ns
 from pytest_umtt.simulation import first_difference
 from pytest_umtt.tracetool import main as trace_main
 from pytest_umtt.wire import Op
@@ -98,6 +100,55 @@ def test_first_difference_shows_both_sides() -> None:
     assert shorter is not None and "(ends here)" in shorter
 
 
+def _run(console: list[tuple[int, str]], status: int) -> list[str]:
+    """A two-machine fingerprint as Simulation.fingerprint writes one."""
+    protocol = [json.dumps({"client": client, "detail": "", "kind": kind, "now": now,
+                            "op": op, "seq": 1, "time": now}, sort_keys=True)
+                for now, client, kind, op in ((0, "a", "rx", "START"), (0, "b", "rx", "START"),
+                                              (900, "b", "tx", "RUN"))]
+    lines = [f"console a [{format_ns(t)}] {text}" for t, text in console]
+    return [*protocol, *lines, f"result a 'cat /x' status={status} 0.000000500 s.."
+            f"0.000000800 s stdout=0:e3b0c44298fc1c14 stderr=0:e3b0c44298fc1c14"]
+
+
+def test_the_first_divergence_names_time_machine_kind_values_and_console() -> None:
+    same = [(100, "boot 1"), (200, "boot 2"), (300, "ready"), (900, "late")]
+    assert first_divergence(_run(same, 0), _run(same, 0)) is None
+    other = [(100, "boot 1"), (200, "boot 2"), (300, "ready"), (700, "oops"), (900, "late")]
+    divergence = first_divergence(_run(same, 0), _run(other, 1), labels=("run A", "run B"))
+    assert divergence is not None
+    assert str(divergence).split("\n") == [
+        "first divergence at virtual time 0.000000500 s on a: command result (event 5 of the "
+        "timeline)",
+        "  run A: [0.000000500 s] a command result: 'cat /x' status=0 ended at 0.000000800 s "
+        "stdout=0:e3b0c44298fc1c14 stderr=0:e3b0c44298fc1c14",
+        "  run B: [0.000000500 s] a command result: 'cat /x' status=1 ended at 0.000000800 s "
+        "stdout=0:e3b0c44298fc1c14 stderr=0:e3b0c44298fc1c14",
+        "  a's console around it, run A:",
+        "    [0.000000100 s] boot 1", "    [0.000000200 s] boot 2",
+        "    [0.000000300 s] ready", "    [0.000000900 s] late",
+        "  a's console around it, run B:",
+        "    [0.000000100 s] boot 1", "    [0.000000200 s] boot 2", "    [0.000000300 s] ready",
+        "    [0.000000700 s] oops", "    [0.000000900 s] late"]
+    # A run that stops early diverges where it ended.
+    shorter = first_divergence(["console a [0.000000100 s] x", "console a [0.000000200 s] y"],
+                               ["console a [0.000000100 s] x"])
+    assert shorter is not None and "  second run: (the run ended)" in str(shorter)
+    assert str(shorter).startswith("first divergence at virtual time 0.000000200 s on a: "
+                                   "console line")
+
+
+def test_trace_diff_of_two_artifacts_directories_counts_console_lines(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name, lines in (("a", [(100, "x")]), ("b", [(100, "y")])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "fingerprint.txt").write_text("\n".join(_run(lines, 0)))
+    assert trace_main(["diff", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("first divergence at virtual time 0.000000100 s on a: console line")
+    assert "[0.000000100 s] a console line: y" in out
+
+
 def traced_run(connect: Connect, path: Path, first: int) -> Path:
     trace = Trace()
     with Calendar(trace=trace) as calendar:
@@ -117,7 +168,11 @@ def test_trace_tool_show_diff_and_perfetto(connect: Connect, tmp_path: Path,
     assert trace_main(["diff", str(one), str(one)]) == 0
     assert "identical" in capsys.readouterr().out
     assert trace_main(["diff", str(one), str(two)]) == 1
-    assert "first difference" in capsys.readouterr().out
+    diverged = capsys.readouterr().out.split("\n")
+    assert diverged[:3] == [
+        "first divergence at virtual time 0.000000500 s on m1: protocol run (event 6 of the "
+        "timeline)", f"  {one}: [0.000000500 s] m1 protocol run",
+        f"  {two}: [0.000000600 s] m1 protocol run"]
     out = tmp_path / "perfetto.json"
     assert trace_main(["perfetto", str(one), "-o", str(out)]) == 0
     slices = [e for e in json.loads(out.read_text())["traceEvents"] if e["ph"] == "X"]
@@ -149,7 +204,11 @@ def test_check_determinism_passes_same_runs_and_shows_where_others_part(
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-check-determinism")
     result.assert_outcomes(passed=4, errors=1)
     result.stdout.fnmatch_lines([
-        "*not deterministic: two runs with one seed differ; first difference at item *",
+        "E * not deterministic: two runs with one seed differ; first divergence at virtual "
+        "time 0.* s on uml: command result *",
+        "E * first run: [[]0.* s[]] uml command result: 'sleep 0.1' status=0 ended at 0.1*",
+        "E * second run: [[]0.* s[]] uml command result: 'sleep 0.2' status=0 ended at 0.2*",
+        "E * uml's console around it, first run:",
         "*determinism: 2 tests run twice, 1 differed*",
         "*differs: test_check_determinism_passes_same_runs_and_shows_where_others_part.py"
         "::test_host_dependent*",

@@ -5,6 +5,7 @@ and teardown, without a kernel (the whole file: about 10 s of wall time)."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,18 +82,57 @@ def test_background_commands_overlap(sim: Simulation) -> None:
     assert result.ended_ns - slow.started_ns == 3 * S
 
 
-def test_a_command_over_its_budget_stops_the_machine(sim: Simulation) -> None:
+def test_a_command_over_its_budget_is_killed_and_the_machine_goes_on(sim: Simulation) -> None:
     machine = sim.machine("fake")
-    with pytest.raises(CommandTimeout, match="did not finish within 2 s"):
-        machine.run("sleep 10", timeout=1)
-    with pytest.raises(MachineCrashed, match="outlived its budget"):
+    submitted = sim.now_ns
+    with pytest.raises(CommandTimeout, match="did not finish within 1 s") as timed_out:
+        machine.run("echo before\nwarn half\nsleep 10\necho never", timeout=1)
+    error = timed_out.value
+    assert (error.command, error.timeout, error.timeout_ns) == (
+        "echo before\nwarn half\nsleep 10\necho never", 1.0, S)
+    assert (error.stdout, error.stderr) == (b"before\n", b"half\n")
+    assert error.now_ns - submitted == S
+    after = machine.run("echo ok")
+    assert after.output == "ok\n" and after.started_ns == submitted + S
+
+
+def test_over_files_the_default_budget_stops_the_machine(sim: Simulation) -> None:
+    machine = sim.machine("fake", default_timeout=5)
+    with pytest.raises(CommandTimeout, match="within 5 s of virtual time and could not be "
+                       "killed") as timed_out:
+        machine.run("sleep 1\nsleep 100")
+    assert timed_out.value.now == 5.0
+    with pytest.raises(MachineCrashed, match="only a command given timeout= is"):
+        machine.run("exit 4")
+
+
+def test_a_command_that_survives_its_kill_stops_the_machine(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    with pytest.raises(CommandTimeout, match="did not end when killed; the machine was stopped"):
+        machine.run("unkillable 100", timeout=1)
+    assert not machine.alive
+    with pytest.raises(MachineCrashed, match="did not end when killed"):
         machine.run("echo")
+
+
+def test_a_command_killed_before_its_budget_is_no_timeout(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    assert machine.run("sleep 1\nexit 137", timeout=2).status == 137
 
 
 def test_a_panic_on_the_console_is_a_crash_with_its_cause(sim: Simulation) -> None:
     machine = sim.machine("fake")
     with pytest.raises(MachineCrashed, match="Kernel panic - not syncing: the fake guest"):
         machine.run("console about to panic\npanic")
+
+
+def test_a_sysrq_reset_is_a_crash_at_once_not_a_stall(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    started = time.monotonic()
+    with pytest.raises(MachineCrashed, match=r"the guest rebooted \(sysrq reset"):
+        machine.run("reset")
+    assert time.monotonic() - started < sim.wall_timeout / 2
+    assert not machine.alive
 
 
 def test_a_guest_that_stops_time_is_stalled_within_the_wall_budget(sim: Simulation) -> None:

@@ -14,13 +14,13 @@ import pytest_umtt
 
 PACKAGE = Path(pytest_umtt.__file__).parent
 LAYERS = [
-    {"errors", "wire", "cache"},
+    {"errors", "wire", "signature"},
     {"controller"},
     {"devices"},
     {"uml"},
-    {"cache", "kconfig", "kernel", "rootfs", "ktap"},
+    {"cache", "kconfig", "kernel", "rootfs", "ktap", "identity"},
     {"simulation"},
-    {"canary", "kselftest", "summary", "tracetool", "triage"},
+    {"canary", "kselftest", "summary", "tracetool", "divergence", "bundle", "triage"},
     {"plugin", "hookspecs"},
 ]
 """Each set may import its own members' siblings and every set before it."""

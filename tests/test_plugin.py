@@ -22,6 +22,11 @@ pytestmark = pytest.mark.kernel
     (["--umtt-mem=lots"], "--umtt-mem: expected a size like 64M or 1G, got 'lots'"),
     (["--umtt-wall-timeout=-3"], "--umtt-wall-timeout: expected a number of seconds above 0"),
     (["--uml-kernel=/nonexistent/linux"], "--uml-kernel: no kernel at '/nonexistent/linux'"),
+    (["--umtt-bundle=sometimes", "--umtt-artifacts=a"],
+     "--umtt-bundle: expected one of always, failed, never, got 'sometimes'"),
+    (["--umtt-bundle=always"], "--umtt-bundle=always needs --umtt-artifacts=DIR"),
+    (["--umtt-replay=nothing.umtt-bundle"], "--umtt-replay: no replay bundle at "
+                                           "'nothing.umtt-bundle'"),
 ])
 def test_bad_option_values_are_usage_errors(pytester: pytest.Pytester, args: list[str],
                                             message: str) -> None:
@@ -74,7 +79,11 @@ def test_header_names_kernel_and_seed(pytester: pytest.Pytester, kernel_args: li
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-seed=5")
     result.stdout.fnmatch_lines(["umtt: kernel *linux",
                                  "      Linux version 6.12* #1 1970-01-01 * (sha256:*)",
-                                 "umtt: guest root pinned sha256:* (* Debian packages, *)",
+                                 "      from linux-source-6.12 6.12.*, built with pytest-umtt's "
+                                 "patches: 0001-* 0002-*",
+                                 "umtt: guest root pinned sha256:* (* Debian packages: libc6 *"
+                                 ", bash *, ...)",
+                                 "      */rootfs.cpio",
                                  "umtt: seed 5 (--umtt-seed), guest entropy seeded by the "
                                  "getrandom shim"])
 
@@ -151,12 +160,12 @@ def test_failure_report_has_console_protocol_and_reproduce(pytester: pytest.Pyte
     pytester.makepyfile("""
         def test_fails(uml):
             uml.run("echo from-the-guest > /dev/kmsg")
-            assert uml.run("false").ok
+            assert uml.run("printf 'one\\ntwo\\n'; echo oops >&2; false").ok
     """)
     artifacts = pytester.path / "artifacts"
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-seed=4",
                                            f"--umtt-artifacts={artifacts}",
-                                           "--junitxml=report.xml")
+                                           "--junitxml=report.xml", "-v")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
         "*umtt console: uml (*console.log)*",
@@ -166,12 +175,43 @@ def test_failure_report_has_console_protocol_and_reproduce(pytester: pytest.Pyte
         "*pytest test_failure_report_has_console_protocol_and_reproduce.py::test_fails"
         " --umtt-seed=4 --uml-kernel=*",
     ])
-    saved = next(artifacts.iterdir())
+    saved = next(path for path in artifacts.iterdir() if path.name != "umtt-store")
     assert "from-the-guest" in (saved / "uml.console.log").read_text()
     events = [json.loads(line) for line in (saved / "trace.jsonl").read_text().splitlines()]
     assert {"RUN", "WAIT"} <= {event["op"] for event in events}
     assert any(event["kind"] == "device-kick" for event in events)  # the agent's channel
     assert 'name="umtt_virtual_seconds"' in (pytester.path / "report.xml").read_text()
+
+
+def test_a_failed_assertion_shows_what_the_test_did_not_the_boot_log(
+        pytester: pytest.Pytester, kernel_args: list[str]) -> None:
+    pytester.makepyfile("""
+        def test_fails(uml, umtt_sim):
+            uml.run("echo from-the-guest > /dev/kmsg")
+            umtt_sim.advance(2)
+            assert uml.run("echo one; echo two; echo oops >&2; false").ok
+    """)
+    result = pytester.runpytest_subprocess(*kernel_args)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*- umtt what the test did -*",
+        "[[]* s[]] uml booted (its boot log: *uml.console.log)",
+        "[[]* s[]] uml $ echo from-the-guest > /dev/kmsg",
+        "* exit 0 at * s (* s)",
+        "[[]* s[]] uml console: from-the-guest",
+        "[[]2.* s[]] uml $ echo one; echo two; echo oops >&2; false",
+        "* exit 1 at 2.* s (* s)",
+        "      stdout| one",
+        "      stdout| two",
+        "      stderr| oops",
+        "[[]2.* s[]] now",
+        "*- umtt reproduce -*",
+    ])
+    text = result.stdout.str()
+    assert "umtt protocol" not in text and "umtt console: uml" not in text
+    assert "Kernel command line" not in text  # no boot log
+    lines = text[text.index("test session starts"):].count("\n")
+    assert lines < 60, text  # the whole output, header and summary included
 
 
 def test_a_crash_fails_the_test_with_its_cause(pytester: pytest.Pytester,
@@ -182,7 +222,10 @@ def test_a_crash_fails_the_test_with_its_cause(pytester: pytest.Pytester,
     """)
     result = pytester.runpytest_subprocess(*kernel_args)
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*MachineCrashed: uml: kernel panic: *sysrq*"])
+    result.stdout.fnmatch_lines(["*MachineCrashed: uml: kernel panic: *sysrq*",
+                                 "*- umtt console: uml (*console.log) -*",  # the boot log too
+                                 "*- umtt protocol (last events) -*",
+                                 "*- umtt what the test did -*"])
 
 
 # --- KUnit ----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pytest_umtt.controller import Calendar, StopReason, Trace
-from pytest_umtt.uml.machine import (
+from pytest_umtt.uml.launch import (
     derive_seed,
     kill_process_tree,
     uml_command,

@@ -8,12 +8,13 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pytest_umtt import BootError, Simulation
 from pytest_umtt import rootfs as rootfs_module
-from pytest_umtt.canary import host_variations, run_in_child
+from pytest_umtt.canary import CanaryResult, golden_mismatch, host_variations, run_in_child
 from pytest_umtt.errors import RootfsError
 from pytest_umtt.kernel import KernelIdentity, check_kernel, kernel_identity
 from pytest_umtt.rootfs import (
@@ -74,6 +75,31 @@ def test_console_output_held_for_a_stamp_stays_first(tmp_path: Path) -> None:
     console.close()
     assert [line.text for line in console.lines] == ["printed first", "printed second"]
     assert (tmp_path / "console.log").read_bytes() == b"printed first\nprinted second\n"
+
+
+def test_a_golden_digest_for_another_kernel_and_root_says_what_differs() -> None:
+    here = CanaryResult(
+        "21c516a36365" + "0" * 52, "fb75d74c6bb0" + "0" * 52, 0, "d" * 64, 100,
+        {"sha256": "21c516a36365" + "0" * 52, "source": "linux-source-6.12 6.12.118-1~deb12u1",
+         "patches": ["0001-a", "0002-b"], "banner": "Linux version 6.12.118"},
+        {"digest": "fb75d74c6bb0" + "0" * 52, "packages": ["bash=5.2.15-2+b13", "libc6=2.36-9"]})
+    recorded: dict[str, dict[str, Any]] = {
+        "b8755d97f267675d/c997be5b631c6e43": {"seed 0": "e" * 64},
+        "1111111111111111/2222222222222222": {
+            "seed 0": "f" * 64,
+            "kernel": {"sha256": "1111111111111111" + "0" * 48, "patches": ["0001-a"],
+                       "source": "linux-source-6.12 6.12.117-1",
+                       "banner": "Linux version 6.12.117"},
+            "root": {"digest": "2222222222222222" + "0" * 48,
+                     "packages": ["bash=5.2.15-2+b7", "libc6=2.36-9"]}}}
+    old, known = golden_mismatch(here, recorded).split("\n")[1:]
+    assert old.startswith("against b8755d97f267675d/c997be5b631c6e43: kernel sha256:b8755d97f267 "
+                          "(expected) / sha256:21c516a36365 (here); the golden kernel's source "
+                          "and patches were not recorded")
+    assert "the expected root's package versions were not recorded" in old
+    assert ("kernel source: linux-source-6.12 6.12.117-1 (expected) / linux-source-6.12 "
+            "6.12.118-1~deb12u1 (here)") in known
+    assert "packages that differ: bash 5.2.15-2+b7 (expected) / 5.2.15-2+b13 (here)" in known
 
 
 # --- real kernels ------------------------------------------------------------------------
@@ -160,8 +186,7 @@ def test_the_canary_matches_its_golden_digest(uml_kernel: Path) -> None:
     result = run_in_child(uml_kernel)
     recorded = json.loads(GOLDEN.read_text())["digests"]
     if result.key not in recorded:
-        pytest.skip(f"no golden digest for kernel/root {result.key} (recorded: "
-                    f"{', '.join(recorded)}); another kernel or package versions")
+        pytest.skip(golden_mismatch(result, recorded))
     assert result.digest == recorded[result.key]["seed 0"]
 
 

@@ -25,10 +25,12 @@ from .fixtures import umtt_module_sim as umtt_module_sim
 from .fixtures import umtt_network as umtt_network
 from .fixtures import umtt_sim as umtt_sim
 from .fixtures import umtt_variant as umtt_variant
+from .replay import ReplayReporter, finish_replay, start_replay
 from .reports import pytest_report_header as pytest_report_header
 from .reports import pytest_runtest_makereport as pytest_runtest_makereport
 from .reports import reproduce_text as reproduce_text
 from .settings import MARKERS, OPTIONS, item_settings, resolve_settings
+from .splats import SplatWatcher
 from .state import ITEM_SETTINGS as ITEM_SETTINGS
 from .state import STATE, SessionState, Variant, base_nodeid
 from .suites import KselftestRun, KunitRun
@@ -47,10 +49,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         if option.metavar is None:
             group.addoption(option.flag, dest=option.name, action="store_const", const="true",
                             help=help_text)
+        elif option.repeated:
+            group.addoption(option.flag, dest=option.name, metavar=option.metavar,
+                            action="append", help=help_text)
         else:
             group.addoption(option.flag, dest=option.name, metavar=option.metavar,
                             help=help_text)
-        parser.addini(option.name, option.help)
+        if option.repeated:
+            parser.addini(option.name, option.help, type="linelist")
+        else:
+            parser.addini(option.name, option.help)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -58,9 +66,13 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", text)
     state = SessionState(resolve_settings(config))
     config.stash[STATE] = state
+    if state.settings.replay is not None:
+        start_replay(config, state)
+        config.pluginmanager.register(ReplayReporter(state), "umtt-replay")
     config.pluginmanager.register(SummaryReporter(
         state.summary, worker=hasattr(config, "workerinput"), base_nodeid=base_nodeid),
         "umtt-summary")
+    config.pluginmanager.register(SplatWatcher(), "umtt-splats")
     config.pluginmanager.register(TriagePlugin(config), "umtt-triage")
     if not hasattr(config, "workerinput"):  # xdist workers' owners are alive anyway
         remove_stale_directories()
@@ -73,6 +85,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         return
     for sim in list(state.open):
         sim.close(polite=False)  # interrupted runs: no machine outlives the session
+    finish_replay(state)
     if state.previous_sigterm is not None:
         signal.signal(signal.SIGTERM, state.previous_sigterm)
 
@@ -96,7 +109,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                                   items: list[pytest.Item]) -> None:
     base = config.stash[STATE].settings
     for item in items:
-        item.stash[ITEM_SETTINGS] = item_settings(item, base)
+        # A replay's settings are the bundle's, markers included.
+        item.stash[ITEM_SETTINGS] = base if base.replay else item_settings(item, base)
     if base.kunit is not None:
         # First, so that -k and other deselection apply to KUnit cases too.
         items.extend(KunitRun.from_parent(session, name="kunit").collect())

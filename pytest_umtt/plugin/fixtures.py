@@ -11,13 +11,14 @@ from dataclasses import replace
 import pytest
 
 from ..devices.net import Network
+from ..divergence import first_divergence
 from ..simulation import (
     MachineFactory,
     Simulation,
-    first_difference,
 )
 from ..summary import EXPLORED_SEED, FINGERPRINT
 from ..uml.machine import Machine
+from .replay import write_item_bundle
 from .state import (
     CAPTURE_DIR,
     ITEM_SETTINGS,
@@ -63,6 +64,7 @@ def umtt_sim(request: pytest.FixtureRequest, umtt_variant: Variant) -> Iterator[
     finally:
         item.user_properties.append(("umtt_virtual_seconds", f"{sim.now:.9f}"))
         close_simulation(request.config, sim, started, artifacts_dir(settings, item.nodeid))
+    write_item_bundle(item, sim, settings)
     if umtt_variant.run is not None:
         fingerprint = sim.fingerprint()
         # The summary pairs the runs by this digest, wherever (which xdist worker) each ran.
@@ -79,9 +81,9 @@ def _compare_runs(state: SessionState, nodeid: str, fingerprint: list[str]) -> N
     if first is None:
         state.first_runs[key] = fingerprint
         return
-    difference = first_difference(first, fingerprint)
-    if difference is not None:
-        raise AssertionError(f"not deterministic: two runs with one seed differ; {difference}")
+    divergence = first_divergence(first, fingerprint)
+    if divergence is not None:
+        raise AssertionError(f"not deterministic: two runs with one seed differ; {divergence}")
 
 
 @pytest.fixture

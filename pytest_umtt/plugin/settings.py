@@ -57,11 +57,28 @@ class Settings:
     kselftest: Path | None = None
     kselftest_timeout: float | None = None  # None: the tree's settings, else 45 s
     kselftest_wall_timeout: float = KSELFTEST_WALL_TIMEOUT
+    bundle: str = "never"
+    replay: Path | None = None
     confine: bool = True
     kconfig: KernelConfig = DEFAULT_CONFIG
+    allow_splat: tuple[SplatAllowance, ...] = ()
     shrink: bool = False
     schedule: Path | None = None
     explore_json: Path | None = None
+
+
+@dataclass(frozen=True)
+class SplatAllowance:
+    """A kernel splat a test, or every test, lets pass: ``pattern`` is searched in the
+    splat's kind, its first line and its signature; ``reason`` says why it may pass,
+    ``where`` who said so."""
+
+    pattern: re.Pattern[str]
+    reason: str
+    where: str
+
+    def allows(self, kind: str, header: str, signature: str) -> bool:
+        return any(self.pattern.search(text) for text in (kind, header, signature))
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,9 @@ class Option:
     field: str
     parse: Callable[[str, str], Any]
     default: Any
+    repeated: bool = False
+    """Given any number of times (the CLI flag repeated, one per ini line, one per line
+    of the environment variable); ``parse`` gets them one per line."""
 
     @property
     def env(self) -> str:
@@ -90,12 +110,12 @@ def _raw_setting(config: pytest.Config, option: Option) -> tuple[str, str] | Non
     """The first of CLI, environment and ini that sets ``option``, with where it came from."""
     cli = config.getoption(option.name)
     if cli is not None:
-        return str(cli), option.flag
+        return ("\n".join(cli) if option.repeated else str(cli)), option.flag
     if option.env in os.environ:
         return os.environ[option.env], f"${option.env}"
     ini = config.getini(option.name)
     if ini:
-        return str(ini), f"ini {option.name}"
+        return ("\n".join(ini) if option.repeated else str(ini)), f"ini {option.name}"
     return None
 
 
@@ -215,6 +235,41 @@ def _kselftest_tree(text: str, where: str) -> Path:
     return path
 
 
+BUNDLE_CHOICES = ("always", "failed", "never")
+
+
+def _bundle_when(text: str, where: str) -> str:
+    if text not in BUNDLE_CHOICES:
+        raise pytest.UsageError(f"{where}: expected one of {', '.join(BUNDLE_CHOICES)}, "
+                                f"got {text!r}")
+    return text
+
+
+def _bundle_file(text: str, where: str) -> Path:
+    path = Path(text).expanduser().absolute()
+    if not path.is_file():
+        raise pytest.UsageError(f"{where}: no replay bundle at {text!r}")
+    return path
+
+
+def _splat_pattern(pattern: object, where: str) -> re.Pattern[str]:
+    if not isinstance(pattern, str) or not pattern:
+        raise pytest.UsageError(f"{where}: expected a regular expression as a string, "
+                                f"got {pattern!r}")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise pytest.UsageError(f"{where}: {pattern!r} is not a regular expression "
+                                f"({exc})") from None
+
+
+def _allowances(text: str, where: str) -> tuple[SplatAllowance, ...]:
+    """One splat pattern per line; the option itself is the reason (whoever runs the
+    suite with it vouches for it)."""
+    return tuple(SplatAllowance(_splat_pattern(line, where), f"allowed by {where}", where)
+                 for line in text.splitlines() if line.strip())
+
+
 def _path(text: str, _where: str) -> Path:
     return Path(text)
 
@@ -283,6 +338,15 @@ OPTIONS = (
            f"{KSELFTEST_WALL_TIMEOUT:g}; UML runs clock-polling loops about 100x "
            "slower than real time)", "SECONDS",
            "kselftest_wall_timeout", _positive_float, KSELFTEST_WALL_TIMEOUT),
+    Option("umtt_bundle", "--umtt-bundle", "write a replay bundle (kernel, root, seed, "
+           "settings and test files in one file) into the artifacts directory for "
+           "tests that failed, for every test, or never (default: failed with "
+           "--umtt-artifacts, else never)", "always|failed|never",
+           "bundle", _bundle_when, None),
+    Option("umtt_replay", "--umtt-replay", "run the test of a replay bundle with the "
+           "bundle's kernel, root, shim, seed and settings, and say whether the run is the "
+           "same", "BUNDLE",
+           "replay", _bundle_file, None),
     Option("umtt_kconfig", "--umtt-kconfig", "kernel config beside pytest-umtt's fragment, as "
            "shell words: fragment FILEs, kunit:FILE (a .kunitconfig), kselftest:TARGET (its "
            "config), CONFIG_X=VALUE; the variant is built once and cached (umtt-kernel build "
@@ -305,6 +369,11 @@ OPTIONS = (
            "(rates, 95% intervals, seeds by failure signature) as JSON to FILE (default: "
            "explore.json in --umtt-artifacts, if given)", "FILE",
            "explore_json", _path, None),
+    Option("umtt_allow_splat", "--umtt-allow-splat", "let kernel splats (WARNING, lockdep, "
+           "KASAN...) whose kind, first line or signature matches the regular expression "
+           "PATTERN pass every test; repeat for more (default: every splat fails its test)",
+           "PATTERN",
+           "allow_splat", _allowances, (), repeated=True),
 )
 
 
@@ -318,6 +387,11 @@ def resolve_settings(config: pytest.Config) -> Settings:
     if values["kernel"] is None and not values["kconfig"].empty:
         values["kernel"] = variant_kernel(values["kconfig"], "--umtt-kconfig")
     values["kernel"] = values["kernel"] or default_kernel()
+    if values["bundle"] is None:
+        values["bundle"] = "never" if values["artifacts"] is None else "failed"
+    elif values["bundle"] != "never" and values["artifacts"] is None:
+        raise pytest.UsageError(f"--umtt-bundle={values['bundle']} needs --umtt-artifacts=DIR "
+                                f"(bundles are written there)")
     return Settings(**values)
 
 
@@ -329,6 +403,9 @@ MARKERS = {
     "virtual_timeout": "virtual_timeout(seconds): virtual-time budget of each command",
     "wall_timeout": "wall_timeout(seconds): wall seconds virtual time may stand still",
     "umtt_seed": "umtt_seed(n): this test's simulation seed",
+    "umtt_allow_splat": "umtt_allow_splat(pattern, reason): let kernel splats whose kind, "
+                        "first line or signature matches the regular expression pattern "
+                        "pass this test, for the reason given",
 }
 _MARKER_ARGS = {"uml": ((), {"mem", "cmdline", "kernel"}),
                 "virtual_timeout": (("seconds",), set()),
@@ -370,4 +447,26 @@ def item_settings(item: pytest.Item, base: Settings) -> Settings:
     if (value := _marker_values(item, "umtt_seed")) is not None:
         seed, source = _seed(str(value["n"]), where)
         settings = replace(settings, seed=seed, seed_source=source)
-    return settings
+    allowed = _marked_allowances(item)
+    return replace(settings, allow_splat=settings.allow_splat + allowed) if allowed else settings
+
+
+def _marked_allowances(item: pytest.Item) -> tuple[SplatAllowance, ...]:
+    """Every ``umtt_allow_splat`` marker on the test, its class and its module; each
+    needs a pattern and a reason."""
+    allowed = []
+    for marker in item.iter_markers("umtt_allow_splat"):
+        where = f"{item.nodeid}: @pytest.mark.umtt_allow_splat"
+        values = dict(zip(("pattern", "reason"), marker.args, strict=False))
+        if len(marker.args) > 2 or set(marker.kwargs) - {"pattern", "reason"} or (
+                set(values) & set(marker.kwargs)):
+            raise pytest.UsageError(f"{where} got {marker.args} {marker.kwargs}; expected "
+                                    f"(pattern, reason=...)")
+        values.update(marker.kwargs)
+        reason = values.get("reason")
+        if not isinstance(reason, str) or not reason.strip():
+            raise pytest.UsageError(f"{where}({values.get('pattern')!r}) needs a reason: "
+                                    f"reason=\"why this splat may pass\"")
+        allowed.append(SplatAllowance(_splat_pattern(values.get("pattern"), where), reason,
+                                      f"@pytest.mark.umtt_allow_splat on {item.nodeid}"))
+    return tuple(allowed)

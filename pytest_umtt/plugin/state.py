@@ -10,11 +10,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ..controller import Decisions
 from ..devices import VirtioDevice
+from ..divergence import FINGERPRINT_FILE
 from ..rootfs import Rootfs, build_rootfs
 from ..simulation import (
     MachineFactory,
@@ -37,6 +39,10 @@ class SessionState:
     first_runs: dict[str, list[str]] = field(default_factory=dict)
     rootfs: Rootfs | None = None
     previous_sigterm: signal.Handlers | None = None
+    shim: Path | None = None
+    """The getrandom shim a replay bundle brought (None: the cache's, built if needed)."""
+    replay: Any = None
+    """The replay under way (:class:`.replay.Replay`), if ``--umtt-replay`` was given."""
 
     def guest_root(self) -> Rootfs | None:
         """The pinned root filesystem (built once per session, cached across sessions),
@@ -84,6 +90,7 @@ def open_simulation(config: pytest.Config, settings: Settings,
     sim = Simulation(kernel=settings.kernel, seed=settings.seed,
                      wall_timeout=settings.wall_timeout, perturb=settings.perturb,
                      confine=settings.confine, decisions=decisions,
+                     shim=config.stash[STATE].shim,
                      rootfs=config.stash[STATE].guest_root())
     sim.on_doorbell.append(
         lambda machine, value: config.hook.pytest_umtt_doorbell(machine=machine, value=value))
@@ -147,6 +154,7 @@ def save_artifacts(sim: Simulation, target: Path) -> None:
         for name in sim.machines:
             with (target / f"{name}.trace.jsonl").open("w") as stream:
                 trace.write_jsonl(stream, client=name)
+    (target / FINGERPRINT_FILE).write_text("\n".join(sim.fingerprint()))
     (target / "simulation.json").write_text(json.dumps(
         {"seed": sim.seed, "virtual_ns": sim.now_ns,
          "machines": {name: sim.identity(machine) for name, machine in sim.machines.items()}},

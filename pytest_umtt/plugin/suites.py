@@ -24,7 +24,9 @@ from ..kselftest import (
 )
 from ..ktap import KtapCase, parse_ktap
 from ..uml.console import Console
+from ..uml.splats import Splat
 from .settings import CONSOLE_TAIL, Settings
+from .splats import judge
 from .state import STATE, artifacts_dir, close_simulation, machine_factory, open_simulation
 
 
@@ -198,8 +200,21 @@ class KselftestItem(pytest.Item):
         super().__init__(**kwargs)
         self.test = test
         self.result: KselftestResult | None = None
+        self.splats: list[Splat] = []
+        """What the test's kernel reported and survived (a splat fails the test)."""
 
     def runtest(self) -> None:
+        try:
+            self._outcome()
+        except pytest.skip.Exception:
+            judge(self, "call", self.splats, already_failed=False)  # a splat still fails
+            raise
+        except Exception:
+            judge(self, "call", self.splats, already_failed=True)
+            raise
+        judge(self, "call", self.splats, already_failed=False)
+
+    def _outcome(self) -> None:
         result = self.result = self._run()
         self.user_properties += [("umtt_virtual_seconds", f"{result.virtual:.9f}"),
                                  ("umtt_wall_seconds", f"{result.wall_seconds:.3f}")]
@@ -227,6 +242,10 @@ class KselftestItem(pytest.Item):
         finally:
             close_simulation(self.config, sim, started,
                              artifacts_dir(settings, f"kselftest/{test.id}"))
+            # Its machine opened and closed within this call: the splat watcher never
+            # saw it, so its splats are judged here.
+            self.splats = [splat for machine in sim.machines.values()
+                           for splat in machine.splats]
 
     def _report_subtest(self, case: KtapCase) -> None:
         """A KTAP subtest's result as a report of its own (``TEST/SUBTEST``): they are

@@ -1,11 +1,14 @@
-"""The guest agent's command channel, the host's side of agent.sh.
+"""The guest agent's files, the host's side of agent.sh that both command channels share.
 
-The agent is init in every machine. The host writes command N into ``cmd/N/`` (the
-command, and optionally ``env``, ``cwd``, ``timeout``, ``background``) and then
-``cmd/N.go``, always while the simulation is paused; the agent runs it, writes
-``result``, ``stdout`` and ``stderr`` there, and rings the doorbell
-(``/sys/kernel/um-ext-time/bc-message``) with ``(N << 8) | kind``. The doorbell is how the
-host learns the exact virtual instant of each step (DESIGN.md facts 6 and 8).
+The agent is init in every machine (:func:`install` puts it there). The host writes
+command N into ``cmd/N/`` (the command, and optionally ``env``, ``cwd``, ``timeout``,
+``background``), always while the simulation is paused; the agent runs it with its
+output in ``stdout`` and ``stderr`` there (:class:`CommandFiles`). How the agent learns of
+the command and how the host learns of its end is the channel's business
+(:mod:`.channel`): over the polled files, the host also writes ``cmd/N.go`` and the agent
+writes ``result`` and rings the doorbell (``/sys/kernel/um-ext-time/bc-message``) with
+``(N << 8) | kind`` (:class:`Bell`), which is how the host learns the exact virtual
+instant of each step (DESIGN.md facts 6 and 8).
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ def decode(value: int) -> tuple[int, int]:
 
 
 def install(directory: Path, agent: Path | None = None,
-            modules: Path | None = None) -> CommandChannel:
+            modules: Path | None = None) -> CommandFiles:
     """Put the agent (``agent`` or agent.sh) and its fstab into a new machine's
-    directory, and open the command channel there. ``modules`` (the kernel's installed
+    directory, and open its command files there. ``modules`` (the kernel's installed
     modules, ``lib/modules`` of modules_install) is linked in as ``lib-modules``: the
     agent mounts it at /lib/modules through hostfs, so the host's kernel follows the
     link and the guest reads the modules where modprobe looks."""
@@ -52,10 +55,10 @@ def install(directory: Path, agent: Path | None = None,
     script.chmod(0o755)
     shutil.copyfile(Path(str(resources.files("pytest_umtt.uml").joinpath("fstab"))),
                     directory / FSTAB)
-    return CommandChannel(directory)
+    return CommandFiles(directory)
 
 
-class CommandChannel:
+class CommandFiles:
     """The host's side of the command files in a machine's directory.
 
     The guest can change anything in that directory, so the host never follows a link

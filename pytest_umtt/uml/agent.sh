@@ -1,7 +1,8 @@
 #!/bin/bash
 # pytest-umtt guest agent: init of every UML machine.
 #
-# Its host side is pytest_umtt/agent.py (the same kinds and layout). The machine
+# Its host side is pytest_umtt/uml/agent.py (the same kinds and layout) and the two
+# channels, uml/channel_files.py and uml/channel_console.py. The machine
 # directory is mounted read-write at /mnt. The host writes a command into cmd/N/ and
 # then cmd/N.go, always while the simulation is paused, so a run never depends on host
 # speed (DESIGN.md fact 8).
@@ -17,7 +18,15 @@
 # as the first console, /dev/hvc0), none of that: the agent blocks reading hvc0, the
 # host writes "N" there at the instant a test submits command N (an interrupt at that
 # virtual instant), and the agent answers "D N STATUS" when it ends: no polling, no
-# doorbell, and an idle machine costs nothing.
+# doorbell, and an idle machine costs nothing. Each command runs in a process group of
+# its own; foreground commands run in a second, long-lived shell, so the agent goes on
+# reading hvc0 while one runs, and a kill request "K N" (the host sends it when a
+# command outlives its budget) kills command N's group: the command and everything it
+# started that stayed in its group. Its end, "D N 137", follows as for any command.
+#
+# Over the polled files the agent hears nothing while a foreground command runs: the
+# host writes the command's budget into its "timeout" file, and timeout(1) (which makes
+# the command a process group of its own) kills the group at that instant.
 #
 # The host takes every time from the doorbells, never from the guest's clock (a test
 # may set it): the main loop rings when ready, when it starts a command after having
@@ -27,6 +36,7 @@
 X=/mnt
 BELL=/sys/kernel/um-ext-time/bc-message
 IDLE=/run/umtt-idle
+GROUP=/run/umtt-group
 READY=1 DONE=2 STARTED=3  # agent.Bell
 IDLE_MIN_US=1000
 IDLE_MAX_US=${UMTT_IDLE_MAX_US:-100000}
@@ -69,7 +79,9 @@ run_one() {
     local dir=$1 cwd=/
     [ -e "$dir/cwd" ] && cwd=$(<"$dir/cwd")
     (
-        exec 3>&- 4>&-
+        exec 3>&- 4>&- 5>&- 6>&-
+        # A foreground command over the console says which process group it leads.
+        [ -n "${2:-}" ] && echo "$2 $BASHPID" > "$GROUP"
         if [ -e "$dir/env" ]; then
             while IFS= read -r -d '' assignment; do export "$assignment"; done < "$dir/env"
         fi
@@ -83,20 +95,57 @@ run_one() {
 }
 
 serve_console() {
-    local n dir
+    local n kill
     # raw: no echo, no line editing, bytes as they are (one process, once). The hvc
     # driver resets the modes when the last descriptor closes: set them on ours.
     exec 4<>/dev/hvc0
     stty raw -echo <&4
+    # Job control: every command leads a process group of its own.
+    set -m
+    # Pipes to and from it, made by bash itself (no mkfifo process); bash's notices of
+    # killed jobs would go to the kernel's console.
+    coproc FOREGROUND { serve_foreground 2> /dev/null; }
+    exec 5>&"${FOREGROUND[1]}" 6<&"${FOREGROUND[0]}"
     echo R >&4
-    while read -r -u 4 n; do
-        dir=$X/cmd/$n
-        if [ -e "$dir/background" ]; then
-            { run_one "$dir"; echo "D $n $status" > /dev/hvc0; } 4>&- &
-        else
-            run_one "$dir"
-            echo "D $n $status" >&4
+    while read -r -u 4 n kill; do
+        [[ $kill =~ ^[0-9]{0,9}$ ]] || continue
+        if [ "$n" = K ]; then
+            stop_foreground "$kill"
+        elif [[ $n =~ ^[0-9]{1,9}$ ]] && [ -e "$X/cmd/$n/background" ]; then
+            { run_one "$X/cmd/$n"; echo "D $n $status" > /dev/hvc0; } 4>&- 5>&- 6>&- &
+            disown
+        elif [[ $n =~ ^[0-9]{1,9}$ ]]; then
+            echo "$n" >&5
         fi
+    done
+}
+
+# Foreground commands one after the other, while the loop above goes on reading hvc0:
+# it passes them on, and kills the one running when the host asks.
+serve_foreground() {
+    local n
+    set -m
+    while read -r n; do
+        run_one "$X/cmd/$n" "$n"
+        echo "$n done" > "$GROUP"
+        echo "D $n $status" >&4
+    done
+}
+
+# Kill request for foreground command $1: its whole process group. Until the command
+# has said which group it leads, wait a virtual millisecond at a time (on fd 6, the
+# foreground shell's output, where nothing comes).
+stop_foreground() {
+    local tries n group
+    [ -n "$1" ] || return
+    for (( tries = 0; tries < 1000; tries++ )); do
+        read -r n group < "$GROUP" 2> /dev/null
+        if [ "${n:-0}" = "$1" ]; then
+            [ "$group" = done ] || kill -KILL -- "-$group" 2> /dev/null
+            return
+        fi
+        (( ${n:-0} > $1 )) && return
+        read -r -t 0.001 -u 6 _
     done
 }
 

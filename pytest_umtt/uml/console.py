@@ -2,7 +2,7 @@
 
 In time-travel modes UML writes console output with blocking writes, so everything a
 kernel printed before its WAIT is already in the pty then (DESIGN.md fact 5). That holds
-only while the output descriptor stays blocking: see machine.separate_console_output. Output is
+only while the output descriptor stays blocking: see launch.separate_console_output. Output is
 therefore stamped at the WAIT that ends the kernel's run: with the free run capped at
 ``max_free_run``, a stamp is at most that much later than the instant of printing.
 """
@@ -16,16 +16,22 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import NS_PER_S, format_ns
+from .splats import NON_FATAL_BUGS, Splat, SplatScanner
 
 CRASH_PATTERNS = (
     (re.compile(r"Attempted to kill init!"), "the guest agent (init) exited"),
     (re.compile(r"Kernel panic - not syncing: (.*)"), "kernel panic"),
     (re.compile(r"kernel BUG at .*"), "kernel BUG"),
-    (re.compile(r"\bBUG: .*"), "kernel BUG"),
+    # Not the BUGs the kernel reports and survives (KASAN, KFENCE, a soft lockup...):
+    # those are splats (splats.py), and the machine goes on.
+    (re.compile(rf"\bBUG: (?!{'|'.join(NON_FATAL_BUGS)}).*"), "kernel BUG"),
     (re.compile(r"\bOops: .*"), "kernel oops"),
     # UML re-executes itself to reboot and would come back as a new client: unsupported.
     (re.compile(r"reboot: Restarting system"), "the guest rebooted (reboot is not supported; "
      "poweroff ends a machine)"),
+    # A sysrq reset (echo b > /proc/sysrq-trigger) prints only this before UML re-executes.
+    (re.compile(r"sysrq: Resetting"), "the guest rebooted (sysrq reset; reboot is not "
+     "supported, poweroff ends a machine)"),
 )
 
 
@@ -52,7 +58,7 @@ class Console:
     joined only when asked for, and :meth:`search` looks at a window from a given
     line on, so a waiting expect() rescans only what is new."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, machine: str = "") -> None:
         self.log_path = log_path
         self._log: BinaryIO = log_path.open("wb")
         self.lines: list[ConsoleLine] = []
@@ -64,6 +70,13 @@ class Console:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self.crash: tuple[str, ConsoleLine] | None = None
+        self._splats = SplatScanner(machine or log_path.name.removesuffix(".console.log"))
+
+    @property
+    def splats(self) -> list[Splat]:
+        """The reports the kernel printed and survived (WARNING, KASAN, lockdep...), in
+        the order their first lines were seen (splats.py)."""
+        return self._splats.splats
 
     @property
     def text(self) -> str:
@@ -114,6 +127,7 @@ class Console:
             self._offsets.append(self._length)
             self._length += len(raw) + 1
             self._look_for_crash(line)
+            self._splats.feed(line)
 
     def search(self, regex: re.Pattern[str], start: int) -> tuple[int, re.Match[str]] | None:
         """The first match of ``regex`` at or after offset ``start`` of :attr:`text`,

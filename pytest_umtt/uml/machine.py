@@ -1,23 +1,20 @@
-"""UML machines in virtual time: boot, console, command channel, crashes and teardown.
+"""UML machines in virtual time: boot, console, commands, crashes and teardown.
 
 A :class:`Machine` is one UML kernel on a :class:`~pytest_umtt.simulation.Simulation`'s
-clock. Its init is the guest agent (agent.sh): commands go through files in the
-machine directory and come back with a doorbell, always while the simulation is paused,
-so results never depend on host speed (DESIGN.md facts 5-8).
+clock, started by :mod:`.launch`, its console read by :mod:`.console`. Its init is the
+guest agent (agent.sh); its commands go through a command channel (:mod:`.channel`:
+virtio-console or polled files), always while the simulation is paused, so results never
+depend on host speed (DESIGN.md facts 5-8). Each command is a
+:class:`~.channel.CommandRecord`; a finished one becomes a :class:`CommandResult`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import errno
-import functools
-import hashlib
 import os
 import re
-import resource
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -26,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import pexpect
-import psutil
 
 from ..devices import VirtioDevice
 from ..devices.console import VirtioConsole
@@ -39,218 +35,24 @@ from ..errors import (
     MachineError,
     format_ns,
 )
-from .agent import (
-    BOOT_SCRIPT,
-    COMMANDS_DIR,
-    POWEROFF_COMMAND,
-    Bell,
-    CommandChannel,
-    decode,
-    install,
-    read_without_links,
-)
-from .confine import confine_to
+from .agent import COMMANDS_DIR, POWEROFF_COMMAND, install, read_without_links
+from .channel import CommandChannel, CommandRecord
+from .channel_console import ConsoleChannel
+from .channel_files import FilesChannel
 from .console import Console
+from .launch import DEFAULT_MEM as DEFAULT_MEM  # noqa: PLC0414 (the plugin's default too)
+from .launch import (
+    GUEST_MOUNT,
+    derive_seed,
+    kill_process_tree,
+    spawn_uml,
+    uml_command,
+    uml_environment,
+)
+from .splats import Splat
 
 if TYPE_CHECKING:
     from ..controller import Calendar, Client, Stop
-
-DEFAULT_TIME_TRAVEL_START_NS = 1_700_000_000 * NS_PER_S
-"""The guest's wall clock at virtual time 0 (2023-11-14), fixed so its date is reproducible."""
-
-DEFAULT_MEM = "256M"
-"""Memory of a machine: the pinned root filesystem lives in it (about 55 MB, and as
-much again while the kernel unpacks it at boot)."""
-
-SHIM_SEED_ENV = "UMTT_SHIM_SEED"
-"""The getrandom shim's seed variable (a machine's own seed, derived from the run's)."""
-
-
-HOSTFS_PREFIX = "/proc/self/cwd"
-"""hostfs resolves every path under this prefix in the UML kernel process, whose working
-directory is the machine directory. (A relative prefix such as ``.`` fails with EBADF.)"""
-
-HOST_ROOT_FROM_CWD = "../" * 64
-"""The root mount, relative to that: enough ``..`` to reach ``/`` from any directory, so
-the command line names no per-run path."""
-
-GUEST_MOUNT = "/mnt"
-"""Where the guest sees its machine directory (read-write); everything else is read-only.
-/mnt exists on every FHS host, so mounting there needs no mkdir (one process less: each
-costs UML about 16 ms of wall time)."""
-
-SOCKET_FROM_MACHINE_DIR = "../time.sock"
-"""The calendar's socket, relative to each machine's directory (its parent is the
-simulation's directory)."""
-
-ROOTFS_FROM_MACHINE_DIR = "../rootfs.cpio"
-"""The pinned root filesystem's image, linked into the simulation's directory: a relative
-name keeps the command line the same on every host."""
-
-UML_ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
-"""All of the host environment a UML process gets (plus the shim's): UML prints what it
-finds in TMPDIR, so the host's variables would change the console."""
-
-
-def uml_command(
-    kernel: Path,
-    *,
-    client_id: int,
-    boot_script: str = BOOT_SCRIPT,
-    mem: str = DEFAULT_MEM,
-    time_travel_start_ns: int = DEFAULT_TIME_TRAVEL_START_NS,
-    socket_path: str = SOCKET_FROM_MACHINE_DIR,
-    extra: Sequence[str] = (),
-    rootfs: bool = False,
-) -> list[str]:
-    """The command line that boots ``kernel`` under ``time-travel=ext``.
-
-    Run it with the machine's directory as the working directory: the host's root is
-    mounted read-only through hostfs (DESIGN.md fact 2), the machine directory is
-    mounted read-write at /mnt, and ``boot_script`` there becomes init. With ``rootfs``
-    the root is instead the pinned image (:mod:`pytest_umtt.rootfs`) at
-    ``ROOTFS_FROM_MACHINE_DIR``, unpacked into the guest's memory at boot. Every path
-    is relative, so the command line is the same in every run and on every host: the
-    kernel mixes it into its entropy pool, and "same seed, same run" depends on it.
-    UML's own runtime files (``uml_dir``) stay in the machine directory too.
-    """
-    init = f"mount -t hostfs -o . none {GUEST_MOUNT} && exec {GUEST_MOUNT}/{boot_script}"
-    if rootfs:
-        # ramfs, not tmpfs: the kernel caps a tmpfs root at half of memory, counted while
-        # the loaded image still holds its share (init/do_mounts.c init_rootfs).
-        root = [f"initrd={ROOTFS_FROM_MACHINE_DIR}", "rootfstype=ramfs",
-                f"hostfs={HOSTFS_PREFIX}"]
-    else:
-        root = ["root=/dev/root", "rootfstype=hostfs", f"hostfs={HOSTFS_PREFIX}",
-                f"rootflags={HOST_ROOT_FROM_CWD}", "ro"]
-    return [
-        *NO_ASLR,
-        str(kernel),
-        f"mem={mem}",
-        *root,
-        "con=null",
-        "con0=fd:0,fd:1",
-        # The kernel's console stays UML's own (tty0), never a virtio console (hvc).
-        "console=tty0",
-        "uml_dir=.",
-        "umid=uml",
-        # Its own parameter, although "time-travel" is a prefix of it: the kernel tries the
-        # built-in setup table in order, and that lists time-travel-start= first (§4).
-        f"time-travel-start={time_travel_start_ns}",
-        f"time-travel=ext:{client_id}:{socket_path}",
-        *extra,
-        "rdinit=/bin/bash" if rootfs else "init=/bin/bash",
-        "--",
-        "-c",
-        f'"{init}"',
-    ]
-
-
-def uml_environment(shim: Path | None, seed: int) -> dict[str, str]:
-    """The host environment for a UML process: a fixed minimal one, and the getrandom
-    shim seeded with ``seed``."""
-    env = dict(UML_ENVIRONMENT)
-    if shim is not None:
-        env["LD_PRELOAD"] = str(shim)
-        env[SHIM_SEED_ENV] = str(seed)
-    return env
-
-
-UML_STACK_LIMIT = 8 * 1024 * 1024
-"""The stack limit UML sets for itself (arch/um/os-Linux/main.c), set before it starts:
-an unlimited stack also changes the host's memory layout for the process."""
-PR_SET_PDEATHSIG = 1
-
-
-def fix_uml_process(parent: int, confine: Path | None = None) -> None:
-    """Between fork and exec of UML: die with the test process (even if it is SIGKILLed;
-    UML's own helpers already die with UML), console output that stays blocking
-    (:func:`separate_console_output`), fixed resource limits (UML prints the core-dump
-    limits on its console), and, given a directory, confinement to it
-    (:mod:`pytest_umtt.uml.confine`). ``parent`` is the test process's pid, taken before the
-    fork."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-    separate_console_output()
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    _, hard = resource.getrlimit(resource.RLIMIT_STACK)
-    soft = UML_STACK_LIMIT if hard == resource.RLIM_INFINITY else min(UML_STACK_LIMIT, hard)
-    resource.setrlimit(resource.RLIMIT_STACK, (soft, hard))
-    if confine is not None:
-        confine_to(confine)
-
-
-NO_ASLR = ("setarch", "-R")
-"""Prefix that starts UML without host address-space randomisation. UML sizes its physical
-memory around the host's layout ("exec-shield gap"), so with ASLR every boot gets another
-memory map and runs with one seed differ. (setarch execs UML: the kernel's own command
-line is unchanged.)"""
-
-
-def _check_timeout(timeout: float | None) -> None:
-    # GNU timeout reads 0 as "no limit": anything that prints as 0.000000000 would be one.
-    if timeout is not None and not 1e-9 <= timeout <= MAX_COMMAND_TIMEOUT:
-        raise ValueError(f"timeout must be a number of virtual seconds from 1e-9 to "
-                         f"{MAX_COMMAND_TIMEOUT:g}, got {timeout!r}")
-
-
-def separate_console_output() -> None:
-    """In the child, before exec: give stdout and stderr an open file description of the
-    pty of their own, apart from stdin's.
-
-    pexpect dup2()s one slave descriptor onto 0, 1 and 2, so all three share one open
-    file description, and O_NONBLOCK lives there, not in the descriptor. In time-travel
-    modes UML makes its console output blocking (chan_kern.c, open_one_chan: a dup of
-    fd 1 set blocking) and therefore registers no write interrupt. But enabling the
-    input channel on fd 0 (line_setup_irq -> um_request_irq -> activate_fd ->
-    os_set_fd_async) sets O_ASYNC | O_NONBLOCK on that shared description, so output
-    becomes non-blocking after all. When the pty is momentarily full a write then gets
-    EAGAIN, UML's 4 KiB line buffer fills, and the writer sleeps in n_tty_write for a
-    tty_wakeup() that only the (absent) write interrupt would give: the guest process
-    and, through its stderr, the agent hang for good. With its own description, fd 1
-    stays blocking and every console write completes, as time travel requires.
-    """
-    fd = os.open(os.ttyname(0), os.O_RDWR | os.O_NOCTTY)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-
-
-AGENT_CHANNEL_ENV = "UMTT_AGENT_CHANNEL"
-AGENT_LINE = re.compile(rb"(?:R|D (?P<done>\d{1,9}) (?P<status>\d{1,3}))$")
-"""What the agent writes, at the end of a line: a half line a command left on hvc0 may
-come before it."""
-MAX_AGENT_LINE = 64
-
-
-def derive_seed(run_seed: int, machine: str) -> int:
-    """Each machine's own entropy seed: one run seed, distinct streams per machine."""
-    digest = hashlib.sha256(f"{run_seed}/{machine}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
-def kill_process_tree(pid: int, timeout: float = 5.0, *, reap_root: bool = True) -> list[int]:
-    """Kill ``pid`` and every descendant (UML runs a host process per guest process);
-    the pids that were still alive. With ``reap_root=False`` the root is left for its
-    owner (pexpect, say) to reap."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            continue
-    waited = procs if reap_root else procs[1:]
-    _, alive = psutil.wait_procs(waited, timeout=timeout)
-    if alive:
-        raise RuntimeError(f"processes survived SIGKILL: {[p.pid for p in alive]}")
-    return [p.pid for p in procs]
-
 
 # --- the machine ----------------------------------------------------------------------
 
@@ -260,13 +62,42 @@ DEFAULT_COMMAND_TIMEOUT = 24 * 3600.0
 MAX_COMMAND_TIMEOUT = 1e9
 """About 31 years of virtual time: its nanoseconds still fit the protocol's s64."""
 POWEROFF_WALL_TIMEOUT = 2.0
-REBOOT_MARK = b"reboot: Restarting system"
+KILL_GRACE_NS = NS_PER_S
+"""Virtual time a command killed at its budget has to end before its machine is stopped."""
+KILLED_STATUS = 128 + 9
+"""A command's exit status when SIGKILL ended it (the shell's way of saying so)."""
+REBOOT_MARKS = (b"reboot: Restarting system", b"sysrq: Resetting")
+"""What the kernel prints before UML re-executes itself to reboot: reboot(2)'s line
+(kernel/reboot.c), or a sysrq reset's, which prints only its action (drivers/tty/sysrq.c)."""
+REBOOT_MARK_MAX = max(map(len, REBOOT_MARKS))
 MAX_HELD_CONSOLE = 1 << 20
 """Bytes of console output held for a timestamp before they get the run's start time."""
 
 
 def seconds_to_ns(seconds: float) -> int:
     return round(seconds * NS_PER_S)
+
+
+def command_files(command: str, env: Mapping[str, str] | None, cwd: str | None,
+                  timeout: float | None, background: bool) -> dict[str, bytes]:
+    """The files of a command's directory (``cmd/N/``) that tell the agent what to run."""
+    files = {"command": (command + "\n").encode()}
+    if env:
+        files["env"] = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
+    if cwd is not None:
+        files["cwd"] = cwd.encode()
+    if timeout is not None:
+        files["timeout"] = f"{timeout:.9f}".encode()
+    if background:
+        files["background"] = b""
+    return files
+
+
+def _check_timeout(timeout: float | None) -> None:
+    # GNU timeout reads 0 as "no limit": anything that prints as 0.000000000 would be one.
+    if timeout is not None and not 1e-9 <= timeout <= MAX_COMMAND_TIMEOUT:
+        raise ValueError(f"timeout must be a number of virtual seconds from 1e-9 to "
+                         f"{MAX_COMMAND_TIMEOUT:g}, got {timeout!r}")
 
 
 class MachineState(enum.Enum):
@@ -340,10 +171,11 @@ class ConsoleMatch:
 class BackgroundCommand:
     """A command started with :meth:`Machine.start`; :meth:`wait` for its result."""
 
-    def __init__(self, machine: Machine, number: int, command: str, started_ns: int) -> None:
+    def __init__(self, machine: Machine, record: CommandRecord, started_ns: int) -> None:
         self.machine = machine
-        self.number = number
-        self.command = command
+        self.record = record
+        self.number = record.number
+        self.command = record.command
         self.started_ns = started_ns
 
     @property
@@ -353,11 +185,11 @@ class BackgroundCommand:
 
     @property
     def done(self) -> bool:
-        return self.number in self.machine._finished
+        return self.record.finished
 
     def wait(self, timeout: float | None = None) -> CommandResult:
         """Run the simulation until the command ends (at most ``timeout`` virtual seconds)."""
-        return self.machine._await_result(self.number, self.command, timeout)
+        return self.machine._await_background(self.record, timeout)
 
 
 class MachineHost(Protocol):
@@ -402,13 +234,12 @@ class Machine:
         self.modules = modules
         """The kernel's installed modules (the directory holding ``RELEASE/``), which the
         guest sees at /lib/modules; None: the kernel has none."""
-        self.devices = list(devices)
-        self.agent_console: VirtioConsole | None = None
-        """The agent's command channel when the kernel has virtio-console (the agent
-        then blocks on /dev/hvc0 and idles for free); None: the agent polls files."""
-        if agent_console and agent is None:
-            self.agent_console = VirtioConsole("agent", on_receive=self._on_agent_output)
-            self.devices.insert(0, self.agent_console)  # the first console: /dev/hvc0
+        self.channel: CommandChannel = (
+            ConsoleChannel(self, sim.calendar) if agent_console and agent is None
+            else FilesChannel(self, sim.calendar))
+        """How commands reach the agent: virtio-console when the kernel has it (the agent
+        then blocks on /dev/hvc0 and idles for free), else polled files."""
+        self.devices = [*self.channel.devices, *devices]
         self.name = name
         self.client_id = client_id
         self.kernel = kernel
@@ -426,36 +257,35 @@ class Machine:
         self.doorbells: list[tuple[int, int]] = []
         """(time_ns, value) of every doorbell the guest rang."""
         self.results: list[CommandResult] = []
+        self.ready_ns: int | None = None
+        """When the guest agent was first ready: console lines after it are the test's."""
         self.error: MachineError | None = None
-        self._next_command = 1
-        self._finished: dict[int, int] = {}
-        self._started: dict[int, int] = {}
-        self._background: set[int] = set()
-        self._submitted: dict[int, int] = {}
-        self._statuses: dict[int, int] = {}
-        self._agent_output = bytearray()
-        self._last_loop_ring = 0
+        self._commands: dict[int, CommandRecord] = {}
         self._expect_from = 0
         self._pty_fd = -1
         self._powering_off = False
-        self._channel: CommandChannel | None = None
         self._pidfd = -1
         self._console_tail_bytes = b""
 
     def __repr__(self) -> str:
         return f"<Machine {self.name} {self.state.value}>"
 
+    @property
+    def agent_console(self) -> VirtioConsole | None:
+        """The agent's virtio console (/dev/hvc0), if that is its channel."""
+        return self.channel.device if isinstance(self.channel, ConsoleChannel) else None
+
     # --- boot ---------------------------------------------------------------------
 
     def spawn(self) -> None:
         """Start the kernel process; the simulation then serves its START."""
         self.directory.mkdir(mode=0o700)
-        self._channel = install(self.directory, self.agent, self.modules)
+        self.channel.open(install(self.directory, self.agent, self.modules))
         # Beside the machine's directory, not in it: the guest can replace what is in it.
-        self.console = Console(self.sim.directory / f"{self.name}.console.log")
+        self.console = Console(self.sim.directory / f"{self.name}.console.log", self.name)
         extra = [f"UMTT_HOSTNAME={self.name}",
                  f"UMTT_IDLE_MAX_US={seconds_to_ns(self.idle_max) // 1000}",
-                 *([f"{AGENT_CHANNEL_ENV}=console"] if self.agent_console else []),
+                 *self.channel.kernel_arguments(),
                  *self._serve_devices(), *self.cmdline]
         # The guest's clock reads the simulation's: a machine booted at virtual time T
         # starts its wall clock T after the others did.
@@ -463,13 +293,8 @@ class Machine:
         command = uml_command(self.kernel, client_id=self.client_id, mem=self.mem, extra=extra,
                               time_travel_start_ns=start_ns, rootfs=self.rootfs)
         env = uml_environment(self.sim.shim, derive_seed(self.sim.seed, self.name))
-        self.process = pexpect.spawn(command[0], command[1:], cwd=str(self.directory),
-                                     env=env, echo=False, timeout=None,
-                                     preexec_fn=functools.partial(
-                                         fix_uml_process, os.getpid(),
-                                         self.directory if self.sim.confined else None))
+        self.process = spawn_uml(command, self.directory, env, confined=self.sim.confined)
         self._pty_fd = int(self.process.child_fd)
-        os.set_blocking(self._pty_fd, False)
         self.sim.calendar.add_reader(self._pty_fd, self._read_console)
         # Readable when the kernel's process ends: an exit at boot is seen at once.
         assert self.process.pid is not None
@@ -500,13 +325,6 @@ class Machine:
         self._pidfd = -1
 
     @property
-    def channel(self) -> CommandChannel:
-        """The command files' host side (there once the machine is spawned)."""
-        if self._channel is None:
-            raise MachineError(self.name, "the machine was never started", self.sim.now_ns)
-        return self._channel
-
-    @property
     def alive(self) -> bool:
         return self.process is not None and self.process.isalive()
 
@@ -518,13 +336,14 @@ class Machine:
         data = self._drain_pty()
         if data is None:
             return
-        if REBOOT_MARK in self._console_tail_bytes + data:
+        window = self._console_tail_bytes + data
+        if any(mark in window for mark in REBOOT_MARKS):
             # UML re-executes itself to reboot: it would neither WAIT nor leave. Stop it.
             self.console.hold(data)
             self.console.stamp(self.sim.calendar.now)
             self.crashed("the guest rebooted")
             return
-        self._console_tail_bytes = data[-len(REBOOT_MARK):]
+        self._console_tail_bytes = window[-REBOOT_MARK_MAX:]
         if self.client is not None and self.client is self.sim.calendar.runner:
             self.console.hold(data)
             if self.console.held_bytes > MAX_HELD_CONSOLE:
@@ -595,12 +414,17 @@ class Machine:
             check: bool = False) -> CommandResult:
         """Run ``command`` with /bin/sh semantics in the guest and wait for it: exit
         status, stdout and stderr apart (byte-exact), virtual start and end times.
-        ``timeout`` is in virtual seconds; the guest kills the command at that instant.
-        Without one, the command may take ``default_timeout`` before this raises."""
-        number = self._submit(command, env, cwd, timeout, background=False)
-        # The guest kills the command at ``timeout``; the host allows a second more.
-        result = self._await_result(number, command, None if timeout is None else timeout + 1,
-                                    foreground=True)
+
+        ``timeout`` (virtual seconds; ``default_timeout`` without one) is the command's
+        budget. As with ``subprocess.run(timeout=)``, a command that outlives it is
+        killed at that instant, with its process group in the guest, and
+        :class:`CommandTimeout` carries what it had written; the machine runs the next
+        command."""
+        _check_timeout(timeout)
+        budget = self.default_timeout if timeout is None else timeout
+        record = self._submit(command, env, cwd, None, background=False, budget=budget,
+                              budget_given=timeout is not None)
+        result = self._await_foreground(record)
         if check and not result.ok:
             raise MachineError(self.name, f"command {command!r} exited with {result.status}; "
                                f"stderr: {result.stderr.decode(errors='replace')[-2000:]}",
@@ -611,71 +435,118 @@ class Machine:
               env: Mapping[str, str] | None = None,
               cwd: str | None = None) -> BackgroundCommand:
         """Start ``command`` in the background; returns once the guest has started it."""
-        number = self._submit(command, env, cwd, timeout, background=True)
-        self.sim.run_until(lambda: number in self._started or number in self._finished,
+        record = self._submit(command, env, cwd, timeout, background=True)
+        self.sim.run_until(lambda: record.started_ns is not None or record.finished,
                            machines=(self,))
         self._raise_if_down()
-        started = self._started.get(number, self._finished.get(number, self.sim.now_ns))
-        return BackgroundCommand(self, number, command, started)
+        started = record.started_ns
+        if started is None:
+            started = self.sim.now_ns if record.ended_ns is None else record.ended_ns
+        return BackgroundCommand(self, record, started)
+
+    def command(self, number: int) -> CommandRecord | None:
+        """The command numbered ``number`` (for the channel: numbers come from the guest)."""
+        return self._commands.get(number)
+
+    def agent_ready(self) -> None:
+        """The channel heard the agent say it is ready."""
+        if self.state is MachineState.BOOTING:
+            self.state = MachineState.READY
+            self.ready_ns = self.sim.calendar.now
 
     def _submit(self, command: str, env: Mapping[str, str] | None, cwd: str | None,
-                timeout: float | None, *, background: bool) -> int:
+                timeout: float | None, *, background: bool, budget: float | None = None,
+                budget_given: bool = False) -> CommandRecord:
+        """Hand a command to the guest: ``timeout`` is the guest's own (timeout(1), for a
+        background command), ``budget`` the host's (for a foreground command)."""
         self._raise_if_down()
         _check_timeout(timeout)
-        number = self._next_command
-        self._next_command += 1
-        files = {"command": (command + "\n").encode()}
-        if env:
-            files["env"] = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
-        if cwd is not None:
-            files["cwd"] = cwd.encode()
-        if timeout is not None:
-            files["timeout"] = f"{timeout:.9f}".encode()
-        if background:
-            files["background"] = b""
-            self._background.add(number)
-        self._submitted[number] = self.sim.now_ns
+        record = CommandRecord(len(self._commands) + 1, command, self.sim.now_ns, background,
+                               budget_ns=None if budget is None else seconds_to_ns(budget),
+                               budget_given=budget_given)
+        self._commands[record.number] = record
         try:
-            self.channel.submit(number, files, go=self.agent_console is None)
+            self.channel.submit(record, command_files(command, env, cwd, timeout, background))
         except OSError as exc:
-            raise MachineError(self.name, f"cannot hand command {number} to the guest: the "
-                               f"guest changed its command directory ({exc})",
+            raise MachineError(self.name, f"cannot hand command {record.number} to the guest: "
+                               f"the guest changed its command directory ({exc})",
                                self.sim.now_ns) from None
-        if self.agent_console is not None:
-            # The guest reads it at this very instant: that is when the command starts.
-            self._started[number] = self.sim.now_ns
-            self.agent_console.send(f"{number}\n".encode())
-        return number
+        return record
 
-    def _await_result(self, number: int, command: str, timeout: float | None, *,
-                      foreground: bool = False) -> CommandResult:
+    def _await_foreground(self, record: CommandRecord) -> CommandResult:
+        """Wait for a foreground command; at its budget, have it killed."""
+        assert record.budget_ns is not None
+        self._wait_for(record, record.submitted_ns + record.budget_ns)
+        if not record.finished and self.channel.kill(record):
+            record.killed_ns = self.sim.now_ns
+        if not record.finished and (record.killed_ns is not None or record.guest_kills):
+            # Over the console the agent answers at once; over files it kills the
+            # command at its budget, which began when it started: allow a second more.
+            self._wait_for(record, self.sim.now_ns + KILL_GRACE_NS)
+        if not record.finished:
+            raise self._unresponsive(record)
+        result = self._read_result(record)
+        if record.killed_ns is not None or (result.status == KILLED_STATUS
+                                            and result.ended_ns - result.started_ns
+                                            >= record.budget_ns):
+            raise self._timed_out(record, result)
+        return result
+
+    def _await_background(self, record: CommandRecord, timeout: float | None) -> CommandResult:
         budget = self.default_timeout if timeout is None else timeout
-        self.sim.run_until(lambda: number in self._finished,
-                           deadline_ns=self.sim.now_ns + seconds_to_ns(budget), machines=(self,))
-        if number not in self._finished:
+        self._wait_for(record, self.sim.now_ns + seconds_to_ns(budget))
+        if not record.finished:
             self._raise_if_down()
-            what = f"command {command!r} did not finish within {budget} s of virtual time"
-            tail = self.console_tail()
-            if foreground:
-                # Still running, it would hold up every later command: stop the machine.
-                self.crashed(f"stopped after command {command!r} outlived its budget of "
-                             f"{budget} s (virtual)")
-                what += "; the machine was stopped (later calls on it raise)"
-            raise CommandTimeout(self.name, what, self.sim.now_ns, tail, self.console_log())
-        return self._read_result(number, command)
+            raise CommandTimeout(self.name, f"command {record.command!r} did not finish within "
+                                 f"{budget} s of virtual time", self.sim.now_ns,
+                                 self.console_tail(), self.console_log(),
+                                 command=record.command, timeout_ns=seconds_to_ns(budget))
+        return self._read_result(record)
 
-    def _read_result(self, number: int, command: str) -> CommandResult:
+    def _wait_for(self, record: CommandRecord, deadline_ns: int) -> None:
+        self.sim.run_until(lambda: record.finished, deadline_ns=deadline_ns, machines=(self,))
+
+    def _timed_out(self, record: CommandRecord, result: CommandResult) -> CommandTimeout:
+        """The error for a command killed at its budget (the machine goes on)."""
+        assert record.budget_ns is not None
+        killed = record.killed_ns if record.killed_ns is not None else result.ended_ns
+        return CommandTimeout(
+            self.name, f"command {record.command!r} did not finish within "
+            f"{record.budget_ns / NS_PER_S:g} s of virtual time: killed with its process group "
+            f"at {format_ns(killed)} (the machine runs the next command)", killed,
+            self.console_tail(), self.console_log(), command=record.command,
+            timeout_ns=record.budget_ns, stdout=result.stdout, stderr=result.stderr)
+
+    def _unresponsive(self, record: CommandRecord) -> CommandTimeout:
+        """The error for a command that did not end when killed, or that nothing could
+        kill: a live command would hold up every later one, so the machine is stopped."""
+        self._raise_if_down()
+        assert record.budget_ns is not None
+        budget = f"{record.budget_ns / NS_PER_S:g} s"
+        why = ("did not end when killed" if record.killed_ns is not None or record.guest_kills
+               else "could not be killed (over polled files only a command given timeout= is)")
+        tail = self.console_tail()
+        self.crashed(f"stopped after command {record.command!r} outlived its budget of "
+                     f"{budget} (virtual) and {why}")
+        return CommandTimeout(self.name, f"command {record.command!r} did not finish within "
+                              f"{budget} of virtual time and {why}; the machine was stopped "
+                              f"(later calls on it raise)", self.sim.now_ns, tail,
+                              self.console_log(), command=record.command,
+                              timeout_ns=record.budget_ns)
+
+    def _read_result(self, record: CommandRecord) -> CommandResult:
         try:
-            stdout, stderr = (self.channel.read(number, name) for name in ("stdout", "stderr"))
-            status = self._statuses.pop(number, None)
-            if status is None:
-                status = int(self.channel.read(number, "result").split()[0])
+            stdout, stderr = (self.channel.read(record.number, name)
+                              for name in ("stdout", "stderr"))
+            status = self.channel.exit_status(record)
         except (OSError, ValueError, IndexError) as exc:
-            raise MachineError(self.name, f"the result of command {command!r} is unreadable: "
-                               f"the guest removed or replaced /mnt/cmd/{number} ({exc})",
+            raise MachineError(self.name, f"the result of command {record.command!r} is "
+                               f"unreadable: the guest removed or replaced "
+                               f"/mnt/cmd/{record.number} ({exc})",
                                self.sim.now_ns, self.console_tail(), self.console_log()) from None
-        result = CommandResult(command, status, stdout, stderr,
-                               self._started[number], self._finished[number])
+        assert record.started_ns is not None and record.ended_ns is not None
+        result = CommandResult(record.command, status, stdout, stderr,
+                               record.started_ns, record.ended_ns)
         self.results.append(result)
         return result
 
@@ -716,51 +587,9 @@ class Machine:
     # --- doorbells and departures ------------------------------------------------------
 
     def on_doorbell(self, value: int) -> None:
-        """The guest rang: the agent is ready, a command started or ended.
-
-        The agent's main loop rings when it is ready, when it starts a command after
-        having idled, and when a command it ran in the foreground ends; a foreground
-        command that it did not ring for started at the loop's previous ring (it looked
-        for the command right after that ring, at the same instant)."""
-        kind, number = decode(value)
-        now = self.sim.calendar.now
-        self.doorbells.append((now, value))
-        if kind == Bell.READY and self.state is MachineState.BOOTING:
-            self.state = MachineState.READY
-        elif kind == Bell.DONE:
-            self._finished[number] = now
-            if number in self._background:
-                return
-            self._started.setdefault(number, max(self._last_loop_ring,
-                                                 self._submitted.get(number, 0)))
-        elif kind == Bell.STARTED:
-            self._started[number] = now
-        self._last_loop_ring = now
-
-    def _on_agent_output(self, data: bytes) -> None:
-        """Lines the agent wrote to /dev/hvc0, at the instant it wrote them: ``R``
-        (ready) and ``D N STATUS`` (command N ended). A guest command can write there
-        too: lines that name no command in flight are ignored (a command that forges
-        the line of another one in flight can end it early, as a guest root can)."""
-        self._agent_output += data
-        *lines, rest = self._agent_output.split(b"\n")
-        self._agent_output = bytearray(rest[-MAX_AGENT_LINE:])
-        now = self.sim.calendar.now
-        if lines and self.agent_console is not None and self.agent_console.backend:
-            # A wait may end at this instant: the kernel must not run on past it.
-            self.sim.calendar.recall_runner(self.agent_console.backend.defer_reply())
-        for line in lines:
-            match = AGENT_LINE.search(line.rstrip(b"\r"))
-            if match is None:
-                continue
-            if match["done"] is None:
-                if self.state is MachineState.BOOTING:
-                    self.state = MachineState.READY
-                continue
-            number = int(match["done"])
-            if number in self._submitted and number not in self._finished:
-                self._finished[number] = now
-                self._statuses[number] = int(match["status"])
+        """The guest rang the doorbell (the polling agent does, as commands start and end)."""
+        self.doorbells.append((self.sim.calendar.now, value))
+        self.channel.on_doorbell(value)
 
     def on_disconnect(self) -> None:
         """The kernel left the calendar: powered off, or died."""
@@ -817,6 +646,15 @@ class Machine:
     def console_log(self) -> str | None:
         return None if self.console is None else str(self.console.log_path)
 
+    @property
+    def splats(self) -> list[Splat]:
+        """Reports the kernel printed and survived (a WARNING, KASAN, lockdep...) up to
+        now, oldest first, each with its lines, virtual times and signature."""
+        if self.console is None:
+            return []
+        self._catch_up_console()
+        return self.console.splats
+
     def _catch_up_console(self) -> None:
         """Read what is still in the pty and give everything held the present time."""
         if self.console is not None and self._pty_fd >= 0:
@@ -870,8 +708,7 @@ class Machine:
             self.process.close(force=True)
         if self.console is not None:
             self.console.close()
-        if self._channel is not None:
-            self._channel.close()
+        self.channel.close()
         for device in self.devices:
             device.close()
         if self.state is not MachineState.CRASHED:
