@@ -60,6 +60,25 @@ class StallError(_AtVirtualTime, UmttError):
         )
 
 
+class WallBudgetError(StallError):
+    """Virtual time moved, but so slowly that the run's wall budget ran out first: the
+    guest creeps far slower than real time (a kernel spinning with preemption off)."""
+
+    def __init__(self, now_ns: int, advanced_ns: int, wall: float, waiting_for: str) -> None:
+        super().__init__(now_ns, wall, waiting_for)
+        self.advanced_ns = advanced_ns
+        """Virtual time the run advanced, as far as the calendar saw it."""
+        self.args = (f"{creep_diagnosis(advanced_ns, wall)}, to {format_ns(now_ns)} "
+                     f"(running: {waiting_for})",)
+
+
+def creep_diagnosis(advanced_ns: int, wall: float) -> str:
+    """What it means that ``advanced_ns`` of virtual time passed in ``wall`` seconds."""
+    slower = f"{wall * NS_PER_S / advanced_ns:.0f}x slower than" if advanced_ns else "none of"
+    return (f"virtual time advanced {advanced_ns / NS_PER_S:.3f} s in {wall:.1f} s of wall "
+            f"time ({slower} real time): the kernel is spinning (a soft lockup?)")
+
+
 class CalendarClosedError(UmttError):
     """The calendar was used after close()."""
 

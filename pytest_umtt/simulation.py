@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -21,7 +22,16 @@ from typing import Protocol
 
 import psutil
 
-from .controller import Calendar, Client, Decisions, Stop, StopReason, Trace, TraceEvent
+from .controller import (
+    Calendar,
+    Client,
+    Decisions,
+    Stop,
+    StopReason,
+    Trace,
+    TraceEvent,
+    WallBudget,
+)
 from .devices import VirtioDevice
 from .errors import (
     NS_PER_S,
@@ -32,6 +42,8 @@ from .errors import (
     ProtocolError,
     StallError,
     UmttError,
+    WallBudgetError,
+    creep_diagnosis,
     format_ns,
 )
 from .kernel import (
@@ -60,6 +72,13 @@ DEFAULT_MAX_FREE_RUN_NS = 24 * 3600 * NS_PER_S
 2^62 ns and the calendar never learns where it is. A day of virtual time costs a lone
 kernel about 1.5 s of wall time and two messages."""
 DEFAULT_WALL_TIMEOUT = 30.0
+WALL_PER_VIRTUAL_SECOND = 10.0
+"""A run may take ``wall_timeout`` plus this many wall seconds per virtual second up to
+its deadline; past that, one whose virtual time advanced less than a tenth of the wall
+time is spinning, not working, and is ended (:class:`.controller.WallBudget`)."""
+WALL_BUDGET_SPAN_CAP = 60.0
+"""The virtual span that sets that patience is at most this: a run with no deadline, or
+one a day away (a command without a timeout), is judged after ``wall_timeout`` + 600 s."""
 PERTURBED_DOORBELL_LATENCY_NS = 1_000_000
 """With perturbation on, a doorbell's pause (a command's end, say) comes up to 1 ms late."""
 DEFAULT_BOOT_TIMEOUT = 60.0
@@ -437,12 +456,14 @@ class Simulation:
                 raise ValueError("give deadline (seconds) or deadline_ns, not both")
             deadline_ns = seconds_to_ns(deadline)
         watched = tuple(machines)
+        budget = self._wall_budget(deadline_ns)
         while True:
             self._raise_for(watched)
             try:
                 stop = self.calendar.run_until(
                     lambda: bool(condition and condition()) or self._trouble(watched),
-                    deadline_ns=deadline_ns, stall_timeout=self.wall_timeout)
+                    deadline_ns=deadline_ns, stall_timeout=self.wall_timeout,
+                    wall_budget=budget)
             except StallError as exc:
                 raise self._stalled(exc) from None
             if stop.reason is StopReason.DOORBELL:
@@ -511,14 +532,25 @@ class Simulation:
             if cause is not None:
                 raise machine.crashed(cause)
 
+    def _wall_budget(self, deadline_ns: int | None) -> WallBudget:
+        """How slowly a run that starts now and ends at ``deadline_ns`` may creep."""
+        now = self.calendar.now
+        span = WALL_BUDGET_SPAN_CAP if deadline_ns is None else \
+            min(max(deadline_ns - now, 0) / NS_PER_S, WALL_BUDGET_SPAN_CAP)
+        return WallBudget(now, time.monotonic(), self.wall_timeout + WALL_PER_VIRTUAL_SECOND * span,
+                          1 / WALL_PER_VIRTUAL_SECOND)
+
     def _stalled(self, exc: StallError) -> MachineError:
+        """Stop the machine that held the CPU, and say why; the simulation goes on."""
         runner = self.calendar.runner
         machine = self._machine_of(runner) if runner is not None else None
         if machine is None:
             return MachineStalled("simulation", str(exc), exc.now_ns)
-        error = MachineStalled(machine.name, f"virtual time stalled at {format_ns(exc.now_ns)} "
-                               f"for {exc.waited:.1f} s wall (the guest never lets time "
-                               f"advance: a busy loop?)", exc.now_ns, machine.console_tail(),
+        what = creep_diagnosis(exc.advanced_ns, exc.waited) \
+            if isinstance(exc, WallBudgetError) else \
+            (f"virtual time stalled at {format_ns(exc.now_ns)} for {exc.waited:.1f} s wall "
+             f"(the guest never lets time advance: a busy loop?)")
+        error = MachineStalled(machine.name, what, exc.now_ns, machine.console_tail(),
                                machine.console_log())
         machine.stalled(error)
         return error

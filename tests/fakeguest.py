@@ -22,6 +22,9 @@ time it says and nothing else:
     reset            a sysrq reset: its console line, then the process re-executes itself
                      (as UML reboots: it neither waits nor leaves)
     spin             a busy loop: virtual time never moves again
+    creep NS US      a kernel spinning with preemption off: forever, US microseconds of
+                     wall time for every NS ns of virtual time, each step published
+                     (the calendar sees a real kernel's creep through its probes)
     echo o > /proc/sysrq-trigger    power off (what Machine.poweroff sends)
 
 Anything else ends the command with status 127 and a message on stderr.
@@ -33,6 +36,7 @@ import heapq
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,10 +171,20 @@ class FakeGuest:
         elif verb == "spin":
             while True:
                 pass
+        elif verb == "creep":
+            self._creep(*(int(word) for word in rest.split()))
         else:
             command.stderr.append(f"fake guest: {verb}: not a statement\n")
             return 127
         return None
+
+    def _creep(self, step_ns: int, wall_us: int) -> None:
+        """Never returns: like cpu_relax() under time travel, each step is a time step,
+        so the clock stops (the kernel yields) at the horizon and nowhere else."""
+        while True:
+            time.sleep(wall_us / 1e6)  # the work the step stands for, in wall time
+            self.client.sleep(step_ns)
+            self.client.propagate()
 
     def _finish(self, command: Command, status: int) -> None:
         (command.directory / "stdout").write_text("".join(command.stdout))

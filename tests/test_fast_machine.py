@@ -4,6 +4,7 @@ and teardown, without a kernel (the whole file: about 10 s of wall time)."""
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pytest_umtt import (
 )
 from pytest_umtt import simulation as simulation_module
 from pytest_umtt.kernel import KernelCheck
+from pytest_umtt.uml.machine import seconds_to_ns
 
 S = 1_000_000_000
 REPO = Path(__file__).resolve().parent.parent
@@ -144,6 +146,38 @@ def test_a_guest_that_stops_time_is_stalled_within_the_wall_budget(sim: Simulati
     assert stalled.value.now_ns == sim.now_ns
     assert stalled.value.now == sim.now >= 1.25
     assert f"stalled at {format_ns(sim.now_ns)} for" in str(stalled.value)
+
+
+def test_a_guest_that_creeps_is_stopped_by_the_wall_budget(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    sim.wall_timeout = 1.0
+    # 1 us of virtual time per ms of wall time: 1000x slower than real time, never still.
+    machine.start("creep 1000 1000")
+    began, started = sim.now_ns, time.monotonic()
+    with pytest.raises(MachineStalled) as crept:
+        sim.advance(0.05)  # the wall budget: 1 s + 10 x 0.05 s
+    wall = time.monotonic() - started
+    assert 1.5 <= wall < 1.5 + 2
+    assert 0 < crept.value.now_ns - began < seconds_to_ns(0.05)
+    assert re.fullmatch(r"virtual time advanced 0\.00\d s in 1\.\d s of wall time \(\d+x slower "
+                        r"than real time\): the kernel is spinning \(a soft lockup\?\)",
+                        crept.value.what), crept.value.what
+    assert not machine.alive
+    with pytest.raises(MachineCrashed, match="the kernel is spinning"):
+        machine.run("echo late")
+    assert sim.machine("next").run("echo on").stdout == b"on\n"
+
+
+def test_a_creeping_guest_times_out_at_the_exact_virtual_deadline(sim: Simulation) -> None:
+    machine = sim.machine("fake")
+    # 1 ms of virtual time per ms of wall time: slow, but well inside the wall budget.
+    began = sim.now_ns
+    with pytest.raises(CommandTimeout) as timed_out:
+        machine.run("creep 1000000 1000", timeout=0.05)
+    # The agent cannot end a command that holds the CPU; the host's deadline (a second
+    # after the guest's) is kept exactly once the kernel's clock reaches it.
+    assert timed_out.value.now_ns == sim.now_ns == began + seconds_to_ns(1.05)
+    assert not machine.alive
 
 
 def test_elapsed_gives_seconds_and_exact_nanoseconds(sim: Simulation) -> None:

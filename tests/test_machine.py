@@ -7,6 +7,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,28 @@ def test_busy_loop_is_stopped_by_the_wall_watchdog(sim: Simulation) -> None:
                                              r"for 2\.\d s wall"):
         spinner.run("while :; do :; done")
     assert not spinner.alive
+
+
+def test_a_kernel_spinning_with_preemption_off_is_stopped_by_the_wall_budget(
+        sim: Simulation) -> None:
+    lockup = sim.machine("lockup")
+    sim.wall_timeout = 2.0
+    started = time.monotonic()
+    # LKDTM's SOFTLOCKUP spins in cpu_relax(), a 1 ns time step under time travel: the
+    # clock creeps (never still for the stall detector) and the agent never runs to
+    # kill the command at its timeout.
+    with pytest.raises(MachineStalled, match=(
+            r"(?s)lockup: virtual time advanced 0\.\d{3} s in 1\d\.\d s of wall time \(\d+x "
+            r"slower than real time\): the kernel is spinning \(a soft lockup\?\) \(at "
+            r"virtual time 0\.\d{9} s\)\n.*lkdtm: Performing direct entry SOFTLOCKUP")):
+        lockup.run("echo SOFTLOCKUP > /sys/kernel/debug/provoke-crash/DIRECT", timeout=0.05)
+    # The wall budget: 2 s + 10 x (0.05 s + the host's second of grace), a poll of 0.5 s,
+    # then the kill of the machine's process tree (at most 5 s).
+    assert time.monotonic() - started < 2 + 10.5 + 0.5 + 5
+    assert not lockup.alive
+    with pytest.raises(MachineCrashed, match="the kernel is spinning"):
+        lockup.run("true")
+    assert sim.machine("after").run("echo on").output == "on\n"
 
 
 def test_kernel_without_time_travel_fails_before_waiting(tmp_path: Path) -> None:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pytest_umtt import StallError
-from pytest_umtt.controller import Calendar, StopReason, Trace
+from pytest_umtt.controller import Calendar, StopReason, Trace, WallBudget
+from pytest_umtt.errors import WallBudgetError
 from pytest_umtt.wire import Op
 from tests.refclient import RefClient
 
@@ -146,3 +149,40 @@ def test_silent_shm_runner_is_probed_and_a_spinning_one_stalls() -> None:
             stalled = "stalled at 0.000002000 s" in str(exc)
         assert stalled
         worker.close()
+
+
+def test_a_creeping_shm_runner_ends_at_its_wall_budget() -> None:
+    """Like cpu_relax() under time travel: a time step every wall ms, the clock shared
+    with nobody. Only the stall probes let the calendar see it move, so it is never a
+    stall; its deadline is far off; the wall budget ends the run."""
+    with Calendar(trace=Trace()) as calendar:
+        ours, theirs = socket.socketpair()
+        calendar.attach(ours, label="creeper")
+        creeper = RefClient(theirs)
+        stop = threading.Event()
+
+        def creep() -> None:
+            creeper.start(1)
+            creeper.request(1000)
+            creeper.wait()
+            try:
+                while not stop.wait(0.001):
+                    creeper.sleep(1000)
+            except EOFError:
+                pass  # the calendar closed
+
+        thread = threading.Thread(target=creep, daemon=True)
+        thread.start()
+        assert calendar.serve_until(lambda: calendar.starts_seen == 1, wall_timeout=5)
+        began, started = calendar.now, time.monotonic()
+        with pytest.raises(WallBudgetError, match=(
+                r"virtual time advanced 0\.00\d s in 1\.\d s of wall time \(\d+x slower than "
+                r"real time\): the kernel is spinning \(a soft lockup\?\), to 0\.\d{9} s "
+                r"\(running: creeper\)")) as crept:
+            calendar.run_until(deadline_ns=10**9, stall_timeout=1.0,
+                               wall_budget=WallBudget(began, started, 1.5, 0.1))
+        assert 0 < crept.value.advanced_ns == crept.value.now_ns - began < 10**9
+        assert calendar.trace is not None and calendar.trace.of_kind("probe")
+        stop.set()
+    thread.join(timeout=5)
+    creeper.close()

@@ -11,7 +11,7 @@ Device models can use the clock and the reactor without the protocol.
 """
 
 from .clock import Clock, Job, ScheduledCall
-from .engine import Calendar, Client, ClientState, Stop, StopReason
+from .engine import Calendar, Client, ClientState, Stop, StopReason, WallBudget
 from .perturb import Decision, Decisions, Perturbation
 from .reactor import Connection, Reactor
 from .trace import Trace, TraceEvent
@@ -32,4 +32,5 @@ __all__ = [
     "StopReason",
     "Trace",
     "TraceEvent",
+    "WallBudget",
 ]

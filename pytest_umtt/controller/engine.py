@@ -35,9 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import (
+    NS_PER_S,
     CalendarClosedError,
     ProtocolError,
     StallError,
+    WallBudgetError,
     format_ns,
 )
 from ..wire import (
@@ -63,6 +65,25 @@ DEFAULT_SHM_CLIENTS = 63
 
 MAX_CLIENT_ID = START_ACK_ID_MASK
 DEFAULT_STALL_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class WallBudget:
+    """How slowly a run's virtual time may creep: once the run began (virtual
+    ``started_ns``, :func:`time.monotonic` ``started``) ``patience`` wall seconds ago,
+    it must have advanced ``min_rate`` virtual seconds per wall second.
+
+    The stall detector sees only a clock that stands still. A kernel that spins with
+    preemption off (LKDTM's SOFTLOCKUP) moves its clock by 1 ns per cpu_relax()
+    (time_travel_ndelay(1), arch/x86/um/asm/processor.h), checks free_until at each
+    step and publishes nothing: each probe makes it yield a few tens of virtual ms
+    further on, which counts as progress, and its horizon is a deadline minutes of
+    wall time away."""
+
+    started_ns: int
+    started: float
+    patience: float
+    min_rate: float
 
 
 class ClientState(enum.Enum):
@@ -383,11 +404,13 @@ class Calendar:
         *,
         deadline_ns: int | None = None,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        wall_budget: WallBudget | None = None,
     ) -> Stop:
         """Run the simulation until ``condition()`` holds, a doorbell or pause, the
         virtual instant ``deadline_ns`` (exact: nothing later runs and the clock ends on
         it), or quiescence (every client waits with nothing due). Raises StallError when
-        virtual time does not move for ``stall_timeout`` wall seconds.
+        virtual time does not move for ``stall_timeout`` wall seconds, and
+        WallBudgetError when it moves, but slower than ``wall_budget`` allows.
         """
         self._check_open()
         if deadline_ns is not None and deadline_ns < self._clock.now:
@@ -395,7 +418,7 @@ class Calendar:
                              f"({format_ns(self._clock.now)})")
         self._limit = deadline_ns
         try:
-            return self._run(condition, deadline_ns, stall_timeout)
+            return self._run(condition, deadline_ns, stall_timeout, wall_budget)
         finally:
             self._limit = None
 
@@ -454,7 +477,7 @@ class Calendar:
     # --- the run loop ---------------------------------------------------------------
 
     def _run(self, condition: Callable[[], bool] | None, deadline: int | None,
-             stall_timeout: float) -> Stop:
+             stall_timeout: float, wall_budget: WallBudget | None) -> Stop:
         last_progress = (self._clock.now, time.monotonic())
         while True:
             if not self._busy():
@@ -468,6 +491,8 @@ class Calendar:
             # Console output or other traffic is no progress: only virtual time is.
             self._pump(min(stall_timeout / 4, 1.0))
             last_progress = self._check_stall(last_progress, stall_timeout)
+            if wall_budget is not None:
+                self._check_wall_budget(wall_budget)
 
     def _stop_if_done(self, condition: Callable[[], bool] | None) -> Stop | None:
         if self._stops:
@@ -494,6 +519,16 @@ class Calendar:
         if waited >= budget / 2:
             self._probe_runner()
         return last
+
+    def _check_wall_budget(self, budget: WallBudget) -> None:
+        wall = time.monotonic() - budget.started
+        if wall < budget.patience:
+            return
+        advanced = self._clock.now - budget.started_ns
+        if advanced < budget.min_rate * wall * NS_PER_S:
+            who = self._runner.name if self._runner else \
+                "; ".join(self._holds.values()) or "acknowledgements or STARTs"
+            raise WallBudgetError(self._clock.now, advanced, wall, who)
 
     def _probe_runner(self) -> None:
         """A shm runner that has said nothing for half the stall budget may be working

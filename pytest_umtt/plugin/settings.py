@@ -184,11 +184,14 @@ def _count(text: str, where: str) -> int:
     return int(text)
 
 
-def _rootfs(text: str, where: str) -> str:
-    if text not in ROOTFS_CHOICES:
-        raise pytest.UsageError(f"{where}: expected one of {', '.join(ROOTFS_CHOICES)}, "
-                                f"got {text!r}")
-    return text
+def _one_of(choices: tuple[str, ...]) -> Callable[[str, str], str]:
+    """A parser that takes one of ``choices`` and names them all otherwise."""
+    def parse(text: str, where: str) -> str:
+        if text not in choices:
+            raise pytest.UsageError(f"{where}: expected one of {', '.join(choices)}, "
+                                    f"got {text!r}")
+        return text
+    return parse
 
 
 def _kernel(text: str, where: str) -> Path:
@@ -236,13 +239,6 @@ def _kselftest_tree(text: str, where: str) -> Path:
 
 
 BUNDLE_CHOICES = ("always", "failed", "never")
-
-
-def _bundle_when(text: str, where: str) -> str:
-    if text not in BUNDLE_CHOICES:
-        raise pytest.UsageError(f"{where}: expected one of {', '.join(BUNDLE_CHOICES)}, "
-                                f"got {text!r}")
-    return text
 
 
 def _bundle_file(text: str, where: str) -> Path:
@@ -324,7 +320,7 @@ OPTIONS = (
     Option("umtt_rootfs", "--umtt-rootfs", "the guest's root filesystem: 'pinned' (default; "
            "built from Debian packages, the same on every host) or 'host' (the host's / "
            "read-only through hostfs)", "pinned|host",
-           "rootfs", _rootfs, "pinned"),
+           "rootfs", _one_of(ROOTFS_CHOICES), "pinned"),
     Option("umtt_kselftest", "--umtt-kselftest", "run the installed kselftest tree DIR "
            "(`make -C tools/testing/selftests install INSTALL_PATH=DIR`, or `umtt-kselftest "
            "build`), each test in a fresh machine; each test and KTAP subtest a test", "DIR",
@@ -342,7 +338,7 @@ OPTIONS = (
            "settings and test files in one file) into the artifacts directory for "
            "tests that failed, for every test, or never (default: failed with "
            "--umtt-artifacts, else never)", "always|failed|never",
-           "bundle", _bundle_when, None),
+           "bundle", _one_of(BUNDLE_CHOICES), None),
     Option("umtt_replay", "--umtt-replay", "run the test of a replay bundle with the "
            "bundle's kernel, root, shim, seed and settings, and say whether the run is the "
            "same", "BUNDLE",

@@ -30,6 +30,16 @@ from .splats import judge
 from .state import STATE, artifacts_dir, close_simulation, machine_factory, open_simulation
 
 
+def rerun_alone(item: pytest.Item, suite_option: str) -> str:
+    """The command that reruns just ``item`` of a kernel suite, the same way: the suite,
+    the item by name, the seed and the kernel."""
+    settings = item.config.stash[STATE].settings
+    words = ["pytest", suite_option, "-k", item.name, f"--umtt-seed={settings.seed}"]
+    if settings.kernel is not None:
+        words.append(f"--uml-kernel={settings.kernel}")
+    return shlex.join(words)
+
+
 class KunitFailure(Exception):
     """A KUnit case reported ``not ok``."""
 
@@ -164,12 +174,7 @@ class KunitCase(pytest.Item):
         return str(super().repr_failure(excinfo, style))
 
     def _reproduce_command(self) -> str:
-        settings = self.config.stash[STATE].settings
-        words = ["pytest", f"--umtt-kunit={self.name.split('.')[0]}", "-k", self.name,
-                 f"--umtt-seed={settings.seed}"]
-        if settings.kernel is not None:
-            words.append(f"--uml-kernel={settings.kernel}")
-        return shlex.join(words)
+        return rerun_alone(self, f"--umtt-kunit={self.name.split('.')[0]}")
 
     def reportinfo(self) -> tuple[Path, None, str]:
         return self.path, None, f"kunit: {self.name}"
@@ -281,13 +286,7 @@ class KselftestItem(pytest.Item):
                    if lines else "\n(no output)"))
 
     def _reproduce_command(self) -> str:
-        """This test alone, the same way: its tree, seed and kernel."""
-        settings = self.config.stash[STATE].settings
-        words = ["pytest", f"--umtt-kselftest={settings.kselftest}", "-k", self.name,
-                 f"--umtt-seed={settings.seed}"]
-        if settings.kernel is not None:
-            words.append(f"--uml-kernel={settings.kernel}")
-        return shlex.join(words)
+        return rerun_alone(self, f"--umtt-kselftest={self.config.stash[STATE].settings.kselftest}")
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
                      style: Any = None) -> str:
