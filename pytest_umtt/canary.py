@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .identity import kernel_differences, kernel_record, root_differences, root_record
-from .kernel import default_kernel, kernel_identity
+from .kernel import MODULES_DIR, default_kernel, kernel_identity, modules_dir
 from .rootfs import build_rootfs
 from .simulation import Simulation
 
@@ -118,6 +118,9 @@ def host_variations(kernel: Path, scratch: Path) -> dict[str, Variation]:
     moved = scratch / "elsewhere" / "vmlinux-copy"
     moved.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(kernel, moved)
+    modules = modules_dir(kernel)
+    if modules is not None:  # a kernel's modules are part of it: they travel with it
+        shutil.copytree(modules, moved.parent / MODULES_DIR, symlinks=True)
     deep_tmp = scratch / ("deep" * 10)
     deep_tmp.mkdir(exist_ok=True)
     bare = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
