@@ -17,7 +17,8 @@ from ..uml.confine import confinement_problem
 from ..uml.machine import CommandResult
 from .replay import bundle_path, compare_replay, record_run, replay_header
 from .settings import CONSOLE_TAIL, PROTOCOL_TAIL, Settings
-from .state import ITEM_SIM, STATE, SessionState, artifacts_dir, base_nodeid, settings_of
+from .state import ITEM_SIM, STATE, SessionState, artifacts_dir, settings_of
+from .triage import reproduce_command
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -148,11 +149,7 @@ def _command_line(machine: str, result: CommandResult) -> str:
 def reproduce_text(nodeid: str, settings: Settings, sim: Simulation | None = None) -> str:
     """The replay bundle, then the seed and a command that reruns this test the same way
     where the kernel and the guest root are the same, and those two by digest and source."""
-    command = f"pytest {shlex.quote(base_nodeid(nodeid))} --umtt-seed={settings.seed}"
-    if settings.kernel is not None:
-        command += f" --uml-kernel={shlex.quote(str(settings.kernel))}"
-    if settings.rootfs != "pinned":
-        command += f" --umtt-rootfs={settings.rootfs}"
+    command = reproduce_command(nodeid, settings)  # with --umtt-perturb or a schedule
     bundle = settings.replay or bundle_path(settings, nodeid)
     lines = [] if bundle is None else [
         "replay bundle (kernel, root, shim, seed, settings and test files in one file):",
