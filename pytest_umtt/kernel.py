@@ -43,7 +43,9 @@ from .kconfig import (
 
 # 2: KBUILD_BUILD_VERSION pinned (kernels built before carry a build counter).
 # 3: the source carries pytest-umtt's patches (data/patches), named in the identity.
-RECIPE_VERSION = "3"
+# 4: make runs in a fixed environment (build_environment): kernels built before took
+#    their config from whatever rustc and pahole the user's PATH had.
+RECIPE_VERSION = "4"
 DEBIAN_SOURCE_PACKAGE = "linux-source-6.12"
 DEBIAN_SOURCE_TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
 BUILD_TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc",
@@ -431,7 +433,7 @@ def _run_build(source: KernelSource, objdir: Path, merged: MergedConfig, *, jobs
     """Configure and build in ``objdir``; the user's options that did not take."""
     fragment_file = objdir / "umtt.config"
     fragment_file.write_text(merged.text)
-    make = ["make", "-C", str(source.path), "ARCH=um", f"O={objdir}"]
+    make = ["make", "-C", str(source.path), "ARCH=um", f"O={objdir}", *NO_TOOLCHAIN]
     merge_config = [str(source.path / "scripts" / "kconfig" / "merge_config.sh"), "-m", "-O",
                     str(objdir), str(objdir / ".config"), str(fragment_file)]
     shutil.rmtree(objdir / MODULES_STAGING, ignore_errors=True)
@@ -468,10 +470,24 @@ def _depmod() -> str:
     return found
 
 
+BUILD_PATH = "/usr/bin:/bin"
+NO_TOOLCHAIN = ("RUSTC=false", "BINDGEN=false", "PAHOLE=false")
+"""Optional toolchains the kernel's Kconfig probes for: their versions become config
+(CONFIG_RUSTC_VERSION, CONFIG_PAHOLE_VERSION), so one found on one machine and not on
+another gave two kernels for one recipe. None is used by a UML kernel of ours."""
+
+
+def build_environment() -> dict[str, str]:
+    """What make runs with: a fixed PATH and locale, HOME, and the pinned build identity
+    (REPRODUCIBLE_ENV); nothing else of the user's environment reaches the kernel."""
+    return {"PATH": BUILD_PATH, "HOME": os.environ.get("HOME", "/"), "LC_ALL": "C",
+            **REPRODUCIBLE_ENV}
+
+
 def _run_logged(command: list[str], out: TextIO, log: Path, progress: BuildProgress,
                 cwd: Path) -> None:
     out.write(f"$ {' '.join(command)}\n")
-    env = dict(os.environ, **REPRODUCIBLE_ENV)
+    env = build_environment()
     with _process_group(command, cwd, env) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:

@@ -208,6 +208,17 @@ def test_ctrl_c_mid_build_leaves_nothing(tmp_path: Path, cache: Path) -> None:
     assert not list((cache / "kernels").glob("*.partial-*"))
 
 
+def test_the_build_sees_no_toolchain_of_the_users(tmp_path: Path, cache: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # A rustc on the user's PATH became CONFIG_RUSTC_VERSION, and so another kernel.
+    monkeypatch.setenv("PATH", f"{tmp_path}/cargo/bin:{os.environ['PATH']}")
+    monkeypatch.setenv("RUSTFLAGS", "-C opt-level=3")
+    tree = fake_tree(tmp_path, "printf '%s|%s|%s' \"$$PATH\" \"$(RUSTC)\" \"$$RUSTFLAGS\" "
+                               "> $(O)/linux")
+    built = build_kernel(user_source(tree), jobs=1)
+    assert built.read_text() == "/usr/bin:/bin|false|"
+
+
 def test_a_variant_is_cached_apart_and_leaves_the_default_alone(tmp_path: Path,
                                                                 cache: Path) -> None:
     source = user_source(fake_tree(tmp_path))
