@@ -108,6 +108,16 @@ def first_trace(lines: Iterable[str]) -> list[Frame]:
     return reliable or frames
 
 
+def leading_frames(lines: Iterable[str], depth: int = SIGNATURE_FRAMES) -> list[Frame]:
+    """The first ``depth`` frames of the first call trace in ``lines``, after the frames
+    of the machinery that reported it (dump_stack, __warn, kasan_report, ...)."""
+    frames = first_trace(lines)
+    skip = 0
+    while skip < len(frames) - 1 and REPORTING_FRAMES.fullmatch(frames[skip].function):
+        skip += 1
+    return frames[skip:skip + depth]
+
+
 def mask(text: str) -> str:
     """``text`` with addresses and numbers replaced by ``N``: the words of a report's
     header without what changes between two reports of one bug."""
@@ -119,11 +129,7 @@ def signature(kind: str, lines: Iterable[str], depth: int = SIGNATURE_FRAMES) ->
     trace in ``lines``, after the reporting machinery's frames. A report without a call
     trace is known by its first line, masked (:func:`mask`)."""
     lines = list(lines)
-    frames = first_trace(lines)
-    skip = 0
-    while skip < len(frames) - 1 and REPORTING_FRAMES.fullmatch(frames[skip].function):
-        skip += 1
-    kept = [str(frame) for frame in frames[skip:skip + depth]]
+    kept = [str(frame) for frame in leading_frames(lines, depth)]
     if kept:
         return f"{kind}: {':'.join(kept)}"
     return f"{kind}: {mask(lines[0])[:HEADER_CHARS]}" if lines else kind

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from .errors import MachineError
+from .signature import leading_frames
 
 Z_95 = 1.959963984540054
 """The standard normal quantile of 0.975: a two-sided 95% interval."""
@@ -77,37 +78,16 @@ def mask(text: str) -> str:
     return text
 
 
-_FRAME = re.compile(r"(?:\[<[0-9a-fA-F]+>\]\s*)?(?P<unreliable>\?\s+)?"
-                    r"(?P<function>[A-Za-z_.$][\w.$]*)\+0x[0-9a-fA-F]+/0x[0-9a-fA-F]+")
-_TRACE_START = re.compile(r"Call Trace:")
-# Frames of the reporting machinery itself: the same in every report.
-_REPORTING_FRAMES = frozenset((
-    "show_stack", "dump_stack", "dump_stack_lvl", "__dump_stack", "panic", "__warn",
-    "warn_slowpath_fmt", "report_bug", "die", "oops_end", "show_regs", "dump_trace",
-    "show_stack_log_lvl", "_print_addr"))
-
-
 def call_trace_frames(console: str, count: int = CRASH_FRAMES) -> list[str]:
-    """The first ``count`` reliable function names of the first call trace in
-    ``console`` (lines after ``Call Trace:``), reporting frames left out; [] when there
-    is none."""
-    frames: list[str] = []
-    in_trace = False
-    for line in console.splitlines():
-        if not in_trace:
-            in_trace = bool(_TRACE_START.search(line))
-            continue
-        found = _FRAME.search(line)
-        if found is None:
-            if frames:
-                break  # the trace ended
-            continue
-        if found["unreliable"] or found["function"] in _REPORTING_FRAMES:
-            continue
-        frames.append(found["function"])
-        if len(frames) == count:
-            break
-    return frames
+    """The first ``count`` function names of the first call trace in ``console``, the
+    reporting machinery's frames left out, as a splat's signature takes them
+    (:func:`~pytest_umtt.signature.leading_frames`); [] when there is none."""
+    lines = [CONSOLE_STAMP.sub("", line, count=1) for line in console.splitlines()]
+    return [frame.function for frame in leading_frames(lines, count)]
+
+
+CONSOLE_STAMP = re.compile(r"^\[\d+\.\d+ s\] ?")
+"""The virtual time a console tail puts before each line (``[2.000100000 s] ``)."""
 
 
 def failure_signature(error: BaseException) -> str:
