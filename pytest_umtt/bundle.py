@@ -47,8 +47,7 @@ from .kernel import (
     SHIM_NAME,
     SOURCE_FILE,
     VARIANT_FILE,
-    _extract_checked,
-    check_tar_member,
+    extract_members,
     kernel_identity,
     modules_dir,
     tree_digest,
@@ -510,9 +509,7 @@ def _unpack_modules(reader: _Reader, target: Path) -> None:
     target.mkdir()
     try:
         with tarfile.open(fileobj=io.BytesIO(reader.read(MODULES)), mode="r:") as tree:
-            for member in tree:
-                check_tar_member(member, where)
-                _extract_checked(tree, member, target)
+            extract_members(tree, target, where)
     except (KernelError, tarfile.TarError) as exc:
         raise BundleError(f"{reader.path}: member {MODULES} is not a modules tree: "
                           f"{exc}") from None

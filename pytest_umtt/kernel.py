@@ -152,9 +152,7 @@ def _extract_into(tarball: Path, staging: Path) -> None:
     ``extractall(filter=)``); a disk that fills up is named with what to do about it."""
     try:
         with tarfile.open(tarball, mode="r|*") as archive:
-            for member in archive:
-                check_tar_member(member, tarball)
-                _extract_checked(archive, member, staging)
+            extract_members(archive, staging, tarball)
     except OSError as exc:
         raise KernelError(f"extracting {tarball} into {staging.parent} failed: "
                           f"{exc.strerror or exc}; nothing was kept. Free space there (the "
@@ -163,6 +161,14 @@ def _extract_into(tarball: Path, staging: Path) -> None:
     except tarfile.TarError as exc:
         raise KernelError(f"{tarball} is not a readable tar archive ({exc}); reinstall "
                           f"{DEBIAN_SOURCE_PACKAGE} and run umtt-kernel build again") from None
+
+
+def extract_members(archive: tarfile.TarFile, into: Path, where: Path) -> None:
+    """Write every member of ``archive`` under ``into``, each checked first
+    (:func:`check_tar_member`; ``where`` names the archive in the error)."""
+    for member in archive:
+        check_tar_member(member, where)
+        _extract_checked(archive, member, into)
 
 
 def _extract_checked(archive: tarfile.TarFile, member: tarfile.TarInfo, into: Path) -> None:
