@@ -13,6 +13,7 @@ gives one digest; it is cached under ``<cache>/rootfs/<KEY>/`` like the kernel.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -211,9 +212,11 @@ def load_rootfs(directory: Path) -> Rootfs | None:
     return Rootfs(image, str(manifest["digest"]), tuple(manifest["packages"]), boot_image)
 
 
+@functools.cache
 def compressor_version() -> str:
     """``lz4 -V``'s first line ("none" without lz4): another version may compress the
-    image to other bytes, and so give another root."""
+    image to other bytes, and so give another root. Asked once per process: every
+    session's root lookup needs it."""
     if shutil.which(LZ4[0]) is None:
         return "none"
     done = subprocess.run([LZ4[0], "-V"], capture_output=True, text=True, check=False)
