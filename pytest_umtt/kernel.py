@@ -401,12 +401,8 @@ def build_kernel(source: KernelSource, *, jobs: int | None = None, force: bool =
     """Build (or reuse) the kernel for ``source`` with the shipped fragment and what
     ``config`` adds (:mod:`pytest_umtt.kconfig`); its path. Modules (``=m``) are built
     too, and installed beside it (:func:`modules_dir`)."""
-    cache = writable_dir(cache_root())
-    source = patched_source(source, shipped_patches(), cache, say)
-    merged = merge(config, source.path)
-    key = kernel_key(source, merged.text)
-    kernels = writable_dir(cache / "kernels")
-    final_dir = kernels / key
+    source, merged, final_dir = _variant(source, config, say)
+    kernels, key = writable_dir(final_dir.parent), final_dir.name
     with FileLock(str(final_dir) + ".lock"):
         if not (final_dir / "linux").is_file() or force:
             ensure_build_tools(say)
@@ -416,6 +412,16 @@ def build_kernel(source: KernelSource, *, jobs: int | None = None, force: bool =
         if config.empty:
             _mark_default(kernels, key, source)
     return final_dir / "linux"
+
+
+def _variant(source: KernelSource, config: KernelConfig,
+             say: Callable[[str], None]) -> tuple[KernelSource, MergedConfig, Path]:
+    """The patched source, the merged config and the cache directory of the kernel they
+    make: how a build and a look-up name the same kernel."""
+    cache = writable_dir(cache_root())
+    source = patched_source(source, shipped_patches(), cache, say)
+    merged = merge(config, source.path)
+    return source, merged, cache / "kernels" / kernel_key(source, merged.text)
 
 
 def _build_and_publish(source: KernelSource, merged: MergedConfig, final_dir: Path, *,
@@ -837,10 +843,8 @@ def variant_kernel(config: KernelConfig, *, source: Path | None = None,
                    say: Callable[[str], None] = lambda _: None) -> Path:
     """Where the kernel for ``config`` (built from ``source``, default Debian's) is or
     will be, without building it."""
-    cache = writable_dir(cache_root())
-    tree = user_source(source) if source else debian_source(cache, say)
-    tree = patched_source(tree, shipped_patches(), cache, say)
-    return cache / "kernels" / kernel_key(tree, merge(config, tree.path).text) / "linux"
+    tree = user_source(source) if source else debian_source(writable_dir(cache_root()), say)
+    return _variant(tree, config, say)[2] / "linux"
 
 
 def _config_of(args: argparse.Namespace) -> KernelConfig:

@@ -209,7 +209,7 @@ def _kconfig(text: str, where: str) -> KernelConfig:
         raise pytest.UsageError(str(exc)) from None
 
 
-def variant_kernel(config: KernelConfig, where: str) -> Path:
+def built_variant(config: KernelConfig, where: str) -> Path:
     """The kernel built from Debian's source with ``config`` beside pytest-umtt's fragment
     (built now if it is not in the cache yet, as kunit.py builds before it runs)."""
     def say(text: str) -> None:
@@ -224,7 +224,7 @@ def variant_kernel(config: KernelConfig, where: str) -> Path:
 def _marker_kernel(value: object, where: str) -> Path:
     """``uml(kernel=...)``: a kernel binary's path, or a KernelConfig (its variant)."""
     if isinstance(value, KernelConfig):
-        return variant_kernel(value, where)
+        return built_variant(value, where)
     return _kernel(str(value), where)
 
 
@@ -381,7 +381,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         values[option.field] = option.default if found is None else option.parse(*found)
     values["seed"], values["seed_source"] = values["seed"]
     if values["kernel"] is None and not values["kconfig"].empty:
-        values["kernel"] = variant_kernel(values["kconfig"], "--umtt-kconfig")
+        values["kernel"] = built_variant(values["kconfig"], "--umtt-kconfig")
     values["kernel"] = values["kernel"] or default_kernel()
     if values["bundle"] is None:
         values["bundle"] = "never" if values["artifacts"] is None else "failed"
