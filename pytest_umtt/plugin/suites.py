@@ -56,8 +56,9 @@ class KunitRun(pytest.Collector):
     def collect(self) -> list[pytest.Item]:
         settings = self.config.stash[STATE].settings
         glob = settings.kunit or "*"
-        text, tail, boot_error = boot_kunit(self.config, settings, glob, action="list")
-        names = [line.strip() for line in text.splitlines()
+        listing = boot_kunit(self.config, settings, glob, action="list")
+        boot_error, tail = listing.error, listing.tail
+        names = [line.strip() for line in listing.text.splitlines()
                  if KUNIT_LISTED.match(line.strip())]
         items: list[pytest.Item] = [KunitCase.from_parent(self, name=name)
                                     for name in dict.fromkeys(names)]
@@ -70,10 +71,24 @@ class KunitRun(pytest.Collector):
         return items
 
 
+@dataclass(frozen=True, slots=True)
+class KunitBoot:
+    """What a KUnit machine printed, and the error if it did not come up."""
+
+    console: Console | None
+    tail: str
+    error: UmttError | None
+
+    @property
+    def text(self) -> str:
+        """The whole console."""
+        return self.console.text if self.console else ""
+
+
 def boot_kunit(config: pytest.Config, settings: Settings, glob: str,
-               action: str | None = None) -> tuple[str, str, UmttError | None]:
-    """Boot a machine that runs (or lists) the KUnit cases matching ``glob``; its console
-    text, console tail, and the error if it did not come up (a case may crash it)."""
+               action: str | None = None) -> KunitBoot:
+    """Boot a machine that runs (or lists) the KUnit cases matching ``glob`` (a case may
+    crash it: that is reported, not raised)."""
     started = time.monotonic()
     sim = open_simulation(config, settings)
     boot_error: UmttError | None = None
@@ -87,14 +102,11 @@ def boot_kunit(config: pytest.Config, settings: Settings, glob: str,
     finally:
         machine = sim.machines.get("kunit")
         console = machine.console if machine else None
-        text = console.text if console else ""
         tail = machine.console_tail() if machine else ""
         close_simulation(config, sim, started, None)
-    config.stash.setdefault(KUNIT_CONSOLES, {})[glob] = console
-    return text, tail, boot_error
+    return KunitBoot(console, tail, boot_error)
 
 
-KUNIT_CONSOLES = pytest.StashKey[dict[str, "Console | None"]]()
 KUNIT_RUNS = pytest.StashKey[dict[str, "KunitResults"]]()
 
 
@@ -146,11 +158,11 @@ class KunitCase(pytest.Item):
         runs = self.config.stash.setdefault(KUNIT_RUNS, {})
         if glob not in runs:
             settings = self.config.stash[STATE].settings
-            text, tail, error = boot_kunit(self.config, settings, glob)
-            missing = (f"the machine did not come up: {error}" if error is not None else
-                       f"the kernel stopped reporting before it (console tail:\n{tail})")
-            runs[glob] = KunitResults(glob, {c.name: c for c in parse_ktap(text)},
-                                      self.config.stash[KUNIT_CONSOLES].get(glob), missing)
+            boot = boot_kunit(self.config, settings, glob)
+            missing = (f"the machine did not come up: {boot.error}" if boot.error is not None else
+                       f"the kernel stopped reporting before it (console tail:\n{boot.tail})")
+            runs[glob] = KunitResults(glob, {c.name: c for c in parse_ktap(boot.text)},
+                                      boot.console, missing)
         return runs[glob]
 
     def _glob(self) -> str:
