@@ -162,6 +162,11 @@ def shrink_lines(shrink: dict[str, Any]) -> list[str]:
     if shrink.get("file"):
         lines.append(f"  schedule written to {shrink['file']}; replay: pytest "
                      f"{shlex.quote(shrink['nodeid'])} --umtt-schedule={shrink['file']}")
+    if shrink.get("bundle"):
+        lines.append(f"  replay bundle (kernel, root and schedule in one file): pytest "
+                     f"--umtt-replay={shrink['bundle']}")
+    if shrink.get("bundle_error"):
+        lines.append(f"  bundle: {shrink['bundle_error']}")
     return lines
 
 

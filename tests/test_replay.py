@@ -92,7 +92,8 @@ def test_a_failing_test_replays_from_its_bundle_on_an_empty_cache(
     ])
 
 
-def _fake_bundle(project: Path, scratch: Path) -> Path:
+def _fake_bundle(project: Path, scratch: Path,
+                 schedule: list[dict[str, object]] | None = None) -> Path:
     """A bundle of ``test_x.py::test_x`` (which boots nothing) with a kernel of another
     source version and patches, and a root of other package versions."""
     kernel = scratch / "kernels" / "old" / "linux"
@@ -111,7 +112,7 @@ def _fake_bundle(project: Path, scratch: Path) -> Path:
         markers={}, kernel=kernel, shim=None, test_files={"test_x.py": test},
         rootfs=Rootfs(image, hashlib.sha256(image.read_bytes()).hexdigest(),
                       ("bash=5.2.15-2+b7", "libc6=2.36-9+deb12u10")),
-        fingerprint=["x"], outcome={"outcome": "failed", "when": "call"})
+        fingerprint=["x"], outcome={"outcome": "failed", "when": "call"}, schedule=schedule)
     return write_bundle(record, project / "a" / "x.umtt-bundle", store=project / STORE)
 
 
@@ -124,6 +125,19 @@ def test_a_tampered_bundle_is_refused_naming_the_member(pytester: pytest.Pyteste
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*--umtt-replay: {stored} (the bundle's guest root) is "
                                  f"corrupt: *"])
+
+
+def test_a_bundle_whose_schedule_is_not_one_is_refused_and_leaves_nothing(
+        pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = _fake_bundle(pytester.path, tmp_path, schedule=[{"kind": "reorder"}])
+    scratch = tmp_path / "tmpdir"  # where the bundle would be unpacked
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    result = pytester.runpytest_subprocess(f"--umtt-replay={bundle}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*--umtt-replay: {bundle}: the manifest's schedule is not "
+                                 f"a list of decisions (KeyError('key'))*"])
+    assert [path.name for path in scratch.iterdir()] == []
 
 
 def test_a_replay_names_how_this_machines_kernel_and_root_differ(

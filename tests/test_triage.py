@@ -358,6 +358,17 @@ def test_shrink_finds_the_decisions_a_failure_needs_and_the_schedule_replays_it(
     replay.assert_outcomes(failed=1)
     assert f'value="{signature}"' in (pytester.path / "replay.xml").read_text().replace(
         "&lt;", "<").replace("&gt;", ">")
+    bundle = file.with_name("schedule.umtt-bundle")
+    shrunk.stdout.fnmatch_lines([f"  replay bundle (kernel, root and schedule in one file): "
+                                 f"pytest --umtt-replay={bundle}"])
+    replayed = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--umtt-replay={bundle}",
+                                             "--junitxml=bundle.xml")
+    replayed.assert_outcomes(failed=1)
+    replayed.stdout.fnmatch_lines([
+        f"umtt: a shrunk schedule: the run keeps {after} perturbed decision* and reverts "
+        "every other", "*- pytest-umtt replay -*", "reproduced: same run (fingerprint *"])
+    assert f'value="{signature}"' in (pytester.path / "bundle.xml").read_text().replace(
+        "&lt;", "<").replace("&gt;", ">")
     schedule["decisions"] = []  # every decision reverted: the failure goes away
     file.write_text(json.dumps(schedule))
     pytester.runpytest_subprocess(*kernel_args, f"--umtt-schedule={file}").assert_outcomes(

@@ -24,6 +24,7 @@ from ..bundle import (
     write_bundle,
 )
 from ..cache import cache_root
+from ..controller.perturb import Decision, Decisions
 from ..divergence import first_divergence
 from ..errors import BundleError
 from ..identity import kernel_differences, kernel_record, root_differences
@@ -49,6 +50,19 @@ class RunEnd:
 ITEM_RUN = pytest.StashKey[RunEnd]()
 
 
+@dataclass(frozen=True)
+class BundleRequest:
+    """A bundle asked for by name rather than by ``--umtt-bundle``: a shrink's last rerun
+    writes one that replays its minimal schedule."""
+
+    target: Path
+    store: Path
+    schedule: tuple[Decision, ...]
+
+
+BUNDLE_REQUEST = pytest.StashKey[BundleRequest]()
+
+
 @dataclass
 class Replay:
     """A ``--umtt-replay`` session: the bundle, where it was unpacked, and the verdict."""
@@ -56,6 +70,8 @@ class Replay:
     bundle: Bundle
     directory: Path
     changed: list[str]
+    keep: frozenset[str] | None = None
+    """The decisions the bundle's run kept, if it was a shrunk schedule's run."""
     verdict: list[str] = field(default_factory=list)
 
 
@@ -91,25 +107,33 @@ def wants_bundle(settings: Settings, run: RunEnd | None) -> bool:
 
 
 def write_item_bundle(item: pytest.Item, sim: Simulation, settings: Settings) -> Path | None:
-    """After the test's simulation closed: its bundle, if ``--umtt-bundle`` asks for one."""
+    """After the test's simulation closed: its bundle, if ``--umtt-bundle`` (or a shrink)
+    asks for one."""
     run = item.stash.get(ITEM_RUN, None)
-    target = bundle_path(settings, item.nodeid)
+    request = item.stash.get(BUNDLE_REQUEST, None)
     machines = list(sim.machines.values())
     kernel = machines[0].kernel if machines else settings.kernel
-    if target is None or kernel is None or not wants_bundle(settings, run):
+    if request is None:
+        target = bundle_path(settings, item.nodeid)
+        if target is None or not wants_bundle(settings, run):
+            return None
+        assert settings.artifacts is not None
+        request = BundleRequest(target, settings.artifacts / STORE, ())
+    if run is None or kernel is None:
         return None
-    assert run is not None and settings.artifacts is not None
     record = RunRecord(
         nodeid=base_nodeid(item.nodeid), seed=settings.seed,
         settings={name: _plain(getattr(settings, name)) for name in RUN_SETTINGS},
         markers=_markers(item), kernel=kernel, rootfs=sim.rootfs, shim=sim.shim,
         test_files=_test_files(item), fingerprint=run.fingerprint, outcome=run.outcome,
         machines={m.name: {"mem": m.mem, "cmdline": m.cmdline,
-                           "kernel": kernel_record(m.kernel)["sha256"]} for m in machines})
+                           "kernel": kernel_record(m.kernel)["sha256"]} for m in machines},
+        schedule=[d.to_json() for d in request.schedule]
+        if BUNDLE_REQUEST in item.stash else None)
     try:
-        written = write_bundle(record, target, store=settings.artifacts / STORE)
+        written = write_bundle(record, request.target, store=request.store)
     except OSError as exc:
-        raise BundleError(f"cannot write the replay bundle {target}: "
+        raise BundleError(f"cannot write the replay bundle {request.target}: "
                           f"{exc.strerror or exc}") from None
     item.user_properties.append((BUNDLE_PROPERTY, str(written)))  # for CI (JUnit XML)
     return written
@@ -151,11 +175,13 @@ def start_replay(config: pytest.Config, state: SessionState) -> None:
     try:
         bundle = open_bundle(state.settings.replay, directory)
         state.settings = replayed_settings(bundle, state.settings)
+        keep = _kept_decisions(bundle)
     except BundleError as exc:
         shutil.rmtree(directory, ignore_errors=True)
         raise pytest.UsageError(f"--umtt-replay: {exc}") from None
     state.rootfs, state.shim = bundle.rootfs, bundle.shim
-    state.replay = Replay(bundle, directory, changed_test_files(bundle, config.rootpath))
+    state.replay = Replay(bundle, directory, changed_test_files(bundle, config.rootpath),
+                          keep)
     test = config.rootpath / bundle.nodeid.split("::", 1)[0]
     if not test.is_file():
         finish_replay(state)
@@ -164,6 +190,26 @@ def start_replay(config: pytest.Config, state: SessionState) -> None:
             f"run pytest in the project's directory (the bundle holds the file as it was: "
             f"`umtt-bundle show {bundle.path}`)")
     config.args = [str(config.rootpath / bundle.nodeid)]
+
+
+def _kept_decisions(bundle: Bundle) -> frozenset[str] | None:
+    """The keys of a shrunk schedule's decisions, each checked to be one."""
+    if bundle.schedule is None:
+        return None
+    try:
+        return frozenset(Decision.from_json(entry).key for entry in bundle.schedule)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"{bundle.path}: the manifest's schedule is not a list of "
+                          f"decisions ({exc!r})") from None
+
+
+def replayed_decisions(state: SessionState, nodeid: str) -> Decisions | None:
+    """The decision policy a replay runs its test with: the bundle's schedule (every
+    other decision reverted), or every decision its seed makes."""
+    replay: Replay | None = state.replay
+    if replay is None or replay.keep is None or base_nodeid(nodeid) != replay.bundle.nodeid:
+        return None
+    return Decisions(replay.keep)
 
 
 def replayed_settings(bundle: Bundle, base: Settings) -> Settings:
@@ -194,6 +240,9 @@ def replay_header(state: SessionState) -> list[str]:
     manifest = replay.bundle.manifest
     lines = [f"umtt: replaying {replay.bundle.path}: {manifest['nodeid']}, seed "
              f"{manifest['seed']}, written by pytest-umtt {manifest['pytest_umtt']}"]
+    if replay.keep is not None:
+        lines.append(f"umtt: a shrunk schedule: the run keeps {len(replay.keep)} perturbed "
+                     f"decision{'' if len(replay.keep) == 1 else 's'} and reverts every other")
     local = default_kernel()
     if local is not None:
         differences = kernel_differences(manifest["kernel"], kernel_record(local))
