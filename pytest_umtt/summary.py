@@ -65,6 +65,8 @@ class Summary:
     explored: dict[str, list[Explored]] = field(default_factory=dict)
     shrinks: list[dict[str, Any]] = field(default_factory=list)
     """What ``--umtt-shrink`` found, one entry per failing test (see plugin/triage.py)."""
+    module_bundles: list[str] = field(default_factory=list)
+    """Replay bundles of modules whose tests share a simulation (``uml_module``)."""
     reproduce_options: str = ""
     """Options a reproduce command needs besides the seed (``--umtt-perturb``)."""
     splats_failed: dict[str, list[str]] = field(default_factory=dict)
@@ -83,6 +85,7 @@ class Summary:
         self.virtual_ns += int(counts["virtual_ns"])
         self.wall_seconds += float(counts["wall_seconds"])
         self.shrinks += list(counts.get("shrinks", []))
+        self.module_bundles += list(counts.get("module_bundles", []))
 
     def lines(self) -> list[str]:
         """The summary's lines (none when nothing was simulated)."""
@@ -99,6 +102,8 @@ class Summary:
             lines += self._explore_lines(nodeid, outcomes, self.reproduce_options)
         for shrink in self.shrinks:
             lines += shrink_lines(shrink)
+        lines += [f"module bundle (its tests share one simulation; the replay runs them "
+                  f"all): pytest --umtt-replay={path}" for path in self.module_bundles]
         return lines + self._splat_lines()
 
     def _splat_lines(self) -> list[str]:
@@ -224,7 +229,8 @@ class SummaryReporter:
         if workeroutput is not None:
             counts = asdict(self.summary)
             workeroutput["umtt"] = {key: counts[key] for key in
-                                    ("simulations", "virtual_ns", "wall_seconds", "shrinks")}
+                                    ("simulations", "virtual_ns", "wall_seconds", "shrinks",
+                                     "module_bundles")}
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

@@ -157,3 +157,41 @@ def test_a_replay_names_how_this_machines_kernel_and_root_differ(
         "5.2.15-2+b7 (bundle) / 5.2.* (this machine); *; and * more",
     ])
     result.assert_outcomes(passed=1)
+
+
+MODULE = """
+    def test_first_leaves_state(uml_module):
+        uml_module.run("od -An -N4 -tu4 /dev/urandom > /tmp/drawn", check=True)
+
+    def test_second_depends_on_it(uml_module, umtt_module_sim):
+        drawn = uml_module.run("cat /tmp/drawn", check=True).output.strip()
+        assert drawn == "0", f"the first test drew {drawn}"
+"""
+
+
+@pytest.mark.kernel
+def test_a_module_sharing_a_machine_is_bundled_and_replayed_as_a_whole(
+        pytester: pytest.Pytester, kernel_args: list[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    pytester.makepyfile(test_shared=MODULE)
+    artifacts = pytester.path / "artifacts"
+    failed = pytester.runpytest_subprocess(*kernel_args, "--umtt-seed=4",
+                                           f"--umtt-artifacts={artifacts}")
+    failed.assert_outcomes(passed=1, failed=1)
+    (bundle,) = artifacts.glob("test_shared.py/*.umtt-bundle")
+    failed.stdout.fnmatch_lines([f"module bundle (its tests share one simulation; the replay "
+                                 f"runs them all): pytest --umtt-replay={bundle}"])
+    manifest = _manifest(bundle)
+    assert manifest["nodeid"] == "test_shared.py"
+    assert manifest["outcome"] == {  # type: ignore[comparison-overlap]
+        "outcome": "failed", "when": "module",
+        "error": "1 of 2 tests failed: test_shared.py::test_second_depends_on_it"}
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    monkeypatch.setenv("UMTT_CACHE_DIR", str(empty))
+    replayed = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--umtt-replay={bundle}")
+    replayed.assert_outcomes(passed=1, failed=1)
+    replayed.stdout.fnmatch_lines(["*- pytest-umtt replay -*",
+                                   "outcome: failed in module: 1 of 2 tests failed: *",
+                                   "reproduced: same run (fingerprint *"])
+    assert list(empty.iterdir()) == []

@@ -18,7 +18,7 @@ from ..simulation import (
 )
 from ..summary import EXPLORED_SEED, FINGERPRINT
 from ..uml.machine import Machine
-from .replay import write_item_bundle
+from .replay import MODULE_RUN, ModuleRun, finish_module_run, write_item_bundle
 from .state import (
     CAPTURE_DIR,
     ITEM_SETTINGS,
@@ -117,11 +117,13 @@ def umtt_module_sim(request: pytest.FixtureRequest) -> Iterator[Simulation]:
     settings = request.config.stash[STATE].settings
     started = time.monotonic()
     sim = open_simulation(request.config, settings)
+    request.node.stash[MODULE_RUN] = ModuleRun()
     try:
         yield sim
     finally:
         close_simulation(request.config, sim, started,
                           artifacts_dir(settings, request.node.nodeid))
+    finish_module_run(request.node, sim, settings)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from ..kernel import default_kernel
 from ..rootfs import MANIFEST_NAME
 from ..simulation import Simulation, owned_directory
 from .settings import MARKERS, Settings
-from .state import SessionState, artifacts_dir, base_nodeid
+from .state import STATE, SessionState, artifacts_dir, base_nodeid
 
 RUN_SETTINGS = ("mem", "cmdline", "virtual_timeout", "wall_timeout", "perturb", "rootfs")
 """The settings besides the seed and the kernel that change a run: a bundle keeps them."""
@@ -106,7 +106,8 @@ def wants_bundle(settings: Settings, run: RunEnd | None) -> bool:
                                  run.outcome["outcome"] == "failed"))
 
 
-def write_item_bundle(item: pytest.Item, sim: Simulation, settings: Settings) -> Path | None:
+def write_item_bundle(item: pytest.Item | pytest.Module, sim: Simulation,
+                      settings: Settings) -> Path | None:
     """After the test's simulation closed: its bundle, if ``--umtt-bundle`` (or a shrink)
     asks for one."""
     run = item.stash.get(ITEM_RUN, None)
@@ -135,8 +136,55 @@ def write_item_bundle(item: pytest.Item, sim: Simulation, settings: Settings) ->
     except OSError as exc:
         raise BundleError(f"cannot write the replay bundle {request.target}: "
                           f"{exc.strerror or exc}") from None
-    item.user_properties.append((BUNDLE_PROPERTY, str(written)))  # for CI (JUnit XML)
+    if isinstance(item, pytest.Item):
+        item.user_properties.append((BUNDLE_PROPERTY, str(written)))  # for CI (JUnit XML)
     return written
+
+
+@dataclass
+class ModuleRun:
+    """The tests that share a module's simulation (``uml_module``), and which failed: a
+    failure among them depends on every test before it, so the module is the unit a
+    bundle replays."""
+
+    tests: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+MODULE_RUN = pytest.StashKey[ModuleRun]()
+"""On a module whose tests share a simulation."""
+
+
+def note_module_test(item: pytest.Item, report: pytest.TestReport) -> None:
+    """Count a test that used its module's simulation, and its failure."""
+    module = item.getparent(pytest.Module)
+    run = None if module is None else module.stash.get(MODULE_RUN, None)
+    if run is None or "umtt_module_sim" not in getattr(item, "fixturenames", ()):
+        return
+    if report.when == "setup" and item.nodeid not in run.tests:
+        run.tests.append(item.nodeid)
+    if report.failed and item.nodeid not in run.failed:
+        run.failed.append(item.nodeid)
+
+
+def finish_module_run(module: pytest.Module, sim: Simulation, settings: Settings) -> None:
+    """After a module's simulation closed: compare it with the bundle being replayed, or
+    write its bundle if ``--umtt-bundle`` asks for one."""
+    run = module.stash.get(MODULE_RUN, None)
+    if run is None:
+        return
+    failed = f"{len(run.failed)} of {len(run.tests)} tests failed"
+    outcome = {"outcome": "failed" if run.failed else "passed", "when": "module",
+               **({"error": f"{failed}: {', '.join(run.failed)}"[:500]} if run.failed else {})}
+    end = RunEnd(sim.fingerprint(), outcome)
+    state = module.config.stash[STATE]
+    if state.replay is not None:
+        compare_replay(state, module.nodeid, end)
+        return
+    module.stash[ITEM_RUN] = end
+    written = write_item_bundle(module, sim, settings)
+    if written is not None:
+        state.summary.module_bundles.append(str(written))
 
 
 BUNDLE_PROPERTY = "umtt_bundle"
@@ -147,7 +195,7 @@ def _plain(value: object) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _markers(item: pytest.Item) -> dict[str, Any]:
+def _markers(item: pytest.Item | pytest.Module) -> dict[str, Any]:
     """The pytest-umtt markers on the test, as written (for a person reading the bundle)."""
     found = {}
     for name in MARKERS:
@@ -158,7 +206,7 @@ def _markers(item: pytest.Item) -> dict[str, Any]:
     return found
 
 
-def _test_files(item: pytest.Item) -> dict[str, Path]:
+def _test_files(item: pytest.Item | pytest.Module) -> dict[str, Path]:
     rootdir = item.config.rootpath
     if rootdir not in item.path.parents:
         return {item.path.name: item.path}
@@ -250,6 +298,10 @@ def replay_header(state: SessionState) -> list[str]:
                      else "umtt: this machine's default kernel is another one (the bundle's "
                      "is used): " + "; ".join(differences).replace("(here)", "(this machine)")
                      .replace("(expected)", "(bundle)"))
+    if manifest.get("root") is None:
+        lines.append("umtt: WARNING: the bundle's run used its host's / through hostfs "
+                     "(--umtt-rootfs=host), which no bundle carries: this replay uses this "
+                     "machine's /, and a difference in its userspace can change the run")
     root = _cached_root()
     if root is not None and manifest.get("root") is not None:
         differences = root_differences(manifest["root"], root)
