@@ -26,12 +26,14 @@ from .errors import (
     format_ns,
 )
 from .kconfig import KernelConfig
-from .simulation import Elapsed, MachineFactory, Simulation
+from .simulation import Elapsed, MachineFactory, RunStop, Simulation
 from .uml.console import ConsoleLine
 from .uml.machine import BackgroundCommand, CommandResult, ConsoleMatch, Machine, MachineState
 from .uml.splats import Splat
+from .units import NS_PER_S, UnitChangedWarning, ns_to_seconds, seconds_to_ns
 
 __all__ = [
+    "NS_PER_S",
     "BackgroundCommand",
     "BootError",
     "CommandResult",
@@ -49,9 +51,13 @@ __all__ = [
     "MachineStalled",
     "MachineState",
     "ProtocolError",
+    "RunStop",
     "Simulation",
     "Splat",
     "StallError",
     "UmttError",
+    "UnitChangedWarning",
     "format_ns",
+    "ns_to_seconds",
+    "seconds_to_ns",
 ]

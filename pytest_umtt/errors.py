@@ -8,14 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-NS_PER_S = 10**9
-
-
-def format_ns(ns: int) -> str:
-    """Render a virtual time in nanoseconds as seconds with nanosecond precision."""
-    sign = "-" if ns < 0 else ""
-    seconds, rest = divmod(abs(ns), NS_PER_S)
-    return f"{sign}{seconds}.{rest:09d} s"
+# Re-exported: callers take them from here too.
+from .units import NS_PER_S as NS_PER_S  # noqa: PLC0414
+from .units import format_ns as format_ns  # noqa: PLC0414
 
 
 class UmttError(Exception):

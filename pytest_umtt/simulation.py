@@ -61,8 +61,8 @@ from .uml.machine import (
     DEFAULT_COMMAND_TIMEOUT,
     Machine,
     MachineState,
-    seconds_to_ns,
 )
+from .units import either, seconds_to_ns, warn_unit_changed
 
 DEFAULT_CONSOLE_RESOLUTION_NS = 1_000_000
 """1 ms: while an expect() waits, how far a kernel may run without telling the calendar;
@@ -196,6 +196,28 @@ class Elapsed:
     def _end_ns(self) -> int:
         assert self.end_ns is not None, "the block has not ended"
         return self.end_ns
+
+
+@dataclass(frozen=True)
+class RunStop:
+    """Why and when :meth:`Simulation.run_until` or :meth:`Simulation.advance` returned:
+    ``time`` in seconds, ``time_ns`` exact; for a doorbell, the ``machine`` that rang
+    it and its ``value``."""
+
+    reason: StopReason
+    time_ns: int
+    machine: Machine | None = None
+    value: int | None = None
+    client: Client | None = None
+    """The machine's calendar client (the protocol's view of it)."""
+
+    @property
+    def time(self) -> float:
+        """When the run stopped, in virtual seconds (it used to be nanoseconds: the
+        first use in a process warns, :class:`~pytest_umtt.units.UnitChangedWarning`)."""
+        warn_unit_changed("RunStop.time (what run_until() and advance() return)",
+                          "RunStop.time_ns")
+        return self.time_ns / NS_PER_S
 
 
 MEMORY_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
@@ -447,14 +469,11 @@ class Simulation:
 
     def run_until(self, condition: Callable[[], bool] | None = None, *,
                   deadline: float | None = None, deadline_ns: int | None = None,
-                  machines: Iterable[Machine] = ()) -> Stop:
+                  machines: Iterable[Machine] = ()) -> RunStop:
         """Run until ``condition()``, the virtual instant ``deadline`` (seconds; or
         ``deadline_ns``, exact) or quiescence; doorbells are handled on the way. Raises
         when one of ``machines`` crashes or stalls."""
-        if deadline is not None:
-            if deadline_ns is not None:
-                raise ValueError("give deadline (seconds) or deadline_ns, not both")
-            deadline_ns = seconds_to_ns(deadline)
+        deadline_ns = either("deadline", deadline, deadline_ns)
         watched = tuple(machines)
         budget = self._wall_budget(deadline_ns)
         while True:
@@ -469,10 +488,14 @@ class Simulation:
             if stop.reason is StopReason.DOORBELL:
                 self._doorbell(stop)
                 if condition is not None and condition():
-                    return stop
+                    return self._run_stop(stop)
                 continue
             self._raise_for(watched)
-            return stop
+            return self._run_stop(stop)
+
+    def _run_stop(self, stop: Stop) -> RunStop:
+        machine = None if stop.client is None else self._machine_of(stop.client)
+        return RunStop(stop.reason, stop.time, machine, stop.value, stop.client)
 
     @contextmanager
     def watched_closely(self, wall_timeout: float | None = None) -> Iterator[None]:
@@ -487,9 +510,13 @@ class Simulation:
         finally:
             self.wall_timeout, self.calendar.max_free_run = usual
 
-    def advance(self, seconds: float) -> Stop:
-        """Let exactly ``seconds`` of virtual time pass."""
-        return self.run_until(deadline_ns=self.now_ns + seconds_to_ns(seconds))
+    def advance(self, seconds: float | None = None, *, seconds_ns: int | None = None
+                ) -> RunStop:
+        """Let exactly ``seconds`` of virtual time pass (or ``seconds_ns``, exact)."""
+        span = either("seconds", seconds, seconds_ns)
+        if span is None:
+            raise TypeError("advance() needs seconds= or seconds_ns=")
+        return self.run_until(deadline_ns=self.now_ns + span)
 
     def fingerprint(self) -> list[str]:
         """Everything that makes a run this run, one line per item: every protocol event

@@ -14,7 +14,7 @@ import pytest_umtt
 
 PACKAGE = Path(pytest_umtt.__file__).parent
 LAYERS = [
-    {"errors", "wire", "signature"},
+    {"units", "errors", "wire", "signature"},
     {"controller"},
     {"devices"},
     {"uml"},

@@ -27,6 +27,7 @@ from ..simulation import (
     DEFAULT_WALL_TIMEOUT,
 )
 from ..uml.machine import DEFAULT_COMMAND_TIMEOUT, DEFAULT_MEM
+from ..units import MAX_SECONDS
 
 MEM_PATTERN = re.compile(r"^\d+[KMG]$")
 PROTOCOL_TAIL = 30
@@ -117,10 +118,6 @@ def _raw_setting(config: pytest.Config, option: Option) -> tuple[str, str] | Non
     if ini:
         return ("\n".join(ini) if option.repeated else str(ini)), f"ini {option.name}"
     return None
-
-
-MAX_SECONDS = 1e9
-"""About 31 years: far beyond any test, and its nanoseconds still fit the protocol's s64."""
 
 
 def _positive_float(text: str, where: str) -> float:

@@ -35,6 +35,7 @@ from ..errors import (
     MachineError,
     format_ns,
 )
+from ..units import MAX_SECONDS, seconds_to_ns
 from .agent import COMMANDS_DIR, POWEROFF_COMMAND, install, read_without_links
 from .channel import CommandChannel, CommandRecord
 from .channel_console import ConsoleChannel
@@ -52,15 +53,14 @@ from .launch import (
 from .splats import Splat
 
 if TYPE_CHECKING:
-    from ..controller import Calendar, Client, Stop
+    from ..controller import Calendar, Client
 
 # --- the machine ----------------------------------------------------------------------
 
 DEFAULT_IDLE_MAX = 0.1
 DEFAULT_COMMAND_TIMEOUT = 24 * 3600.0
 """Virtual seconds a command may take when the caller gives no timeout."""
-MAX_COMMAND_TIMEOUT = 1e9
-"""About 31 years of virtual time: its nanoseconds still fit the protocol's s64."""
+MAX_COMMAND_TIMEOUT = MAX_SECONDS
 POWEROFF_WALL_TIMEOUT = 2.0
 KILL_GRACE_NS = NS_PER_S
 """Virtual time a command killed at its budget has to end before its machine is stopped."""
@@ -72,10 +72,6 @@ REBOOT_MARKS = (b"reboot: Restarting system", b"sysrq: Resetting")
 REBOOT_MARK_MAX = max(map(len, REBOOT_MARKS))
 MAX_HELD_CONSOLE = 1 << 20
 """Bytes of console output held for a timestamp before they get the run's start time."""
-
-
-def seconds_to_ns(seconds: float) -> int:
-    return round(seconds * NS_PER_S)
 
 
 def command_files(command: str, env: Mapping[str, str] | None, cwd: str | None,
@@ -218,7 +214,7 @@ class MachineHost(Protocol):
                         ) -> AbstractContextManager[None]: ...
 
     def run_until(self, condition: Callable[[], bool] | None = None, *,
-                  deadline_ns: int | None = None, machines: Iterable[Machine] = ()) -> Stop: ...
+                  deadline_ns: int | None = None, machines: Iterable[Machine] = ()) -> object: ...
 
 
 class Machine:
