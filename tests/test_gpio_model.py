@@ -50,8 +50,8 @@ class Recording(VirtioGpio):
         super().__init__(["led", "button", ""])
         self.calls: list[tuple[int, int]] = []
 
-    def interrupt(self, queue: VirtQueue, when: int | None = None) -> None:
-        self.calls.append((queue.index, self.now))
+    def interrupt(self, queue: VirtQueue, when_ns: int | None = None) -> None:
+        self.calls.append((queue.index, self.now_ns))
 
 
 class DriverRing:
