@@ -31,8 +31,6 @@ from pytest_umtt.uml.console import Console
 from pytest_umtt.uml.machine import POWEROFF_WALL_TIMEOUT, Machine
 from tests.conftest import uml_processes
 
-S = 10**9
-
 
 @pytest.fixture(autouse=True)
 def _real_cache(real_cache: Path) -> None:
