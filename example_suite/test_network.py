@@ -18,12 +18,12 @@ CLIENT = ("import socket\n"
 
 
 @pytest.fixture
-def pair(uml_factory: MachineFactory, umtt_sim: Simulation,
+def pair(umtt_machine_factory: MachineFactory, umtt_sim: Simulation,
          umtt_network: Network) -> tuple[Network, Machine, Machine]:
     net = umtt_network  # seeded by the test's seed; --umtt-artifacts keeps its captures
     net.link("a", "b", latency=0.005)
-    a = uml_factory("a", devices=[net.port("a")], boot=False)
-    b = uml_factory("b", devices=[net.port("b")], boot=False)
+    a = umtt_machine_factory("a", devices=[net.port("a")], boot=False)
+    b = umtt_machine_factory("b", devices=[net.port("b")], boot=False)
     umtt_sim.boot(a, b)
     for machine, address in ((a, "10.0.0.1"), (b, "10.0.0.2")):
         machine.run(f"ip addr add {address}/24 dev eth0 && ip link set eth0 up", check=True)

@@ -158,7 +158,7 @@ def remove_stale_directories(base: Path | None = None) -> list[Path]:
 
 
 class MachineFactory(Protocol):
-    """What the ``uml_factory`` fixture is: make (and by default boot) a machine."""
+    """What the ``umtt_machine_factory`` fixture is: make (and by default boot) a machine."""
 
     def __call__(self, name: str | None = None, *, boot: bool = True, mem: str | None = None,
                  cmdline: Sequence[str] = (), devices: Sequence[VirtioDevice] = ()) -> Machine:

@@ -194,12 +194,12 @@ def test_check_determinism_passes_same_runs_and_shows_where_others_part(
     pytester.makepyfile("""
         RUNS = []
 
-        def test_same(uml):
-            uml.run("head -c 8 /dev/urandom | od -An -tx1; sleep 0.25")
+        def test_same(umtt_machine):
+            umtt_machine.run("head -c 8 /dev/urandom | od -An -tx1; sleep 0.25")
 
-        def test_host_dependent(uml):
+        def test_host_dependent(umtt_machine):
             RUNS.append(1)  # host state the seed does not cover: the second run differs
-            uml.run(f"sleep 0.{len(RUNS)}")
+            umtt_machine.run(f"sleep 0.{len(RUNS)}")
     """)
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-check-determinism")
     result.assert_outcomes(passed=4, errors=1)
@@ -219,8 +219,8 @@ def test_check_determinism_passes_same_runs_and_shows_where_others_part(
 def test_explore_finds_failing_seeds_and_each_reproduces(pytester: pytest.Pytester,
                                                          kernel_args: list[str]) -> None:
     pytester.makepyfile("""
-        def test_coin(uml):
-            byte = int(uml.run("od -An -N1 -tu1 /dev/urandom").output)
+        def test_coin(umtt_machine):
+            byte = int(umtt_machine.run("od -An -N1 -tu1 /dev/urandom").output)
             assert byte % 2 == 0, f"odd byte {byte}"
     """)
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-explore=8")
@@ -239,13 +239,13 @@ def test_summary_lines_are_the_same_with_xdist(pytester: pytest.Pytester,
     pytester.makepyfile("""
         from pathlib import Path
 
-        def test_same(uml):
-            uml.run("head -c 8 /dev/urandom | od -An -tx1")
+        def test_same(umtt_machine):
+            umtt_machine.run("head -c 8 /dev/urandom | od -An -tx1")
 
-        def test_host_dependent(uml):
+        def test_host_dependent(umtt_machine):
             runs = Path(__file__).with_name("runs")  # host state, whichever worker runs it
             runs.write_text(runs.read_text() + "x" if runs.exists() else "x")
-            uml.run(f"sleep 0.{len(runs.read_text())}")
+            umtt_machine.run(f"sleep 0.{len(runs.read_text())}")
     """)
     args = (*kernel_args, "--umtt-check-determinism", "--umtt-explore=2")
     summaries = []

@@ -15,10 +15,10 @@ from pytest_umtt.kernel import default_kernel
 from pytest_umtt.rootfs import Rootfs
 
 FLAKY = """
-    def test_guest_entropy(uml, umtt_sim):
-        first = uml.run("od -An -N8 -tx1 /dev/urandom; sleep 0.3; date +%s.%N").output
+    def test_guest_entropy(umtt_machine, umtt_sim):
+        first = umtt_machine.run("od -An -N8 -tx1 /dev/urandom; sleep 0.3; date +%s.%N").output
         umtt_sim.advance(1.5)
-        second = uml.run("od -An -N4 -tu4 /dev/urandom").output
+        second = umtt_machine.run("od -An -N4 -tu4 /dev/urandom").output
         assert first == second, "the guest drew other bytes"
 """
 

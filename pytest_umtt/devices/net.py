@@ -195,7 +195,8 @@ class Network:
         self.lost = 0
 
     def port(self, name: str) -> VirtioNet:
-        """A new port (a machine's virtio-net device): ``uml_factory(name, devices=[...])``."""
+        """A new port (a machine's virtio-net device):
+        ``umtt_machine_factory(name, devices=[...])``."""
         if name in self.ports:
             raise ValueError(f"port {name!r} exists already")
         device = VirtioNet(self, name)

@@ -18,6 +18,7 @@ from ..simulation import (
 )
 from ..summary import EXPLORED_SEED, FINGERPRINT
 from ..uml.machine import Machine
+from .names import warn_renamed
 from .replay import write_item_bundle
 from .state import (
     CAPTURE_DIR,
@@ -99,16 +100,17 @@ def umtt_network(request: pytest.FixtureRequest, umtt_sim: Simulation) -> Iterat
 
 
 @pytest.fixture
-def uml_factory(request: pytest.FixtureRequest, umtt_sim: Simulation) -> MachineFactory:
-    """Make more machines on this test's clock: ``uml_factory("name", mem="256M")``.
+def umtt_machine_factory(request: pytest.FixtureRequest, umtt_sim: Simulation
+                         ) -> MachineFactory:
+    """Make machines on this test's clock: ``umtt_machine_factory("name", mem="256M")``.
     Pass ``boot=False`` to several and ``umtt_sim.boot(*machines)`` to boot them together."""
     return machine_factory(request.config, umtt_sim, settings_of(request.node))
 
 
 @pytest.fixture
-def uml(uml_factory: MachineFactory) -> Machine:
+def umtt_machine(umtt_machine_factory: MachineFactory) -> Machine:
     """One booted UML machine, named ``uml``."""
-    return uml_factory("uml")
+    return umtt_machine_factory("uml")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +127,32 @@ def umtt_module_sim(request: pytest.FixtureRequest) -> Iterator[Simulation]:
 
 
 @pytest.fixture(scope="module")
-def uml_module(request: pytest.FixtureRequest, umtt_module_sim: Simulation) -> Machine:
-    """One machine booted once for the whole module."""
+def umtt_module_machine(request: pytest.FixtureRequest, umtt_module_sim: Simulation
+                        ) -> Machine:
+    """One machine, named ``uml``, booted once for the whole module."""
     settings = request.config.stash[STATE].settings
     return machine_factory(request.config, umtt_module_sim, settings)("uml")
+
+
+# --- the older names (plugin/names.py): each warns once per session ----------------
+
+@pytest.fixture
+def uml_factory(request: pytest.FixtureRequest, umtt_machine_factory: MachineFactory
+                ) -> MachineFactory:
+    """Deprecated name of ``umtt_machine_factory``."""
+    warn_renamed(request.config, "fixture", "uml_factory")
+    return umtt_machine_factory
+
+
+@pytest.fixture
+def uml(request: pytest.FixtureRequest, umtt_machine: Machine) -> Machine:
+    """Deprecated name of ``umtt_machine``."""
+    warn_renamed(request.config, "fixture", "uml")
+    return umtt_machine
+
+
+@pytest.fixture(scope="module")
+def uml_module(request: pytest.FixtureRequest, umtt_module_machine: Machine) -> Machine:
+    """Deprecated name of ``umtt_module_machine``."""
+    warn_renamed(request.config, "fixture", "uml_module")
+    return umtt_module_machine
