@@ -12,6 +12,11 @@ calendar: clock, reactor, protocol engine, ``umtt-controller``),
 kernel report's signature) and :mod:`~pytest_umtt.plugin`.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import (
     BootError,
     CommandTimeout,
@@ -25,12 +30,42 @@ from .errors import (
     UmttError,
     format_ns,
 )
-from .kconfig import KernelConfig
-from .simulation import Elapsed, MachineFactory, RunStop, Simulation
-from .uml.console import ConsoleLine
-from .uml.machine import BackgroundCommand, CommandResult, ConsoleMatch, Machine, MachineState
-from .uml.splats import Splat
 from .units import NS_PER_S, UnitChangedWarning, ns_to_seconds, seconds_to_ns
+
+if TYPE_CHECKING:
+    from .kconfig import KernelConfig
+    from .simulation import Elapsed, MachineFactory, RunStop, Simulation
+    from .uml.console import ConsoleLine
+    from .uml.machine import (
+        BackgroundCommand,
+        CommandResult,
+        ConsoleMatch,
+        Machine,
+        MachineState,
+    )
+    from .uml.splats import Splat
+
+_LAZY = {
+    "KernelConfig": "kconfig",
+    "Elapsed": "simulation", "MachineFactory": "simulation", "RunStop": "simulation",
+    "Simulation": "simulation",
+    "ConsoleLine": "uml.console",
+    "BackgroundCommand": "uml.machine", "CommandResult": "uml.machine",
+    "ConsoleMatch": "uml.machine", "Machine": "uml.machine", "MachineState": "uml.machine",
+    "Splat": "uml.splats",
+}
+"""Exports imported on first use, so that a tool using one layer (``umtt-trace`` reads
+traces) does not load the machines, pexpect and psutil with the package."""
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "NS_PER_S",

@@ -89,26 +89,6 @@ def _digest(data: bytes) -> str:
     return f"{len(data)}:{hashlib.sha256(data).hexdigest()[:16]}"
 
 
-def first_difference(one: Sequence[str], two: Sequence[str], context: int = 3) -> str | None:
-    """Where two fingerprints part, with a little context; None when they are equal."""
-    index = next((i for i, (a, b) in enumerate(zip(one, two, strict=False)) if a != b),
-                 None if len(one) == len(two) else min(len(one), len(two)))
-    if index is None:
-        return None
-    start = max(0, index - context)
-
-    def show(lines: Sequence[str]) -> str:
-        part = lines[start:index + context + 1]
-        shown = [f"  {'>' if start + i == index else ' '} {start + i}: {line}"
-                 for i, line in enumerate(part)]
-        if index >= len(lines):
-            shown.append(f"  > {index}: (ends here)")
-        return "\n".join(shown)
-
-    return (f"first difference at item {index} of {len(one)} / {len(two)}:\n"
-            f"first run:\n{show(one)}\nsecond run:\n{show(two)}")
-
-
 OWNER_FILE = "owner"
 """In a simulation's own directory: the pid and start time of the process that made it,
 so that a later session can remove what a killed one left behind."""

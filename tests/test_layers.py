@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 import pytest_umtt
+from pytest_umtt import simulation
+from pytest_umtt.uml import machine
 
 PACKAGE = Path(pytest_umtt.__file__).parent
 LAYERS = [
@@ -70,3 +72,23 @@ def test_a_layer_imports_without_the_plugin(module: str) -> None:
         capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]", loaded.stdout
 
+
+
+def test_the_trace_tool_loads_no_machines() -> None:
+    """``umtt-trace`` reads traces: it needs neither pexpect, psutil, the machines nor the
+    guest root, which the package's exports would otherwise bring along."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, pytest_umtt.tracetool; "
+                               "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+                               "('pexpect', 'psutil') or m.startswith('pytest_umtt.')))"],
+        capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == [
+        "['pytest_umtt.divergence',", "'pytest_umtt.errors',", "'pytest_umtt.tracetool',",
+        "'pytest_umtt.units']"], loaded.stdout
+
+
+def test_the_package_exports_load_on_first_use() -> None:
+    assert pytest_umtt.Simulation is simulation.Simulation
+    assert pytest_umtt.Machine is machine.Machine
+    with pytest.raises(AttributeError, match="has no attribute 'Nothing'"):
+        pytest_umtt.Nothing  # noqa: B018

@@ -36,7 +36,7 @@ from .reports import reproduce_text as reproduce_text
 from .settings import MARKERS, OPTIONS, item_settings, resolve_settings
 from .splats import SplatWatcher
 from .state import ITEM_SETTINGS as ITEM_SETTINGS
-from .state import STATE, SessionState, Variant, base_nodeid
+from .state import STATE, SessionState, Variant
 from .suites import KselftestRun, KunitRun
 from .suites import pytest_runtest_protocol as pytest_runtest_protocol
 from .triage import TriagePlugin
@@ -75,7 +75,7 @@ def pytest_configure(config: pytest.Config) -> None:
         start_replay(config, state)
         config.pluginmanager.register(ReplayReporter(state), "umtt-replay")
     config.pluginmanager.register(SummaryReporter(
-        state.summary, worker=hasattr(config, "workerinput"), base_nodeid=base_nodeid),
+        state.summary, worker=hasattr(config, "workerinput")),
         "umtt-summary")
     config.pluginmanager.register(SplatWatcher(), "umtt-splats")
     config.pluginmanager.register(TriagePlugin(config), "umtt-triage")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -68,21 +67,20 @@ def umtt_sim(request: pytest.FixtureRequest, umtt_variant: Variant) -> Iterator[
     write_item_bundle(item, sim, settings)
     if umtt_variant.run is not None:
         fingerprint = sim.fingerprint()
+        digest = hashlib.sha256("\n".join(fingerprint).encode()).hexdigest()
         # The summary pairs the runs by this digest, wherever (which xdist worker) each ran.
-        item.user_properties.append(
-            (FINGERPRINT, hashlib.sha256("\n".join(fingerprint).encode()).hexdigest()))
-        _compare_runs(request.config.stash[STATE], item.nodeid, fingerprint)
+        item.user_properties.append((FINGERPRINT, digest))
+        _compare_runs(request.config.stash[STATE], item.nodeid, digest, fingerprint)
 
 
-def _compare_runs(state: SessionState, nodeid: str, fingerprint: list[str]) -> None:
+def _compare_runs(state: SessionState, nodeid: str, digest: str,
+                  fingerprint: list[str]) -> None:
     """The second of two runs with one seed in this process: it must be the first one
     again, or this item fails and shows where they part."""
-    key = re.sub(r"determinism-[12]", "determinism", nodeid)
-    first = state.first_runs.pop(key, None)
-    if first is None:
-        state.first_runs[key] = fingerprint
+    judged = state.summary.pairs.add(nodeid, digest, fingerprint)
+    if judged is None or judged[0]:
         return
-    divergence = first_divergence(first, fingerprint)
+    divergence = first_divergence(judged[1], fingerprint)
     if divergence is not None:
         raise AssertionError(f"not deterministic: two runs with one seed differ; {divergence}")
 
