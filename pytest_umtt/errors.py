@@ -145,6 +145,39 @@ class DeviceError(_AtVirtualTime, UmttError):
                          f"{format_ns(now_ns)})")
 
 
+class VhostUserError(UmttError):
+    """The frontend broke the vhost-user protocol; the message names the device and the
+    request."""
+
+
+class GuestMemoryError(UmttError):
+    """The frontend pointed at memory it did not share: a device bug or a broken guest."""
+
+
+class DeviceNotServedError(UmttError):
+    """A device model was asked for its clock or queues before a machine served it."""
+
+
+class KillError(UmttError):
+    """Host processes outlived SIGKILL (stuck in the kernel, say): ``pids``."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        super().__init__(f"processes survived SIGKILL: {pids}")
+
+
+class BudgetSpent(UmttError):
+    """Delta debugging used up its run budget (``triage.ddmin`` stops there)."""
+
+
+class KunitFailure(UmttError):
+    """A KUnit case reported ``not ok`` (the item's failure; its report says how)."""
+
+
+class KselftestFailure(UmttError):
+    """A kselftest failed, crashed its kernel, or outran a budget (the item's failure)."""
+
+
 class SocketInUseError(UmttError):
     """Another controller is listening on the socket path."""
 

@@ -361,7 +361,7 @@ class Simulation:
         name = name or f"m{len(self.machines) + 1}"
         if name in self.machines or not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"machine name {name!r} is taken or not a plain name")
-        kernel = self._kernel(kernel)
+        kernel = self._kernel(name, kernel)
         self._check_memory(name, mem)
         machine = Machine(self, name, len(self.machines) + 1, kernel=kernel,
                           mem=mem, cmdline=cmdline, idle_max=idle_max, agent=agent,
@@ -387,14 +387,16 @@ class Simulation:
                             f"kernel's own); give it more, or use --umtt-rootfs=host",
                             self.now_ns)
 
-    def _kernel(self, explicit: Path | None) -> Path:
+    def _kernel(self, machine: str, explicit: Path | None) -> Path:
+        """The kernel ``machine`` boots, checked before it is started."""
         kernel = explicit or self.kernel or default_kernel()
         if kernel is None:
-            raise BootError("simulation", "no kernel: pass one, or build the default with "
+            raise BootError(machine, "no kernel: pass one, or build the default with "
                             "`umtt-kernel build`", self.now_ns)
         result = check_kernel(kernel)
         if not result.ok:
-            raise BootError("simulation", "; ".join(result.problems), self.now_ns)
+            raise BootError(machine, f"kernel {kernel}: {'; '.join(result.problems)}",
+                            self.now_ns)
         return kernel
 
     def boot(self, *machines: Machine, timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
@@ -552,7 +554,8 @@ class Simulation:
         runner = self.calendar.runner
         machine = self._machine_of(runner) if runner is not None else None
         if machine is None:
-            return MachineStalled("simulation", str(exc), exc.now_ns)
+            names = ", ".join(self.machines) or "no machine"  # none held the CPU
+            return MachineStalled(names, str(exc), exc.now_ns)
         what = creep_diagnosis(exc.advanced_ns, exc.waited) \
             if isinstance(exc, WallBudgetError) else \
             (f"virtual time stalled at {format_ns(exc.now_ns)} for {exc.waited:.1f} s wall "

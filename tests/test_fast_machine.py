@@ -14,8 +14,11 @@ import psutil
 import pytest
 
 from pytest_umtt import (
+    BootError,
     CommandTimeout,
+    KillError,
     MachineCrashed,
+    MachineError,
     MachineStalled,
     Simulation,
     format_ns,
@@ -24,6 +27,7 @@ from pytest_umtt import (
 from pytest_umtt import simulation as simulation_module
 from pytest_umtt.controller import StopReason
 from pytest_umtt.kernel import KernelCheck
+from pytest_umtt.uml import machine as machine_module
 from pytest_umtt.units import UnitChangedWarning, seconds_to_ns
 
 REPO = Path(__file__).resolve().parent.parent
@@ -240,3 +244,27 @@ def test_poweroff_and_close_leave_no_process(sim: Simulation) -> None:
     machine.poweroff()
     sim.close()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_kernel_that_cannot_run_is_a_boot_error_naming_the_machine(tmp_path: Path) -> None:
+    script = tmp_path / "linux"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    with Simulation(kernel=script, directory=tmp_path / "sim", deterministic=False) as sim, \
+            pytest.raises(BootError, match=r"^web: kernel .*/linux: .*is not an ELF") as error:
+        sim.machine("web")
+    assert error.value.machine == "web"
+
+
+def test_host_processes_that_outlive_sigkill_are_a_machine_error(
+        sim: Simulation, monkeypatch: pytest.MonkeyPatch) -> None:
+    machine = sim.machine("fake")
+
+    def survivors(pid: int, **_: object) -> list[int]:
+        raise KillError([pid])
+
+    with monkeypatch.context() as patched:
+        patched.setattr(machine_module, "kill_process_tree", survivors)
+        with pytest.raises(MachineError, match=r"^fake: its host processes survived SIGKILL: "
+                                               r"\[\d+\] \(at virtual time"):
+            machine.kill()

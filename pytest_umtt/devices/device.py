@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from ..controller.clock import ScheduledCall
-from ..errors import DeviceError
+from ..errors import DeviceError, DeviceNotServedError
 from ..units import ns_to_seconds, warn_unit_changed
 from .vhost_user import Backend, DeviceClock
 from .virtqueue import VirtQueue
@@ -75,7 +75,8 @@ class VirtioDevice:
     @property
     def clock(self) -> DeviceClock:
         if self.backend is None:
-            raise RuntimeError(f"device {self.name} is not served yet")
+            raise DeviceNotServedError(f"device {self.name} has no clock: no machine serves "
+                                       f"it yet")
         return self.backend.clock
 
     @property
@@ -116,7 +117,8 @@ class VirtioDevice:
 
     def queue(self, index: int) -> VirtQueue:
         if self.backend is None:
-            raise RuntimeError(f"device {self.name} is not served yet")
+            raise DeviceNotServedError(f"device {self.name} has no queue {index}: no machine "
+                                       f"serves it yet")
         return self.backend.queues[index]
 
     def close(self) -> None:

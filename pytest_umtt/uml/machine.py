@@ -31,6 +31,7 @@ from ..errors import (
     CommandTimeout,
     DeviceError,
     ExpectTimeout,
+    KillError,
     MachineCrashed,
     MachineError,
     format_ns,
@@ -679,7 +680,10 @@ class Machine:
     def kill(self) -> None:
         """End the whole UML process tree now."""
         if self.process is not None and self.process.pid is not None:
-            kill_process_tree(self.process.pid, reap_root=False)
+            try:
+                kill_process_tree(self.process.pid, reap_root=False)
+            except KillError as exc:
+                raise MachineError(self.name, f"its host {exc}", self.sim.now_ns) from exc
             self.process.wait()
 
     def close(self, keep_directory: bool = False, polite: bool = True) -> None:
