@@ -50,7 +50,7 @@ def _record(tmp_path: Path) -> RunRecord:
     (project / "tests").mkdir(parents=True)
     (project / "conftest.py").write_text("# top\n")
     test = project / "tests" / "test_x.py"
-    test.write_text("def test_x(uml): assert False\n")
+    test.write_text("def test_x(umtt_machine): assert False\n")
     rootfs = Rootfs(image, hashlib.sha256(image.read_bytes()).hexdigest(), PACKAGES)
     return RunRecord(
         nodeid="tests/test_x.py::test_x", seed=7,
@@ -230,7 +230,7 @@ def test_a_changed_test_file_is_named(tmp_path: Path) -> None:
                          tmp_path / "unpacked")
     project = tmp_path / "project"
     assert changed_test_files(bundle, project) == []
-    (project / "tests" / "test_x.py").write_text("def test_x(uml): assert True\n")
+    (project / "tests" / "test_x.py").write_text("def test_x(umtt_machine): assert True\n")
     (project / "conftest.py").unlink()
     changes = changed_test_files(bundle, project)
     assert changes[0].startswith("conftest.py: not here (the bundle holds it")

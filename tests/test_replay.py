@@ -15,10 +15,10 @@ from pytest_umtt.kernel import default_kernel
 from pytest_umtt.rootfs import Rootfs
 
 FLAKY = """
-    def test_guest_entropy(uml, umtt_sim):
-        first = uml.run("od -An -N8 -tx1 /dev/urandom; sleep 0.3; date +%s.%N").output
+    def test_guest_entropy(umtt_machine, umtt_sim):
+        first = umtt_machine.run("od -An -N8 -tx1 /dev/urandom; sleep 0.3; date +%s.%N").output
         umtt_sim.advance(1.5)
-        second = uml.run("od -An -N4 -tu4 /dev/urandom").output
+        second = umtt_machine.run("od -An -N4 -tu4 /dev/urandom").output
         assert first == second, "the guest drew other bytes"
 """
 
@@ -160,11 +160,11 @@ def test_a_replay_names_how_this_machines_kernel_and_root_differ(
 
 
 MODULE = """
-    def test_first_leaves_state(uml_module):
-        uml_module.run("od -An -N4 -tu4 /dev/urandom > /tmp/drawn", check=True)
+    def test_first_leaves_state(umtt_module_machine):
+        umtt_module_machine.run("od -An -N4 -tu4 /dev/urandom > /tmp/drawn", check=True)
 
-    def test_second_depends_on_it(uml_module, umtt_module_sim):
-        drawn = uml_module.run("cat /tmp/drawn", check=True).output.strip()
+    def test_second_depends_on_it(umtt_module_machine):
+        drawn = umtt_module_machine.run("cat /tmp/drawn", check=True).output.strip()
         assert drawn == "0", f"the first test drew {drawn}"
 """
 
