@@ -183,7 +183,7 @@ def test_a_module_sharing_a_machine_is_bundled_and_replayed_as_a_whole(
                                  f"runs them all): pytest --umtt-replay={bundle}"])
     manifest = _manifest(bundle)
     assert manifest["nodeid"] == "test_shared.py"
-    assert manifest["outcome"] == {  # type: ignore[comparison-overlap]
+    assert manifest["outcome"] == {
         "outcome": "failed", "when": "module",
         "error": "1 of 2 tests failed: test_shared.py::test_second_depends_on_it"}
     empty = tmp_path / "empty-cache"
