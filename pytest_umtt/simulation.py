@@ -32,6 +32,7 @@ from .controller import (
     TraceEvent,
     WallBudget,
 )
+from .controller.spin import SpinPolicy
 from .devices import VirtioDevice
 from .errors import (
     NS_PER_S,
@@ -266,10 +267,11 @@ class Simulation:
                                  doorbell_latency=PERTURBED_DOORBELL_LATENCY_NS if perturb else 0,
                                  decisions=self.decisions,
                                  trace=Trace() if trace else None, pause_on_broadcast=True,
-                                 time_at_start=time_travel_start_ns)
+                                 time_at_start=time_travel_start_ns, spin=SpinPolicy())
         self.calendar.on_drop.append(self._on_drop)
         self.calendar.on_wait.append(self._on_wait)
         self.machines: dict[str, Machine] = {}
+        self._machines_by_client: dict[Client, Machine] = {}  # kernels that connected
         self.on_doorbell: list[Callable[[Machine, int], None]] = []
         self._closed = False
         self._directory_fd = -1
@@ -439,13 +441,11 @@ class Simulation:
                 if client.start_id == machine.client_id:
                     client.label = machine.name
                     machine.client = client
+                    self._machines_by_client[client] = machine
         return machine.client
 
     def _machine_of(self, client: Client) -> Machine | None:
-        for machine in self.machines.values():
-            if machine.client is client:
-                return machine
-        return None
+        return self._machines_by_client.get(client)
 
     # --- running --------------------------------------------------------------------
 

@@ -57,12 +57,13 @@ class ClientFlag(enum.IntFlag):
     REQ_RUN = 0x1
 
 
+_OP_NAMES = {op.value: op.name for op in Op}
+
+
 def op_name(op: int) -> str:
     """Name of an opcode, or its number for one the protocol does not define."""
-    try:
-        return Op(op).name
-    except ValueError:
-        return f"op{op}"
+    name = _OP_NAMES.get(op)
+    return f"op{op}" if name is None else name
 
 
 class Message(NamedTuple):

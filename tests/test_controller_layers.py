@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest_umtt.controller
 from pytest_umtt.controller.clock import Clock
 from pytest_umtt.controller.reactor import Connection, Reactor
+from pytest_umtt.controller.trace import Trace, TraceEvent
 
-LAYERS = ["trace", "clock", "shm", "reactor", "perturb", "engine", "cli"]
+LAYERS = ["trace", "clock", "shm", "reactor", "spin", "perturb", "engine", "cli"]
 """Bottom up: each module may import only those before it."""
 
 
@@ -94,3 +95,24 @@ def test_the_reactor_bounds_a_backlog_and_reports_short_frames() -> None:
         device.reactor.discard(conn)
         device.reactor.close()
         driver.close()
+
+
+def test_trace_records_cheaply_in_order_and_eagerly_for_a_subclass() -> None:
+    trace = Trace()
+    trace.record((1, "rx", "m1", "WAIT", 2, 3, ""))
+    trace.add(TraceEvent(2, "boot", "m2"))
+    trace.record((3, "tx", "m1", "RUN", 4, 3, ""))
+    assert [(e.now, e.kind) for e in trace] == [(1, "rx"), (2, "boot"), (3, "tx")]
+    assert trace.events[0] == TraceEvent(1, "rx", "m1", "WAIT", 2, 3, "")
+
+    class Printing(Trace):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[TraceEvent] = []
+
+        def add(self, event: TraceEvent) -> None:
+            self.seen.append(event)
+
+    printing = Printing()
+    printing.record((5, "run", "m1", "", 0, 5, ""))
+    assert printing.seen == [TraceEvent(5, "run", "m1", "", 0, 5, "")]

@@ -58,7 +58,8 @@ from .clock import Clock, Job, ScheduledCall
 from .perturb import Decisions, Perturbation
 from .reactor import Connection, Reactor
 from .shm import ScheduleMap
-from .trace import Trace, TraceEvent
+from .spin import SpinPolicy
+from .trace import Trace
 
 DEFAULT_SHM_CLIENTS = 63
 """Clients served over shared memory; the map has one more entry, the controller's (§2)."""
@@ -189,7 +190,9 @@ class Calendar:
     ``late_joiners_shm`` offers the map to clients that join when the clock is not 0
     too (their messages stay in local time; off by default: such clients are served
     over messages); ``busy_poll`` (wall seconds) is how long to spin for a running
-    client's next message before sleeping in epoll_wait: lower latency for more CPU.
+    client's next message before sleeping in epoll_wait: lower latency for more CPU;
+    ``spin`` instead spins only for the WAIT of a run that must end at its first time
+    step, as long as such runs have been short (:class:`~.spin.SpinPolicy`).
     ``tie_seed`` perturbs the run (:class:`~.perturb.Perturbation`): ties in a seeded
     order, and doorbells a seeded 0..``doorbell_latency`` ns late; ``decisions`` records
     each such choice and says which to apply (:class:`~.perturb.Decisions`).
@@ -211,8 +214,10 @@ class Calendar:
         busy_poll: float = 0.0,
         late_joiners_shm: bool = False,
         decisions: Decisions | None = None,
+        spin: SpinPolicy | None = None,
     ) -> None:
         self.busy_poll = busy_poll
+        self.spin = spin
         self.max_free_run = max_free_run
         self.time_at_start = time_at_start
         self.pause_on_broadcast = pause_on_broadcast
@@ -242,6 +247,7 @@ class Calendar:
         self.errors: list[ProtocolError] = []
         self.messages_received = 0
         self.messages_sent = 0
+        self.runs = 0
         self.on_drop: list[Callable[[Client, ProtocolError | None], None]] = []
         self.on_broadcast: list[Callable[[Client, int], None]] = []
         self.on_wait: list[Callable[[Client], None]] = []
@@ -256,6 +262,7 @@ class Calendar:
         self._held_acks = 0  # requesters' ACKs held for a runner's FREE_UNTIL ACK
         self._starts_seen = 0
         self._runner: Client | None = None
+        self._short_run_began = 0.0  # wall time a run that ends at its first step began
         self._horizon = U64_MAX
         self._limit: int | None = None
         self._broadcasts: list[_Broadcast] = []
@@ -321,6 +328,14 @@ class Calendar:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def reactor_stats(self) -> dict[str, float]:
+        """How the calendar waited for I/O so far: ``sleeps`` in epoll_wait, waits
+        answered while ``spun``, and the wall seconds from waking to the first write
+        after it (``reaction_time`` over ``reactions``)."""
+        reactor = self._reactor
+        return {"sleeps": reactor.sleeps, "spun": reactor.spun,
+                "reactions": reactor.reactions, "reaction_time": reactor.reaction_time}
 
     def live_clients(self) -> list[Client]:
         """Clients that have not left."""
@@ -581,7 +596,12 @@ class Calendar:
     def _pump(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for socket events and handle them all; spin first for
         a running client's next message (``busy_poll``)."""
-        return self._reactor.pump(timeout, 0.0 if self._runner is None else self.busy_poll)
+        if self._runner is None:
+            return self._reactor.pump(timeout)
+        if self._short_run_began:
+            assert self.spin is not None
+            return self._reactor.pump(timeout, max(self.busy_poll, self.spin.budget()))
+        return self._reactor.pump(timeout, self.busy_poll)
 
     def _receive(self, client: Client, data: bytes) -> None:
         """A message from ``client`` (the reactor reads one per read)."""
@@ -794,6 +814,8 @@ class Calendar:
             Stop(StopReason.DOORBELL, self._clock.now, client, value)), "doorbell")
 
     def _release_delayed_doorbells(self, client: Client) -> None:
+        if not self._delayed_doorbells:
+            return
         rung = [(value, at) for owner, value, at in self._delayed_doorbells if owner is client]
         self._delayed_doorbells = [d for d in self._delayed_doorbells if d[0] is not client]
         for value, at in rung:
@@ -901,11 +923,19 @@ class Calendar:
         client.state = ClientState.RUNNING
         self._horizon = self._next_horizon() if horizon is None else horizon
         self._runner = client
+        self.runs += 1
+        if self.spin is not None:
+            self._short_run_began = time.perf_counter() if self._horizon <= self._clock.now \
+                else 0.0
         self._map.begin_run(client, client.in_map, self._horizon)
         if self.trace is not None:
             self._record("run", client, time=self._clock.now)
 
     def _end_run(self, client: Client, message: Message) -> None:
+        if self._short_run_began:
+            assert self.spin is not None
+            self.spin.ran(time.perf_counter() - self._short_run_began)
+            self._short_run_began = 0.0
         if client.shm:
             self._sync_now()
         self._runner = None
@@ -1034,10 +1064,10 @@ class Calendar:
             return
         name = client.name if client is not None else "calendar"
         if message is None:
-            self.trace.add(TraceEvent(self._clock.now, kind, name, time=time, detail=detail))
+            self.trace.record((self._clock.now, kind, name, "", 0, time, detail))
         else:
-            self.trace.add(TraceEvent(self._clock.now, kind, name, op_name(message.op),
-                                      message.seq, message.time, detail))
+            self.trace.record((self._clock.now, kind, name, op_name(message.op),
+                               message.seq, message.time, detail))
 
     def _check_open(self) -> None:
         if self._closed:

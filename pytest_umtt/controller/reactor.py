@@ -84,6 +84,15 @@ class Reactor(Generic[C]):
         # Held in reserve so that running out of descriptors can still accept, and so
         # drop, a newcomer instead of spinning on a listener that stays readable.
         self._spare_fd: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self.sleeps = 0
+        """Waits that went to sleep in epoll_wait (each one a process wake-up later)."""
+        self.spun = 0
+        """Waits answered while spinning, without sleeping."""
+        self.reactions = 0
+        self.reaction_time = 0.0
+        """Wall seconds from a wait's end to the first write after it, summed over
+        ``reactions``: how long a peer waits for the answer to what woke us."""
+        self._woke = 0.0
 
     # --- registration ---------------------------------------------------------------
 
@@ -191,6 +200,10 @@ class Reactor(Generic[C]):
 
     def _write(self, conn: C) -> None:
         """Write what ``conn`` will take now; wait for it to be writable for the rest."""
+        if self._woke:
+            self.reaction_time += time.perf_counter() - self._woke
+            self.reactions += 1
+            self._woke = 0.0
         try:
             sent = conn.sock.send(conn.outbox)
         except BlockingIOError:
@@ -216,6 +229,8 @@ class Reactor(Generic[C]):
         if self._dirty:
             self.flush()
         events = self._wait(timeout, spin)
+        if events:
+            self._woke = time.perf_counter()
         conns = self._conns
         for fd, mask in events:
             conn = conns.get(fd)  # None: an earlier handler in this batch discarded it
@@ -248,7 +263,10 @@ class Reactor(Generic[C]):
             while not (events := poll(0)) and time.perf_counter() < give_up:
                 os.sched_yield()  # the peer may be waiting for this very CPU
             if events:
+                self.spun += 1
                 return events
+        if timeout > 0:
+            self.sleeps += 1
         return poll(-1 if math.isinf(timeout) else timeout)
 
     def _receive(self, conn: C) -> None:

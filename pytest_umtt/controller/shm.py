@@ -13,12 +13,22 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import struct
 from typing import Generic, Protocol, TypeVar
 
 from ..wire import SHM_HEADER_SIZE, U64_MAX, Capability, ClientFlag, SharedMemory, shm_size
 from .clock import Clock, Job
 
 _REQ_RUN = ClientFlag.REQ_RUN.value
+
+# The header fields the calendar reads and writes at every run, without the views'
+# descriptors (H:um_timetravel_schedshm: free_until at 8, current_time at 16,
+# running_id at 24): a run touches them five or six times.
+_FREE_UNTIL = 8
+_CURRENT_TIME = 16
+_RUNNING_ID = 24
+_U64 = struct.Struct("=Q")
+_U16 = struct.Struct("=H")
 
 
 class MapClient(Protocol):
@@ -61,6 +71,7 @@ class ScheduleMap(Generic[C]):
         self.decoy_fd, self._decoy_map = _create_memfd("umtt-noshm", SHM_HEADER_SIZE)
         SharedMemory(self._decoy_map).length = SHM_HEADER_SIZE
         self.clients: list[C] = []  # clients with an entry in the map, by start
+        self._last_id = 0  # the highest id among them
 
     def close(self) -> None:
         """Unmap and close both memfds."""
@@ -91,6 +102,7 @@ class ScheduleMap(Generic[C]):
     def join(self, client: C, name: int) -> None:
         """Give ``client`` (whose id has an entry) a clean entry named ``name``."""
         self.clients.append(client)
+        self._last_id = max(c.id for c in self.clients)
         entry = self.view.entry(client.id)
         entry.clear()
         entry.name = name
@@ -99,6 +111,7 @@ class ScheduleMap(Generic[C]):
         """Clear the entry of a client that left, if it had one."""
         if client in self.clients:
             self.clients.remove(client)
+            self._last_id = max((c.id for c in self.clients), default=0)
             self.view.entry(client.id).clear()
 
     def took_map(self, client_id: int) -> bool:
@@ -121,7 +134,7 @@ class ScheduleMap(Generic[C]):
         clients = self.clients
         if not clients:
             return []
-        values = self.view.requests(max(c.id for c in clients))
+        values = self.view.requests(self._last_id)
         found = []
         for client in clients:
             if client.state is not waiting:
@@ -143,20 +156,20 @@ class ScheduleMap(Generic[C]):
         is in the map: a waiting kernel reads the runner's capa to choose between shared
         memory and a REQUEST message (time.c:281-283), and indexes clients[] with it
         unchecked, so never beyond len."""
-        view = self.view
-        view.running_id = client.id if in_map else 0
+        buf = self._map
+        _U16.pack_into(buf, _RUNNING_ID, client.id if in_map else 0)
         self.publish()
-        view.free_until = horizon
+        _U64.pack_into(buf, _FREE_UNTIL, min(horizon, U64_MAX))
 
     def end_run(self) -> None:
         """Nobody runs: running_id names no shm client, so everyone uses messages."""
-        self.view.running_id = 0
+        _U16.pack_into(self._map, _RUNNING_ID, 0)
 
     def lower_free_until(self, when: int) -> None:
         """Make a shm runner yield at ``when`` if it would have run past it."""
-        view = self.view
-        if when < view.free_until:  # noqa: PLR1730 (a write only when it moves)
-            view.free_until = when
+        buf = self._map
+        if when < _U64.unpack_from(buf, _FREE_UNTIL)[0]:
+            _U64.pack_into(buf, _FREE_UNTIL, when)
 
     def probe(self) -> bool:
         """Lower free_until to now if it is later; True if it was."""
@@ -173,8 +186,9 @@ class ScheduleMap(Generic[C]):
         (§7.3). Moves the clock there and returns now."""
         clock = self._clock
         if runner is not None and runner.shm:
-            view = self.view
-            published = min(view.current_time, view.free_until)
+            buf = self._map
+            published = min(_U64.unpack_from(buf, _CURRENT_TIME)[0],
+                            _U64.unpack_from(buf, _FREE_UNTIL)[0])
             if limit is not None:
                 published = min(published, limit)
             if published > clock.now:
@@ -184,10 +198,10 @@ class ScheduleMap(Generic[C]):
     def publish(self) -> None:
         """current_time is never written back: a waiting kernel reads it on an interrupt,
         and one that saw a later value panics "time goes backwards" (K:50-53, 367)."""
-        view = self.view
+        buf = self._map
         now = self._clock.now
-        if view.current_time < now:  # noqa: PLR1730 (a write only when it moves)
-            view.current_time = now
+        if _U64.unpack_from(buf, _CURRENT_TIME)[0] < now:
+            _U64.pack_into(buf, _CURRENT_TIME, min(now, U64_MAX))
 
 
 def _create_memfd(name: str, size: int) -> tuple[int, mmap.mmap]:

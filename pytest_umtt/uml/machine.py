@@ -14,6 +14,7 @@ import enum
 import errno
 import os
 import re
+import select
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -260,6 +261,7 @@ class Machine:
         self._commands: dict[int, CommandRecord] = {}
         self._expect_from = 0
         self._pty_fd = -1
+        self._pty_poll = select.poll()
         self._powering_off = False
         self._pidfd = -1
         self._console_tail_bytes = b""
@@ -292,6 +294,7 @@ class Machine:
         env = uml_environment(self.sim.shim, derive_seed(self.sim.seed, self.name))
         self.process = spawn_uml(command, self.directory, env, confined=self.sim.confined)
         self._pty_fd = int(self.process.child_fd)
+        self._pty_poll.register(self._pty_fd, select.POLLIN)
         self.sim.calendar.add_reader(self._pty_fd, self._read_console)
         # Readable when the kernel's process ends: an exit at boot is seen at once.
         assert self.process.pid is not None
@@ -654,8 +657,10 @@ class Machine:
 
     def _catch_up_console(self) -> None:
         """Read what is still in the pty and give everything held the present time."""
+        # poll() on the pty runs the tty's pending flush first (n_tty_poll), as a read
+        # does: it sees all the kernel wrote, and costs less than a read that fails.
         if self.console is not None and self._pty_fd >= 0:
-            data = self._drain_pty()
+            data = self._drain_pty() if self._pty_poll.poll(0) else None
             if data:
                 self.console.hold(data)
             self.console.stamp(self.sim.calendar.now)
@@ -701,6 +706,7 @@ class Machine:
         self._catch_up_console()
         if self._pty_fd >= 0:
             self.sim.calendar.remove_reader(self._pty_fd)
+            self._pty_poll.unregister(self._pty_fd)
             self._pty_fd = -1
         if self._pidfd >= 0:
             self._on_process_exit()

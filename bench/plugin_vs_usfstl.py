@@ -1,0 +1,275 @@
+"""The plugin's own path against usfstl's C controller, side by side, and where the
+plugin's time goes.
+
+Workload (per machine, as a background command; the loop is timed, boots are not):
+
+    read:  mkfifo /tmp/f; for i in $(seq 1000); do read -t 0.001 <> /tmp/f; done
+    sleep: for i in $(seq 500); do sleep 0.001; done        (a fork per wake-up)
+
+"plugin" is what a test gets: a Simulation with the pinned root, machines booted
+together (``sim.boot``), each running the loop with ``Machine.start`` and waited for
+with ``BackgroundCommand.wait``. "usfstl" is usfstl's controller with bare kernels
+(bench/kernels_vs_usfstl.py's guest, hostfs root) running the same loop, boots
+included: a comparison that favours usfstl. Runs come in pairs, plugin and usfstl, the
+order alternating from pair to pair; the ratio is the median of the pairs' ratios.
+
+Besides wall seconds the table shows CPU seconds of the controller (the pytest process
+for the plugin, usfstl's process), and for the plugin the counts that say where the
+time goes: time-travel messages and vhost-user messages per guest wake-up, how many of
+the calendar's waits slept in epoll_wait and how many were answered while spinning.
+
+usfstl is not part of this project: build it yourself (git clone
+linux-test-project/usfstl; make -C control) and pass its controller's path.
+
+Run: python bench/plugin_vs_usfstl.py --usfstl /path/to/usfstl/control/controller
+     [--machines 1,2,4,8] [--pairs 5] [--workload read|sleep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psutil
+
+from pytest_umtt import Simulation
+from pytest_umtt.kernel import default_kernel
+from pytest_umtt.rootfs import Rootfs, build_rootfs
+from pytest_umtt.uml.launch import uml_command
+
+LOOPS = {
+    "read": ("mkfifo /tmp/f; for i in $(seq 1000); do read -t 0.001 <> /tmp/f; done", 1000),
+    "sleep": ("for i in $(seq 500); do sleep 0.001; done", 500),
+}
+
+USFSTL_GUEST = """#!/bin/bash
+mount -t proc proc /proc
+mount -t tmpfs tmpfs /tmp  # the host's root is read-only through hostfs
+{loop}
+echo "done $EPOCHREALTIME"
+echo o > /proc/sysrq-trigger
+sleep 10
+"""
+
+
+@dataclass
+class Run:
+    """One timed run: wall and controller CPU seconds, and the plugin's counters."""
+
+    wall: float
+    cpu: float
+    counts: dict[str, float] = field(default_factory=dict)
+
+
+def plugin_run(rootfs: Rootfs, machines: int, loop: str) -> Run:
+    with Simulation(rootfs=rootfs) as sim:
+        started = [sim.machine(f"m{n}", boot=False) for n in range(1, machines + 1)]
+        sim.boot(*started)
+        before = _counters(sim)
+        cpu, wall = time.process_time(), time.perf_counter()
+        commands = [machine.start(loop) for machine in started]
+        for command in commands:
+            result = command.wait()
+            if result.status not in (0, 128 + 14):  # read -t's last timeout: 142
+                raise RuntimeError(f"{command.machine.name}: {result}: {result.stderr!r}")
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        after = _counters(sim)
+        counts = {key: after[key] - before[key] for key in after}
+        counts["free_run_bound_ms"] = (sim.calendar.max_free_run or 0) / 1e6
+    return Run(wall, cpu, counts)
+
+
+def _counters(sim: Simulation) -> dict[str, float]:
+    calendar = sim.calendar
+    device = sum(d.backend.messages_received + d.backend.messages_sent
+                 for m in sim.machines.values() for d in m.devices if d.backend is not None)
+    kernels = sum(_tree_cpu(m.process.pid) for m in sim.machines.values()
+                  if m.process is not None and m.process.pid is not None)
+    return {"tt_messages": calendar.messages_received + calendar.messages_sent,
+            "vu_messages": device, "runs": calendar.runs, "uml_cpu": kernels,
+            **calendar.reactor_stats()}
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a UML process and every process it made (reaped ones too)."""
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            times = proc.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    except psutil.NoSuchProcess:
+        pass
+    return total
+
+
+def usfstl_run(controller: list[str], kernel: Path, machines: int, loop: str) -> Run:
+    with tempfile.TemporaryDirectory() as tmp:
+        sim = Path(tmp)
+        socket_path = sim / "time.sock"
+        ctl = subprocess.Popen([*controller, f"--time={socket_path}",
+                                f"--clients={machines}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while not socket_path.exists():
+                if ctl.poll() is not None:
+                    raise RuntimeError(f"{controller[0]} exited with {ctl.returncode}")
+                time.sleep(0.005)  # bench start-up only: waits for the socket to appear
+            started = time.perf_counter()
+            guests = [_start_guest(kernel, sim, n, loop) for n in range(1, machines + 1)]
+            for guest in guests:
+                guest.wait(timeout=600)
+            wall = time.perf_counter() - started
+            cpu = _cpu_seconds(ctl.pid)
+            for n in range(1, machines + 1):
+                log = (sim / f"m{n}" / "console.log").read_text(errors="replace")
+                if "done " not in log:
+                    raise RuntimeError(f"guest m{n} did not finish:\n{log[-1500:]}")
+            return Run(wall, cpu)
+        finally:
+            ctl.kill()
+            ctl.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _start_guest(kernel: Path, sim: Path, n: int, loop: str) -> subprocess.Popen[bytes]:
+    machine = sim / f"m{n}"
+    machine.mkdir()
+    boot = machine / "boot.sh"
+    boot.write_text(USFSTL_GUEST.format(loop=loop))
+    boot.chmod(0o755)
+    command = uml_command(kernel, client_id=n, mem="64M")
+    with (machine / "console.log").open("wb") as out:
+        return subprocess.Popen(command, cwd=machine, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    return (f"{statistics.median(values):.{digits}f} "
+            f"({min(values):.{digits}f}..{max(values):.{digits}f})")
+
+
+def measure(args: argparse.Namespace, rootfs: Rootfs, machines: int,
+            loop: str) -> tuple[list[Run], list[Run]]:
+    """``args.pairs`` pairs, plugin and usfstl in turn, the order alternating."""
+    plugin: list[Run] = []
+    usfstl: list[Run] = []
+    sides = ["plugin", "usfstl"] if args.usfstl else ["plugin"]
+    for pair in range(args.pairs):
+        for side in sides if pair % 2 == 0 else reversed(sides):
+            if side == "plugin":
+                plugin.append(plugin_run(rootfs, machines, loop))
+            else:
+                usfstl.append(usfstl_run([str(args.usfstl)], args.kernel, machines, loop))
+    return plugin, usfstl
+
+
+def side_by_side(rows: dict[int, tuple[list[Run], list[Run]]]) -> None:
+    print(f"{'machines':>8} {'plugin wall s':>20} {'plugin cpu s':>20} {'usfstl wall s':>20} "
+          f"{'usfstl cpu s':>20} {'plugin/usfstl':>20} {'x one: plugin':>14} {'usfstl':>7}")
+    one_plugin = one_usfstl = None
+    for machines, (plugin, usfstl) in rows.items():
+        wall = statistics.median(r.wall for r in plugin)
+        one_plugin = one_plugin or wall
+        theirs = statistics.median(r.wall for r in usfstl) if usfstl else None
+        one_usfstl = one_usfstl or theirs
+        ratio = spread([p.wall / u.wall for p, u in zip(plugin, usfstl, strict=True)]) \
+            if usfstl else "n/a"
+        print(f"{machines:>8} {spread([r.wall for r in plugin]):>20} "
+              f"{spread([r.cpu for r in plugin]):>20} "
+              f"{spread([r.wall for r in usfstl]) if usfstl else 'n/a':>20} "
+              f"{spread([r.cpu for r in usfstl]) if usfstl else 'n/a':>20} {ratio:>20} "
+              f"{wall / one_plugin:>14.2f} "
+              f"{theirs / one_usfstl if theirs and one_usfstl else float('nan'):>7.2f}")
+
+
+Figure = Callable[[Run, int], float]
+WHERE: tuple[tuple[str, Figure, str], ...] = (  # label, a run's figure, its format
+    ("round trips / wake-up", lambda r, w: r.counts["runs"] / w, "{:.1f}"),
+    ("tt messages / wake-up", lambda r, w: r.counts["tt_messages"] / w, "{:.1f}"),
+    ("vhost-user msgs / wake-up", lambda r, w: r.counts["vu_messages"] / w, "{:.3f}"),
+    ("wall us / round trip", lambda r, w: _per_run(r, r.wall), "{:.0f}"),
+    ("ctl CPU us / round trip", lambda r, w: _per_run(r, r.cpu), "{:.1f}"),
+    ("ctl CPU us / message", lambda r, w: _per(r.cpu, r.counts["tt_messages"])
+     if _has_round_trips(r) else float("nan"), "{:.1f}"),
+    ("WAIT->RUN written us", lambda r, w: _per(r.counts["reaction_time"],
+                                                r.counts["reactions"])
+     if _has_round_trips(r) else float("nan"), "{:.1f}"),
+    ("kernels' CPU us / round trip", lambda r, w: _per_run(r, r.counts["uml_cpu"]), "{:.0f}"),
+    ("ctl sleeps / round trip", lambda r, w: _share(r, "sleeps"), "{:.2f}"),
+    ("answered spinning / round trip", lambda r, w: _share(r, "spun"), "{:.2f}"),
+    ("free-run bound while awaited ms", lambda r, w: r.counts["free_run_bound_ms"], "{:.0f}"),
+)
+
+
+def _per(total: float, count: float) -> float:
+    return total / count * 1e6 if count else float("nan")
+
+
+def _per_run(run: Run, seconds: float) -> float:
+    return _per(seconds, run.counts["runs"]) if _has_round_trips(run) else float("nan")
+
+
+def _share(run: Run, key: str) -> float:
+    return run.counts[key] / run.counts["runs"] if _has_round_trips(run) else float("nan")
+
+
+def _has_round_trips(run: Run) -> bool:
+    """A lone machine free-runs: its few round trips say nothing per round trip."""
+    return run.counts["runs"] >= 100
+
+
+def where_the_time_goes(rows: dict[int, tuple[list[Run], list[Run]]], wakeups: int) -> None:
+    print("\nwhere the plugin's time goes (medians; a wake-up is one loop turn of one "
+          "machine; a round trip is one RUN..WAIT)")
+    print(f"{'':32} " + " ".join(f"{f'{m} machines':>12}" for m in rows))
+    for label, figure, shape in WHERE:
+        cells = [shape.format(statistics.median(figure(run, machines * wakeups)
+                                                for run in plugin))
+                 for machines, (plugin, _) in rows.items()]
+        print(f"{label:32} " + " ".join(f"{cell:>12}" for cell in cells))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--usfstl", type=Path, help="usfstl's built control/controller")
+    parser.add_argument("--kernel", type=Path, default=default_kernel())
+    parser.add_argument("--machines", default="1,2,4,8")
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--workload", choices=LOOPS, default="read")
+    args = parser.parse_args()
+    if args.kernel is None:
+        sys.exit("no kernel: run `umtt-kernel build` or pass --kernel")
+    loop, wakeups = LOOPS[args.workload]
+    rootfs = build_rootfs()
+    print(f"workload {args.workload!r}: {loop}")
+    print(f"load before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+          f"(1, 5, 15 min), {os.cpu_count()} cores; {args.pairs} pairs per row, "
+          f"medians (min..max); usfstl's walls include its kernels' boots, the plugin's "
+          f"do not", flush=True)
+    rows = {}
+    for machines in [int(n) for n in args.machines.split(",")]:
+        rows[machines] = measure(args, rootfs, machines, loop)
+        print(f"  {machines} machines done", flush=True)
+    side_by_side(rows)
+    where_the_time_goes(rows, wakeups)
+    print(f"load after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
