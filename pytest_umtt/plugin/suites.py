@@ -15,9 +15,11 @@ import pytest
 from ..errors import UmttError
 from ..kselftest import (
     GUEST_TREE,
+    KnownOutcome,
     KselftestResult,
     KselftestTest,
     Outcome,
+    known_outcomes,
     read_tests,
     run_kselftest,
     virtual_budget,
@@ -108,16 +110,42 @@ def boot_kunit(config: pytest.Config, settings: Settings, glob: str,
 
 
 KUNIT_RUNS = pytest.StashKey[dict[str, "KunitResults"]]()
+KUNIT_GLOB = pytest.StashKey[str]()
+"""The glob the session's KUnit boot runs, once its items are known."""
+
+
+def narrowest_glob(selected: list[str], session_glob: str) -> str:
+    """One case, one suite, or else the session's glob: what a boot that runs the
+    ``selected`` cases needs."""
+    suites = {name.split(".")[0] for name in selected}
+    if len(selected) == 1:
+        return selected[0]
+    if len(suites) == 1:
+        return suites.pop()
+    return session_glob
 
 
 @dataclass(frozen=True, slots=True)
 class KunitResults:
-    """What one boot reported: each case by name, and what to say of a case it did not."""
+    """What one boot reported: each case by name (suites and parameterised cases too),
+    the subtests of each, and what to say of a case it did not report."""
 
     glob: str
     cases: dict[str, KtapCase]
+    subtests: dict[str, list[KtapCase]]
     console: Console | None
     missing: str
+
+    @classmethod
+    def from_boot(cls, glob: str, boot: KunitBoot) -> KunitResults:
+        """What ``boot``'s console says of each case."""
+        missing = (f"the machine did not come up: {boot.error}" if boot.error is not None else
+                   f"the kernel stopped reporting before it (console tail:\n{boot.tail})")
+        cases = parse_ktap(boot.text, parents=True)
+        subtests: dict[str, list[KtapCase]] = {}
+        for case in cases:
+            subtests.setdefault(case.parent, []).append(case)
+        return cls(glob, {case.name: case for case in cases}, subtests, boot.console, missing)
 
 
 def crash_console(console: Console | None, case: KtapCase) -> str:
@@ -148,6 +176,9 @@ class KunitCase(pytest.Item):
                                f"{results.missing}")
         if case.crashed:
             self.detail = crash_console(results.console, case)
+        for param in results.subtests.get(self.name, ()):
+            queue_subtest_report(self, param, f"KUnit {self.name}",
+                                 param.name.removeprefix(f"{self.name}."))
         if case.skipped:
             pytest.skip(case.reason or "skipped by KUnit")
         if not case.ok:
@@ -158,23 +189,18 @@ class KunitCase(pytest.Item):
         runs = self.config.stash.setdefault(KUNIT_RUNS, {})
         if glob not in runs:
             settings = self.config.stash[STATE].settings
-            boot = boot_kunit(self.config, settings, glob)
-            missing = (f"the machine did not come up: {boot.error}" if boot.error is not None else
-                       f"the kernel stopped reporting before it (console tail:\n{boot.tail})")
-            runs[glob] = KunitResults(glob, {c.name: c for c in parse_ktap(boot.text)},
-                                      boot.console, missing)
+            runs[glob] = KunitResults.from_boot(glob, boot_kunit(self.config, settings, glob))
         return runs[glob]
 
     def _glob(self) -> str:
         """The narrowest glob for the cases selected in this session: one case, one
-        suite, or the session's own (``--umtt-kunit``); a case outside it still runs."""
-        selected = [item.name for item in self.session.items if isinstance(item, KunitCase)]
-        suites = {name.split(".")[0] for name in selected}
-        if len(selected) == 1:
-            return selected[0]
-        if len(suites) == 1:
-            return f"{suites.pop()}"
-        return self.config.stash[STATE].settings.kunit or "*"
+        suite, or the session's own (``--umtt-kunit``); a case outside it still runs.
+        Worked out once per session (each case asks: once each would be quadratic)."""
+        if KUNIT_GLOB not in self.config.stash:
+            selected = [item.name for item in self.session.items if isinstance(item, KunitCase)]
+            self.config.stash[KUNIT_GLOB] = narrowest_glob(
+                selected, self.config.stash[STATE].settings.kunit or "*")
+        return self.config.stash[KUNIT_GLOB]
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
                      style: Any = None) -> str:
@@ -206,8 +232,22 @@ class KselftestRun(pytest.Collector):
     def collect(self) -> list[pytest.Item]:
         settings = self.config.stash[STATE].settings
         assert settings.kselftest is not None
-        return [KselftestItem.from_parent(self, name=test.id, test=test)
-                for test in read_tests(settings.kselftest)]
+        known = known_outcomes()
+        items: list[pytest.Item] = []
+        for test in read_tests(settings.kselftest):
+            item = KselftestItem.from_parent(self, name=test.id, test=test)
+            if test.id in known:
+                item.add_marker(known_marker(known[test.id]))
+            items.append(item)
+        return items
+
+
+def known_marker(known: KnownOutcome) -> pytest.MarkDecorator:
+    """A kselftest UML cannot run is skipped with the reason; one that fails on any
+    kernel runs, and its failure (not a splat) is expected."""
+    if known.kind == "skip":
+        return pytest.mark.skip(reason=f"not under UML: {known.reason}")
+    return pytest.mark.xfail(reason=known.reason, raises=KselftestFailure, strict=False)
 
 
 class KselftestItem(pytest.Item):
@@ -236,7 +276,7 @@ class KselftestItem(pytest.Item):
         self.user_properties += [("umtt_virtual_seconds", f"{result.virtual:.9f}"),
                                  ("umtt_wall_seconds", f"{result.wall_seconds:.3f}")]
         for case in result.cases:
-            self._report_subtest(case)
+            queue_subtest_report(self, case, f"kselftest {self.name}", case.name)
         if result.outcome is Outcome.SKIP:
             pytest.skip(result.detail)
         if result.outcome is not Outcome.PASS:
@@ -264,29 +304,6 @@ class KselftestItem(pytest.Item):
             self.splats = [splat for machine in sim.machines.values()
                            for splat in machine.splats]
 
-    def _report_subtest(self, case: KtapCase) -> None:
-        """A KTAP subtest's result as a report of its own (``TEST/SUBTEST``): they are
-        known only once the test ran, too late to be collected as items. Logged once the
-        test's own reports are (:func:`pytest_runtest_protocol`), outside its capture."""
-        longrepr: Any = None
-        outcome: Literal["passed", "failed", "skipped"] = "passed"
-        if case.skipped:
-            outcome = "skipped"
-            longrepr = (str(self.path), 0, f"Skipped: {case.reason or 'skipped (KTAP)'}")
-        elif not case.ok:
-            outcome = "failed"
-            longrepr = (f"kselftest {self.name}/{case.name}: "
-                        + ("\n".join(case.diagnostics) or "not ok"))
-        # pytest's subtest reports: the test's own node id (xdist requires it), the
-        # subtest's name as their context; shown as SUBPASSED[name] and counted apart.
-        report = pytest.SubtestReport(
-            nodeid=self.nodeid, location=self.location, keywords={}, outcome=outcome,
-            longrepr=longrepr, when="call", user_properties=[("umtt_ktap_subtest", case.name)])
-        report.context = KtapContext(msg=case.name)  # type: ignore[assignment]
-        self.config.stash.setdefault(SUBTEST_REPORTS, {}).setdefault(self.nodeid, []).append(
-            report)
-
-
     def _failure_text(self) -> str:
         result = self.result
         assert result is not None
@@ -308,6 +325,28 @@ class KselftestItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Path, None, str]:
         return self.path, None, f"kselftest: {self.name}"
+
+
+def queue_subtest_report(item: pytest.Item, case: KtapCase, label: str, name: str) -> None:
+    """A KTAP subtest's result (a kselftest's subtest, a KUnit case's parameter) as a
+    report of its own, ``name`` in its context: they are known only once the item ran,
+    too late to be collected as items. Logged once the item's own reports are
+    (:func:`pytest_runtest_protocol`), outside its capture."""
+    longrepr: Any = None
+    outcome: Literal["passed", "failed", "skipped"] = "passed"
+    if case.skipped:
+        outcome = "skipped"
+        longrepr = (str(item.path), 0, f"Skipped: {case.reason or 'skipped (KTAP)'}")
+    elif not case.ok:
+        outcome = "failed"
+        longrepr = f"{label}/{name}: " + ("\n".join(case.diagnostics) or "not ok")
+    # pytest's subtest reports: the item's own node id (xdist requires it), the
+    # subtest's name as their context; shown as SUBPASSED[name] and counted apart.
+    report = pytest.SubtestReport(
+        nodeid=item.nodeid, location=item.location, keywords={}, outcome=outcome,
+        longrepr=longrepr, when="call", user_properties=[("umtt_ktap_subtest", name)])
+    report.context = KtapContext(msg=name)  # type: ignore[assignment]
+    item.config.stash.setdefault(SUBTEST_REPORTS, {}).setdefault(item.nodeid, []).append(report)
 
 
 @dataclass(frozen=True, slots=True)
