@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 
 from filelock import FileLock
@@ -126,6 +127,37 @@ def virtual_budget(root: Path, test: KselftestTest, override: float | None) -> f
     if configured is None:
         return DEFAULT_TIMEOUT
     return configured or None
+
+
+KNOWN_FILE = "data/kselftest/known.txt"
+KNOWN_KINDS = ("skip", "xfail")
+
+
+@dataclass(frozen=True, slots=True)
+class KnownOutcome:
+    """What pytest-umtt knows of a kselftest beforehand (data/kselftest/known.txt): it
+    cannot work under UML (``skip``: not run), or it fails on any kernel (``xfail``: run,
+    its failure expected)."""
+
+    kind: str
+    reason: str
+
+
+def known_outcomes(text: str | None = None) -> dict[str, KnownOutcome]:
+    """``{"collection:test": KnownOutcome}`` from the shipped list (or ``text``): lines of
+    ``collection:test KIND reason``, ``#`` comments."""
+    if text is None:
+        text = resources.files("pytest_umtt").joinpath(KNOWN_FILE).read_text()
+    known = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        test, kind, reason = ([*line.split(None, 2), "", ""])[:3]
+        if ":" not in test or kind not in KNOWN_KINDS or not reason:
+            raise KselftestError(f"{KNOWN_FILE}:{number}: expected 'collection:test "
+                                 f"{'|'.join(KNOWN_KINDS)} reason', got {line!r}")
+        known[test] = KnownOutcome(kind, reason.strip())
+    return known
 
 
 # --- running one test -------------------------------------------------------------------
