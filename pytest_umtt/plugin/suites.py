@@ -141,11 +141,26 @@ class KunitResults:
         """What ``boot``'s console says of each case."""
         missing = (f"the machine did not come up: {boot.error}" if boot.error is not None else
                    f"the kernel stopped reporting before it (console tail:\n{boot.tail})")
-        cases = parse_ktap(boot.text, parents=True)
+        return cls.from_text(glob, boot.text, boot.console, missing)
+
+    @classmethod
+    def from_text(cls, glob: str, text: str, console: Console | None = None,
+                  missing: str = "") -> KunitResults:
+        """What a KUnit console's ``text`` says of each case."""
+        cases = parse_ktap(text, parents=True)
         subtests: dict[str, list[KtapCase]] = {}
         for case in cases:
             subtests.setdefault(case.parent, []).append(case)
-        return cls(glob, {case.name: case for case in cases}, subtests, boot.console, missing)
+        return cls(glob, {case.name: case for case in cases}, subtests, console, missing)
+
+    def reported(self, item: str) -> list[tuple[str, KtapCase]]:
+        """What the item for case ``item`` reports, by full name: its parameters (each a
+        subtest report) if it has any, else the case itself."""
+        params = self.subtests.get(item)
+        if params:
+            return [(param.name, param) for param in params]
+        case = self.cases.get(item)
+        return [(item, case)] if case is not None else []
 
 
 def crash_console(console: Console | None, case: KtapCase) -> str:
@@ -176,9 +191,10 @@ class KunitCase(pytest.Item):
                                f"{results.missing}")
         if case.crashed:
             self.detail = crash_console(results.console, case)
-        for param in results.subtests.get(self.name, ()):
-            queue_subtest_report(self, param, f"KUnit {self.name}",
-                                 param.name.removeprefix(f"{self.name}."))
+        for name, param in results.reported(self.name):
+            if param is not case:
+                queue_subtest_report(self, param, f"KUnit {self.name}",
+                                     name.removeprefix(f"{self.name}."))
         if case.skipped:
             pytest.skip(case.reason or "skipped by KUnit")
         if not case.ok:
