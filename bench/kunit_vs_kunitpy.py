@@ -1,0 +1,182 @@
+"""KUnit at kunit.py's scale: every case of a .kunitconfig as a pytest item, against the
+kernel's own runner on the same source tree; builds excluded from both.
+
+kunit.py runs in its own build directory (built beforehand with ``kunit.py run``, so
+this bench times ``kunit.py exec`` alone: one boot, its parser, its summary). pytest
+runs ``--umtt-kconfig=kunit:FILE --umtt-kunit=*`` on pytest-umtt's variant (built
+beforehand with ``umtt-kernel build --kunitconfig FILE``): a listing boot while it
+collects, one boot that runs every case, one item per case, parameters as subtest
+reports. Both name each result as kunit.py does (``suite.case[.param]``); the table
+counts them and the names and statuses are compared one by one.
+
+Run: python bench/kunit_vs_kunitpy.py --kunitpy-build-dir /var/tmp/kunit-build
+     [--kunitconfig FILE] [--runs N] [--workers 0 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pytest_umtt.cache import cache_root
+from pytest_umtt.kconfig import KernelConfig
+from pytest_umtt.kernel import debian_source, patched_source, shipped_patches, variant_kernel
+
+RESULTS_ENV = "UMTT_BENCH_KUNIT_RESULTS"
+"""Where this module, loaded into pytest with ``-p``, writes what each item reported."""
+STATUS = {"PASS": "passed", "SKIP": "skipped", "FAIL": "failed", "ERROR": "failed"}
+"""kunit.py's JSON statuses (tools/testing/kunit/kunit_json.py) as pytest outcomes."""
+
+
+# --- the pytest side: this module is also the plugin that records results ------------
+
+_reported: dict[str, str] = {}
+_collected_at: list[float] = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When the listing boot is over: the run boot's time is measured from here."""
+    del session
+    _collected_at.append(time.monotonic())
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Each item's outcome, and each subtest report's, by kunit.py's name."""
+    case = report.nodeid.rpartition("::")[2]
+    context = getattr(report, "context", None)
+    if context is not None:
+        _reported[f"{case}.{context.msg}"] = report.outcome
+    elif report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        _reported[case] = report.outcome
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Write the results (on the controller only, under xdist)."""
+    path = os.environ.get(RESULTS_ENV)
+    if path and not hasattr(session.config, "workerinput"):
+        Path(path).write_text(json.dumps({"results": _reported, "collected_at":
+                                          _collected_at[0] if _collected_at else None}))
+
+
+# --- the bench ---------------------------------------------------------------------------
+
+def kunit_tree() -> Path:
+    """The patched Debian tree pytest-umtt builds from (and kunit.py runs in)."""
+    cache = cache_root()
+    return patched_source(debian_source(cache, print), shipped_patches(), cache, print).path
+
+
+def leaves(group: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, str]:
+    """kunit.py's JSON as ``{"suite.case[.param]": outcome}``."""
+    found = {".".join((*path, case["name"])): STATUS.get(case["status"], "failed")
+             for case in group.get("test_cases", [])}
+    for sub in group.get("sub_groups", []):
+        found.update(leaves(sub, (*path, sub["name"])))
+    return found
+
+
+def run_kunitpy(tree: Path, build_dir: Path) -> tuple[float, dict[str, str]]:
+    """``kunit.py exec`` (no build): its wall time and its results."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "kunit.json"
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, str(tree / "tools/testing/kunit/kunit.py"),
+                               "exec", "--arch=um", f"--build_dir={build_dir}",
+                               f"--json={out}"], capture_output=True, text=True, check=False,
+                              env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        wall = time.monotonic() - started
+        if not out.is_file():
+            sys.exit(f"kunit.py exec failed ({done.returncode}):\n{done.stdout[-2000:]}"
+                     f"\n{done.stderr[-2000:]}")
+        return wall, leaves(json.loads(out.read_text()))
+
+
+def run_pytest(kunitconfig: Path, workers: int) -> tuple[float, float, dict[str, str]]:
+    """pytest over every KUnit case of the variant: wall time in all, of which the run
+    (after collection), and the results."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "results.json"
+        (Path(scratch) / "test_none.py").write_text("")
+        command = [sys.executable, "-m", "pytest", "-p", "kunit_vs_kunitpy", "-q",
+                   "-p", "no:cacheprovider", f"--umtt-kconfig=kunit:{kunitconfig}",
+                   "--umtt-kunit=*", *([f"-n{workers}"] if workers else ["-p", "no:xdist"])]
+        env = {**os.environ, RESULTS_ENV: str(out),
+               "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                              os.environ.get("PYTHONPATH", "")])}
+        started = time.monotonic()
+        subprocess.run(command, cwd=scratch, env=env, capture_output=True, check=False)
+        wall = time.monotonic() - started
+        if not out.is_file():
+            sys.exit("pytest wrote no results")
+        written = json.loads(out.read_text())
+        collected = written["collected_at"]
+        run = time.monotonic() - collected if collected and not workers else float("nan")
+        return wall, run, written["results"]
+
+
+def differences(ours: dict[str, str], theirs: dict[str, str]) -> list[str]:
+    """Each name whose outcome differs, or that one side lacks."""
+    return [f"{name}: pytest {ours.get(name, '-')}, kunit.py {theirs.get(name, '-')}"
+            for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
+
+
+def counts(results: dict[str, str]) -> str:
+    by = [sum(1 for o in results.values() if o == outcome)
+          for outcome in ("passed", "skipped", "failed")]
+    return f"{len(results):6} {by[0]:6} {by[1]:7} {by[2]:6}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kunitpy-build-dir", type=Path, required=True)
+    parser.add_argument("--kunitconfig", type=Path)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    args = parser.parse_args()
+    tree = kunit_tree()
+    kunitconfig = args.kunitconfig or tree / "tools/testing/kunit/configs/all_tests.config"
+    kernel = variant_kernel(KernelConfig(kunitconfigs=(kunitconfig.absolute(),)))
+    if not kernel.is_file():
+        sys.exit(f"build the variant first: umtt-kernel build --kunitconfig {kunitconfig}")
+    theirs_walls: list[float] = []
+    theirs: dict[str, str] = {}
+    for _ in range(args.runs):
+        wall, theirs = run_kunitpy(tree, args.kunitpy_build_dir)
+        theirs_walls.append(wall)
+    print(f"{'runner':28} {'wall s':>7} {'run s':>6} {'cases':>6} {'passed':>6} "
+          f"{'skipped':>7} {'failed':>6}")
+    print(f"{'kunit.py exec':28} {statistics.median(theirs_walls):7.2f} {'':6} "
+          f"{counts(theirs)}")
+    for workers in args.workers:
+        walls: list[float] = []
+        runs: list[float] = []
+        ours: dict[str, str] = {}
+        for _ in range(args.runs):
+            wall, run, ours = run_pytest(kunitconfig.absolute(), workers)
+            walls.append(wall)
+            runs.append(run)
+        label = f"pytest -n {workers}" if workers else "pytest"
+        print(f"{label:28} {statistics.median(walls):7.2f} {statistics.median(runs):6.2f} "
+              f"{counts(ours)}")
+        different = differences(ours, theirs)
+        print(f"  names and statuses as kunit.py's: "
+              f"{'all' if not different else f'{len(different)} differ'}")
+        for line in different[:30]:
+            print(f"    {line}")
+    print(f"(median of {args.runs}; builds excluded; kernel {kernel})")
+
+
+if __name__ == "__main__":
+    main()
