@@ -9,7 +9,7 @@ import pytest
 
 from pytest_umtt.cache import cache_root
 from pytest_umtt.ktap import parse_ktap
-from pytest_umtt.plugin.suites import crash_console
+from pytest_umtt.plugin.suites import KunitBoot, crash_console
 from pytest_umtt.uml.console import Console
 
 pytestmark = pytest.mark.kernel
@@ -252,12 +252,15 @@ def test_kunit_cases_run_when_selected_in_one_boot(pytester: pytest.Pytester,
 
 def test_kunit_cases_spread_over_xdist_workers(pytester: pytest.Pytester,
                                                kernel_args: list[str]) -> None:
-    # Each worker lists once and runs its share in one boot: four boots in all.
+    # The workers share one listing boot and one boot that runs the cases: the first to
+    # ask boots, the other reads what it recorded. Two boots in all, as without xdist.
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-kunit=list-kunit-test",
-                                           "-n", "2")
+                                           "-n", "2", "-v")
     outcomes = result.parseoutcomes()
     assert outcomes["passed"] > 30 and "failed" not in outcomes
-    result.stdout.fnmatch_lines(["4 simulations: *"])
+    result.stdout.fnmatch_lines_random(["*gw0*PASSED*kunit::list-kunit-test.*",
+                                        "*gw1*PASSED*kunit::list-kunit-test.*"])
+    result.stdout.fnmatch_lines(["2 simulations: *"])
 
 
 def test_kunit_glob_that_matches_nothing_fails_clearly(pytester: pytest.Pytester,
@@ -293,7 +296,11 @@ def test_a_crashed_kunit_case_shows_the_crash_and_its_times(tmp_path: Path) -> N
     console.feed((logs[0] / "test_kernel_panic_interrupt.log").read_bytes(), 1_500_000)
     crashed = [case for case in parse_ktap(console.text) if case.crashed]
     assert crashed
-    shown = crash_console(console, crashed[0])
+    boot = KunitBoot(console, "", None)
+    shown = crash_console(boot, crashed[0])
     assert "Kernel panic - not syncing" in shown
     assert "[0.001500000 s]" in shown
+    # Another xdist worker reads the same from what this boot recorded.
+    recorded = KunitBoot.from_record(json.loads(json.dumps(boot.record())))
+    assert recorded.console is None and crash_console(recorded, crashed[0]) == shown
     console.close()

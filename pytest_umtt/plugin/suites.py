@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shlex
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from filelock import FileLock
 
 from ..errors import UmttError
 from ..kselftest import (
@@ -58,7 +61,7 @@ class KunitRun(pytest.Collector):
     def collect(self) -> list[pytest.Item]:
         settings = self.config.stash[STATE].settings
         glob = settings.kunit or "*"
-        listing = boot_kunit(self.config, settings, glob, action="list")
+        listing = shared_kunit_boot(self.config, settings, glob, action="list")
         boot_error, tail = listing.error, listing.tail
         names = [line.strip() for line in listing.text.splitlines()
                  if KUNIT_LISTED.match(line.strip())]
@@ -75,16 +78,65 @@ class KunitRun(pytest.Collector):
 
 @dataclass(frozen=True, slots=True)
 class KunitBoot:
-    """What a KUnit machine printed, and the error if it did not come up."""
+    """What a KUnit machine printed, and the error if it did not come up. A boot another
+    xdist worker made has no console, only what it recorded (:func:`shared_kunit_boot`)."""
 
     console: Console | None
     tail: str
     error: UmttError | None
+    recorded_text: str = ""
+    recorded_lines: tuple[str, ...] = ()
 
     @property
     def text(self) -> str:
         """The whole console."""
-        return self.console.text if self.console else ""
+        return self.console.text if self.console else self.recorded_text
+
+    def timed_lines(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """Console lines ``start`` to ``stop``, each with its virtual time."""
+        if self.console is not None:
+            return [str(line) for line in self.console.lines[start:stop]]
+        return list(self.recorded_lines[start:stop])
+
+    def record(self) -> dict[str, object]:
+        """What another worker needs to read this boot (JSON)."""
+        return {"text": self.text, "lines": self.timed_lines(),
+                "tail": self.tail, "error": None if self.error is None else str(self.error)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> KunitBoot:
+        """A boot as :meth:`record` wrote it."""
+        error = record.get("error")
+        return cls(None, str(record["tail"]), None if error is None else UmttError(error),
+                   str(record["text"]), tuple(record["lines"]))
+
+
+def shared_kunit_boot(config: pytest.Config, settings: Settings, glob: str,
+                      action: str | None = None) -> KunitBoot:
+    """:func:`boot_kunit`, once per run: under xdist the first worker to ask boots and
+    records what it saw beside the workers' temporary directories, and the others read
+    it (the same kernel, seed and glob give the same boot), so ``-n 2`` lists and runs
+    the cases once, not once per worker."""
+    shared = _shared_directory(config)
+    if shared is None:
+        return boot_kunit(config, settings, glob, action)
+    name = hashlib.sha256(f"{settings.kernel}\0{settings.seed}\0{glob}\0{action}".encode())
+    record = shared / f"umtt-kunit-{name.hexdigest()[:16]}.json"
+    with FileLock(str(record) + ".lock"):
+        if record.is_file():
+            return KunitBoot.from_record(json.loads(record.read_text()))
+        boot = boot_kunit(config, settings, glob, action)
+        record.write_text(json.dumps(boot.record()))
+        return boot
+
+
+def _shared_directory(config: pytest.Config) -> Path | None:
+    """The directory an xdist run's workers share (their temporary directories' parent,
+    as xdist documents for work done once per run); None outside xdist."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    if not hasattr(config, "workerinput") or factory is None:
+        return None
+    return Path(factory.getbasetemp()).parent
 
 
 def boot_kunit(config: pytest.Config, settings: Settings, glob: str,
@@ -133,7 +185,7 @@ class KunitResults:
     glob: str
     cases: dict[str, KtapCase]
     subtests: dict[str, list[KtapCase]]
-    console: Console | None
+    boot: KunitBoot | None
     missing: str
 
     @classmethod
@@ -141,17 +193,17 @@ class KunitResults:
         """What ``boot``'s console says of each case."""
         missing = (f"the machine did not come up: {boot.error}" if boot.error is not None else
                    f"the kernel stopped reporting before it (console tail:\n{boot.tail})")
-        return cls.from_text(glob, boot.text, boot.console, missing)
+        return cls.from_text(glob, boot.text, boot, missing)
 
     @classmethod
-    def from_text(cls, glob: str, text: str, console: Console | None = None,
+    def from_text(cls, glob: str, text: str, boot: KunitBoot | None = None,
                   missing: str = "") -> KunitResults:
         """What a KUnit console's ``text`` says of each case."""
         cases = parse_ktap(text, parents=True)
         subtests: dict[str, list[KtapCase]] = {}
         for case in cases:
             subtests.setdefault(case.parent, []).append(case)
-        return cls(glob, {case.name: case for case in cases}, subtests, console, missing)
+        return cls(glob, {case.name: case for case in cases}, subtests, boot, missing)
 
     def reported(self, item: str) -> list[tuple[str, KtapCase]]:
         """What the item for case ``item`` reports, by full name: its parameters (each a
@@ -163,12 +215,10 @@ class KunitResults:
         return [(item, case)] if case is not None else []
 
 
-def crash_console(console: Console | None, case: KtapCase) -> str:
+def crash_console(boot: KunitBoot | None, case: KtapCase) -> str:
     """The console from a crashed case on, each line with its virtual time."""
-    if console is None:
-        return ""
-    shown = console.lines[case.lines.start:case.lines.start + CONSOLE_TAIL]
-    return "console from the crash on:\n" + "\n".join(str(line) for line in shown)
+    shown = boot.timed_lines(case.lines.start, case.lines.start + CONSOLE_TAIL) if boot else []
+    return "console from the crash on:\n" + "\n".join(shown) if shown else ""
 
 
 class KunitCase(pytest.Item):
@@ -190,7 +240,7 @@ class KunitCase(pytest.Item):
             raise KunitFailure(f"not reported by the boot that ran {results.glob!r}: "
                                f"{results.missing}")
         if case.crashed:
-            self.detail = crash_console(results.console, case)
+            self.detail = crash_console(results.boot, case)
         for name, param in results.reported(self.name):
             if param is not case:
                 queue_subtest_report(self, param, f"KUnit {self.name}",
@@ -205,7 +255,8 @@ class KunitCase(pytest.Item):
         runs = self.config.stash.setdefault(KUNIT_RUNS, {})
         if glob not in runs:
             settings = self.config.stash[STATE].settings
-            runs[glob] = KunitResults.from_boot(glob, boot_kunit(self.config, settings, glob))
+            runs[glob] = KunitResults.from_boot(
+                glob, shared_kunit_boot(self.config, settings, glob))
         return runs[glob]
 
     def _glob(self) -> str:
