@@ -3,14 +3,16 @@ kernel's own runner on the same source tree; builds excluded from both.
 
 kunit.py runs in its own build directory (built beforehand with ``kunit.py run``, so
 this bench times ``kunit.py exec`` alone: one boot, its parser, its summary). pytest
-runs ``--umtt-kconfig=kunit:FILE --umtt-kunit=*`` on pytest-umtt's variant (built
-beforehand with ``umtt-kernel build --kunitconfig FILE``): a listing boot while it
+runs ``--umtt-kconfig="kunit:FILE kunit:ARCH" --umtt-kunit=*`` on pytest-umtt's variant
+of the same configs kunit.py merges for UML (FILE, then configs/arch_uml.config; built
+beforehand with ``umtt-kernel build --kunitconfig FILE ARCH``): a listing boot while it
 collects, one boot that runs every case, one item per case, parameters as subtest
 reports. Both name each result as kunit.py does (``suite.case[.param]``); the table
 counts them and the names and statuses are compared one by one.
 
 Run: python bench/kunit_vs_kunitpy.py --kunitpy-build-dir /var/tmp/kunit-build
      [--kunitconfig FILE] [--runs N] [--workers 0 2]
+(FILE defaults to configs/all_tests.config, the one kunit.py was run with)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,8 @@ STATUS = {"PASS": "passed", "SKIP": "skipped", "FAIL": "failed", "ERROR": "faile
 
 # --- the pytest side: this module is also the plugin that records results ------------
 
-_reported: dict[str, str] = {}
+_reported: list[tuple[str, str]] = []
+_parameterised: set[str] = set()
 _collected_at: list[float] = []
 
 
@@ -57,16 +61,19 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     case = report.nodeid.rpartition("::")[2]
     context = getattr(report, "context", None)
     if context is not None:
-        _reported[f"{case}.{context.msg}"] = report.outcome
+        _reported.append((f"{case}.{context.msg}", report.outcome))
+        _parameterised.add(case)
     elif report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        _reported[case] = report.outcome
+        _reported.append((case, report.outcome))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Write the results (on the controller only, under xdist)."""
     path = os.environ.get(RESULTS_ENV)
     if path and not hasattr(session.config, "workerinput"):
-        Path(path).write_text(json.dumps({"results": _reported, "collected_at":
+        # A parameterised case's item stands for its parameters: kunit.py counts those.
+        leaves = [result for result in _reported if result[0] not in _parameterised]
+        Path(path).write_text(json.dumps({"results": leaves, "collected_at":
                                           _collected_at[0] if _collected_at else None}))
 
 
@@ -78,16 +85,20 @@ def kunit_tree() -> Path:
     return patched_source(debian_source(cache, print), shipped_patches(), cache, print).path
 
 
-def leaves(group: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, str]:
-    """kunit.py's JSON as ``{"suite.case[.param]": outcome}``."""
-    found = {".".join((*path, case["name"])): STATUS.get(case["status"], "failed")
-             for case in group.get("test_cases", [])}
+Results = Counter[tuple[str, str]]
+"""``(suite.case[.param], outcome)`` pairs, counted: two parameters may share a name."""
+
+
+def leaves(group: dict[str, Any], path: tuple[str, ...] = ()) -> Results:
+    """kunit.py's JSON as results."""
+    found = Counter((".".join((*path, case["name"])), STATUS.get(case["status"], "failed"))
+                    for case in group.get("test_cases", []))
     for sub in group.get("sub_groups", []):
         found.update(leaves(sub, (*path, sub["name"])))
     return found
 
 
-def run_kunitpy(tree: Path, build_dir: Path) -> tuple[float, dict[str, str]]:
+def run_kunitpy(tree: Path, build_dir: Path) -> tuple[float, Results]:
     """``kunit.py exec`` (no build): its wall time and its results."""
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "kunit.json"
@@ -103,14 +114,15 @@ def run_kunitpy(tree: Path, build_dir: Path) -> tuple[float, dict[str, str]]:
         return wall, leaves(json.loads(out.read_text()))
 
 
-def run_pytest(kunitconfig: Path, workers: int) -> tuple[float, float, dict[str, str]]:
+def run_pytest(kunitconfigs: list[Path], workers: int) -> tuple[float, float, Results]:
     """pytest over every KUnit case of the variant: wall time in all, of which the run
     (after collection), and the results."""
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "results.json"
         (Path(scratch) / "test_none.py").write_text("")
         command = [sys.executable, "-m", "pytest", "-p", "kunit_vs_kunitpy", "-q",
-                   "-p", "no:cacheprovider", f"--umtt-kconfig=kunit:{kunitconfig}",
+                   "-p", "no:cacheprovider",
+                   "--umtt-kconfig=" + " ".join(f"kunit:{path}" for path in kunitconfigs),
                    "--umtt-kunit=*", *([f"-n{workers}"] if workers else ["-p", "no:xdist"])]
         env = {**os.environ, RESULTS_ENV: str(out),
                "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
@@ -123,19 +135,20 @@ def run_pytest(kunitconfig: Path, workers: int) -> tuple[float, float, dict[str,
         written = json.loads(out.read_text())
         collected = written["collected_at"]
         run = time.monotonic() - collected if collected and not workers else float("nan")
-        return wall, run, written["results"]
+        return wall, run, Counter((name, outcome) for name, outcome in written["results"])
 
 
-def differences(ours: dict[str, str], theirs: dict[str, str]) -> list[str]:
-    """Each name whose outcome differs, or that one side lacks."""
-    return [f"{name}: pytest {ours.get(name, '-')}, kunit.py {theirs.get(name, '-')}"
-            for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
+def differences(ours: Results, theirs: Results) -> list[str]:
+    """Each result one side has more often than the other."""
+    return [*(f"only pytest: {name} {outcome}" for name, outcome in (ours - theirs).elements()),
+            *(f"only kunit.py: {name} {outcome}"
+              for name, outcome in (theirs - ours).elements())]
 
 
-def counts(results: dict[str, str]) -> str:
-    by = [sum(1 for o in results.values() if o == outcome)
+def counts(results: Results) -> str:
+    by = [sum(n for (_, o), n in results.items() if o == outcome)
           for outcome in ("passed", "skipped", "failed")]
-    return f"{len(results):6} {by[0]:6} {by[1]:7} {by[2]:6}"
+    return f"{results.total():6} {by[0]:6} {by[1]:7} {by[2]:6}"
 
 
 def main() -> None:
@@ -146,12 +159,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     args = parser.parse_args()
     tree = kunit_tree()
-    kunitconfig = args.kunitconfig or tree / "tools/testing/kunit/configs/all_tests.config"
-    kernel = variant_kernel(KernelConfig(kunitconfigs=(kunitconfig.absolute(),)))
+    configs = tree / "tools/testing/kunit/configs"
+    kunitconfigs = [(args.kunitconfig or configs / "all_tests.config").absolute(),
+                    configs / "arch_uml.config"]  # what kunit.py --arch=um merges in
+    kernel = variant_kernel(KernelConfig(kunitconfigs=tuple(kunitconfigs)))
     if not kernel.is_file():
-        sys.exit(f"build the variant first: umtt-kernel build --kunitconfig {kunitconfig}")
+        sys.exit(f"build the variant first: umtt-kernel build --kunitconfig "
+                 f"{' '.join(map(str, kunitconfigs))}")
     theirs_walls: list[float] = []
-    theirs: dict[str, str] = {}
+    theirs: Results = Counter()
     for _ in range(args.runs):
         wall, theirs = run_kunitpy(tree, args.kunitpy_build_dir)
         theirs_walls.append(wall)
@@ -162,9 +178,9 @@ def main() -> None:
     for workers in args.workers:
         walls: list[float] = []
         runs: list[float] = []
-        ours: dict[str, str] = {}
+        ours: Results = Counter()
         for _ in range(args.runs):
-            wall, run, ours = run_pytest(kunitconfig.absolute(), workers)
+            wall, run, ours = run_pytest(kunitconfigs, workers)
             walls.append(wall)
             runs.append(run)
         label = f"pytest -n {workers}" if workers else "pytest"

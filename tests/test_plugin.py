@@ -9,7 +9,7 @@ import pytest
 
 from pytest_umtt.cache import cache_root
 from pytest_umtt.ktap import parse_ktap
-from pytest_umtt.plugin.suites import KunitBoot, crash_console
+from pytest_umtt.plugin.suites import KunitBoot, crash_console, listed_cases
 from pytest_umtt.uml.console import Console
 
 pytestmark = pytest.mark.kernel
@@ -286,6 +286,18 @@ def test_xdist_workers_have_their_own_simulations(pytester: pytest.Pytester,
     result = pytester.runpytest_subprocess(*kernel_args, "-n", "2", "-s")
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["*4 simulations: * s of virtual time in * s wall*"])
+
+
+def test_the_listing_gives_cases_and_each_empty_suite() -> None:
+    # lib/kunit/executor.c prints each suite's name, then its cases; a suite with none
+    # (kunit_fault where the architecture cannot fault on purpose) is one skipped test
+    # for the kernel and kunit.py alike, so it is an item too.
+    console = ("Linux version 6.12\nKTAP version 1\nexample\nexample.example_simple_test\n"
+               "kunit_fault\nlist-kunit-test\nlist-kunit-test.list_test_list_init\n"
+               "random: crng init done\nmctp\nRun /bin/bash as init process\nstray\n")
+    assert listed_cases(console) == ["example.example_simple_test", "kunit_fault",
+                                     "list-kunit-test.list_test_list_init", "mctp"]
+    assert listed_cases("no listing here\n") == []
 
 
 def test_a_crashed_kunit_case_shows_the_crash_and_its_times(tmp_path: Path) -> None:

@@ -51,6 +51,30 @@ class KunitFailure(Exception):
 
 KUNIT_LISTED = re.compile(r"^([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+)$")
 """A case as ``kunit.action=list`` prints it: ``suite.case`` (lib/kunit/executor.c)."""
+KUNIT_LISTED_SUITE = re.compile(r"^[A-Za-z0-9_-]+$")
+"""A suite as the listing prints it, on its own line before its cases."""
+LISTING_OVER = (" as init process", "Freeing unused kernel")
+"""What the kernel prints once the listing (in its init, before userspace) is over."""
+
+
+def listed_cases(text: str) -> list[str]:
+    """The cases a listing boot printed, in order, and each suite that has none by its own
+    name: the kernel reports an empty suite as one skipped test, and kunit.py counts it."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "KTAP version 1"), None)
+    found: list[str] = []
+    empty: str | None = None  # the last suite listed, while no case of it has been
+    for line in lines[len(lines) if start is None else start + 1:]:
+        word = line.strip()
+        if any(mark in line for mark in LISTING_OVER):
+            break
+        if KUNIT_LISTED.match(word):
+            empty = None if word.startswith(f"{empty}.") else empty
+            found.append(word)
+        elif KUNIT_LISTED_SUITE.match(word):
+            found += [empty] if empty else []
+            empty = word
+    return [*found, *([empty] if empty else [])]
 
 
 class KunitRun(pytest.Collector):
@@ -63,8 +87,7 @@ class KunitRun(pytest.Collector):
         glob = settings.kunit or "*"
         listing = shared_kunit_boot(self.config, settings, glob, action="list")
         boot_error, tail = listing.error, listing.tail
-        names = [line.strip() for line in listing.text.splitlines()
-                 if KUNIT_LISTED.match(line.strip())]
+        names = listed_cases(listing.text)
         items: list[pytest.Item] = [KunitCase.from_parent(self, name=name)
                                     for name in dict.fromkeys(names)]
         if boot_error is not None:
