@@ -62,6 +62,10 @@ PRUNED = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale"
           "usr/lib/udev/hwdb.d", "usr/lib/udev/ata_id", "usr/lib/udev/cdrom_id",
           "usr/lib/udev/dmi_memory_id", "usr/lib/udev/fido_id", "usr/lib/udev/mtd_probe",
           "usr/lib/udev/scsi_id", "usr/lib/udev/v4l_id", "usr/bin/systemd-hwdb",
+          "usr/lib/udev/rules.d", "usr/share/initramfs-tools", "usr/share/bug",
+          # diffutils' three-way and side-by-side tools; netsniff-ng's vendor and port
+          # tables (for its sniffer; mausezahn is there for the tests that require it):
+          "usr/bin/diff3", "usr/bin/sdiff", "etc/netsniff-ng",
           # socat's two diagnostic tools; netsniff-ng's tools but mausezahn:
           "usr/bin/filan", "usr/bin/procan", "usr/sbin/astraceroute", "usr/sbin/bpfc",
           "usr/sbin/curvetun", "usr/sbin/flowtop", "usr/sbin/ifpps", "usr/sbin/netsniff-ng",
