@@ -157,40 +157,43 @@ def main() -> None:
     parser.add_argument("--kunitconfig", type=Path)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--without-arch-config", action="store_true",
+                        help="pytest's variant without arch_uml.config (its suites that "
+                        "need PCI are then missing on pytest's side)")
     args = parser.parse_args()
     tree = kunit_tree()
     configs = tree / "tools/testing/kunit/configs"
-    kunitconfigs = [(args.kunitconfig or configs / "all_tests.config").absolute(),
-                    configs / "arch_uml.config"]  # what kunit.py --arch=um merges in
+    kunitconfigs = [(args.kunitconfig or configs / "all_tests.config").absolute()]
+    if not args.without_arch_config:
+        kunitconfigs.append(configs / "arch_uml.config")  # what kunit.py --arch=um merges in
     kernel = variant_kernel(KernelConfig(kunitconfigs=tuple(kunitconfigs)))
     if not kernel.is_file():
         sys.exit(f"build the variant first: umtt-kernel build --kunitconfig "
                  f"{' '.join(map(str, kunitconfigs))}")
-    theirs_walls: list[float] = []
-    theirs: Results = Counter()
+    # Interleaved, so that a load that comes and goes falls on every runner alike.
+    walls: dict[str, list[float]] = {}
+    runs: dict[str, list[float]] = {}
+    results: dict[str, Results] = {}
     for _ in range(args.runs):
-        wall, theirs = run_kunitpy(tree, args.kunitpy_build_dir)
-        theirs_walls.append(wall)
-    print(f"{'runner':28} {'wall s':>7} {'run s':>6} {'cases':>6} {'passed':>6} "
+        wall, results["kunit.py exec"] = run_kunitpy(tree, args.kunitpy_build_dir)
+        walls.setdefault("kunit.py exec", []).append(wall)
+        for workers in args.workers:
+            label = f"pytest -n {workers}" if workers else "pytest"
+            wall, run, results[label] = run_pytest(kunitconfigs, workers)
+            walls.setdefault(label, []).append(wall)
+            runs.setdefault(label, []).append(run)
+    print(f"{'runner':16} {'wall s':>7} {'run s':>6} {'cases':>6} {'passed':>6} "
           f"{'skipped':>7} {'failed':>6}")
-    print(f"{'kunit.py exec':28} {statistics.median(theirs_walls):7.2f} {'':6} "
-          f"{counts(theirs)}")
-    for workers in args.workers:
-        walls: list[float] = []
-        runs: list[float] = []
-        ours: Results = Counter()
-        for _ in range(args.runs):
-            wall, run, ours = run_pytest(kunitconfigs, workers)
-            walls.append(wall)
-            runs.append(run)
-        label = f"pytest -n {workers}" if workers else "pytest"
-        print(f"{label:28} {statistics.median(walls):7.2f} {statistics.median(runs):6.2f} "
-              f"{counts(ours)}")
-        different = differences(ours, theirs)
-        print(f"  names and statuses as kunit.py's: "
-              f"{'all' if not different else f'{len(different)} differ'}")
-        for line in different[:30]:
-            print(f"    {line}")
+    for label, results_of in results.items():
+        run_s = f"{statistics.median(runs[label]):6.2f}" if label in runs else " " * 6
+        print(f"{label:16} {statistics.median(walls[label]):7.2f} {run_s} {counts(results_of)}")
+    for label, results_of in results.items():
+        different = differences(results_of, results["kunit.py exec"])
+        if label != "kunit.py exec":
+            print(f"{label}: names and statuses as kunit.py's: "
+                  f"{'all' if not different else f'{len(different)} differ'}")
+            for line in different[:80]:
+                print(f"    {line}")
     print(f"(median of {args.runs}; builds excluded; kernel {kernel})")
 
 

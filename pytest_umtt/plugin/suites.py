@@ -325,32 +325,32 @@ class KselftestRun(pytest.Collector):
         known = known_outcomes()
         items: list[pytest.Item] = []
         for test in read_tests(settings.kselftest):
-            item = KselftestItem.from_parent(self, name=test.id, test=test)
-            if test.id in known:
-                item.add_marker(known_marker(known[test.id]))
+            item = KselftestItem.from_parent(self, name=test.id, test=test,
+                                             known=known.get(test.id))
+            if item.known is not None and item.known.kind == "xfail":
+                # Run; its failure (not a splat) is expected.
+                item.add_marker(pytest.mark.xfail(reason=item.known.reason,
+                                                  raises=KselftestFailure, strict=False))
             items.append(item)
         return items
-
-
-def known_marker(known: KnownOutcome) -> pytest.MarkDecorator:
-    """A kselftest UML cannot run is skipped with the reason; one that fails on any
-    kernel runs, and its failure (not a splat) is expected."""
-    if known.kind == "skip":
-        return pytest.mark.skip(reason=f"not under UML: {known.reason}")
-    return pytest.mark.xfail(reason=known.reason, raises=KselftestFailure, strict=False)
 
 
 class KselftestItem(pytest.Item):
     """One kselftest: it runs in a machine of its own when the item runs."""
 
-    def __init__(self, *, test: KselftestTest, **kwargs: Any) -> None:
+    def __init__(self, *, test: KselftestTest, known: KnownOutcome | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.test = test
+        self.known = known
+        """What data/kselftest/known.txt says of it, if anything."""
         self.result: KselftestResult | None = None
         self.splats: list[Splat] = []
         """What the test's kernel reported and survived (a splat fails the test)."""
 
     def runtest(self) -> None:
+        if self.known is not None and self.known.kind == "skip":
+            pytest.skip(f"not under UML: {self.known.reason}")
         try:
             self._outcome()
         except pytest.skip.Exception:
