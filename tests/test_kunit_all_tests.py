@@ -42,11 +42,10 @@ def test_a_parameterised_case_reports_each_parameter(
         "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines_random([
         "*kunit::example.example_params_test PASSED*",
-        "*kunit::example.example_params_test SUBSKIPPED[[]example value 0[]]*"
-        "(unsupported param value 0)*",
+        "*kunit::example.example_params_test SUBSKIPPED[[]example value 0[]]*",
         "*kunit::example.example_params_test SUBPASSED[[]example value 2[]]*",
-        "*kunit::example.example_params_test SUBSKIPPED[[]example value 3[]]*"
-        "(unsupported param value 3)*",
+        "*kunit::example.example_params_test SUBSKIPPED[[]example value 3[]]*",
+        "SKIPPED * unsupported param value 3",
         "*kunit::example.example_skip_test SKIPPED (this test should be skipped)*",
         "*kunit::example_init.example_init_test PASSED*",
         "2 simulations: *"])
@@ -55,11 +54,11 @@ def test_a_parameterised_case_reports_each_parameter(
 
 def test_every_case_of_a_few_suites_runs_in_one_boot(
         pytester: pytest.Pytester, all_tests_config: Path, real_cache: Path) -> None:
-    # -k keeps three suites of the thousand listed: one boot runs the session's glob.
+    # -k keeps three suites of the ~540 cases listed: one boot runs the session's glob.
     result = pytester.runpytest_subprocess(
         f"--umtt-kconfig=kunit:{all_tests_config}", "--umtt-kunit=*", "-p", "no:cacheprovider",
         "-k", "list-kunit-test or kunit_status or string-stream-test", "-q")
     outcomes = result.parseoutcomes()
-    assert outcomes["passed"] > 40 and outcomes["deselected"] > 1000
+    assert outcomes["passed"] > 40 and outcomes["deselected"] > 400
     assert "failed" not in outcomes
     result.stdout.fnmatch_lines(["2 simulations: *"])
