@@ -14,7 +14,6 @@ failure needs (``--umtt-shrink``), and a replay of just that (``--umtt-schedule`
 from pytest_umtt import MachineFactory, Simulation
 from pytest_umtt.devices import Network
 
-MS = 1_000_000
 UPDATES = 4
 SERVER = ("import socket\n"
           "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
@@ -29,13 +28,13 @@ CLIENT = ("import socket\n"
           "    s.sendto(str(n).encode(), ('10.0.0.2', 5000))\n")
 
 
-def test_updates_are_applied_in_the_order_sent(uml_factory: MachineFactory,
+def test_updates_are_applied_in_the_order_sent(umtt_machine_factory: MachineFactory,
                                                umtt_sim: Simulation,
                                                umtt_network: Network) -> None:
-    umtt_network.link("client", "server", latency_ns=1 * MS, bandwidth_bps=100_000_000,
-                      reorder=0.1, reorder_ns=3 * MS, loss=0.03)
-    client = uml_factory("client", devices=[umtt_network.port("client")], boot=False)
-    server = uml_factory("server", devices=[umtt_network.port("server")], boot=False)
+    umtt_network.link("client", "server", latency=0.001, bandwidth_bps=100_000_000,
+                      reorder=0.1, reorder_delay=0.003, loss=0.03)
+    client = umtt_machine_factory("client", devices=[umtt_network.port("client")], boot=False)
+    server = umtt_machine_factory("server", devices=[umtt_network.port("server")], boot=False)
     umtt_sim.boot(client, server)
     client.run("ip addr add 10.0.0.1/24 dev eth0 && ip link set eth0 up", check=True)
     server.run("ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up", check=True)

@@ -11,9 +11,9 @@ import random
 from pytest_umtt import Machine, Simulation
 
 
-def test_first_writer_wins(uml: Machine, umtt_sim: Simulation) -> None:
+def test_first_writer_wins(umtt_machine: Machine, umtt_sim: Simulation) -> None:
     # Two distinct delays, in tens of milliseconds: no tie for the scheduler to break.
     first, second = random.Random(umtt_sim.seed).sample(range(1, 12), 2)
     race = (f"(sleep {first / 100:.2f}; echo first >> /tmp/order) & "
             f"(sleep {second / 100:.2f}; echo second >> /tmp/order) & wait; cat /tmp/order")
-    assert uml.run(race).output.split() == ["first", "second"]
+    assert umtt_machine.run(race).output.split() == ["first", "second"]

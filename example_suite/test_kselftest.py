@@ -25,9 +25,9 @@ def timers_tree() -> Path:
     return build_kselftests(["timers"])
 
 
-def test_nanosleep_selftest_passes(uml: Machine, timers_tree: Path) -> None:
-    tree = uml.push(timers_tree, "kselftest")  # the guest sees it at /mnt/kselftest
-    result = run_kselftest(uml, KselftestTest("timers", "nanosleep"), tree=tree,
+def test_nanosleep_selftest_passes(umtt_machine: Machine, timers_tree: Path) -> None:
+    tree = umtt_machine.push(timers_tree, "kselftest")  # the guest sees it at /mnt/kselftest
+    result = run_kselftest(umtt_machine, KselftestTest("timers", "nanosleep"), tree=tree,
                            timeout=45, wall_timeout=30)
     assert result.outcome is Outcome.PASS, f"{result.detail}\n{result.output}"
     assert all(case.ok for case in result.cases)

@@ -8,8 +8,9 @@ from pytest_umtt import MachineFactory
 from pytest_umtt.ktap import parse_ktap
 
 
-def test_list_suite_passes(uml_factory: MachineFactory) -> None:
-    machine = uml_factory("kunit", cmdline=["kunit.enable=1", "kunit.filter_glob=list-kunit-test"])
+def test_list_suite_passes(umtt_machine_factory: MachineFactory) -> None:
+    machine = umtt_machine_factory("kunit", cmdline=["kunit.enable=1",
+                                                     "kunit.filter_glob=list-kunit-test"])
     assert machine.console is not None
     cases = parse_ktap(machine.console.text)
     assert len(cases) > 30

@@ -6,7 +6,6 @@ import pytest
 from pytest_umtt import Machine, MachineFactory, Simulation
 from pytest_umtt.devices import Network
 
-MS = 1_000_000
 SERVER = ("import socket\n"
           "s = socket.socket(); s.bind(('10.0.0.2', 5000)); s.listen(1)\n"
           "c, _ = s.accept(); n = 0\n"
@@ -19,12 +18,12 @@ CLIENT = ("import socket\n"
 
 
 @pytest.fixture
-def pair(uml_factory: MachineFactory, umtt_sim: Simulation,
+def pair(umtt_machine_factory: MachineFactory, umtt_sim: Simulation,
          umtt_network: Network) -> tuple[Network, Machine, Machine]:
     net = umtt_network  # seeded by the test's seed; --umtt-artifacts keeps its captures
-    net.link("a", "b", latency_ns=5 * MS)
-    a = uml_factory("a", devices=[net.port("a")], boot=False)
-    b = uml_factory("b", devices=[net.port("b")], boot=False)
+    net.link("a", "b", latency=0.005)
+    a = umtt_machine_factory("a", devices=[net.port("a")], boot=False)
+    b = umtt_machine_factory("b", devices=[net.port("b")], boot=False)
     umtt_sim.boot(a, b)
     for machine, address in ((a, "10.0.0.1"), (b, "10.0.0.2")):
         machine.run(f"ip addr add {address}/24 dev eth0 && ip link set eth0 up", check=True)
@@ -44,9 +43,9 @@ def test_tcp_waits_for_a_healed_partition(pair: tuple[Network, Machine, Machine]
     server = b.start(f'python3 -c "{SERVER}"')
     a.run("sleep 0.1")
     net.cut("a", "b")
-    heal = umtt_sim.now_ns + 2_000_000_000
-    net.heal("a", "b", at_ns=heal)
+    heal = umtt_sim.now + 2.0
+    net.heal("a", "b", at=heal)
     a.run(f'python3 -c "{CLIENT}"', check=True)
     received = server.wait()
     assert received.output == "100000\n"
-    assert received.ended_ns > heal
+    assert received.ended > heal

@@ -3,9 +3,9 @@
 from pytest_umtt import MachineFactory, Simulation
 
 
-def test_ticks_interleave(uml_factory: MachineFactory, umtt_sim: Simulation) -> None:
-    fast = uml_factory("fast", boot=False)
-    slow = uml_factory("slow", boot=False)
+def test_ticks_interleave(umtt_machine_factory: MachineFactory, umtt_sim: Simulation) -> None:
+    fast = umtt_machine_factory("fast", boot=False)
+    slow = umtt_machine_factory("slow", boot=False)
     umtt_sim.boot(fast, slow)
     jobs = [fast.start("for i in 1 2 3 4; do sleep 1; echo tick-fast-$i > /dev/kmsg; done"),
             slow.start("for i in 1 2; do sleep 2.5; echo tick-slow-$i > /dev/kmsg; done")]

@@ -6,8 +6,9 @@ from pytest_umtt import Machine, MachineFactory, Simulation
 
 
 @pytest.fixture
-def guarded(uml_factory: MachineFactory) -> Machine:
-    return uml_factory("guarded", cmdline=["softdog.soft_margin=5", "softdog.soft_noboot=1"])
+def guarded(umtt_machine_factory: MachineFactory) -> Machine:
+    return umtt_machine_factory("guarded",
+                                cmdline=["softdog.soft_margin=5", "softdog.soft_noboot=1"])
 
 
 def test_softdog_fires_after_its_margin(guarded: Machine, umtt_sim: Simulation) -> None:

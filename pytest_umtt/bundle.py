@@ -107,6 +107,9 @@ class RunRecord:
     fingerprint: list[str]
     outcome: dict[str, str]
     machines: dict[str, Any] = field(default_factory=dict)
+    schedule: list[dict[str, Any]] | None = None
+    """The perturbed decisions the run kept (a shrunk schedule; every other decision
+    reverted); None: every decision the seed makes applies."""
 
 
 def package_version() -> str:
@@ -266,6 +269,7 @@ def _manifest(record: RunRecord) -> dict[str, Any]:
         "fingerprint": {"sha256": fingerprint_digest(record.fingerprint),
                         "items": len(record.fingerprint)},
         "outcome": record.outcome, "machines": record.machines,
+        **({} if record.schedule is None else {"schedule": record.schedule}),
     }
 
 
@@ -352,6 +356,12 @@ class Bundle:
     @property
     def settings(self) -> dict[str, Any]:
         return dict(self.manifest["settings"])
+
+    @property
+    def schedule(self) -> list[dict[str, Any]] | None:
+        """The decisions a shrunk run kept (None: the seed's own run)."""
+        schedule = self.manifest.get("schedule")
+        return None if schedule is None else list(schedule)
 
     @property
     def fingerprint_sha256(self) -> str:
@@ -622,6 +632,10 @@ def describe(manifest: Mapping[str, Any]) -> Iterator[str]:
     yield f"settings {json.dumps(manifest['settings'], sort_keys=True)}"
     if manifest.get("markers"):
         yield f"markers  {json.dumps(manifest['markers'], sort_keys=True)}"
+    if manifest.get("schedule") is not None:
+        kept = manifest["schedule"]
+        yield (f"schedule {len(kept)} perturbed decision{'' if len(kept) == 1 else 's'} kept, "
+               f"every other reverted: " + ", ".join(str(d.get("key")) for d in kept))
     yield f"made by  pytest-umtt {manifest['pytest_umtt']}"
     yield (f"run      fingerprint {manifest['fingerprint']['sha256'][:16]} "
            f"({manifest['fingerprint']['items']} items)")

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import UmttError
 from .identity import kernel_differences, kernel_record, root_differences, root_record
 from .kernel import MODULES_DIR, default_kernel, kernel_identity, modules_dir
 from .rootfs import build_rootfs
@@ -96,7 +97,7 @@ def run_in_child(kernel: Path, prefix: Sequence[str] = (),
     done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300,
                           env=None if env is None else dict(env))
     if done.returncode != 0:
-        raise RuntimeError(f"canary under {' '.join(prefix) or 'no prefix'} failed: "
+        raise UmttError(f"canary under {' '.join(prefix) or 'no prefix'} failed: "
                            f"{done.stderr[-2000:]}")
     fields = json.loads(done.stdout)
     del fields["key"]

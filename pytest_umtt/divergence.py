@@ -142,3 +142,24 @@ def console_around(events: Sequence[Event], where: Event,
     split = next((i for i, e in enumerate(console) if e.time_ns > where.time_ns), len(console))
     return [f"[{format_ns(e.time_ns)}] {e.value}"
             for e in console[max(0, split - count):split + count]]
+
+
+def first_difference(one: Sequence[str], two: Sequence[str], context: int = 3) -> str | None:
+    """Where two fingerprints part item by item, as listed (not in virtual time, as
+    :func:`first_divergence` orders them), with a little context; None when equal."""
+    index = next((i for i, (a, b) in enumerate(zip(one, two, strict=False)) if a != b),
+                 None if len(one) == len(two) else min(len(one), len(two)))
+    if index is None:
+        return None
+    start = max(0, index - context)
+
+    def show(lines: Sequence[str]) -> str:
+        part = lines[start:index + context + 1]
+        shown = [f"  {'>' if start + i == index else ' '} {start + i}: {line}"
+                 for i, line in enumerate(part)]
+        if index >= len(lines):
+            shown.append(f"  > {index}: (ends here)")
+        return "\n".join(shown)
+
+    return (f"first difference at item {index} of {len(one)} / {len(two)}:\n"
+            f"first run:\n{show(one)}\nsecond run:\n{show(two)}")

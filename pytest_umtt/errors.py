@@ -8,14 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-NS_PER_S = 10**9
-
-
-def format_ns(ns: int) -> str:
-    """Render a virtual time in nanoseconds as seconds with nanosecond precision."""
-    sign = "-" if ns < 0 else ""
-    seconds, rest = divmod(abs(ns), NS_PER_S)
-    return f"{sign}{seconds}.{rest:09d} s"
+# Re-exported: callers take them from here too.
+from .units import NS_PER_S as NS_PER_S  # noqa: PLC0414
+from .units import format_ns as format_ns  # noqa: PLC0414
 
 
 class UmttError(Exception):
@@ -148,6 +143,39 @@ class DeviceError(_AtVirtualTime, UmttError):
         self.now_ns = now_ns
         super().__init__(f"device {device}: {request}: {detail} (at virtual time "
                          f"{format_ns(now_ns)})")
+
+
+class VhostUserError(UmttError):
+    """The frontend broke the vhost-user protocol; the message names the device and the
+    request."""
+
+
+class GuestMemoryError(UmttError):
+    """The frontend pointed at memory it did not share: a device bug or a broken guest."""
+
+
+class DeviceNotServedError(UmttError):
+    """A device model was asked for its clock or queues before a machine served it."""
+
+
+class KillError(UmttError):
+    """Host processes outlived SIGKILL (stuck in the kernel, say): ``pids``."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        super().__init__(f"processes survived SIGKILL: {pids}")
+
+
+class BudgetSpent(UmttError):
+    """Delta debugging used up its run budget (``triage.ddmin`` stops there)."""
+
+
+class KunitFailure(UmttError):
+    """A KUnit case reported ``not ok`` (the item's failure; its report says how)."""
+
+
+class KselftestFailure(UmttError):
+    """A kselftest failed, crashed its kernel, or outran a budget (the item's failure)."""
 
 
 class SocketInUseError(UmttError):

@@ -44,7 +44,8 @@ from .errors import (
 from .kconfig import KernelConfig
 from .kernel import build_kernel, debian_source, user_source
 from .ktap import KtapCase, parse_ktap
-from .uml.machine import BackgroundCommand, Machine, seconds_to_ns
+from .uml.machine import BackgroundCommand, Machine
+from .units import seconds_to_ns
 
 LIST_FILE = "kselftest-list.txt"
 SETTINGS_FILE = "settings"

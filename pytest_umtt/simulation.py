@@ -61,8 +61,8 @@ from .uml.machine import (
     DEFAULT_COMMAND_TIMEOUT,
     Machine,
     MachineState,
-    seconds_to_ns,
 )
+from .units import either, seconds_to_ns, warn_unit_changed
 
 DEFAULT_CONSOLE_RESOLUTION_NS = 1_000_000
 """1 ms: while an expect() waits, how far a kernel may run without telling the calendar;
@@ -87,26 +87,6 @@ SUN_PATH_MAX = 108
 
 def _digest(data: bytes) -> str:
     return f"{len(data)}:{hashlib.sha256(data).hexdigest()[:16]}"
-
-
-def first_difference(one: Sequence[str], two: Sequence[str], context: int = 3) -> str | None:
-    """Where two fingerprints part, with a little context; None when they are equal."""
-    index = next((i for i, (a, b) in enumerate(zip(one, two, strict=False)) if a != b),
-                 None if len(one) == len(two) else min(len(one), len(two)))
-    if index is None:
-        return None
-    start = max(0, index - context)
-
-    def show(lines: Sequence[str]) -> str:
-        part = lines[start:index + context + 1]
-        shown = [f"  {'>' if start + i == index else ' '} {start + i}: {line}"
-                 for i, line in enumerate(part)]
-        if index >= len(lines):
-            shown.append(f"  > {index}: (ends here)")
-        return "\n".join(shown)
-
-    return (f"first difference at item {index} of {len(one)} / {len(two)}:\n"
-            f"first run:\n{show(one)}\nsecond run:\n{show(two)}")
 
 
 OWNER_FILE = "owner"
@@ -158,7 +138,7 @@ def remove_stale_directories(base: Path | None = None) -> list[Path]:
 
 
 class MachineFactory(Protocol):
-    """What the ``uml_factory`` fixture is: make (and by default boot) a machine."""
+    """What the ``umtt_machine_factory`` fixture is: make (and by default boot) a machine."""
 
     def __call__(self, name: str | None = None, *, boot: bool = True, mem: str | None = None,
                  cmdline: Sequence[str] = (), devices: Sequence[VirtioDevice] = ()) -> Machine:
@@ -196,6 +176,28 @@ class Elapsed:
     def _end_ns(self) -> int:
         assert self.end_ns is not None, "the block has not ended"
         return self.end_ns
+
+
+@dataclass(frozen=True)
+class RunStop:
+    """Why and when :meth:`Simulation.run_until` or :meth:`Simulation.advance` returned:
+    ``time`` in seconds, ``time_ns`` exact; for a doorbell, the ``machine`` that rang
+    it and its ``value``."""
+
+    reason: StopReason
+    time_ns: int
+    machine: Machine | None = None
+    value: int | None = None
+    client: Client | None = None
+    """The machine's calendar client (the protocol's view of it)."""
+
+    @property
+    def time(self) -> float:
+        """When the run stopped, in virtual seconds (it used to be nanoseconds: the
+        first use in a process warns, :class:`~pytest_umtt.units.UnitChangedWarning`)."""
+        warn_unit_changed("RunStop.time (what run_until() and advance() return)",
+                          "RunStop.time_ns")
+        return self.time_ns / NS_PER_S
 
 
 MEMORY_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
@@ -359,7 +361,7 @@ class Simulation:
         name = name or f"m{len(self.machines) + 1}"
         if name in self.machines or not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"machine name {name!r} is taken or not a plain name")
-        kernel = self._kernel(kernel)
+        kernel = self._kernel(name, kernel)
         self._check_memory(name, mem)
         machine = Machine(self, name, len(self.machines) + 1, kernel=kernel,
                           mem=mem, cmdline=cmdline, idle_max=idle_max, agent=agent,
@@ -385,14 +387,16 @@ class Simulation:
                             f"kernel's own); give it more, or use --umtt-rootfs=host",
                             self.now_ns)
 
-    def _kernel(self, explicit: Path | None) -> Path:
+    def _kernel(self, machine: str, explicit: Path | None) -> Path:
+        """The kernel ``machine`` boots, checked before it is started."""
         kernel = explicit or self.kernel or default_kernel()
         if kernel is None:
-            raise BootError("simulation", "no kernel: pass one, or build the default with "
+            raise BootError(machine, "no kernel: pass one, or build the default with "
                             "`umtt-kernel build`", self.now_ns)
         result = check_kernel(kernel)
         if not result.ok:
-            raise BootError("simulation", "; ".join(result.problems), self.now_ns)
+            raise BootError(machine, f"kernel {kernel}: {'; '.join(result.problems)}",
+                            self.now_ns)
         return kernel
 
     def boot(self, *machines: Machine, timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
@@ -447,14 +451,11 @@ class Simulation:
 
     def run_until(self, condition: Callable[[], bool] | None = None, *,
                   deadline: float | None = None, deadline_ns: int | None = None,
-                  machines: Iterable[Machine] = ()) -> Stop:
+                  machines: Iterable[Machine] = ()) -> RunStop:
         """Run until ``condition()``, the virtual instant ``deadline`` (seconds; or
         ``deadline_ns``, exact) or quiescence; doorbells are handled on the way. Raises
         when one of ``machines`` crashes or stalls."""
-        if deadline is not None:
-            if deadline_ns is not None:
-                raise ValueError("give deadline (seconds) or deadline_ns, not both")
-            deadline_ns = seconds_to_ns(deadline)
+        deadline_ns = either("deadline", deadline, deadline_ns)
         watched = tuple(machines)
         budget = self._wall_budget(deadline_ns)
         while True:
@@ -469,10 +470,14 @@ class Simulation:
             if stop.reason is StopReason.DOORBELL:
                 self._doorbell(stop)
                 if condition is not None and condition():
-                    return stop
+                    return self._run_stop(stop)
                 continue
             self._raise_for(watched)
-            return stop
+            return self._run_stop(stop)
+
+    def _run_stop(self, stop: Stop) -> RunStop:
+        machine = None if stop.client is None else self._machine_of(stop.client)
+        return RunStop(stop.reason, stop.time, machine, stop.value, stop.client)
 
     @contextmanager
     def watched_closely(self, wall_timeout: float | None = None) -> Iterator[None]:
@@ -487,9 +492,13 @@ class Simulation:
         finally:
             self.wall_timeout, self.calendar.max_free_run = usual
 
-    def advance(self, seconds: float) -> Stop:
-        """Let exactly ``seconds`` of virtual time pass."""
-        return self.run_until(deadline_ns=self.now_ns + seconds_to_ns(seconds))
+    def advance(self, seconds: float | None = None, *, seconds_ns: int | None = None
+                ) -> RunStop:
+        """Let exactly ``seconds`` of virtual time pass (or ``seconds_ns``, exact)."""
+        span = either("seconds", seconds, seconds_ns)
+        if span is None:
+            raise TypeError("advance() needs seconds= or seconds_ns=")
+        return self.run_until(deadline_ns=self.now_ns + span)
 
     def fingerprint(self) -> list[str]:
         """Everything that makes a run this run, one line per item: every protocol event
@@ -545,7 +554,8 @@ class Simulation:
         runner = self.calendar.runner
         machine = self._machine_of(runner) if runner is not None else None
         if machine is None:
-            return MachineStalled("simulation", str(exc), exc.now_ns)
+            names = ", ".join(self.machines) or "no machine"  # none held the CPU
+            return MachineStalled(names, str(exc), exc.now_ns)
         what = creep_diagnosis(exc.advanced_ns, exc.waited) \
             if isinstance(exc, WallBudgetError) else \
             (f"virtual time stalled at {format_ns(exc.now_ns)} for {exc.waited:.1f} s wall "

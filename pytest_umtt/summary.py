@@ -10,8 +10,10 @@ workers, and only the controller sees both.
 from __future__ import annotations
 
 import json
+import re
 import shlex
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -29,6 +31,71 @@ reason, count]]`` (reason null: they failed the test)."""
 SIGNATURES_LISTED = 10
 SIGNATURE = "umtt_signature"
 """User property: a failed test's failure signature (:func:`.triage.failure_signature`)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one item varies a test: an explored seed, a determinism run, or neither. Its
+    ``id`` is the suffix pytest puts in the item's node id; :func:`base_nodeid` and
+    :func:`pair_key` read it back."""
+
+    seed: int | None = None
+    run: int | None = None
+
+    @property
+    def id(self) -> str:
+        parts = [] if self.seed is None else [f"seed={self.seed}"]
+        return "-".join(parts + ([] if self.run is None else [f"determinism-{self.run}"]))
+
+
+_VARIANT_PART = re.compile(r"-?(seed=\d+|determinism-[12])")
+_RUN_NUMBER = re.compile(r"(?<=determinism)-[12]")
+
+
+def base_nodeid(nodeid: str) -> str:
+    """The test's node id without the variant pytest-umtt added."""
+    return _VARIANT_PART.sub("", nodeid).replace("[]", "").replace("[-", "[")
+
+
+def pair_key(nodeid: str) -> str:
+    """What a determinism run's two items share: the node id without the run number
+    (an explored seed stays: each seed's runs are a pair of their own)."""
+    return _RUN_NUMBER.sub("", nodeid)
+
+
+@dataclass
+class RunPairs:
+    """The determinism check's runs, paired in one place. A run is added when its fixture
+    ends (with its fingerprint, to show where two runs part) and again when its report
+    reaches the summary (its digest only: with xdist the two runs may end on two workers,
+    and only the controller sees both); the second addition of one run changes nothing,
+    and each pair is judged once."""
+
+    waiting: dict[str, tuple[str, str, list[str]]] = field(default_factory=dict)
+    """pair key -> the first run's node id, digest and fingerprint (empty when only its
+    report was seen)."""
+    judged: dict[str, bool] = field(default_factory=dict)
+    """pair key -> whether the two runs were the same, in the order they were judged."""
+    differed: list[str] = field(default_factory=list)
+    """The tests whose two runs differed (node ids without the variant)."""
+
+    def add(self, nodeid: str, digest: str, fingerprint: Sequence[str] = ()
+            ) -> tuple[bool, list[str]] | None:
+        """Record a run; when it completes a pair, judge it by digest and return whether
+        the runs were the same, with the other run's fingerprint."""
+        key = pair_key(nodeid)
+        first = self.waiting.get(key)
+        if key in self.judged:
+            return None
+        if first is None or first[0] == nodeid:
+            kept = list(fingerprint) or (first[2] if first else [])
+            self.waiting[key] = (nodeid, digest, kept)
+            return None
+        del self.waiting[key]
+        self.judged[key] = first[1] == digest
+        if not self.judged[key]:
+            self.differed.append(base_nodeid(nodeid))
+        return self.judged[key], first[2]
 
 
 @dataclass(frozen=True)
@@ -60,11 +127,12 @@ class Summary:
     simulations: int = 0
     virtual_ns: int = 0
     wall_seconds: float = 0.0
-    checked: int = 0
-    differed: list[str] = field(default_factory=list)
+    pairs: RunPairs = field(default_factory=RunPairs)
     explored: dict[str, list[Explored]] = field(default_factory=dict)
     shrinks: list[dict[str, Any]] = field(default_factory=list)
     """What ``--umtt-shrink`` found, one entry per failing test (see plugin/triage.py)."""
+    module_bundles: list[str] = field(default_factory=list)
+    """Replay bundles of modules whose tests share a simulation (``uml_module``)."""
     reproduce_options: str = ""
     """Options a reproduce command needs besides the seed (``--umtt-perturb``)."""
     splats_failed: dict[str, list[str]] = field(default_factory=dict)
@@ -83,6 +151,7 @@ class Summary:
         self.virtual_ns += int(counts["virtual_ns"])
         self.wall_seconds += float(counts["wall_seconds"])
         self.shrinks += list(counts.get("shrinks", []))
+        self.module_bundles += list(counts.get("module_bundles", []))
 
     def lines(self) -> list[str]:
         """The summary's lines (none when nothing was simulated)."""
@@ -91,14 +160,17 @@ class Summary:
         speedup = self.virtual_ns / NS_PER_S / self.wall_seconds if self.wall_seconds else 0.0
         lines = [f"{self.simulations} simulations: {format_ns(self.virtual_ns)} of virtual "
                  f"time in {self.wall_seconds:.2f} s wall ({speedup:.1f}x)"]
-        if self.checked:
-            lines.append(f"determinism: {self.checked} tests run twice, "
-                         f"{len(self.differed)} differed"
-                         + "".join(f"\n  differs: {nodeid}" for nodeid in self.differed))
+        if self.pairs.judged:
+            differed = self.pairs.differed
+            lines.append(f"determinism: {len(self.pairs.judged)} tests run twice, "
+                         f"{len(differed)} differed"
+                         + "".join(f"\n  differs: {nodeid}" for nodeid in differed))
         for nodeid, outcomes in self.explored.items():
             lines += self._explore_lines(nodeid, outcomes, self.reproduce_options)
         for shrink in self.shrinks:
             lines += shrink_lines(shrink)
+        lines += [f"module bundle (its tests share one simulation; the replay runs them "
+                  f"all): pytest --umtt-replay={path}" for path in self.module_bundles]
         return lines + self._splat_lines()
 
     def _splat_lines(self) -> list[str]:
@@ -162,17 +234,20 @@ def shrink_lines(shrink: dict[str, Any]) -> list[str]:
     if shrink.get("file"):
         lines.append(f"  schedule written to {shrink['file']}; replay: pytest "
                      f"{shlex.quote(shrink['nodeid'])} --umtt-schedule={shrink['file']}")
+    if shrink.get("bundle"):
+        lines.append(f"  replay bundle (kernel, root and schedule in one file): pytest "
+                     f"--umtt-replay={shrink['bundle']}")
+    if shrink.get("bundle_error"):
+        lines.append(f"  bundle: {shrink['bundle_error']}")
     return lines
 
 
 class SummaryReporter:
     """Fills a :class:`Summary` from reports and workers, and prints it."""
 
-    def __init__(self, summary: Summary, *, worker: bool, base_nodeid: Any) -> None:
+    def __init__(self, summary: Summary, *, worker: bool) -> None:
         self.summary = summary
         self.worker = worker
-        self._base_nodeid = base_nodeid
-        self._first_runs: dict[str, str] = {}
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -180,14 +255,14 @@ class SummaryReporter:
             return  # the controller reads the same report
         properties = dict(report.user_properties)
         if report.when == "teardown" and FINGERPRINT in properties:
-            self._pair(report.nodeid, str(properties[FINGERPRINT]))
+            self.summary.pairs.add(report.nodeid, str(properties[FINGERPRINT]))
         if report.when == "teardown":  # it carries every phase's splats
             for name, value in report.user_properties:
                 if name == SPLATS:
                     self._count_splats(report.nodeid, str(value))
         if EXPLORED_SEED in properties and (report.when == "call" or
                                             (report.when == "setup" and report.failed)):
-            self.summary.explored.setdefault(self._base_nodeid(report.nodeid), []).append(
+            self.summary.explored.setdefault(base_nodeid(report.nodeid), []).append(
                 Explored(int(str(properties[EXPLORED_SEED])), report.failed,
                          str(properties.get(SIGNATURE, ""))))
 
@@ -195,17 +270,6 @@ class SummaryReporter:
         for signature, reason, count in json.loads(recorded):
             table = self.summary.splats_failed if reason is None else self.summary.splats_allowed
             table.setdefault(str(signature), []).extend([nodeid] * int(count))
-
-    def _pair(self, nodeid: str, digest: str) -> None:
-        key = nodeid.replace("determinism-1", "determinism").replace("determinism-2",
-                                                                    "determinism")
-        first = self._first_runs.pop(key, None)
-        if first is None:
-            self._first_runs[key] = digest
-            return
-        self.summary.checked += 1
-        if first != digest:
-            self.summary.differed.append(self._base_nodeid(nodeid))
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: object) -> None:
@@ -217,9 +281,9 @@ class SummaryReporter:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         workeroutput = getattr(session.config, "workeroutput", None)
         if workeroutput is not None:
-            counts = asdict(self.summary)
-            workeroutput["umtt"] = {key: counts[key] for key in
-                                    ("simulations", "virtual_ns", "wall_seconds", "shrinks")}
+            workeroutput["umtt"] = {key: getattr(self.summary, key) for key in
+                                    ("simulations", "virtual_ns", "wall_seconds", "shrinks",
+                                     "module_bundles")}
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

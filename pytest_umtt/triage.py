@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from .errors import MachineError
+from .errors import BudgetSpent, MachineError
 from .signature import leading_frames
 
 Z_95 = 1.959963984540054
@@ -111,10 +111,6 @@ def failure_signature(error: BaseException) -> str:
 # --- delta debugging -----------------------------------------------------------------
 
 T = TypeVar("T", bound=Hashable)
-
-
-class BudgetSpent(Exception):
-    """ddmin used up its run budget."""
 
 
 @dataclass

@@ -42,12 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pytest_umtt.uml.agent import POWEROFF_COMMAND, Bell
+from pytest_umtt.units import seconds_to_ns
 from pytest_umtt.wire import S64_MAX
 
 from .refclient import RefClient
 
 IDLE_MIN = 1_000_000
-S = 1_000_000_000
 
 
 class PowerOff(Exception):
@@ -113,7 +113,7 @@ class FakeGuest:
         command = Command(number, directory, lines, background=(directory / "background").exists())
         budget = directory / "timeout"
         if budget.exists():
-            command.deadline = self.client.time + round(float(budget.read_text()) * S)
+            command.deadline = self.client.time + seconds_to_ns(float(budget.read_text()))
         if command.background or self.idled:
             self.ring(number, Bell.STARTED)
         self.idled = False
@@ -140,7 +140,7 @@ class FakeGuest:
             if line.strip() == POWEROFF_COMMAND:
                 raise PowerOff
             if verb in ("sleep", "unkillable"):
-                wake = self.client.time + round(float(rest) * S)
+                wake = self.client.time + seconds_to_ns(float(rest))
                 if verb == "sleep" and command.deadline is not None and wake > command.deadline:
                     wake, command.killed = command.deadline, True
                 heapq.heappush(self.running, (wake, command.number, command))

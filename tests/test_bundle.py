@@ -50,7 +50,7 @@ def _record(tmp_path: Path) -> RunRecord:
     (project / "tests").mkdir(parents=True)
     (project / "conftest.py").write_text("# top\n")
     test = project / "tests" / "test_x.py"
-    test.write_text("def test_x(uml): assert False\n")
+    test.write_text("def test_x(umtt_machine): assert False\n")
     rootfs = Rootfs(image, hashlib.sha256(image.read_bytes()).hexdigest(), PACKAGES)
     return RunRecord(
         nodeid="tests/test_x.py::test_x", seed=7,
@@ -230,7 +230,7 @@ def test_a_changed_test_file_is_named(tmp_path: Path) -> None:
                          tmp_path / "unpacked")
     project = tmp_path / "project"
     assert changed_test_files(bundle, project) == []
-    (project / "tests" / "test_x.py").write_text("def test_x(uml): assert True\n")
+    (project / "tests" / "test_x.py").write_text("def test_x(umtt_machine): assert True\n")
     (project / "conftest.py").unlink()
     changes = changed_test_files(bundle, project)
     assert changes[0].startswith("conftest.py: not here (the bundle holds it")
@@ -304,5 +304,12 @@ def test_umtt_bundle_show_says_what_a_bundle_holds(tmp_path: Path,
         "6.12.118-1~deb12u1, patches 0001-um-zero-signal-registers"]
     assert shown[3].startswith("root     sha256:") and "3 Debian packages, umtt-store/" in shown[3]
     assert 'markers  {"umtt_seed": {"args": ["7"], "kwargs": {}}}' in shown
+    assert not any(line.startswith("schedule") for line in shown)
+    record.schedule = [{"key": "reorder:a>b#2", "kind": "reorder", "time_ns": 5,
+                        "who": "a>b", "value": 1}]
+    shrunk = write_bundle(record, tmp_path / "b.umtt-bundle", store=tmp_path / STORE)
+    assert bundle_main(["show", str(shrunk)]) == 0
+    assert ("schedule 1 perturbed decision kept, every other reverted: reorder:a>b#2"
+            in capsys.readouterr().out.split("\n"))
     assert bundle_main(["show", str(tmp_path / "none")]) == 1
     assert "is not a replay bundle" in capsys.readouterr().err

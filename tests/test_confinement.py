@@ -14,9 +14,9 @@ import pytest
 
 WRAPPER = Path(__file__).with_name("no_namespaces.py")
 MACHINE_TEST = """
-    def test_machine(uml):
-        assert uml.run("echo ok").output.strip() == "ok"
-        assert uml.sim.confined is {confined}
+    def test_machine(umtt_machine):
+        assert umtt_machine.run("echo ok").output.strip() == "ok"
+        assert umtt_machine.sim.confined is {confined}
 """
 
 

@@ -11,9 +11,9 @@ import pytest
 
 from pytest_umtt.controller import Calendar, StopReason, Trace
 from pytest_umtt.controller.perturb import Perturbation
-from pytest_umtt.divergence import first_divergence
+from pytest_umtt.divergence import first_difference, first_divergence
 from pytest_umtt.errors import format_ns
-from pytest_umtt.simulation import first_difference
+from pytest_umtt.summary import RunPairs, Variant, base_nodeid, pair_key
 from pytest_umtt.tracetool import main as trace_main
 from pytest_umtt.wire import Op
 from tests.conftest import Connect
@@ -194,12 +194,12 @@ def test_check_determinism_passes_same_runs_and_shows_where_others_part(
     pytester.makepyfile("""
         RUNS = []
 
-        def test_same(uml):
-            uml.run("head -c 8 /dev/urandom | od -An -tx1; sleep 0.25")
+        def test_same(umtt_machine):
+            umtt_machine.run("head -c 8 /dev/urandom | od -An -tx1; sleep 0.25")
 
-        def test_host_dependent(uml):
+        def test_host_dependent(umtt_machine):
             RUNS.append(1)  # host state the seed does not cover: the second run differs
-            uml.run(f"sleep 0.{len(RUNS)}")
+            umtt_machine.run(f"sleep 0.{len(RUNS)}")
     """)
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-check-determinism")
     result.assert_outcomes(passed=4, errors=1)
@@ -219,8 +219,8 @@ def test_check_determinism_passes_same_runs_and_shows_where_others_part(
 def test_explore_finds_failing_seeds_and_each_reproduces(pytester: pytest.Pytester,
                                                          kernel_args: list[str]) -> None:
     pytester.makepyfile("""
-        def test_coin(uml):
-            byte = int(uml.run("od -An -N1 -tu1 /dev/urandom").output)
+        def test_coin(umtt_machine):
+            byte = int(umtt_machine.run("od -An -N1 -tu1 /dev/urandom").output)
             assert byte % 2 == 0, f"odd byte {byte}"
     """)
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-explore=8")
@@ -239,13 +239,13 @@ def test_summary_lines_are_the_same_with_xdist(pytester: pytest.Pytester,
     pytester.makepyfile("""
         from pathlib import Path
 
-        def test_same(uml):
-            uml.run("head -c 8 /dev/urandom | od -An -tx1")
+        def test_same(umtt_machine):
+            umtt_machine.run("head -c 8 /dev/urandom | od -An -tx1")
 
-        def test_host_dependent(uml):
+        def test_host_dependent(umtt_machine):
             runs = Path(__file__).with_name("runs")  # host state, whichever worker runs it
             runs.write_text(runs.read_text() + "x" if runs.exists() else "x")
-            uml.run(f"sleep 0.{len(runs.read_text())}")
+            umtt_machine.run(f"sleep 0.{len(runs.read_text())}")
     """)
     args = (*kernel_args, "--umtt-check-determinism", "--umtt-explore=2")
     summaries = []
@@ -257,3 +257,33 @@ def test_summary_lines_are_the_same_with_xdist(pytester: pytest.Pytester,
     assert summaries[0] == summaries[1], summaries
     assert "determinism: 4 tests run twice, 2 differed" in summaries[1]
     assert sum(line.startswith("explore:") for line in summaries[1]) == 2
+
+
+def test_a_variant_suffix_is_read_back_in_one_place() -> None:
+    for variant in (Variant(seed=3), Variant(run=2), Variant(seed=3, run=1)):
+        nodeid = f"t.py::test_x[{variant.id}]"
+        assert base_nodeid(nodeid) == "t.py::test_x"
+    assert base_nodeid("t.py::test_x[a-seed=3-determinism-2]") == "t.py::test_x[a]"
+    assert pair_key("t.py::test_x[seed=3-determinism-1]") == \
+        pair_key("t.py::test_x[seed=3-determinism-2]") == "t.py::test_x[seed=3-determinism]"
+    assert pair_key("t.py::test_x[seed=3-determinism-1]") != \
+        pair_key("t.py::test_x[seed=4-determinism-1]")
+
+
+def test_a_pair_is_judged_once_whether_its_fixture_or_its_report_comes_first() -> None:
+    pairs = RunPairs()
+    one, two = "t.py::test_x[determinism-1]", "t.py::test_x[determinism-2]"
+    assert pairs.add(one, "d1", ["a", "b"]) is None  # the fixture, at teardown
+    assert pairs.add(one, "d1") is None  # its report: the same run, nothing new
+    assert pairs.add(two, "d2", ["a", "c"]) == (False, ["a", "b"])  # the second run
+    assert pairs.add(two, "d2") is None  # its report: judged already
+    assert pairs.judged == {"t.py::test_x[determinism]": False}
+    assert pairs.differed == ["t.py::test_x"]
+    named = RunPairs()  # a file whose name holds the word keeps it
+    named.add("test_determinism.py::test_x[determinism-1]", "a")
+    named.add("test_determinism.py::test_x[determinism-2]", "b")
+    assert named.differed == ["test_determinism.py::test_x"]
+    reports_only = RunPairs()  # an xdist controller: the two runs ended on two workers
+    assert reports_only.add(one, "d") is None
+    assert reports_only.add(two, "d") == (True, [])
+    assert reports_only.differed == []

@@ -13,7 +13,6 @@ from pytest_umtt.rootfs import Rootfs
 
 pytestmark = pytest.mark.kernel
 
-MS = 1_000_000
 HWRNG_READ = "head -c 32 /dev/hwrng | od -An -tx1 | tr -d ' \\n'"
 
 
@@ -35,7 +34,7 @@ def test_virtio_rng_is_the_guests_hwrng_and_follows_the_seed(uml_kernel: Path,
 
 def test_a_request_is_answered_after_the_models_latency(uml_kernel: Path,
                                                         rootfs: Rootfs) -> None:
-    rng = VirtioRng(latency_ns=250 * MS)
+    rng = VirtioRng(latency=0.25)
     with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
         machine = sim.machine("m", devices=[rng])
         assert machine.run("cat /sys/class/misc/hw_random/rng_current").output == \
@@ -44,7 +43,7 @@ def test_a_request_is_answered_after_the_models_latency(uml_kernel: Path,
         read = machine.run("head -c 16 /dev/hwrng > /dev/null")
         assert rng.bytes_served > served
         assert read.duration >= 0.25
-        assert rng.answers and all(answered - asked == 250 * MS
+        assert rng.answers and all(answered - asked == 250_000_000
                                    for asked, answered in rng.answers)
 
 

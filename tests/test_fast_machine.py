@@ -14,17 +14,22 @@ import psutil
 import pytest
 
 from pytest_umtt import (
+    BootError,
     CommandTimeout,
+    KillError,
     MachineCrashed,
+    MachineError,
     MachineStalled,
     Simulation,
     format_ns,
+    units,
 )
 from pytest_umtt import simulation as simulation_module
+from pytest_umtt.controller import StopReason
 from pytest_umtt.kernel import KernelCheck
-from pytest_umtt.uml.machine import seconds_to_ns
+from pytest_umtt.uml import machine as machine_module
+from pytest_umtt.units import UnitChangedWarning, seconds_to_ns
 
-S = 1_000_000_000
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -61,7 +66,7 @@ def test_back_to_back_commands_take_exactly_their_virtual_time(sim: Simulation) 
     machine = sim.machine("fake")
     first = machine.run("sleep 1.5")
     second = machine.run("sleep 0.25")
-    assert first.ended_ns - first.started_ns == int(1.5 * S)
+    assert first.ended_ns - first.started_ns == seconds_to_ns(1.5)
     assert second.started_ns == first.ended_ns
     assert second.duration == 0.25
 
@@ -81,7 +86,7 @@ def test_background_commands_overlap(sim: Simulation) -> None:
     assert fast.output == "fast\n" and not slow.done
     result = slow.wait()
     assert result.output == "slow\n"
-    assert result.ended_ns - slow.started_ns == 3 * S
+    assert result.ended_ns - slow.started_ns == seconds_to_ns(3)
 
 
 def test_a_command_over_its_budget_is_killed_and_the_machine_goes_on(sim: Simulation) -> None:
@@ -91,11 +96,11 @@ def test_a_command_over_its_budget_is_killed_and_the_machine_goes_on(sim: Simula
         machine.run("echo before\nwarn half\nsleep 10\necho never", timeout=1)
     error = timed_out.value
     assert (error.command, error.timeout, error.timeout_ns) == (
-        "echo before\nwarn half\nsleep 10\necho never", 1.0, S)
+        "echo before\nwarn half\nsleep 10\necho never", 1.0, seconds_to_ns(1))
     assert (error.stdout, error.stderr) == (b"before\n", b"half\n")
-    assert error.now_ns - submitted == S
+    assert error.now_ns - submitted == seconds_to_ns(1)
     after = machine.run("echo ok")
-    assert after.output == "ok\n" and after.started_ns == submitted + S
+    assert after.output == "ok\n" and after.started_ns == submitted + seconds_to_ns(1)
 
 
 def test_over_files_the_default_budget_stops_the_machine(sim: Simulation) -> None:
@@ -186,11 +191,30 @@ def test_elapsed_gives_seconds_and_exact_nanoseconds(sim: Simulation) -> None:
     with sim.elapsed(exactly=1.5) as block:
         sim.advance(1.5)
     assert (block.start_ns, block.end_ns, block.duration_ns) == (
-        sim.now_ns - 3 * S // 2, sim.now_ns, 3 * S // 2)
+        sim.now_ns - seconds_to_ns(1.5), sim.now_ns, seconds_to_ns(1.5))
     assert (block.start, block.end, block.duration) == (sim.now - 1.5, sim.now, 1.5)
     short = r"took 0\.000000000 s .* expected at least 1 s"
     with pytest.raises(AssertionError, match=short), sim.elapsed(at_least=1):
         pass
+
+
+def test_a_runs_stop_gives_seconds_and_exact_nanoseconds(sim: Simulation,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(units, "_warned", set())
+    sim.machine("fake")
+    stop = sim.advance(1.25)
+    assert stop.reason is StopReason.DEADLINE and stop.time_ns == sim.now_ns
+    with pytest.warns(UnitChangedWarning, match=r"RunStop\.time .* use RunStop\.time_ns"):
+        assert stop.time == sim.now  # seconds now; it was nanoseconds
+    exact = sim.advance(seconds_ns=1)
+    assert exact.time_ns == stop.time_ns + 1
+    assert sim.run_until(deadline=sim.now + 0.5).time_ns == exact.time_ns + seconds_to_ns(0.5)
+    with pytest.raises(TypeError, match=r"give deadline= \(seconds\) or deadline_ns="):
+        sim.run_until(deadline=1.0, deadline_ns=1)
+    with pytest.raises(ValueError, match="seconds= must be a number of virtual seconds"):
+        sim.advance(-1)
+    with pytest.raises(ValueError, match=r"seconds= .* got nan"):
+        sim.advance(float("nan"))
 
 
 def test_console_lines_carry_their_virtual_time(sim: Simulation) -> None:
@@ -198,7 +222,7 @@ def test_console_lines_carry_their_virtual_time(sim: Simulation) -> None:
     started = machine.run("sleep 2\nconsole marker-7").started_ns
     found = machine.expect(r"marker-(\d)", timeout=1)
     assert found.group(1) == "7"
-    assert found.time_ns - started == 2 * S
+    assert found.time_ns - started == seconds_to_ns(2)
 
 
 def test_machines_interleave_on_one_clock(sim: Simulation) -> None:
@@ -220,3 +244,27 @@ def test_poweroff_and_close_leave_no_process(sim: Simulation) -> None:
     machine.poweroff()
     sim.close()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_kernel_that_cannot_run_is_a_boot_error_naming_the_machine(tmp_path: Path) -> None:
+    script = tmp_path / "linux"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    with Simulation(kernel=script, directory=tmp_path / "sim", deterministic=False) as sim, \
+            pytest.raises(BootError, match=r"^web: kernel .*/linux: .*is not an ELF") as error:
+        sim.machine("web")
+    assert error.value.machine == "web"
+
+
+def test_host_processes_that_outlive_sigkill_are_a_machine_error(
+        sim: Simulation, monkeypatch: pytest.MonkeyPatch) -> None:
+    machine = sim.machine("fake")
+
+    def survivors(pid: int, **_: object) -> list[int]:
+        raise KillError([pid])
+
+    with monkeypatch.context() as patched:
+        patched.setattr(machine_module, "kill_process_tree", survivors)
+        with pytest.raises(MachineError, match=r"^fake: its host processes survived SIGKILL: "
+                                               r"\[\d+\] \(at virtual time"):
+            machine.kill()

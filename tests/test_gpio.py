@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pytest_umtt import Simulation
+from pytest_umtt import NS_PER_S, Simulation, seconds_to_ns
 from pytest_umtt.devices import VirtioGpio
 from pytest_umtt.rootfs import Rootfs
 
 pytestmark = pytest.mark.kernel
 
-MS = 1_000_000
-S = 1_000_000_000
 LINES = ["led", "button", "", "reset"]
 
 
@@ -35,7 +33,7 @@ def stamps(gpiomon_output: str) -> list[tuple[int, int]]:
     """(event type, stamp in ns) of each line gpiomon printed with ``-F '%e %s %n'``
     (its ``%n`` is not zero-padded)."""
     events = [line.split() for line in gpiomon_output.splitlines()]
-    return [(int(kind), int(seconds) * S + int(nanos)) for kind, seconds, nanos in events]
+    return [(int(kind), int(seconds) * NS_PER_S + int(nanos)) for kind, seconds, nanos in events]
 
 
 def test_the_guest_sees_the_chip_and_its_line_names(uml_kernel: Path, rootfs: Rootfs) -> None:
@@ -69,7 +67,7 @@ def test_a_fault_from_an_instant_on_fails_requests_on_that_line(uml_kernel: Path
     chip = VirtioGpio(LINES)
     with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
         machine = sim.machine("m", devices=[chip])
-        broken = ns(sim, "now") + 2 * S
+        broken = sim.now_ns + seconds_to_ns(2)
         chip.fail("reset", at_ns=broken)
         assert machine.run("gpioget gpiochip0 3").ok
         assert machine.run("gpioget gpiochip0 1").ok
@@ -86,7 +84,8 @@ def test_a_fault_from_an_instant_on_fails_requests_on_that_line(uml_kernel: Path
 def test_an_edge_reaches_gpiomon_at_its_exact_instant(uml_kernel: Path,
                                                       rootfs: Rootfs) -> None:
     chip = VirtioGpio(LINES)
-    chip.drive("button", 1, at_ns=1500 * MS)
+    chip.drive("button", 1, at=1.5)
+    pressed = seconds_to_ns(1.5)
     with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
         machine = sim.machine("m", devices=[chip])
         monitor = machine.start("gpiomon -n 1 -r -F '%e %s %n' gpiochip0 1")
@@ -94,29 +93,30 @@ def test_an_edge_reaches_gpiomon_at_its_exact_instant(uml_kernel: Path,
         assert result.ok, result.stderr
         # The guest's CLOCK_MONOTONIC is virtual time: the kernel stamped the event then
         # (1.5 s is a whole number of the guest clock's 256 ns ticks).
-        assert stamps(result.output) == [(1, 1500 * MS)] == [(1, guest_stamp(1500 * MS))]
-        assert chip.interrupts == [(1500 * MS, 1, 1)]
-        assert ns(result, "ended") >= 1500 * MS
+        assert stamps(result.output) == [(1, pressed)] == [(1, guest_stamp(pressed))]
+        assert chip.interrupts == [(pressed, 1, 1)]
+        assert [interrupt.time for interrupt in chip.interrupts] == [1.5]
+        assert ns(result, "ended") >= pressed
 
 
 def test_edges_follow_the_irq_type_the_driver_asked_for(uml_kernel: Path,
                                                         rootfs: Rootfs) -> None:
     chip = VirtioGpio(LINES)
     for step, value in enumerate([1, 0, 1, 0]):
-        chip.drive("button", value, at_ns=(1000 + 250 * step) * MS)
+        chip.drive("button", value, at=1.0 + 0.25 * step)
     with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
         machine = sim.machine("m", devices=[chip])
         falling = machine.run("gpiomon -n 2 -f -F '%e %s %n' gpiochip0 1", timeout=10)
-        assert stamps(falling.output) == [(0, guest_stamp(1250 * MS)),
-                                          (0, guest_stamp(1750 * MS))]
-        assert [time for time, _, _ in chip.interrupts] == [1250 * MS, 1750 * MS]
+        falls = [seconds_to_ns(1.25), seconds_to_ns(1.75)]
+        assert stamps(falling.output) == [(0, guest_stamp(fall)) for fall in falls]
+        assert [time for time, _, _ in chip.interrupts] == falls
         assert chip.line("button").irq_type == "none"  # released again
 
 
 def test_edges_closer_than_the_driver_takes_them_are_latched_not_lost(
         uml_kernel: Path, rootfs: Rootfs) -> None:
     chip = VirtioGpio(LINES)
-    glitch = 1 * S
+    glitch = seconds_to_ns(1)
     for value, at in ((1, glitch), (0, glitch), (1, glitch + 1)):
         chip.drive("button", value, at_ns=at)
     with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:

@@ -17,6 +17,7 @@ from pytest_umtt.devices import VirtioGpio
 from pytest_umtt.devices.gpio import EVENT_QUEUE, REQUEST, REQUEST_QUEUE
 from pytest_umtt.devices.guest_memory import Region
 from pytest_umtt.devices.virtqueue import DESC, DESC_F_NEXT, DESC_F_WRITE, U16, USED_ELEM, VirtQueue
+from pytest_umtt.errors import DeviceNotServedError
 
 GET_NAMES, GET_DIRECTION, SET_DIRECTION, GET_VALUE, SET_VALUE, IRQ_TYPE = range(1, 7)
 RISING, LEVEL_HIGH, NONE = 1, 4, 0
@@ -50,8 +51,8 @@ class Recording(VirtioGpio):
         super().__init__(["led", "button", ""])
         self.calls: list[tuple[int, int]] = []
 
-    def interrupt(self, queue: VirtQueue, when: int | None = None) -> None:
-        self.calls.append((queue.index, self.now))
+    def interrupt(self, queue: VirtQueue, when_ns: int | None = None) -> None:
+        self.calls.append((queue.index, self.now_ns))
 
 
 class DriverRing:
@@ -178,3 +179,12 @@ def test_a_fault_covers_its_line_and_its_window(bench: Bench) -> None:
         bench.clock.run_until(instant)
         answers.append((bench.request(GET_VALUE, 1)[0], bench.request(GET_VALUE, 0)[0]))
     assert answers == [(0, 0), (1, 0), (1, 0), (0, 0)]
+
+
+def test_a_device_no_machine_serves_says_so() -> None:
+    chip = VirtioGpio(["led"])
+    with pytest.raises(DeviceNotServedError, match="device gpio has no queue 0: no machine "
+                                                   "serves it yet"):
+        chip.queue(0)
+    with pytest.raises(DeviceNotServedError, match="device gpio has no clock"):
+        chip.call_at(1, lambda: None)

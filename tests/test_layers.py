@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 import pytest_umtt
+from pytest_umtt import simulation
+from pytest_umtt.uml import machine
 
 PACKAGE = Path(pytest_umtt.__file__).parent
 LAYERS = [
-    {"errors", "wire", "signature"},
+    {"units", "errors", "wire", "signature"},
     {"controller"},
     {"devices"},
     {"uml"},
@@ -70,3 +72,69 @@ def test_a_layer_imports_without_the_plugin(module: str) -> None:
         capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]", loaded.stdout
 
+
+
+def test_the_trace_tool_loads_no_machines() -> None:
+    """``umtt-trace`` reads traces: it needs neither pexpect, psutil, the machines nor the
+    guest root, which the package's exports would otherwise bring along."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, pytest_umtt.tracetool; "
+                               "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+                               "('pexpect', 'psutil') or m.startswith('pytest_umtt.')))"],
+        capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == [
+        "['pytest_umtt.divergence',", "'pytest_umtt.errors',", "'pytest_umtt.tracetool',",
+        "'pytest_umtt.units']"], loaded.stdout
+
+
+def test_the_package_exports_load_on_first_use() -> None:
+    assert pytest_umtt.Simulation is simulation.Simulation
+    assert pytest_umtt.Machine is machine.Machine
+    with pytest.raises(AttributeError, match="has no attribute 'Nothing'"):
+        pytest_umtt.Nothing  # noqa: B018
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every package module ``path`` imports, type-only imports (under TYPE_CHECKING)
+    included: a cycle through them is a cycle in the design all the same."""
+    here = module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = ".".join(package[:len(package) - node.level + 1])
+            module = f"{base}.{node.module}" if node.module else base
+        else:
+            module = node.module or ""
+        if not module.startswith("pytest_umtt"):
+            continue
+        names = [f"{module}.{alias.name}" for alias in node.names]
+        found |= {name for name in names if name in ALL_MODULES} or {module}
+    return found - {module_name(path)}
+
+
+ALL_MODULES = {module_name(path) for path in PACKAGE.rglob("*.py")}
+
+
+def test_no_two_modules_import_each_other_even_for_types_only() -> None:
+    graph = {module_name(path): imported_modules(path) for path in PACKAGE.rglob("*.py")}
+    cycles = []
+    for start in sorted(graph):
+        stack = [(start, [start])]
+        seen = set()
+        while stack:
+            node, trail = stack.pop()
+            for nxt in sorted(graph.get(node, ())):
+                if nxt == start:
+                    cycles.append(" -> ".join([*trail, start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*trail, nxt]))
+    assert not cycles, "\n".join(cycles)

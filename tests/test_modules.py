@@ -66,12 +66,12 @@ def test_pytest_takes_the_variant_as_an_option(pytester: pytest.Pytester, gpio_k
         import pytest
         from pytest_umtt import KernelConfig
 
-        def test_session_variant(uml):
-            assert uml.run("modprobe gpio-sim").ok
+        def test_session_variant(umtt_machine):
+            assert umtt_machine.run("modprobe gpio-sim").ok
 
-        @pytest.mark.uml(kernel=KernelConfig(kselftest_targets=("gpio",)))
-        def test_marked_variant(uml):
-            assert uml.run("modprobe gpio-mockup gpio_mockup_ranges=-1,4").ok
+        @pytest.mark.umtt_machine(kernel=KernelConfig(kselftest_targets=("gpio",)))
+        def test_marked_variant(umtt_machine):
+            assert umtt_machine.run("modprobe gpio-mockup gpio_mockup_ranges=-1,4").ok
     """)
     result = pytester.runpytest_subprocess("--umtt-kconfig=kselftest:gpio", "-p",
                                            "no:cacheprovider")
@@ -92,8 +92,8 @@ def test_the_gpio_kselftests_pass_on_their_variant(pytester: pytest.Pytester,
     result.assert_outcomes(passed=3)
 
 
-@pytest.mark.uml(kernel=GPIO)
-def test_the_readme_driver_example(uml: Machine) -> None:
-    uml.run("modprobe gpio-mockup gpio_mockup_ranges=-1,8", check=True)
-    uml.run("echo 1 > /sys/kernel/debug/gpio-mockup/gpiochip0/3", check=True)
-    assert uml.run("gpioget gpiochip0 3").output.strip() == "1"
+@pytest.mark.umtt_machine(kernel=GPIO)
+def test_the_readme_driver_example(umtt_machine: Machine) -> None:
+    umtt_machine.run("modprobe gpio-mockup gpio_mockup_ranges=-1,8", check=True)
+    umtt_machine.run("echo 1 > /sys/kernel/debug/gpio-mockup/gpiochip0/3", check=True)
+    assert umtt_machine.run("gpioget gpiochip0 3").output.strip() == "1"

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_umtt import Machine, Simulation
+from pytest_umtt import Machine, Simulation, seconds_to_ns
 from pytest_umtt.devices import Network
 from pytest_umtt.devices.pcapng import PcapngWriter, read_pcapng
 from pytest_umtt.rootfs import Rootfs
 
-MS = 1_000_000
 ETHERTYPE_IPV4 = b"\x08\x00"
 SERVER = ("import socket\n"
           "s = socket.socket(); s.bind(('10.0.0.2', 5000)); s.listen(1)\n"
@@ -46,7 +45,7 @@ def test_pcapng_round_trip(tmp_path: Path) -> None:
 @pytest.mark.kernel
 def test_ping_takes_exactly_twice_the_latency(uml_kernel: Path, rootfs: Rootfs,
                                               tmp_path: Path) -> None:
-    net = Network(latency_ns=5 * MS, capture=tmp_path)
+    net = Network(latency=0.005, capture=tmp_path)
     with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
         a, _ = two_machines(sim, net)
         a.run("ping -c 1 10.0.0.2", check=True)  # ARP first
@@ -56,7 +55,7 @@ def test_ping_takes_exactly_twice_the_latency(uml_kernel: Path, rootfs: Rootfs,
     ip = [(t, frame) for t, frame in read_pcapng(tmp_path / "a.pcapng")
           if frame[12:14] == ETHERTYPE_IPV4]
     (request, _), (reply, _) = ip[-2:]
-    assert reply - request == 10 * MS
+    assert reply - request == seconds_to_ns(0.010)
 
 
 @pytest.mark.kernel
@@ -65,7 +64,7 @@ def test_a_tcp_transfer_takes_what_bandwidth_and_delay_say(uml_kernel: Path,
     net = Network()
     with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
         a, b = two_machines(sim, net)
-        net.link("a", "b", latency_ns=2 * MS, bandwidth_bps=10_000_000)
+        net.link("a", "b", latency=0.002, bandwidth_bps=10_000_000)
         a.run("ping -c 1 10.0.0.2", check=True)
         server = b.start(f'python3 -c "{SERVER}"')
         a.run("sleep 0.1")
@@ -82,14 +81,14 @@ def test_a_tcp_transfer_takes_what_bandwidth_and_delay_say(uml_kernel: Path,
 @pytest.mark.kernel
 def test_a_partition_the_test_heals_delays_tcp_until_then(uml_kernel: Path,
                                                           rootfs: Rootfs) -> None:
-    net = Network(latency_ns=1 * MS)
+    net = Network(latency=0.001)
     with Simulation(kernel=uml_kernel, rootfs=rootfs) as sim:
         a, b = two_machines(sim, net)
         a.run("ping -c 1 10.0.0.2", check=True)
         server = b.start(f'python3 -c "{SERVER}"')
         a.run("sleep 0.1")
         net.cut("a", "b")
-        healed = sim.now_ns + 3_000_000_000
+        healed = sim.now_ns + seconds_to_ns(3)
         net.heal("a", "b", at_ns=healed)
         sent = a.run(f'python3 -c "{CLIENT}"', check=True)
         received = server.wait()
@@ -99,7 +98,7 @@ def test_a_partition_the_test_heals_delays_tcp_until_then(uml_kernel: Path,
 
 
 def captured_ping(kernel: Path, rootfs: Rootfs, directory: Path, seed: int) -> bytes:
-    net = Network(seed, latency_ns=3 * MS, capture=directory)
+    net = Network(seed, latency=0.003, capture=directory)
     with Simulation(kernel=kernel, rootfs=rootfs, seed=seed) as sim:
         a, _ = two_machines(sim, net)
         net.link("a", "b", loss=0.3)
@@ -134,10 +133,10 @@ def tcp_data_sequence(frames: list[tuple[int, bytes]], source: bytes) -> list[in
 @pytest.mark.kernel
 def test_reordered_frames_arrive_out_of_order_and_tcp_still_delivers(
         uml_kernel: Path, rootfs: Rootfs, tmp_path: Path) -> None:
-    net = Network(5, latency_ns=1 * MS, capture=tmp_path)
+    net = Network(5, latency=0.001, capture=tmp_path)
     with Simulation(kernel=uml_kernel, rootfs=rootfs, seed=5) as sim:
         a, b = two_machines(sim, net)
-        net.link("a", "b", bandwidth_bps=50_000_000, reorder=0.2, reorder_ns=2 * MS)
+        net.link("a", "b", bandwidth_bps=50_000_000, reorder=0.2, reorder_delay=0.002)
         a.run("ping -c 1 10.0.0.2", check=True)
         server = b.start(f'python3 -c "{SERVER}"')
         a.run("sleep 0.1")

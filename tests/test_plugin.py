@@ -65,12 +65,12 @@ def test_precedence_marker_cli_env_ini(pytester: pytest.Pytester,
 def test_marker_with_unknown_argument_is_rejected(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import pytest
-        @pytest.mark.uml(memory="1G")
+        @pytest.mark.umtt_machine(memory="1G")
         def test_x(): pass
     """)
     result = pytester.runpytest_subprocess()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*::test_x: @pytest.mark.uml(mem=None, cmdline=None, "
+    result.stderr.fnmatch_lines(["*::test_x: @pytest.mark.umtt_machine(mem=None, cmdline=None, "
                                  "kernel=None) got () {'memory': '1G'}"])
 
 
@@ -95,16 +95,16 @@ def test_fixtures_and_virtual_time_assertions(pytester: pytest.Pytester,
     pytester.makepyfile("""
         import pytest
 
-        def test_sleep(uml, umtt_sim):
+        def test_sleep(umtt_machine, umtt_sim):
             with umtt_sim.elapsed(at_least=3, at_most=3.001):
-                assert uml.run("sleep 3").duration == pytest.approx(3, abs=1e-3)
+                assert umtt_machine.run("sleep 3").duration == pytest.approx(3, abs=1e-3)
 
-        def test_too_slow(uml, umtt_sim):
+        def test_too_slow(umtt_machine, umtt_sim):
             with umtt_sim.elapsed(at_most=1):
-                uml.run("sleep 2")
+                umtt_machine.run("sleep 2")
 
-        def test_two(uml_factory, umtt_sim):
-            a, b = uml_factory("a", boot=False), uml_factory("b", boot=False)
+        def test_two(umtt_machine_factory, umtt_sim):
+            a, b = umtt_machine_factory("a", boot=False), umtt_machine_factory("b", boot=False)
             umtt_sim.boot(a, b)
             assert a.run("hostname").output == "a\\n"
             assert b.run("hostname").output == "b\\n"
@@ -120,13 +120,59 @@ def test_fixtures_and_virtual_time_assertions(pytester: pytest.Pytester,
 def test_module_scoped_machine_boots_once(pytester: pytest.Pytester,
                                           kernel_args: list[str]) -> None:
     pytester.makepyfile("""
-        def test_one(uml_module):
-            uml_module.run("touch /tmp/mark")
+        def test_one(umtt_module_machine):
+            umtt_module_machine.run("touch /tmp/mark")
 
-        def test_two(uml_module):
-            assert uml_module.run("ls /tmp/mark").status == 0
+        def test_two(umtt_module_machine):
+            assert umtt_module_machine.run("ls /tmp/mark").status == 0
     """)
     pytester.runpytest_subprocess(*kernel_args).assert_outcomes(passed=2)
+
+
+# --- the older names ---------------------------------------------------------------------
+
+OLD_FIXTURES = {
+    "uml": "def test_{n}(uml):\n    assert uml.name == 'uml' and uml.run('true').ok\n",
+    "uml_factory": "def test_{n}(uml_factory):\n    assert uml_factory('m').run('true').ok\n",
+    "uml_module": "def test_{n}(uml_module):\n    assert uml_module.run('true').ok\n",
+}
+OLD_MARKERS = {
+    "uml": ("uml(mem='200M', cmdline='a=1')", "(s.mem, s.cmdline) == ('200M', ('a=1',))"),
+    "virtual_timeout": ("virtual_timeout(0.5)", "s.virtual_timeout == 0.5"),
+    "wall_timeout": ("wall_timeout(7)", "s.wall_timeout == 7"),
+}
+NEW_NAMES = {"uml": "umtt_machine", "uml_factory": "umtt_machine_factory",
+             "uml_module": "umtt_module_machine", "virtual_timeout": "umtt_virtual_timeout",
+             "wall_timeout": "umtt_wall_timeout"}
+
+
+@pytest.mark.parametrize("old", list(OLD_FIXTURES))
+def test_an_old_fixture_name_works_and_warns_once(pytester: pytest.Pytester,
+                                                 kernel_args: list[str], old: str) -> None:
+    pytester.makepyfile("".join(OLD_FIXTURES[old].format(n=n) for n in (1, 2)))
+    result = pytester.runpytest_subprocess(*kernel_args)
+    result.assert_outcomes(passed=2, warnings=1)
+    result.stdout.fnmatch_lines([f"*UmttDeprecationWarning: pytest-umtt's fixture {old!r} is "
+                                 f"deprecated: use {NEW_NAMES[old]!r}*"])
+
+
+@pytest.mark.parametrize("old", list(OLD_MARKERS))
+def test_an_old_marker_name_works_and_warns_once(pytester: pytest.Pytester, old: str) -> None:
+    marker, holds = OLD_MARKERS[old]
+    pytester.makepyfile("import pytest\nfrom pytest_umtt.plugin import ITEM_SETTINGS\n" + "".join(
+        f"@pytest.mark.{marker}\ndef test_{n}(request):\n"
+        f"    s = request.node.stash[ITEM_SETTINGS]\n    assert {holds}\n" for n in (1, 2)))
+    result = pytester.runpytest_subprocess("--strict-markers")
+    result.assert_outcomes(passed=2, warnings=1)
+    result.stdout.fnmatch_lines([f"*UmttDeprecationWarning: pytest-umtt's marker {old!r} is "
+                                 f"deprecated: use {NEW_NAMES[old]!r}*"])
+
+
+def test_the_kernel_option_has_the_umtt_spelling_too(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest_subprocess("--umtt-kernel=/nonexistent/linux")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--uml-kernel: no kernel at '/nonexistent/linux'*"])
 
 
 # --- hooks ---------------------------------------------------------------------------------
@@ -145,9 +191,9 @@ def test_hooks_add_cmdline_and_see_doorbells(pytester: pytest.Pytester,
     pytester.makepyfile("""
         from conftest import RUNG
 
-        def test_x(uml):
-            assert "umtt_probe=uml" in uml.run("cat /proc/cmdline").output
-            uml.run("echo 12345 > /sys/kernel/um-ext-time/bc-message")
+        def test_x(umtt_machine):
+            assert "umtt_probe=uml" in umtt_machine.run("cat /proc/cmdline").output
+            umtt_machine.run("echo 12345 > /sys/kernel/um-ext-time/bc-message")
             assert ("uml", 12345) in RUNG
     """)
     pytester.runpytest_subprocess(*kernel_args).assert_outcomes(passed=1)
@@ -158,9 +204,9 @@ def test_hooks_add_cmdline_and_see_doorbells(pytester: pytest.Pytester,
 def test_failure_report_has_console_protocol_and_reproduce(pytester: pytest.Pytester,
                                                            kernel_args: list[str]) -> None:
     pytester.makepyfile("""
-        def test_fails(uml):
-            uml.run("echo from-the-guest > /dev/kmsg")
-            assert uml.run("printf 'one\\ntwo\\n'; echo oops >&2; false").ok
+        def test_fails(umtt_machine):
+            umtt_machine.run("echo from-the-guest > /dev/kmsg")
+            assert umtt_machine.run("printf 'one\\ntwo\\n'; echo oops >&2; false").ok
     """)
     artifacts = pytester.path / "artifacts"
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-seed=4",
@@ -186,10 +232,10 @@ def test_failure_report_has_console_protocol_and_reproduce(pytester: pytest.Pyte
 def test_a_failed_assertion_shows_what_the_test_did_not_the_boot_log(
         pytester: pytest.Pytester, kernel_args: list[str]) -> None:
     pytester.makepyfile("""
-        def test_fails(uml, umtt_sim):
-            uml.run("echo from-the-guest > /dev/kmsg")
+        def test_fails(umtt_machine, umtt_sim):
+            umtt_machine.run("echo from-the-guest > /dev/kmsg")
             umtt_sim.advance(2)
-            assert uml.run("echo one; echo two; echo oops >&2; false").ok
+            assert umtt_machine.run("echo one; echo two; echo oops >&2; false").ok
     """)
     result = pytester.runpytest_subprocess(*kernel_args)
     result.assert_outcomes(failed=1)
@@ -217,8 +263,8 @@ def test_a_failed_assertion_shows_what_the_test_did_not_the_boot_log(
 def test_a_crash_fails_the_test_with_its_cause(pytester: pytest.Pytester,
                                                kernel_args: list[str]) -> None:
     pytester.makepyfile("""
-        def test_crash(uml):
-            uml.run("echo c > /proc/sysrq-trigger")
+        def test_crash(umtt_machine):
+            umtt_machine.run("echo c > /proc/sysrq-trigger")
     """)
     result = pytester.runpytest_subprocess(*kernel_args)
     result.assert_outcomes(failed=1)
@@ -279,9 +325,9 @@ def test_xdist_workers_have_their_own_simulations(pytester: pytest.Pytester,
         import pytest
 
         @pytest.mark.parametrize("n", range(4))
-        def test_machine(uml, umtt_sim, n):
+        def test_machine(umtt_machine, umtt_sim, n):
             print("SIM", os.environ["PYTEST_XDIST_WORKER"], umtt_sim.directory)
-            assert uml.run(f"sleep {n + 1}").duration == pytest.approx(n + 1, abs=1e-3)
+            assert umtt_machine.run(f"sleep {n + 1}").duration == pytest.approx(n + 1, abs=1e-3)
     """)
     result = pytester.runpytest_subprocess(*kernel_args, "-n", "2", "-s")
     result.assert_outcomes(passed=4)

@@ -22,6 +22,7 @@ from pytest_umtt.uml.launch import (
     uml_command,
     uml_environment,
 )
+from pytest_umtt.units import seconds_to_ns
 from pytest_umtt.wire import S64_MAX, U64_MAX, Op
 from tests.refclient import RefClient
 from tests.test_calendar import read_until
@@ -32,7 +33,6 @@ without the virtualenv on PATH."""
 
 pytestmark = pytest.mark.kernel
 
-NS = 10**9
 SLEEP_INIT = """#!/bin/sh
 mount -t proc proc /proc
 echo "before $(date +%s%N)"
@@ -118,7 +118,7 @@ def test_kernels_under_umtt_controller(uml_kernel: Path, tmp_path: Path,
     assert log.count(" join ") == count and log.count(mode) == count, log
     for guest, sleep_s in zip(guests, sleeps, strict=True):
         # Exact virtual time: the sleep plus at most a jiffy (HZ=100) of rounding.
-        assert int(sleep_s * NS) <= guest.measured_sleep() <= int(sleep_s * NS) + 10**7
+        assert seconds_to_ns(sleep_s) <= guest.measured_sleep() <= seconds_to_ns(sleep_s + 0.01)
 
 
 def run_in_calendar(kernel: Path, tmp_path: Path, guests: list[Guest], shim: Path,
@@ -216,7 +216,7 @@ def test_message_runner_with_a_joining_requester(uml_kernel: Path, tmp_path: Pat
         first = start_guest(uml_kernel, tmp_path, 1, 0.5)
         guests.append(first)
         assert calendar.serve_until(lambda: calendar.starts_seen == 1, wall_timeout=30)
-        calendar.run_until(deadline_ns=NS // 10, stall_timeout=30)
+        calendar.run_until(deadline_ns=seconds_to_ns(0.1), stall_timeout=30)
         second = start_guest(uml_kernel, tmp_path, 2, 0.25)
         guests.append(second)
         assert calendar.serve_until(lambda: calendar.starts_seen == 2, wall_timeout=30)
@@ -226,6 +226,6 @@ def test_message_runner_with_a_joining_requester(uml_kernel: Path, tmp_path: Pat
     assert 500_000_000 <= first.measured_sleep() <= 510_000_000
     assert 250_000_000 <= second.measured_sleep() <= 260_000_000
     joins = trace.of_kind("join")
-    assert joins[1].now >= NS // 10  # it joined mid-run, over messages
+    assert joins[1].now >= seconds_to_ns(0.1)  # it joined mid-run, over messages
     lowered = [e for e in trace.of_kind("tx") if e.op == "FREE_UNTIL" and e.now > joins[1].now]
     assert lowered

@@ -15,10 +15,10 @@ from pytest_umtt.kernel import default_kernel
 from pytest_umtt.rootfs import Rootfs
 
 FLAKY = """
-    def test_guest_entropy(uml, umtt_sim):
-        first = uml.run("od -An -N8 -tx1 /dev/urandom; sleep 0.3; date +%s.%N").output
+    def test_guest_entropy(umtt_machine, umtt_sim):
+        first = umtt_machine.run("od -An -N8 -tx1 /dev/urandom; sleep 0.3; date +%s.%N").output
         umtt_sim.advance(1.5)
-        second = uml.run("od -An -N4 -tu4 /dev/urandom").output
+        second = umtt_machine.run("od -An -N4 -tu4 /dev/urandom").output
         assert first == second, "the guest drew other bytes"
 """
 
@@ -92,7 +92,8 @@ def test_a_failing_test_replays_from_its_bundle_on_an_empty_cache(
     ])
 
 
-def _fake_bundle(project: Path, scratch: Path) -> Path:
+def _fake_bundle(project: Path, scratch: Path,
+                 schedule: list[dict[str, object]] | None = None) -> Path:
     """A bundle of ``test_x.py::test_x`` (which boots nothing) with a kernel of another
     source version and patches, and a root of other package versions."""
     kernel = scratch / "kernels" / "old" / "linux"
@@ -111,7 +112,7 @@ def _fake_bundle(project: Path, scratch: Path) -> Path:
         markers={}, kernel=kernel, shim=None, test_files={"test_x.py": test},
         rootfs=Rootfs(image, hashlib.sha256(image.read_bytes()).hexdigest(),
                       ("bash=5.2.15-2+b7", "libc6=2.36-9+deb12u10")),
-        fingerprint=["x"], outcome={"outcome": "failed", "when": "call"})
+        fingerprint=["x"], outcome={"outcome": "failed", "when": "call"}, schedule=schedule)
     return write_bundle(record, project / "a" / "x.umtt-bundle", store=project / STORE)
 
 
@@ -124,6 +125,19 @@ def test_a_tampered_bundle_is_refused_naming_the_member(pytester: pytest.Pyteste
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*--umtt-replay: {stored} (the bundle's guest root) is "
                                  f"corrupt: *"])
+
+
+def test_a_bundle_whose_schedule_is_not_one_is_refused_and_leaves_nothing(
+        pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = _fake_bundle(pytester.path, tmp_path, schedule=[{"kind": "reorder"}])
+    scratch = tmp_path / "tmpdir"  # where the bundle would be unpacked
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    result = pytester.runpytest_subprocess(f"--umtt-replay={bundle}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*--umtt-replay: {bundle}: the manifest's schedule is not "
+                                 f"a list of decisions (KeyError('key'))*"])
+    assert [path.name for path in scratch.iterdir()] == []
 
 
 def test_a_replay_names_how_this_machines_kernel_and_root_differ(
@@ -143,3 +157,41 @@ def test_a_replay_names_how_this_machines_kernel_and_root_differ(
         "5.2.15-2+b7 (bundle) / 5.2.* (this machine); *; and * more",
     ])
     result.assert_outcomes(passed=1)
+
+
+MODULE = """
+    def test_first_leaves_state(umtt_module_machine):
+        umtt_module_machine.run("od -An -N4 -tu4 /dev/urandom > /tmp/drawn", check=True)
+
+    def test_second_depends_on_it(umtt_module_machine):
+        drawn = umtt_module_machine.run("cat /tmp/drawn", check=True).output.strip()
+        assert drawn == "0", f"the first test drew {drawn}"
+"""
+
+
+@pytest.mark.kernel
+def test_a_module_sharing_a_machine_is_bundled_and_replayed_as_a_whole(
+        pytester: pytest.Pytester, kernel_args: list[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    pytester.makepyfile(test_shared=MODULE)
+    artifacts = pytester.path / "artifacts"
+    failed = pytester.runpytest_subprocess(*kernel_args, "--umtt-seed=4",
+                                           f"--umtt-artifacts={artifacts}")
+    failed.assert_outcomes(passed=1, failed=1)
+    (bundle,) = artifacts.glob("test_shared.py/*.umtt-bundle")
+    failed.stdout.fnmatch_lines([f"module bundle (its tests share one simulation; the replay "
+                                 f"runs them all): pytest --umtt-replay={bundle}"])
+    manifest = _manifest(bundle)
+    assert manifest["nodeid"] == "test_shared.py"
+    assert manifest["outcome"] == {
+        "outcome": "failed", "when": "module",
+        "error": "1 of 2 tests failed: test_shared.py::test_second_depends_on_it"}
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    monkeypatch.setenv("UMTT_CACHE_DIR", str(empty))
+    replayed = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--umtt-replay={bundle}")
+    replayed.assert_outcomes(passed=1, failed=1)
+    replayed.stdout.fnmatch_lines(["*- pytest-umtt replay -*",
+                                   "outcome: failed in module: 1 of 2 tests failed: *",
+                                   "reproduced: same run (fingerprint *"])
+    assert list(empty.iterdir()) == []

@@ -31,8 +31,6 @@ from pytest_umtt.uml.console import Console
 from pytest_umtt.uml.machine import POWEROFF_WALL_TIMEOUT, Machine
 from tests.conftest import uml_processes
 
-S = 10**9
-
 
 @pytest.fixture(autouse=True)
 def _real_cache(real_cache: Path) -> None:
@@ -215,9 +213,9 @@ def test_a_guest_that_replaces_its_result_files_gets_a_clear_error(machine: Mach
 # --- leaks -------------------------------------------------------------------------------
 
 SPINNING_TEST = """
-def test_spin(uml):
+def test_spin(umtt_machine):
     print("spinning", flush=True)
-    uml.run("while :; do : $EPOCHREALTIME; done")
+    umtt_machine.run("while :; do : $EPOCHREALTIME; done")
 """
 
 
@@ -297,8 +295,9 @@ def test_bad_options_are_usage_errors(pytester: pytest.Pytester, args: list[str]
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
 
 
-@pytest.mark.parametrize("marker", ["uml(mem=5)", "uml(cmdline=5)", "virtual_timeout(float('nan'))",
-                                    "wall_timeout(-1)"])
+@pytest.mark.parametrize("marker", ["umtt_machine(mem=5)", "umtt_machine(cmdline=5)",
+                                    "umtt_virtual_timeout(float('nan'))",
+                                    "umtt_wall_timeout(-1)"])
 def test_bad_markers_are_usage_errors(pytester: pytest.Pytester, marker: str) -> None:
     pytester.makepyfile(f"import pytest\n@pytest.mark.{marker}\ndef test_x(): pass\n")
     result = pytester.runpytest_subprocess()
@@ -310,7 +309,7 @@ def test_bad_markers_are_usage_errors(pytester: pytest.Pytester, marker: str) ->
 @pytest.mark.kernel
 def test_a_relative_kernel_path_works(pytester: pytest.Pytester, uml_kernel: Path) -> None:
     (pytester.path / "linux").symlink_to(uml_kernel)
-    pytester.makepyfile("def test_x(uml): assert uml.run('true').ok")
+    pytester.makepyfile("def test_x(umtt_machine): assert umtt_machine.run('true').ok")
     result = pytester.runpytest_subprocess("--uml-kernel=./linux")
     result.assert_outcomes(passed=1)
 
@@ -342,7 +341,7 @@ def test_an_unwritable_artifacts_directory_leaves_nothing(pytester: pytest.Pytes
                                                          tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    pytester.makepyfile("def test_x(uml): assert uml.run('true').ok")
+    pytester.makepyfile("def test_x(umtt_machine): assert umtt_machine.run('true').ok")
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-artifacts=/proc/umtt")
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["*/proc/umtt*"])

@@ -304,15 +304,15 @@ def test_a_test_that_passes_but_warns_fails_with_the_splat(pytester: pytest.Pyte
     pytester.makepyfile(f"""
         PROVOKE = {PROVOKE!r}
 
-        def test_warns(uml):
-            assert uml.run(PROVOKE.format("WARNING")).ok
+        def test_warns(umtt_machine):
+            assert umtt_machine.run(PROVOKE.format("WARNING")).ok
 
-        def test_fails_and_warns(uml):
-            uml.run(PROVOKE.format("WARNING_MESSAGE"))
+        def test_fails_and_warns(umtt_machine):
+            umtt_machine.run(PROVOKE.format("WARNING_MESSAGE"))
             assert False, "its own failure"
 
-        def test_quiet(uml):
-            assert uml.run("true").ok
+        def test_quiet(umtt_machine):
+            assert umtt_machine.run("true").ok
     """)
     result = pytester.runpytest_subprocess(*lkdtm_args, "-v", "--junitxml=report.xml")
     result.assert_outcomes(passed=1, failed=2)
@@ -360,14 +360,14 @@ def test_allowed_splats_pass_and_are_counted(pytester: pytest.Pytester,
         PROVOKE = {PROVOKE!r}
 
         @pytest.mark.umtt_allow_splat("^refcount$", reason="the refcount test overflows it")
-        def test_marked(uml):
-            assert uml.run(PROVOKE.format("REFCOUNT_INC_OVERFLOW")).ok
+        def test_marked(umtt_machine):
+            assert umtt_machine.run(PROVOKE.format("REFCOUNT_INC_OVERFLOW")).ok
 
-        def test_by_option(uml):
-            assert uml.run(PROVOKE.format("WARNING_MESSAGE")).ok
+        def test_by_option(umtt_machine):
+            assert umtt_machine.run(PROVOKE.format("WARNING_MESSAGE")).ok
 
-        def test_not_covered(uml):
-            assert uml.run(PROVOKE.format("WARNING")).ok
+        def test_not_covered(umtt_machine):
+            assert umtt_machine.run(PROVOKE.format("WARNING")).ok
     """)
     # Under xdist: the summary counts what the workers' reports carry.
     result = pytester.runpytest_subprocess(*lkdtm_args, "-rA", "-n", "2",
@@ -395,14 +395,14 @@ def test_a_module_machine_blames_each_test_for_its_own_splats(pytester: pytest.P
     pytester.makepyfile(f"""
         PROVOKE = {PROVOKE!r}
 
-        def test_one(uml_module):
-            assert uml_module.run("true").ok
+        def test_one(umtt_module_machine):
+            assert umtt_module_machine.run("true").ok
 
-        def test_two(uml_module):
-            assert uml_module.run(PROVOKE.format("WARNING")).ok
+        def test_two(umtt_module_machine):
+            assert umtt_module_machine.run(PROVOKE.format("WARNING")).ok
 
-        def test_three(uml_module):
-            assert uml_module.run("sleep 1").ok
+        def test_three(umtt_module_machine):
+            assert umtt_module_machine.run("sleep 1").ok
     """)
     result = pytester.runpytest_subprocess(*lkdtm_args, "-v")
     result.assert_outcomes(passed=2, failed=1)
@@ -419,9 +419,9 @@ def test_a_splat_during_teardown_fails_the_teardown(pytester: pytest.Pytester,
         PROVOKE = {PROVOKE!r}
 
         @pytest.fixture
-        def noisy_on_removal(uml):
-            yield uml
-            uml.run(PROVOKE.format("WARNING"))
+        def noisy_on_removal(umtt_machine):
+            yield umtt_machine
+            umtt_machine.run(PROVOKE.format("WARNING"))
 
         def test_x(noisy_on_removal):
             assert noisy_on_removal.run("true").ok
@@ -442,8 +442,8 @@ def test_a_crash_still_raises_machine_crashed(pytester: pytest.Pytester,
     pytester.makepyfile(f"""
         PROVOKE = {PROVOKE!r}
 
-        def test_bug(uml):
-            uml.run(PROVOKE.format("BUG"))
+        def test_bug(umtt_machine):
+            umtt_machine.run(PROVOKE.format("BUG"))
     """)
     result = pytester.runpytest_subprocess(*lkdtm_args)
     result.assert_outcomes(failed=1)
@@ -478,8 +478,8 @@ def test_a_flood_of_splats_is_shown_bounded(pytester: pytest.Pytester,
     """3,000 headers that never end, in one run of the kernel: five shown whole, the rest
     counted by signature; the report stays small."""
     pytester.makepyfile("""
-        def test_flood(uml):
-            uml.run('for i in $(seq 3000); do '
+        def test_flood(umtt_machine):
+            umtt_machine.run('for i in $(seq 3000); do '
                     'echo "WARNING: CPU: 0 PID: $i at x.c:1 f+0x1/0x2" > /dev/kmsg; done')
     """)
     result = pytester.runpytest_subprocess(*kernel_args)

@@ -259,9 +259,7 @@ def test_a_reverted_doorbell_delay_pauses_as_an_unperturbed_run(connect: Connect
 
 # --- on real kernels ---------------------------------------------------------------------------
 
-MS = 1_000_000
 PAIR_TEST = """
-    MS = 1_000_000
     SERVER = ("import socket\\n"
               "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\\n"
               "s.bind(('10.0.0.2', 5000)); s.settimeout(1); got = []\\n"
@@ -273,11 +271,11 @@ PAIR_TEST = """
               "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\\n"
               "for n in range(3): s.sendto(str(n).encode(), ('10.0.0.2', 5000))\\n")
 
-    def test_pair(uml_factory, umtt_sim, umtt_network):
-        umtt_network.link("a", "b", latency_ns=MS, bandwidth_bps=10**8, reorder=0.3,
-                          reorder_ns=3 * MS, loss=0.1)
-        a = uml_factory("a", devices=[umtt_network.port("a")], boot=False)
-        b = uml_factory("b", devices=[umtt_network.port("b")], boot=False)
+    def test_pair(umtt_machine_factory, umtt_sim, umtt_network):
+        umtt_network.link("a", "b", latency=0.001, bandwidth_bps=10**8, reorder=0.3,
+                          reorder_delay=0.003, loss=0.1)
+        a = umtt_machine_factory("a", devices=[umtt_network.port("a")], boot=False)
+        b = umtt_machine_factory("b", devices=[umtt_network.port("b")], boot=False)
         umtt_sim.boot(a, b)
         a.run("ip addr add 10.0.0.1/24 dev eth0 && ip link set eth0 up", check=True)
         b.run("ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up", check=True)
@@ -357,6 +355,17 @@ def test_shrink_finds_the_decisions_a_failure_needs_and_the_schedule_replays_it(
                                            "--junitxml=replay.xml")
     replay.assert_outcomes(failed=1)
     assert f'value="{signature}"' in (pytester.path / "replay.xml").read_text().replace(
+        "&lt;", "<").replace("&gt;", ">")
+    bundle = file.with_name("schedule.umtt-bundle")
+    shrunk.stdout.fnmatch_lines([f"  replay bundle (kernel, root and schedule in one file): "
+                                 f"pytest --umtt-replay={bundle}"])
+    replayed = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--umtt-replay={bundle}",
+                                             "--junitxml=bundle.xml")
+    replayed.assert_outcomes(failed=1)
+    replayed.stdout.fnmatch_lines([
+        f"umtt: a shrunk schedule: the run keeps {after} perturbed decision* and reverts "
+        "every other", "*- pytest-umtt replay -*", "reproduced: same run (fingerprint *"])
+    assert f'value="{signature}"' in (pytester.path / "bundle.xml").read_text().replace(
         "&lt;", "<").replace("&gt;", ">")
     schedule["decisions"] = []  # every decision reverted: the failure goes away
     file.write_text(json.dumps(schedule))

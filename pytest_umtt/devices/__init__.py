@@ -7,12 +7,13 @@ Layers, bottom up: :mod:`.guest_memory` (the kernel's shared memory),
 base class), then the models. Nothing here knows of machines or the plugin.
 """
 
+from ..errors import VhostUserError
 from .device import VirtioDevice
 from .gpio import VirtioGpio
 from .net import Network, VirtioNet
 from .rng import VirtioRng
-from .vhost_user import Backend, DeviceClock, VhostUserError
+from .vhost_user import Backend, DeviceClock, DeviceModel
 from .virtqueue import Chain, VirtQueue
 
-__all__ = ["Backend", "Chain", "DeviceClock", "Network", "VhostUserError", "VirtQueue",
-           "VirtioDevice", "VirtioGpio", "VirtioNet", "VirtioRng"]
+__all__ = ["Backend", "Chain", "DeviceClock", "DeviceModel", "Network", "VhostUserError",
+           "VirtQueue", "VirtioDevice", "VirtioGpio", "VirtioNet", "VirtioRng"]

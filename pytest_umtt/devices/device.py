@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from ..controller.clock import ScheduledCall
-from ..errors import DeviceError
+from ..errors import DeviceError, DeviceNotServedError
+from ..units import ns_to_seconds, warn_unit_changed
 from .vhost_user import Backend, DeviceClock
 from .virtqueue import VirtQueue
 
@@ -74,18 +75,26 @@ class VirtioDevice:
     @property
     def clock(self) -> DeviceClock:
         if self.backend is None:
-            raise RuntimeError(f"device {self.name} is not served yet")
+            raise DeviceNotServedError(f"device {self.name} has no clock: no machine serves "
+                                       f"it yet")
         return self.backend.clock
 
     @property
-    def now(self) -> int:
-        """Virtual time (ns)."""
+    def now_ns(self) -> int:
+        """Virtual time in nanoseconds, exact (what a model computes with)."""
         return self.clock.now
 
-    def call_at(self, when: int, fn: Callable[[], object]) -> ScheduledCall:
-        """Run ``fn`` at virtual time ``when`` (ns) on the shared clock, as device work:
+    @property
+    def now(self) -> float:
+        """Virtual time in seconds (it used to be nanoseconds: the first use in a
+        process warns, :class:`~pytest_umtt.units.UnitChangedWarning`)."""
+        warn_unit_changed("VirtioDevice.now", "VirtioDevice.now_ns")
+        return ns_to_seconds(self.clock.now)
+
+    def call_at(self, when_ns: int, fn: Callable[[], object]) -> ScheduledCall:
+        """Run ``fn`` at virtual time ``when_ns`` on the shared clock, as device work:
         whatever it raises fails the device (:meth:`guard`)."""
-        return self.clock.call_at(when, lambda: self.guard("a timer", fn), self.label)
+        return self.clock.call_at(when_ns, lambda: self.guard("a timer", fn), self.label)
 
     def guard(self, what: str, action: Callable[[], object]) -> None:
         """Do ``action`` as device work: an exception fails the device (the machine
@@ -101,14 +110,15 @@ class VirtioDevice:
         """Why the device failed, if it did."""
         return None if self.backend is None else self.backend.failure
 
-    def interrupt(self, queue: VirtQueue, when: int | None = None) -> None:
-        """Interrupt the driver for ``queue`` at ``when`` (ns; default now)."""
+    def interrupt(self, queue: VirtQueue, when_ns: int | None = None) -> None:
+        """Interrupt the driver for ``queue`` at ``when_ns`` (default now)."""
         if self.backend is not None:
-            self.backend.interrupt(queue, when)
+            self.backend.interrupt(queue, when_ns)
 
     def queue(self, index: int) -> VirtQueue:
         if self.backend is None:
-            raise RuntimeError(f"device {self.name} is not served yet")
+            raise DeviceNotServedError(f"device {self.name} has no queue {index}: no machine "
+                                       f"serves it yet")
         return self.backend.queues[index]
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ..units import either, ns_to_seconds
 from .device import VirtioDevice
 from .vhost_user import Backend, DeviceClock
 from .virtqueue import Chain, VirtQueue
@@ -58,6 +59,11 @@ class GpioWrite(NamedTuple):
     line: int
     value: int
 
+    @property
+    def time(self) -> float:
+        """When, in virtual seconds (``time_ns`` exact)."""
+        return ns_to_seconds(self.time_ns)
+
 
 class GpioRequest(NamedTuple):
     """One request on the request queue as the device answered it."""
@@ -68,6 +74,11 @@ class GpioRequest(NamedTuple):
     value: int
     ok: bool
 
+    @property
+    def time(self) -> float:
+        """When, in virtual seconds (``time_ns`` exact)."""
+        return ns_to_seconds(self.time_ns)
+
 
 class GpioInterrupt(NamedTuple):
     """The device reported an event on ``line`` (now at ``value``) at ``time_ns``."""
@@ -75,6 +86,11 @@ class GpioInterrupt(NamedTuple):
     time_ns: int
     line: int
     value: int
+
+    @property
+    def time(self) -> float:
+        """When, in virtual seconds (``time_ns`` exact)."""
+        return ns_to_seconds(self.time_ns)
 
 
 @dataclass
@@ -155,10 +171,13 @@ class VirtioGpio(VirtioDevice):
         """What ``line`` carries now (driven by the test, or set by the driver)."""
         return self.line(line).value
 
-    def drive(self, line: int | str, value: int, at_ns: int | None = None) -> None:
-        """Put ``value`` (0 or 1) on ``line`` at virtual time ``at_ns`` (default: now).
-        An edge or level the driver armed is reported at exactly that instant."""
+    def drive(self, line: int | str, value: int, *, at: float | None = None,
+              at_ns: int | None = None) -> None:
+        """Put ``value`` (0 or 1) on ``line`` at virtual time ``at`` (seconds; or
+        ``at_ns``, exact; default: now). An edge or level the driver armed is reported
+        at exactly that instant."""
         offset, level = self.offset(line), int(bool(value))
+        at_ns = either("at", at, at_ns)
         if at_ns is None and self.backend is None:
             self.lines[offset].value = level  # the value the chip powers up with
         elif at_ns is None:
@@ -168,14 +187,18 @@ class VirtioGpio(VirtioDevice):
         else:
             self._schedule_drive(offset, level, at_ns)
 
-    def fail(self, line: int | str | None = None, at_ns: int | None = None,
+    def fail(self, line: int | str | None = None, *, at: float | None = None,
+             at_ns: int | None = None, until: float | None = None,
              until_ns: int | None = None) -> Fault:
-        """From ``at_ns`` (default: now) until ``until_ns`` (default: for ever), requests
-        naming ``line`` (every line if None) answer VIRTIO_GPIO_STATUS_ERR. GET_NAMES,
-        which names no line, is not affected. Change the returned fault's ``end_ns`` to
-        end it later."""
-        start = at_ns if at_ns is not None else (self.now if self.backend else 0)
-        fault = Fault(None if line is None else self.offset(line), start, until_ns)
+        """From ``at`` (seconds; or ``at_ns``, exact; default: now) until ``until`` (or
+        ``until_ns``; default: for ever), requests naming ``line`` (every line if None)
+        answer VIRTIO_GPIO_STATUS_ERR. GET_NAMES, which names no line, is not affected.
+        Change the returned fault's ``end_ns`` to end it later."""
+        start = either("at", at, at_ns)
+        if start is None:
+            start = self.now_ns if self.backend else 0
+        fault = Fault(None if line is None else self.offset(line), start,
+                      either("until", until, until_ns))
         self.faults.append(fault)
         return fault
 
@@ -231,14 +254,14 @@ class VirtioGpio(VirtioDevice):
             self._record(kind, offset, value, True)
             return
         ok = offset < len(self.lines) and kind in MESSAGE_NAMES and not any(
-            fault.covers(offset, self.now) for fault in self.faults)
+            fault.covers(offset, self.now_ns) for fault in self.faults)
         answer = self._perform(kind, offset, value) if ok else 0
         queue.push(chain, queue.write(chain, RESPONSE.pack(
             STATUS_OK if ok else STATUS_ERR, answer)))
         self._record(kind, offset, value, ok)
 
     def _record(self, kind: int, offset: int, value: int, ok: bool) -> None:
-        self.requests.append(GpioRequest(self.now, MESSAGE_NAMES.get(kind, str(kind)),
+        self.requests.append(GpioRequest(self.now_ns, MESSAGE_NAMES.get(kind, str(kind)),
                                          offset, value, ok))
 
     def _perform(self, kind: int, offset: int, value: int) -> int:
@@ -252,7 +275,7 @@ class VirtioGpio(VirtioDevice):
             line.direction = DIRECTIONS.get(value, "none")
         elif kind == MSG_SET_VALUE:
             line.value = int(bool(value))
-            self.writes.append(GpioWrite(self.now, offset, line.value))
+            self.writes.append(GpioWrite(self.now_ns, offset, line.value))
         elif kind == MSG_IRQ_TYPE:
             self._set_irq_type(offset, IRQ_TYPES.get(value, "none"))
         return 0
@@ -312,5 +335,5 @@ class VirtioGpio(VirtioDevice):
         queue = self.queue(EVENT_QUEUE)
         queue.push(chain, queue.write(chain, bytes([status])))
         if status == IRQ_STATUS_VALID:
-            self.interrupts.append(GpioInterrupt(self.now, offset, line.value))
+            self.interrupts.append(GpioInterrupt(self.now_ns, offset, line.value))
         self.interrupt(queue)

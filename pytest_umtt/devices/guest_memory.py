@@ -25,7 +25,7 @@ import stat
 import struct
 from dataclasses import dataclass
 
-from ..errors import UmttError
+from ..errors import GuestMemoryError
 
 REGION = struct.Struct("<QQQQ")
 """guest_addr, size, user_addr, mmap_offset (struct vhost_user_mem_region)."""
@@ -34,10 +34,6 @@ MAX_REGIONS = 8
 """Regions per table (VHOST_MEMORY_BASELINE_NREGIONS; UML sends one or two)."""
 U64_LIMIT = 1 << 64
 OFFSET_LIMIT = 1 << 63  # off_t is signed
-
-
-class GuestMemoryError(UmttError):
-    """The frontend pointed at memory it did not share: a device bug or a broken guest."""
 
 
 @dataclass

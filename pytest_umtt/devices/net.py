@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..controller.perturb import Decisions
+from ..units import either, ns_to_seconds
 from .device import VirtioDevice
 from .pcapng import PcapngWriter
 from .virtqueue import VirtQueue
@@ -37,21 +38,58 @@ MAX_FRAME = 1518
 BROADCAST = b"\xff" * 6
 
 
+LINK_FIELDS = ("latency_ns", "bandwidth_bps", "loss", "reorder", "reorder_delay_ns")
+LINK_SECONDS = {"latency": "latency_ns", "reorder_delay": "reorder_delay_ns"}
+"""The link's times a caller may give in seconds, and the field each sets exactly."""
+
+
 @dataclass
 class Link:
     """One port pair's properties; ``busy_until`` is per direction (serialisation). A
     frame is lost with probability ``loss``; with probability ``reorder`` it is held
-    ``reorder_ns`` longer, so frames sent after it overtake it."""
+    ``reorder_delay_ns`` longer, so frames sent after it overtake it."""
 
     latency_ns: int = 0
     bandwidth_bps: int | None = None
     loss: float = 0.0
     reorder: float = 0.0
-    reorder_ns: int = 0
+    reorder_delay_ns: int = 0
     cut: bool = False
 
     def __post_init__(self) -> None:
         self.busy_until: dict[str, int] = {}
+
+    @property
+    def latency(self) -> float:
+        """The one-way latency in seconds (``latency_ns`` exact)."""
+        return ns_to_seconds(self.latency_ns)
+
+    @property
+    def reorder_delay(self) -> float:
+        """How much longer a reordered frame is held, in seconds."""
+        return ns_to_seconds(self.reorder_delay_ns)
+
+    @property
+    def reorder_ns(self) -> int:
+        """The older name of ``reorder_delay_ns``."""
+        return self.reorder_delay_ns
+
+
+def _link_changes(changes: dict[str, int | float | None]) -> dict[str, int | float | None]:
+    """``Network.link``'s keywords as Link fields: times in seconds made exact, and
+    every time checked (a time given both ways is an error naming it)."""
+    if "reorder_ns" in changes:  # the older name, same meaning
+        changes["reorder_delay_ns"] = changes.pop("reorder_ns")
+    unknown = sorted(set(changes) - set(LINK_FIELDS) - set(LINK_SECONDS))
+    if unknown:
+        raise TypeError(f"a link has no {unknown[0]!r}")
+    fields = {name: value for name, value in changes.items()
+              if name in LINK_FIELDS and name not in LINK_SECONDS.values()}
+    for seconds, exact in LINK_SECONDS.items():
+        if seconds in changes or exact in changes:
+            fields[exact] = either(seconds, changes.get(seconds),
+                                   changes.get(exact))  # type: ignore[arg-type]
+    return fields
 
 
 class VirtioNet(VirtioDevice):
@@ -136,7 +174,7 @@ class VirtioNet(VirtioDevice):
 
     def _record(self, frame: bytes) -> None:
         if self.capture is not None and self.backend is not None:
-            self.capture.write(self.now, frame)
+            self.capture.write(self.now_ns, frame)
 
 
 class Network:
@@ -144,12 +182,12 @@ class Network:
     ``decisions`` records each loss and reordering the draws make and may revert some
     (:class:`~pytest_umtt.controller.perturb.Decisions`: shrinking a failing run)."""
 
-    def __init__(self, seed: int = 0, *, latency_ns: int = 0,
-                 bandwidth_bps: int | None = None, capture: Path | None = None,
-                 decisions: Decisions | None = None) -> None:
+    def __init__(self, seed: int = 0, *, latency: float | None = None,
+                 latency_ns: int | None = None, bandwidth_bps: int | None = None,
+                 capture: Path | None = None, decisions: Decisions | None = None) -> None:
         self.random = random.Random(f"network/{seed}")
         self.decisions = Decisions() if decisions is None else decisions
-        self.default = Link(latency_ns, bandwidth_bps)
+        self.default = Link(either("latency", latency, latency_ns) or 0, bandwidth_bps)
         self.capture = capture
         self.ports: dict[str, VirtioNet] = {}
         self.links: dict[frozenset[str], Link] = {}
@@ -157,7 +195,8 @@ class Network:
         self.lost = 0
 
     def port(self, name: str) -> VirtioNet:
-        """A new port (a machine's virtio-net device): ``uml_factory(name, devices=[...])``."""
+        """A new port (a machine's virtio-net device):
+        ``umtt_machine_factory(name, devices=[...])``."""
         if name in self.ports:
             raise ValueError(f"port {name!r} exists already")
         device = VirtioNet(self, name)
@@ -169,23 +208,26 @@ class Network:
 
     def link(self, a: str, b: str, **changes: int | float | None) -> Link:
         """The link between ports ``a`` and ``b`` (both directions), with the given
-        :class:`Link` fields changed (``latency_ns``, ``bandwidth_bps``, ``loss``,
-        ``reorder``, ``reorder_ns``)."""
+        :class:`Link` fields changed: ``latency`` (seconds) or ``latency_ns``,
+        ``bandwidth_bps``, ``loss``, ``reorder``, and ``reorder_delay`` (seconds) or
+        ``reorder_delay_ns`` (``reorder_ns``, its older name, works too)."""
         link = self.links.setdefault(frozenset((a, b)), Link(
             self.default.latency_ns, self.default.bandwidth_bps))
-        for name, value in changes.items():
-            if name not in ("latency_ns", "bandwidth_bps", "loss", "reorder", "reorder_ns"):
-                raise TypeError(f"a link has no {name!r}")
+        for name, value in _link_changes(dict(changes)).items():
             setattr(link, name, value)
         return link
 
-    def cut(self, a: str, b: str, at_ns: int | None = None) -> None:
-        """Drop every frame between ``a`` and ``b`` from ``at_ns`` (default: now)."""
-        self._set_cut(a, b, True, at_ns)
+    def cut(self, a: str, b: str, *, at: float | None = None, at_ns: int | None = None
+            ) -> None:
+        """Drop every frame between ``a`` and ``b`` from virtual time ``at`` (seconds;
+        or ``at_ns``, exact; default: now)."""
+        self._set_cut(a, b, True, either("at", at, at_ns))
 
-    def heal(self, a: str, b: str, at_ns: int | None = None) -> None:
-        """Carry frames between ``a`` and ``b`` again from ``at_ns`` (default: now)."""
-        self._set_cut(a, b, False, at_ns)
+    def heal(self, a: str, b: str, *, at: float | None = None, at_ns: int | None = None
+             ) -> None:
+        """Carry frames between ``a`` and ``b`` again from ``at`` (seconds; or ``at_ns``,
+        exact; default: now)."""
+        self._set_cut(a, b, False, either("at", at, at_ns))
 
     def _set_cut(self, a: str, b: str, state: bool, at_ns: int | None) -> None:
         link = self.link(a, b)
@@ -207,16 +249,16 @@ class Network:
         link = self.link(sender.port, receiver.port)
         route = f"{sender.port}>{receiver.port}"
         if link.cut or (link.loss and self.random.random() < link.loss
-                        and self.decisions.decide("drop", route, sender.now, len(frame))):
+                        and self.decisions.decide("drop", route, sender.now_ns, len(frame))):
             self.lost += 1
             return
-        now = sender.now
+        now = sender.now_ns
         start = max(now, link.busy_until.get(sender.port, 0))
         wire = 0 if link.bandwidth_bps is None else \
             -(-len(frame) * 8 * 1_000_000_000 // link.bandwidth_bps)
         link.busy_until[sender.port] = start + wire
-        held = link.reorder_ns if link.reorder and self.random.random() < link.reorder \
-            and self.decisions.decide("reorder", route, now, link.reorder_ns) else 0
+        held = link.reorder_delay_ns if link.reorder and self.random.random() < link.reorder \
+            and self.decisions.decide("reorder", route, now, link.reorder_delay_ns) else 0
         if receiver.in_flight >= MAX_IN_FLIGHT:
             receiver.dropped += 1
             return

@@ -2,11 +2,13 @@
 
 The guest's hwrng core reads it and mixes what it reads into the entropy pool, so a
 kernel with this device gets the same randomness for the same seed, and another seed
-changes it. ``latency_ns`` is how long a request takes in virtual time.
+changes it. ``latency`` (seconds; ``latency_ns`` exact) is how long a request takes
+in virtual time.
 """
 
 from __future__ import annotations
 
+from ..units import either
 from .device import VirtioDevice
 from .virtqueue import VirtQueue
 
@@ -18,25 +20,32 @@ MAX_ANSWER_BYTES = 1 << 20
 """The most one answer draws; requests beyond it are answered ``latency_ns`` later."""
 
 
+DEFAULT_LATENCY_NS = 1_000_000
+"""1 ms from a request to its answer, unless ``latency=`` (or ``latency_ns=``) says."""
+
+
 class VirtioRng(VirtioDevice):
-    """Fills every request with seeded bytes, ``latency_ns`` after the driver asked."""
+    """Fills every request with seeded bytes, ``latency`` seconds (``latency_ns``)
+    after the driver asked."""
 
     device_id = DEVICE_ID_RNG
     num_queues = 1
 
-    def __init__(self, name: str = "rng", latency_ns: int = 1_000_000) -> None:
+    def __init__(self, name: str = "rng", *, latency: float | None = None,
+                 latency_ns: int | None = None) -> None:
         super().__init__(name)
-        self.latency_ns = latency_ns
+        given = either("latency", latency, latency_ns)
+        self.latency_ns = DEFAULT_LATENCY_NS if given is None else given
         self.bytes_served = 0
         self.answers: list[tuple[int, int]] = []
         """(asked, answered) virtual instants (ns) of every request."""
 
     def on_kick(self, queue: VirtQueue) -> None:
-        asked = self.now
+        asked = self.now_ns
         self.call_at(asked + self.latency_ns, lambda: self._answer(queue, asked))
 
     def _answer(self, queue: VirtQueue, asked: int) -> None:
-        self.answers.append((asked, self.now))
+        self.answers.append((asked, self.now_ns))
         drawn = 0
         while drawn < MAX_ANSWER_BYTES and (chain := queue.pop()) is not None:
             # The buffers were checked when the chain was taken: nothing is drawn for

@@ -25,16 +25,13 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ..controller.clock import ScheduledCall
 from ..controller.trace import Trace, TraceEvent
-from ..errors import DeviceError, UmttError
-from .guest_memory import GuestMemory, GuestMemoryError
+from ..errors import DeviceError, GuestMemoryError, VhostUserError
+from .guest_memory import GuestMemory
 from .virtqueue import VirtQueue
-
-if TYPE_CHECKING:
-    from .device import VirtioDevice
 
 HEADER = struct.Struct("<III")
 U64 = struct.Struct("<Q")
@@ -118,10 +115,6 @@ class ProtocolFeature(enum.IntEnum):
 PROTOCOL_FEATURES = sum(1 << feature for feature in ProtocolFeature)
 
 
-class VhostUserError(UmttError):
-    """The frontend broke the protocol; the message names the device and the request."""
-
-
 class DeviceClock(Protocol):
     """What a backend needs of the calendar (:class:`~pytest_umtt.controller.Calendar`
     has it all): the clock, the event queue, the event loop and a way to hold time."""
@@ -143,6 +136,33 @@ class DeviceClock(Protocol):
     def remove_writer(self, fd: int) -> None: ...
 
     def hold(self, reason: str) -> Callable[[], None]: ...
+
+
+class DeviceModel(Protocol):
+    """What a backend needs of the model it serves (:class:`~.device.VirtioDevice` is
+    one): its name in errors, its queues and features, and what it does when the driver
+    acts."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def num_queues(self) -> int: ...
+
+    @property
+    def features(self) -> int: ...
+
+    def config(self) -> bytes: ...
+
+    def on_kick(self, queue: VirtQueue) -> None: ...
+
+    def on_queue_ready(self, queue: VirtQueue) -> None: ...
+
+    def on_features(self, features: int) -> None: ...
+
+    def on_config_write(self, offset: int, data: bytes) -> None: ...
+
+    def on_disconnect(self) -> None: ...
 
 
 @dataclass
@@ -307,7 +327,7 @@ class Backend:
     ``on_failure`` hooks hear it (a machine marks itself crashed). Nothing of it reaches
     the calendar's loop, and nothing the kernel does can block it."""
 
-    def __init__(self, device: VirtioDevice, clock: DeviceClock, path: str) -> None:
+    def __init__(self, device: DeviceModel, clock: DeviceClock, path: str) -> None:
         self.device = device
         self.clock = clock
         self.memory = GuestMemory()

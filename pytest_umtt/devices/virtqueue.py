@@ -21,7 +21,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .guest_memory import GuestMemory, GuestMemoryError
+from ..errors import GuestMemoryError
+from .guest_memory import GuestMemory
 
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 U16 = struct.Struct("<H")

@@ -21,10 +21,14 @@ from ..summary import SummaryReporter
 from .fixtures import uml as uml
 from .fixtures import uml_factory as uml_factory
 from .fixtures import uml_module as uml_module
+from .fixtures import umtt_machine as umtt_machine
+from .fixtures import umtt_machine_factory as umtt_machine_factory
+from .fixtures import umtt_module_machine as umtt_module_machine
 from .fixtures import umtt_module_sim as umtt_module_sim
 from .fixtures import umtt_network as umtt_network
 from .fixtures import umtt_sim as umtt_sim
 from .fixtures import umtt_variant as umtt_variant
+from .names import OPTION_ALIASES
 from .replay import ReplayReporter, finish_replay, start_replay
 from .reports import pytest_report_header as pytest_report_header
 from .reports import pytest_runtest_makereport as pytest_runtest_makereport
@@ -32,7 +36,7 @@ from .reports import reproduce_text as reproduce_text
 from .settings import MARKERS, OPTIONS, item_settings, resolve_settings
 from .splats import SplatWatcher
 from .state import ITEM_SETTINGS as ITEM_SETTINGS
-from .state import STATE, SessionState, Variant, base_nodeid
+from .state import STATE, SessionState, Variant
 from .suites import KselftestRun, KunitRun
 from .suites import pytest_runtest_protocol as pytest_runtest_protocol
 from .triage import TriagePlugin
@@ -46,14 +50,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("umtt", "virtual-time UML kernels (pytest-umtt)")
     for option in OPTIONS:
         help_text = f"{option.help}; env {option.env}, ini {option.name}"
+        flags = (option.flag, *OPTION_ALIASES.get(option.flag, ()))
         if option.metavar is None:
-            group.addoption(option.flag, dest=option.name, action="store_const", const="true",
+            group.addoption(*flags, dest=option.name, action="store_const", const="true",
                             help=help_text)
         elif option.repeated:
-            group.addoption(option.flag, dest=option.name, metavar=option.metavar,
+            group.addoption(*flags, dest=option.name, metavar=option.metavar,
                             action="append", help=help_text)
         else:
-            group.addoption(option.flag, dest=option.name, metavar=option.metavar,
+            group.addoption(*flags, dest=option.name, metavar=option.metavar,
                             help=help_text)
         if option.repeated:
             parser.addini(option.name, option.help, type="linelist")
@@ -70,7 +75,7 @@ def pytest_configure(config: pytest.Config) -> None:
         start_replay(config, state)
         config.pluginmanager.register(ReplayReporter(state), "umtt-replay")
     config.pluginmanager.register(SummaryReporter(
-        state.summary, worker=hasattr(config, "workerinput"), base_nodeid=base_nodeid),
+        state.summary, worker=hasattr(config, "workerinput")),
         "umtt-summary")
     config.pluginmanager.register(SplatWatcher(), "umtt-splats")
     config.pluginmanager.register(TriagePlugin(config), "umtt-triage")

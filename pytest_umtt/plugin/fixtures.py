@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -18,7 +17,8 @@ from ..simulation import (
 )
 from ..summary import EXPLORED_SEED, FINGERPRINT
 from ..uml.machine import Machine
-from .replay import write_item_bundle
+from .names import warn_renamed
+from .replay import MODULE_RUN, ModuleRun, finish_module_run, write_item_bundle
 from .state import (
     CAPTURE_DIR,
     ITEM_SETTINGS,
@@ -67,21 +67,20 @@ def umtt_sim(request: pytest.FixtureRequest, umtt_variant: Variant) -> Iterator[
     write_item_bundle(item, sim, settings)
     if umtt_variant.run is not None:
         fingerprint = sim.fingerprint()
+        digest = hashlib.sha256("\n".join(fingerprint).encode()).hexdigest()
         # The summary pairs the runs by this digest, wherever (which xdist worker) each ran.
-        item.user_properties.append(
-            (FINGERPRINT, hashlib.sha256("\n".join(fingerprint).encode()).hexdigest()))
-        _compare_runs(request.config.stash[STATE], item.nodeid, fingerprint)
+        item.user_properties.append((FINGERPRINT, digest))
+        _compare_runs(request.config.stash[STATE], item.nodeid, digest, fingerprint)
 
 
-def _compare_runs(state: SessionState, nodeid: str, fingerprint: list[str]) -> None:
+def _compare_runs(state: SessionState, nodeid: str, digest: str,
+                  fingerprint: list[str]) -> None:
     """The second of two runs with one seed in this process: it must be the first one
     again, or this item fails and shows where they part."""
-    key = re.sub(r"determinism-[12]", "determinism", nodeid)
-    first = state.first_runs.pop(key, None)
-    if first is None:
-        state.first_runs[key] = fingerprint
+    judged = state.summary.pairs.add(nodeid, digest, fingerprint)
+    if judged is None or judged[0]:
         return
-    divergence = first_divergence(first, fingerprint)
+    divergence = first_divergence(judged[1], fingerprint)
     if divergence is not None:
         raise AssertionError(f"not deterministic: two runs with one seed differ; {divergence}")
 
@@ -99,16 +98,17 @@ def umtt_network(request: pytest.FixtureRequest, umtt_sim: Simulation) -> Iterat
 
 
 @pytest.fixture
-def uml_factory(request: pytest.FixtureRequest, umtt_sim: Simulation) -> MachineFactory:
-    """Make more machines on this test's clock: ``uml_factory("name", mem="256M")``.
+def umtt_machine_factory(request: pytest.FixtureRequest, umtt_sim: Simulation
+                         ) -> MachineFactory:
+    """Make machines on this test's clock: ``umtt_machine_factory("name", mem="256M")``.
     Pass ``boot=False`` to several and ``umtt_sim.boot(*machines)`` to boot them together."""
     return machine_factory(request.config, umtt_sim, settings_of(request.node))
 
 
 @pytest.fixture
-def uml(uml_factory: MachineFactory) -> Machine:
+def umtt_machine(umtt_machine_factory: MachineFactory) -> Machine:
     """One booted UML machine, named ``uml``."""
-    return uml_factory("uml")
+    return umtt_machine_factory("uml")
 
 
 @pytest.fixture(scope="module")
@@ -117,15 +117,42 @@ def umtt_module_sim(request: pytest.FixtureRequest) -> Iterator[Simulation]:
     settings = request.config.stash[STATE].settings
     started = time.monotonic()
     sim = open_simulation(request.config, settings)
+    request.node.stash[MODULE_RUN] = ModuleRun()
     try:
         yield sim
     finally:
         close_simulation(request.config, sim, started,
                           artifacts_dir(settings, request.node.nodeid))
+    finish_module_run(request.node, sim, settings)
 
 
 @pytest.fixture(scope="module")
-def uml_module(request: pytest.FixtureRequest, umtt_module_sim: Simulation) -> Machine:
-    """One machine booted once for the whole module."""
+def umtt_module_machine(request: pytest.FixtureRequest, umtt_module_sim: Simulation
+                        ) -> Machine:
+    """One machine, named ``uml``, booted once for the whole module."""
     settings = request.config.stash[STATE].settings
     return machine_factory(request.config, umtt_module_sim, settings)("uml")
+
+
+# --- the older names (plugin/names.py): each warns once per session ----------------
+
+@pytest.fixture
+def uml_factory(request: pytest.FixtureRequest, umtt_machine_factory: MachineFactory
+                ) -> MachineFactory:
+    """Deprecated name of ``umtt_machine_factory``."""
+    warn_renamed(request.config, "fixture", "uml_factory")
+    return umtt_machine_factory
+
+
+@pytest.fixture
+def uml(request: pytest.FixtureRequest, umtt_machine: Machine) -> Machine:
+    """Deprecated name of ``umtt_machine``."""
+    warn_renamed(request.config, "fixture", "uml")
+    return umtt_machine
+
+
+@pytest.fixture(scope="module")
+def uml_module(request: pytest.FixtureRequest, umtt_module_machine: Machine) -> Machine:
+    """Deprecated name of ``umtt_module_machine``."""
+    warn_renamed(request.config, "fixture", "uml_module")
+    return umtt_module_machine

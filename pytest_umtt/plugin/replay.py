@@ -24,6 +24,7 @@ from ..bundle import (
     write_bundle,
 )
 from ..cache import cache_root
+from ..controller.perturb import Decision, Decisions
 from ..divergence import first_divergence
 from ..errors import BundleError
 from ..identity import kernel_differences, kernel_record, root_differences
@@ -31,7 +32,7 @@ from ..kernel import default_kernel
 from ..rootfs import MANIFEST_NAME
 from ..simulation import Simulation, owned_directory
 from .settings import MARKERS, Settings
-from .state import SessionState, artifacts_dir, base_nodeid
+from .state import STATE, SessionState, artifacts_dir, base_nodeid
 
 RUN_SETTINGS = ("mem", "cmdline", "virtual_timeout", "wall_timeout", "perturb", "rootfs")
 """The settings besides the seed and the kernel that change a run: a bundle keeps them."""
@@ -49,6 +50,19 @@ class RunEnd:
 ITEM_RUN = pytest.StashKey[RunEnd]()
 
 
+@dataclass(frozen=True)
+class BundleRequest:
+    """A bundle asked for by name rather than by ``--umtt-bundle``: a shrink's last rerun
+    writes one that replays its minimal schedule."""
+
+    target: Path
+    store: Path
+    schedule: tuple[Decision, ...]
+
+
+BUNDLE_REQUEST = pytest.StashKey[BundleRequest]()
+
+
 @dataclass
 class Replay:
     """A ``--umtt-replay`` session: the bundle, where it was unpacked, and the verdict."""
@@ -56,6 +70,8 @@ class Replay:
     bundle: Bundle
     directory: Path
     changed: list[str]
+    keep: frozenset[str] | None = None
+    """The decisions the bundle's run kept, if it was a shrunk schedule's run."""
     verdict: list[str] = field(default_factory=list)
 
 
@@ -90,29 +106,85 @@ def wants_bundle(settings: Settings, run: RunEnd | None) -> bool:
                                  run.outcome["outcome"] == "failed"))
 
 
-def write_item_bundle(item: pytest.Item, sim: Simulation, settings: Settings) -> Path | None:
-    """After the test's simulation closed: its bundle, if ``--umtt-bundle`` asks for one."""
+def write_item_bundle(item: pytest.Item | pytest.Module, sim: Simulation,
+                      settings: Settings) -> Path | None:
+    """After the test's simulation closed: its bundle, if ``--umtt-bundle`` (or a shrink)
+    asks for one."""
     run = item.stash.get(ITEM_RUN, None)
-    target = bundle_path(settings, item.nodeid)
+    request = item.stash.get(BUNDLE_REQUEST, None)
     machines = list(sim.machines.values())
     kernel = machines[0].kernel if machines else settings.kernel
-    if target is None or kernel is None or not wants_bundle(settings, run):
+    if request is None:
+        target = bundle_path(settings, item.nodeid)
+        if target is None or not wants_bundle(settings, run):
+            return None
+        assert settings.artifacts is not None
+        request = BundleRequest(target, settings.artifacts / STORE, ())
+    if run is None or kernel is None:
         return None
-    assert run is not None and settings.artifacts is not None
     record = RunRecord(
         nodeid=base_nodeid(item.nodeid), seed=settings.seed,
         settings={name: _plain(getattr(settings, name)) for name in RUN_SETTINGS},
         markers=_markers(item), kernel=kernel, rootfs=sim.rootfs, shim=sim.shim,
         test_files=_test_files(item), fingerprint=run.fingerprint, outcome=run.outcome,
         machines={m.name: {"mem": m.mem, "cmdline": m.cmdline,
-                           "kernel": kernel_record(m.kernel)["sha256"]} for m in machines})
+                           "kernel": kernel_record(m.kernel)["sha256"]} for m in machines},
+        schedule=[d.to_json() for d in request.schedule]
+        if BUNDLE_REQUEST in item.stash else None)
     try:
-        written = write_bundle(record, target, store=settings.artifacts / STORE)
+        written = write_bundle(record, request.target, store=request.store)
     except OSError as exc:
-        raise BundleError(f"cannot write the replay bundle {target}: "
+        raise BundleError(f"cannot write the replay bundle {request.target}: "
                           f"{exc.strerror or exc}") from None
-    item.user_properties.append((BUNDLE_PROPERTY, str(written)))  # for CI (JUnit XML)
+    if isinstance(item, pytest.Item):
+        item.user_properties.append((BUNDLE_PROPERTY, str(written)))  # for CI (JUnit XML)
     return written
+
+
+@dataclass
+class ModuleRun:
+    """The tests that share a module's simulation (``uml_module``), and which failed: a
+    failure among them depends on every test before it, so the module is the unit a
+    bundle replays."""
+
+    tests: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+MODULE_RUN = pytest.StashKey[ModuleRun]()
+"""On a module whose tests share a simulation."""
+
+
+def note_module_test(item: pytest.Item, report: pytest.TestReport) -> None:
+    """Count a test that used its module's simulation, and its failure."""
+    module = item.getparent(pytest.Module)
+    run = None if module is None else module.stash.get(MODULE_RUN, None)
+    if run is None or "umtt_module_sim" not in getattr(item, "fixturenames", ()):
+        return
+    if report.when == "setup" and item.nodeid not in run.tests:
+        run.tests.append(item.nodeid)
+    if report.failed and item.nodeid not in run.failed:
+        run.failed.append(item.nodeid)
+
+
+def finish_module_run(module: pytest.Module, sim: Simulation, settings: Settings) -> None:
+    """After a module's simulation closed: compare it with the bundle being replayed, or
+    write its bundle if ``--umtt-bundle`` asks for one."""
+    run = module.stash.get(MODULE_RUN, None)
+    if run is None:
+        return
+    failed = f"{len(run.failed)} of {len(run.tests)} tests failed"
+    outcome = {"outcome": "failed" if run.failed else "passed", "when": "module",
+               **({"error": f"{failed}: {', '.join(run.failed)}"[:500]} if run.failed else {})}
+    end = RunEnd(sim.fingerprint(), outcome)
+    state = module.config.stash[STATE]
+    if state.replay is not None:
+        compare_replay(state, module.nodeid, end)
+        return
+    module.stash[ITEM_RUN] = end
+    written = write_item_bundle(module, sim, settings)
+    if written is not None:
+        state.summary.module_bundles.append(str(written))
 
 
 BUNDLE_PROPERTY = "umtt_bundle"
@@ -123,7 +195,7 @@ def _plain(value: object) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _markers(item: pytest.Item) -> dict[str, Any]:
+def _markers(item: pytest.Item | pytest.Module) -> dict[str, Any]:
     """The pytest-umtt markers on the test, as written (for a person reading the bundle)."""
     found = {}
     for name in MARKERS:
@@ -134,7 +206,7 @@ def _markers(item: pytest.Item) -> dict[str, Any]:
     return found
 
 
-def _test_files(item: pytest.Item) -> dict[str, Path]:
+def _test_files(item: pytest.Item | pytest.Module) -> dict[str, Path]:
     rootdir = item.config.rootpath
     if rootdir not in item.path.parents:
         return {item.path.name: item.path}
@@ -151,11 +223,13 @@ def start_replay(config: pytest.Config, state: SessionState) -> None:
     try:
         bundle = open_bundle(state.settings.replay, directory)
         state.settings = replayed_settings(bundle, state.settings)
+        keep = _kept_decisions(bundle)
     except BundleError as exc:
         shutil.rmtree(directory, ignore_errors=True)
         raise pytest.UsageError(f"--umtt-replay: {exc}") from None
     state.rootfs, state.shim = bundle.rootfs, bundle.shim
-    state.replay = Replay(bundle, directory, changed_test_files(bundle, config.rootpath))
+    state.replay = Replay(bundle, directory, changed_test_files(bundle, config.rootpath),
+                          keep)
     test = config.rootpath / bundle.nodeid.split("::", 1)[0]
     if not test.is_file():
         finish_replay(state)
@@ -164,6 +238,26 @@ def start_replay(config: pytest.Config, state: SessionState) -> None:
             f"run pytest in the project's directory (the bundle holds the file as it was: "
             f"`umtt-bundle show {bundle.path}`)")
     config.args = [str(config.rootpath / bundle.nodeid)]
+
+
+def _kept_decisions(bundle: Bundle) -> frozenset[str] | None:
+    """The keys of a shrunk schedule's decisions, each checked to be one."""
+    if bundle.schedule is None:
+        return None
+    try:
+        return frozenset(Decision.from_json(entry).key for entry in bundle.schedule)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"{bundle.path}: the manifest's schedule is not a list of "
+                          f"decisions ({exc!r})") from None
+
+
+def replayed_decisions(state: SessionState, nodeid: str) -> Decisions | None:
+    """The decision policy a replay runs its test with: the bundle's schedule (every
+    other decision reverted), or every decision its seed makes."""
+    replay: Replay | None = state.replay
+    if replay is None or replay.keep is None or base_nodeid(nodeid) != replay.bundle.nodeid:
+        return None
+    return Decisions(replay.keep)
 
 
 def replayed_settings(bundle: Bundle, base: Settings) -> Settings:
@@ -194,6 +288,9 @@ def replay_header(state: SessionState) -> list[str]:
     manifest = replay.bundle.manifest
     lines = [f"umtt: replaying {replay.bundle.path}: {manifest['nodeid']}, seed "
              f"{manifest['seed']}, written by pytest-umtt {manifest['pytest_umtt']}"]
+    if replay.keep is not None:
+        lines.append(f"umtt: a shrunk schedule: the run keeps {len(replay.keep)} perturbed "
+                     f"decision{'' if len(replay.keep) == 1 else 's'} and reverts every other")
     local = default_kernel()
     if local is not None:
         differences = kernel_differences(manifest["kernel"], kernel_record(local))
@@ -201,6 +298,10 @@ def replay_header(state: SessionState) -> list[str]:
                      else "umtt: this machine's default kernel is another one (the bundle's "
                      "is used): " + "; ".join(differences).replace("(here)", "(this machine)")
                      .replace("(expected)", "(bundle)"))
+    if manifest.get("root") is None:
+        lines.append("umtt: WARNING: the bundle's run used its host's / through hostfs "
+                     "(--umtt-rootfs=host), which no bundle carries: this replay uses this "
+                     "machine's /, and a difference in its userspace can change the run")
     root = _cached_root()
     if root is not None and manifest.get("root") is not None:
         differences = root_differences(manifest["root"], root)

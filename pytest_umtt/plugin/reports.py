@@ -15,7 +15,7 @@ from ..simulation import (
 )
 from ..uml.confine import confinement_problem
 from ..uml.machine import CommandResult
-from .replay import bundle_path, compare_replay, record_run, replay_header
+from .replay import bundle_path, compare_replay, note_module_test, record_run, replay_header
 from .settings import CONSOLE_TAIL, PROTOCOL_TAIL, Settings
 from .state import ITEM_SIM, STATE, SessionState, artifacts_dir, settings_of
 from .triage import reproduce_command
@@ -67,6 +67,7 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    note_module_test(item, report)
     sim = item.stash.get(ITEM_SIM, None)
     if sim is None:
         return report

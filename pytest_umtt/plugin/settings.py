@@ -27,6 +27,8 @@ from ..simulation import (
     DEFAULT_WALL_TIMEOUT,
 )
 from ..uml.machine import DEFAULT_COMMAND_TIMEOUT, DEFAULT_MEM
+from ..units import MAX_SECONDS
+from .names import MARKER_RENAMES, warn_renamed
 
 MEM_PATTERN = re.compile(r"^\d+[KMG]$")
 PROTOCOL_TAIL = 30
@@ -117,10 +119,6 @@ def _raw_setting(config: pytest.Config, option: Option) -> tuple[str, str] | Non
     if ini:
         return ("\n".join(ini) if option.repeated else str(ini)), f"ini {option.name}"
     return None
-
-
-MAX_SECONDS = 1e9
-"""About 31 years: far beyond any test, and its nanoseconds still fit the protocol's s64."""
 
 
 def _positive_float(text: str, where: str) -> float:
@@ -222,7 +220,7 @@ def built_variant(config: KernelConfig, where: str) -> Path:
 
 
 def _marker_kernel(value: object, where: str) -> Path:
-    """``uml(kernel=...)``: a kernel binary's path, or a KernelConfig (its variant)."""
+    """``umtt_machine(kernel=...)``: a kernel binary's path, or a KernelConfig (its variant)."""
     if isinstance(value, KernelConfig):
         return built_variant(value, where)
     return _kernel(str(value), where)
@@ -394,27 +392,46 @@ def resolve_settings(config: pytest.Config) -> Settings:
 # --- markers ------------------------------------------------------------------------
 
 MARKERS = {
-    "uml": "uml(mem=None, cmdline=None, kernel=None): options for this test's machines "
-           "(kernel: a binary's path, or a pytest_umtt.KernelConfig: that variant, built once)",
-    "virtual_timeout": "virtual_timeout(seconds): virtual-time budget of each command",
-    "wall_timeout": "wall_timeout(seconds): wall seconds virtual time may stand still",
+    "umtt_machine": "umtt_machine(mem=None, cmdline=None, kernel=None): options for this "
+                    "test's machines (kernel: a binary's path, or a pytest_umtt.KernelConfig: "
+                    "that variant, built once)",
+    "umtt_virtual_timeout": "umtt_virtual_timeout(seconds): virtual-time budget of each "
+                            "command",
+    "umtt_wall_timeout": "umtt_wall_timeout(seconds): wall seconds virtual time may stand "
+                         "still",
     "umtt_seed": "umtt_seed(n): this test's simulation seed",
     "umtt_allow_splat": "umtt_allow_splat(pattern, reason): let kernel splats whose kind, "
                         "first line or signature matches the regular expression pattern "
                         "pass this test, for the reason given",
-}
-_MARKER_ARGS = {"uml": ((), {"mem", "cmdline", "kernel"}),
-                "virtual_timeout": (("seconds",), set()),
-                "wall_timeout": (("seconds",), set()),
+} | {old: f"{old}: deprecated, use {new}" for old, new in MARKER_RENAMES.items()}
+_MARKER_ARGS = {"umtt_machine": ((), {"mem", "cmdline", "kernel"}),
+                "umtt_virtual_timeout": (("seconds",), set()),
+                "umtt_wall_timeout": (("seconds",), set()),
                 "umtt_seed": (("n",), set())}
+_OLD_MARKER = {new: old for old, new in MARKER_RENAMES.items()}
+
+
+def _closest_marker(item: pytest.Item, name: str) -> tuple[pytest.Mark, str] | None:
+    """The marker ``name``, or the older name it replaced (which warns once)."""
+    marker = item.get_closest_marker(name)
+    if marker is not None:
+        return marker, name
+    old = _OLD_MARKER.get(name)
+    marker = None if old is None else item.get_closest_marker(old)
+    if marker is None or old is None:
+        return None
+    warn_renamed(item.config, "marker", old, item)
+    return marker, old
 
 
 def _marker_values(item: pytest.Item, name: str) -> dict[str, Any] | None:
-    marker = item.get_closest_marker(name)
-    if marker is None:
+    found = _closest_marker(item, name)
+    if found is None:
         return None
+    marker, spelled = found
     positional, keywords = _MARKER_ARGS[name]
-    where = f"{item.nodeid}: @pytest.mark.{MARKERS[name].split(':')[0]}"
+    signature = MARKERS[name].split(":")[0].removeprefix(name)
+    where = f"{item.nodeid}: @pytest.mark.{spelled}{signature}"
     if len(marker.args) > len(positional) or set(marker.kwargs) - keywords - set(positional):
         raise pytest.UsageError(f"{where} got {marker.args} {marker.kwargs}")
     values = dict(zip(positional, marker.args, strict=False))
@@ -428,17 +445,17 @@ def item_settings(item: pytest.Item, base: Settings) -> Settings:
     """The settings of one test: markers override everything else."""
     settings = base
     where = f"{item.nodeid}: marker"
-    if (uml := _marker_values(item, "uml")) is not None:
+    if (uml := _marker_values(item, "umtt_machine")) is not None:
         cmdline = _arguments(uml["cmdline"], where) if "cmdline" in uml else ()
         settings = replace(
             settings,
             mem=_mem(uml["mem"], where) if "mem" in uml else settings.mem,
             cmdline=settings.cmdline + cmdline,
             kernel=_marker_kernel(uml["kernel"], where) if uml.get("kernel") else settings.kernel)
-    if (value := _marker_values(item, "virtual_timeout")) is not None:
+    if (value := _marker_values(item, "umtt_virtual_timeout")) is not None:
         settings = replace(settings,
                            virtual_timeout=_positive_float(str(value["seconds"]), where))
-    if (value := _marker_values(item, "wall_timeout")) is not None:
+    if (value := _marker_values(item, "umtt_wall_timeout")) is not None:
         settings = replace(settings, wall_timeout=_positive_float(str(value["seconds"]), where))
     if (value := _marker_values(item, "umtt_seed")) is not None:
         seed, source = _seed(str(value["n"]), where)

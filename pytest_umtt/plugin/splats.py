@@ -2,7 +2,7 @@
 test ran fails that test, after it ran, unless a marker or option allows it.
 
 Each machine's splats are handed out once, in order, to the test that was running when
-their first line was seen: a machine kept across tests (``uml_module``) blames each test
+their first line was seen: a machine kept across tests (``umtt_module_machine``) blames each test
 for its own. Splats seen by the end of a test's call fail its call phase (a ``FAILED``
 test, whose report says whether the test itself passed); splats printed while its
 machines power off (a driver's remove path) fail its teardown.

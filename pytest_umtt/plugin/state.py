@@ -23,6 +23,8 @@ from ..simulation import (
     Simulation,
 )
 from ..summary import Summary
+from ..summary import Variant as Variant  # noqa: PLC0414 (the plugin's name for it)
+from ..summary import base_nodeid as base_nodeid  # noqa: PLC0414
 from ..uml.agent import COMMANDS_DIR
 from ..uml.machine import Machine
 from .settings import Settings
@@ -36,7 +38,6 @@ class SessionState:
     settings: Settings
     summary: Summary = field(default_factory=Summary)
     open: set[Simulation] = field(default_factory=set)
-    first_runs: dict[str, list[str]] = field(default_factory=dict)
     rootfs: Rootfs | None = None
     previous_sigterm: signal.Handlers | None = None
     shim: Path | None = None
@@ -52,27 +53,6 @@ class SessionState:
         if self.rootfs is None:
             self.rootfs = build_rootfs()
         return self.rootfs
-
-
-@dataclass(frozen=True)
-class Variant:
-    """How one item varies a test: an explored seed, a determinism run, or neither."""
-
-    seed: int | None = None
-    run: int | None = None
-
-    @property
-    def id(self) -> str:
-        parts = [] if self.seed is None else [f"seed={self.seed}"]
-        return "-".join(parts + ([] if self.run is None else [f"determinism-{self.run}"]))
-
-
-VARIANT_ID = re.compile(r"-?(seed=\d+|determinism-[12])")
-
-
-def base_nodeid(nodeid: str) -> str:
-    """The test's node id without the variant pytest-umtt added."""
-    return VARIANT_ID.sub("", nodeid).replace("[]", "").replace("[-", "[")
 
 
 STATE = pytest.StashKey[SessionState]()

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import pytest
 from filelock import FileLock
 
-from ..errors import UmttError
+from ..errors import KselftestFailure, KunitFailure, UmttError
 from ..kselftest import (
     GUEST_TREE,
     KnownOutcome,
@@ -43,10 +43,6 @@ def rerun_alone(item: pytest.Item, suite_option: str) -> str:
     if settings.kernel is not None:
         words.append(f"--uml-kernel={settings.kernel}")
     return shlex.join(words)
-
-
-class KunitFailure(Exception):
-    """A KUnit case reported ``not ok``."""
 
 
 KUNIT_LISTED = re.compile(r"^([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+)$")
@@ -308,10 +304,6 @@ class KunitCase(pytest.Item):
 
     def reportinfo(self) -> tuple[Path, None, str]:
         return self.path, None, f"kunit: {self.name}"
-
-
-class KselftestFailure(Exception):
-    """A kselftest failed, crashed its kernel, or outran a budget."""
 
 
 class KselftestRun(pytest.Collector):

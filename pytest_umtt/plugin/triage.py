@@ -23,11 +23,13 @@ from typing import Any
 import pytest
 from _pytest.runner import runtestprotocol
 
+from ..bundle import STORE, SUFFIX
 from ..controller.perturb import Decision, Decisions
 from ..kernel import kernel_identity
 from ..simulation import Simulation
 from ..summary import SIGNATURE
 from ..triage import ddmin, failure_signature
+from .replay import BUNDLE_REQUEST, BundleRequest, replayed_decisions
 from .settings import Settings
 from .state import ITEM_SIM, STATE, artifacts_dir, base_nodeid, settings_of
 
@@ -97,6 +99,9 @@ def simulation_inputs(item: pytest.Item, settings: Settings) -> tuple[Settings, 
     keep = item.stash.get(KEEP, None)
     if keep is not None:
         return replace(settings, artifacts=None), Decisions(keep)
+    replayed = replayed_decisions(item.config.stash[STATE], item.nodeid)
+    if replayed is not None:
+        return settings, replayed
     schedule = item.config.stash.get(SCHEDULE, None)
     if schedule is not None and base_nodeid(item.nodeid) == schedule.nodeid:
         return replace(settings, seed=schedule.seed, perturb=schedule.perturb,
@@ -291,7 +296,8 @@ class Shrink:
                                  f"decisions: {verdict}")
 
     def _written(self, minimal: list[Decision]) -> dict[str, Any]:
-        """Write the schedule where a later run finds it; what the summary shows."""
+        """Write the schedule where a later run finds it, and a bundle of one more run
+        with it; what the summary shows."""
         schedule = Schedule(base_nodeid(self.item.nodeid), self.settings.seed,
                             self.settings.perturb, tuple(minimal))
         path = self._path()
@@ -299,7 +305,24 @@ class Shrink:
         path.write_text(json.dumps(schedule.to_json(
             signature=self.failed.signature, before=len(self.failed.decisions),
             reruns=self.runs), indent=2) + "\n")
-        return {"file": str(path), "schedule": [d.describe() for d in minimal]}
+        return {"file": str(path), "schedule": [d.describe() for d in minimal],
+                **self._bundled(minimal, path.with_name(path.stem + SUFFIX))}
+
+    def _bundled(self, minimal: list[Decision], target: Path) -> dict[str, Any]:
+        """Rerun keeping ``minimal`` once more, writing its replay bundle at ``target``
+        (the guest root shared in the directory's store, as ``--umtt-bundle`` does)."""
+        store = (self.settings.artifacts or target.parent) / STORE
+        self.item.stash[BUNDLE_REQUEST] = BundleRequest(target, store, tuple(minimal))
+        try:
+            same = self.fails([decision.key for decision in minimal])
+        finally:
+            del self.item.stash[BUNDLE_REQUEST]
+        if not target.is_file():
+            return {"bundle_error": "its rerun wrote no bundle (see the rerun's error)"}
+        if not same:
+            return {"bundle": str(target), "bundle_error": "its rerun did not fail the same "
+                    "way: the bundle holds that run"}
+        return {"bundle": str(target)}
 
     def _path(self) -> Path:
         target = artifacts_dir(self.settings, self.item.nodeid)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pexpect
 import psutil
 
-from ..errors import NS_PER_S
+from ..errors import NS_PER_S, KillError
 from .agent import BOOT_SCRIPT
 from .confine import confine_to
 
@@ -208,7 +208,7 @@ def kill_process_tree(pid: int, timeout: float = 5.0, *, reap_root: bool = True)
     waited = procs if reap_root else procs[1:]
     _, alive = psutil.wait_procs(waited, timeout=timeout)
     if alive:
-        raise RuntimeError(f"processes survived SIGKILL: {[p.pid for p in alive]}")
+        raise KillError([p.pid for p in alive])
     return [p.pid for p in procs]
 
 

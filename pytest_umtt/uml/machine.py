@@ -31,10 +31,12 @@ from ..errors import (
     CommandTimeout,
     DeviceError,
     ExpectTimeout,
+    KillError,
     MachineCrashed,
     MachineError,
     format_ns,
 )
+from ..units import MAX_SECONDS, seconds_to_ns
 from .agent import COMMANDS_DIR, POWEROFF_COMMAND, install, read_without_links
 from .channel import CommandChannel, CommandRecord
 from .channel_console import ConsoleChannel
@@ -52,15 +54,14 @@ from .launch import (
 from .splats import Splat
 
 if TYPE_CHECKING:
-    from ..controller import Calendar, Client, Stop
+    from ..controller import Calendar, Client
 
 # --- the machine ----------------------------------------------------------------------
 
 DEFAULT_IDLE_MAX = 0.1
 DEFAULT_COMMAND_TIMEOUT = 24 * 3600.0
 """Virtual seconds a command may take when the caller gives no timeout."""
-MAX_COMMAND_TIMEOUT = 1e9
-"""About 31 years of virtual time: its nanoseconds still fit the protocol's s64."""
+MAX_COMMAND_TIMEOUT = MAX_SECONDS
 POWEROFF_WALL_TIMEOUT = 2.0
 KILL_GRACE_NS = NS_PER_S
 """Virtual time a command killed at its budget has to end before its machine is stopped."""
@@ -72,10 +73,6 @@ REBOOT_MARKS = (b"reboot: Restarting system", b"sysrq: Resetting")
 REBOOT_MARK_MAX = max(map(len, REBOOT_MARKS))
 MAX_HELD_CONSOLE = 1 << 20
 """Bytes of console output held for a timestamp before they get the run's start time."""
-
-
-def seconds_to_ns(seconds: float) -> int:
-    return round(seconds * NS_PER_S)
 
 
 def command_files(command: str, env: Mapping[str, str] | None, cwd: str | None,
@@ -218,7 +215,7 @@ class MachineHost(Protocol):
                         ) -> AbstractContextManager[None]: ...
 
     def run_until(self, condition: Callable[[], bool] | None = None, *,
-                  deadline_ns: int | None = None, machines: Iterable[Machine] = ()) -> Stop: ...
+                  deadline_ns: int | None = None, machines: Iterable[Machine] = ()) -> object: ...
 
 
 class Machine:
@@ -683,7 +680,10 @@ class Machine:
     def kill(self) -> None:
         """End the whole UML process tree now."""
         if self.process is not None and self.process.pid is not None:
-            kill_process_tree(self.process.pid, reap_root=False)
+            try:
+                kill_process_tree(self.process.pid, reap_root=False)
+            except KillError as exc:
+                raise MachineError(self.name, f"its host {exc}", self.sim.now_ns) from exc
             self.process.wait()
 
     def close(self, keep_directory: bool = False, polite: bool = True) -> None:

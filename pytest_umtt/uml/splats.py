@@ -29,13 +29,25 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..errors import format_ns
 from ..signature import is_trace_line, signature, strip_printk_prefix
 
-if TYPE_CHECKING:
-    from .console import ConsoleLine
+
+class StampedLine(Protocol):
+    """A stamped console line as splats read it (:class:`.console.ConsoleLine` is one;
+    the console imports this module, so this one names only what it reads)."""
+
+    @property
+    def time_ns(self) -> int: ...
+
+    @property
+    def time(self) -> float: ...
+
+    @property
+    def text(self) -> str: ...
+
 
 MAX_SPLAT_LINES = 400
 """Lines kept of one report (KASAN's use-after-free with its allocation and free stacks
@@ -118,9 +130,9 @@ class Splat:
 
     kind: str
     machine: str
-    header: ConsoleLine
+    header: StampedLine
     """The line that made it a splat (``WARNING: CPU: 0 PID: 1 at ...``)."""
-    lines: list[ConsoleLine] = field(default_factory=list)
+    lines: list[StampedLine] = field(default_factory=list)
     complete: bool = False
     truncated: bool = False
 
@@ -179,9 +191,9 @@ class SplatScanner:
         self.splats: list[Splat] = []
         self._reading: list[_Reading] = []
         """The report being read last; the ones it interrupted before it."""
-        self._recent: deque[ConsoleLine] = deque(maxlen=CONTEXT_LINES)
+        self._recent: deque[StampedLine] = deque(maxlen=CONTEXT_LINES)
 
-    def feed(self, line: ConsoleLine) -> None:
+    def feed(self, line: StampedLine) -> None:
         """One more console line."""
         text = strip_printk_prefix(line.text[:SCAN_CHARS])
         header = header_kind(text)
@@ -198,7 +210,7 @@ class SplatScanner:
             self._recent.append(line)
 
     def _takes(self, reading: _Reading, header: tuple[str, str] | None, text: str,
-               line: ConsoleLine) -> bool:
+               line: StampedLine) -> bool:
         """Add ``line`` to the report being read if it belongs there (False: it is to be
         looked at as a line of its own)."""
         splat = reading.splat
@@ -224,11 +236,11 @@ class SplatScanner:
         return True
 
     def _reading_takes(self, header: tuple[str, str] | None, text: str,
-                       line: ConsoleLine) -> bool:
+                       line: StampedLine) -> bool:
         """After a report ended: the one it interrupted, if any, may take the line."""
         return bool(self._reading) and self._takes(self._reading[-1], header, text, line)
 
-    def _start(self, header: tuple[str, str], line: ConsoleLine) -> None:
+    def _start(self, header: tuple[str, str], line: StampedLine) -> None:
         kind, end = header
         if len(self._reading) >= MAX_NESTED:
             self._reading.pop(0)  # reports that never end cannot pile up: drop the oldest
@@ -239,7 +251,7 @@ class SplatScanner:
         if end == "line":
             self._close(complete=True)
 
-    def _context(self, at_ns: int) -> list[ConsoleLine]:
+    def _context(self, at_ns: int) -> list[StampedLine]:
         """The lines before a header from its report's opening line on, if one is near:
         ``cut here`` (and what followed it), or a line of ``=``."""
         recent = [line for line in self._recent if line.time_ns == at_ns]
