@@ -2,6 +2,7 @@
 wall time; one machine per test or one per tree (a fresh one after a stopped test).
 
 Run: python bench/kselftest.py TREE [--wall SECONDS] [--per test|tree] [--only ID...]
+     [--kconfig SPEC]   (a kernel variant as --umtt-kconfig names it, built beforehand)
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pytest_umtt import Machine, Simulation
+from pytest_umtt.kconfig import parse_spec
+from pytest_umtt.kernel import variant_kernel
 from pytest_umtt.kselftest import (
     GUEST_TREE,
     KselftestResult,
@@ -38,11 +41,11 @@ def show(result: KselftestResult, boot: float) -> None:
 
 
 def per_test(tree: Path, tests: list[KselftestTest], wall: float,
-             cmdline: list[str]) -> list[KselftestResult]:
+             cmdline: list[str], kernel: Path | None) -> list[KselftestResult]:
     results = []
     rootfs = build_rootfs()
     for test in tests:
-        with Simulation(rootfs=rootfs, seed=0) as sim:
+        with Simulation(kernel=kernel, rootfs=rootfs, seed=0) as sim:
             started = time.monotonic()
             machine = booted(sim, tree, "ks", cmdline)
             boot = time.monotonic() - started
@@ -54,9 +57,9 @@ def per_test(tree: Path, tests: list[KselftestTest], wall: float,
 
 
 def per_tree(tree: Path, tests: list[KselftestTest], wall: float,
-             cmdline: list[str]) -> list[KselftestResult]:
+             cmdline: list[str], kernel: Path | None) -> list[KselftestResult]:
     results = []
-    with Simulation(rootfs=build_rootfs(), seed=0) as sim:
+    with Simulation(kernel=kernel, rootfs=build_rootfs(), seed=0) as sim:
         machine: Machine | None = None
         for test in tests:
             boot = 0.0
@@ -81,11 +84,15 @@ def main() -> None:
     parser.add_argument("--per", choices=("test", "tree"), default="test")
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--cmdline", nargs="*", default=[])
+    parser.add_argument("--kconfig", help="a kernel variant, as --umtt-kconfig names it")
     args = parser.parse_args()
+    kernel = variant_kernel(parse_spec(args.kconfig, "--kconfig")) if args.kconfig else None
+    if kernel is not None and not kernel.is_file():
+        sys.exit(f"no kernel for {args.kconfig!r}: build it with umtt-kernel build")
     tests = [t for t in read_tests(args.tree) if not args.only or t.id in args.only]
     started = time.monotonic()
     run = per_test if args.per == "test" else per_tree
-    results = run(args.tree, tests, args.wall, args.cmdline)
+    results = run(args.tree, tests, args.wall, args.cmdline, kernel)
     total = time.monotonic() - started
     virtual = sum(r.virtual for r in results)
     counts: dict[str, int] = {}

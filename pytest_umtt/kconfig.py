@@ -134,9 +134,8 @@ def merge(config: KernelConfig, source_tree: Path) -> MergedConfig:
     again; a user part that contradicts REQUIRED is a KernelError naming it."""
     parts = [(f"{path}", _read(path, "--kconfig")) for path in config.fragments]
     parts += [(f"{path}", _read(path, "--kunitconfig")) for path in config.kunitconfigs]
-    parts += [(f"kselftest {target}", _read(_kselftest_config(source_tree, target),
-                                            "--kselftest-config"))
-              for target in config.kselftest_targets]
+    for target in config.kselftest_targets:
+        parts += kselftest_parts(source_tree, target)
     parts += [("--kconfig-add", "\n".join(_checked_option(o) for o in config.options))]
     requested: dict[str, str] = {}
     for origin, text in parts:
@@ -161,12 +160,29 @@ def _read(path: Path, flag: str) -> str:
         raise KernelError(f"{flag} {path}: {exc.strerror or exc}") from None
 
 
-def _kselftest_config(tree: Path, target: str) -> Path:
-    path = tree / "tools" / "testing" / "selftests" / target / "config"
-    if ".." in Path(target).parts or not path.is_file():
-        raise KernelError(f"--kselftest-config {target}: no {path} (a target is a directory "
-                          f"under tools/testing/selftests with a config file, e.g. gpio)")
-    return path
+def kselftest_parts(tree: Path, target: str) -> list[tuple[str, str]]:
+    """What kselftest ``target`` asks of the kernel: its own ``config`` (some targets, rtc
+    and watchdog, have none) and then pytest-umtt's additions for UML
+    (``data/kselftest/TARGET.config``, ``/`` spelled ``-``): a target's config assumes
+    x86's defconfig beneath it, and UML's lacks what some of them lean on."""
+    folder = tree / "tools" / "testing" / "selftests" / target
+    if ".." in Path(target).parts or not folder.is_dir():
+        raise KernelError(f"--kselftest-config {target}: no {folder} (a target is a directory "
+                          f"under tools/testing/selftests, e.g. gpio)")
+    parts = []
+    if (folder / "config").is_file():
+        parts.append((f"kselftest {target}", _read(folder / "config", "--kselftest-config")))
+    additions = uml_additions(target)
+    if additions:
+        parts.append((f"pytest-umtt for kselftest {target} under UML", additions))
+    return parts
+
+
+def uml_additions(target: str) -> str:
+    """pytest-umtt's own options for kselftest ``target`` under UML ("" if none)."""
+    name = f"data/kselftest/{target.replace('/', '-')}.config"
+    found = resources.files("pytest_umtt").joinpath(name)
+    return found.read_text() if found.is_file() else ""
 
 
 def _checked_option(text: str) -> str:

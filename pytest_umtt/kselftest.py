@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 
 from filelock import FileLock
@@ -40,7 +41,8 @@ from .errors import (
     MachineStalled,
     format_ns,
 )
-from .kernel import debian_source, user_source
+from .kconfig import KernelConfig
+from .kernel import build_kernel, debian_source, user_source
 from .ktap import KtapCase, parse_ktap
 from .uml.machine import BackgroundCommand, Machine
 from .units import seconds_to_ns
@@ -62,7 +64,7 @@ CLOCK_READ_NS = 256
 OUTPUT_TAIL = 40
 LINE_BUFFERED = "stdbuf -oL -eL"
 """coreutils' stdbuf: stdio output as on a terminal, not held in a 4 KiB buffer."""
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 
 
 # --- the installed tree ---------------------------------------------------------------
@@ -127,6 +129,37 @@ def virtual_budget(root: Path, test: KselftestTest, override: float | None) -> f
     if configured is None:
         return DEFAULT_TIMEOUT
     return configured or None
+
+
+KNOWN_FILE = "data/kselftest/known.txt"
+KNOWN_KINDS = ("skip", "xfail")
+
+
+@dataclass(frozen=True, slots=True)
+class KnownOutcome:
+    """What pytest-umtt knows of a kselftest beforehand (data/kselftest/known.txt): it
+    cannot work under UML (``skip``: not run), or it fails on any kernel (``xfail``: run,
+    its failure expected)."""
+
+    kind: str
+    reason: str
+
+
+def known_outcomes(text: str | None = None) -> dict[str, KnownOutcome]:
+    """``{"collection:test": KnownOutcome}`` from the shipped list (or ``text``): lines of
+    ``collection:test KIND reason``, ``#`` comments."""
+    if text is None:
+        text = resources.files("pytest_umtt").joinpath(KNOWN_FILE).read_text()
+    known = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        test, kind, reason = ([*line.split(None, 2), "", ""])[:3]
+        if ":" not in test or kind not in KNOWN_KINDS or not reason:
+            raise KselftestError(f"{KNOWN_FILE}:{number}: expected 'collection:test "
+                                 f"{'|'.join(KNOWN_KINDS)} reason', got {line!r}")
+        known[test] = KnownOutcome(kind, reason.strip())
+    return known
 
 
 # --- running one test -------------------------------------------------------------------
@@ -303,6 +336,8 @@ def build_kselftests(targets: Sequence[str], *, source: Path | None = None,
             return final
         with staging_beside(final) as staging:
             _install(tree.path / "tools" / "testing" / "selftests", targets, staging, say)
+            _add_includes(tree.path / "tools" / "testing" / "selftests", targets,
+                          staging / "install")
             if destructive:
                 _list_destructive(tree.path / "tools" / "testing" / "selftests", targets,
                                   staging / "install")
@@ -324,6 +359,25 @@ def _install(selftests: Path, targets: Sequence[str], staging: Path,
     if done.returncode != 0 or not (staging / "install" / LIST_FILE).is_file():
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-OUTPUT_TAIL:])
         raise KselftestError(f"{shlex.join(command)} failed ({done.returncode}):\n{tail}")
+
+
+def missing_includes(target: str) -> list[str]:
+    """Files (relative to tools/testing/selftests) that ``target``'s scripts source but its
+    Makefile does not install (``data/kselftest/TARGET.includes``, ``/`` spelled ``-``):
+    installed, they would fail to start."""
+    name = f"data/kselftest/{target.replace('/', '-')}.includes"
+    found = resources.files("pytest_umtt").joinpath(name)
+    if not found.is_file():
+        return []
+    return [line.strip() for line in found.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _add_includes(selftests: Path, targets: Sequence[str], install: Path) -> None:
+    for target in targets:
+        for relative in missing_includes(target):
+            (install / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(selftests / relative, install / relative)
 
 
 def _list_destructive(selftests: Path, targets: Sequence[str], install: Path) -> None:
@@ -355,14 +409,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--destructive", action="store_true", help="list the targets' "
                        "DESTRUCTIVE_TESTS too (they set the clock; fine in a UML machine)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.add_argument("--kernel", action="store_true", help="build the kernel variant the "
+                       "targets' config files ask for too (umtt-kernel build "
+                       "--kselftest-config TARGET...)")
     args = parser.parse_args(argv)
 
     def say(text: str) -> None:
         print(f"umtt-kselftest: {text}", file=sys.stderr, flush=True)
 
     def step() -> int:
-        path = build_kselftests(args.targets, source=Path(args.source) if args.source else None,
-                                destructive=args.destructive, force=args.force, say=say)
+        source = Path(args.source) if args.source else None
+        path = build_kselftests(args.targets, source=source, destructive=args.destructive,
+                                force=args.force, say=say)
+        config = KernelConfig(kselftest_targets=tuple(args.targets))
+        if args.kernel:
+            tree = user_source(source) if source else debian_source(cache_root(), say)
+            build_kernel(tree, say=say, config=config)
+        say(f"run them: pytest --umtt-kselftest={path} "
+            f"--umtt-kconfig={shlex.quote(config.to_spec())}")
         print(path)
         return 0
 

@@ -59,6 +59,9 @@ class KtapCase:
     reason: str = ""
     diagnostics: tuple[str, ...] = ()
     lines: range = range(0)
+    parent: str = ""
+    """The full name of the test it is a subtest of ("" at the top): its suite, or for a
+    parameter of a parameterised case, that case."""
 
     @property
     def ok(self) -> bool:
@@ -76,12 +79,14 @@ class KtapCase:
         return self.status is KtapStatus.CRASHED
 
 
-def parse_ktap(text: str) -> list[KtapCase]:
-    """Every leaf result (test case) of the first KTAP document in ``text``."""
+def parse_ktap(text: str, *, parents: bool = False) -> list[KtapCase]:
+    """Every leaf result (test case) of the first KTAP document in ``text``; with
+    ``parents``, each test that has subtests too (a suite, a parameterised case: its own
+    result line), just before them."""
     lines = _extract(text)
     if not lines:
         return []
-    return list(_cases(_parse_document(_Cursor(lines)), ()))
+    return list(_cases(_parse_document(_Cursor(lines)), (), parents=parents))
 
 
 # --- Lines -------------------------------------------------------------------------
@@ -271,10 +276,13 @@ def _parse_result(cursor: _Cursor, test: _Test) -> None:
 
 # --- Cases -------------------------------------------------------------------------
 
-def _cases(test: _Test, path: tuple[str, ...]) -> Iterator[KtapCase]:
+def _cases(test: _Test, path: tuple[str, ...], *, parents: bool) -> Iterator[KtapCase]:
     for child in test.children:
         if child.children:
-            yield from _cases(child, (*path, child.name) if child.name else path)
+            if parents and child.name:
+                yield _case(child, path)
+            yield from _cases(child, (*path, child.name) if child.name else path,
+                              parents=parents)
         else:
             yield _case(child, path)
 
@@ -282,7 +290,8 @@ def _cases(test: _Test, path: tuple[str, ...]) -> Iterator[KtapCase]:
 def _case(test: _Test, path: tuple[str, ...]) -> KtapCase:
     name = ".".join((*path, test.name or f"case-{test.number}"))
     reason = test.reason or ("no tests run" if test.status is KtapStatus.NO_TESTS else "")
-    return KtapCase(name, test.status, reason, _dedent(test.log), range(test.first, test.end))
+    return KtapCase(name, test.status, reason, _dedent(test.log), range(test.first, test.end),
+                    ".".join(path))
 
 
 def _dedent(log: list[_Line]) -> tuple[str, ...]:

@@ -56,19 +56,37 @@ PRUNED = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale"
           # tc's ATM queue and libgpiod's C++ binding: the tools used need neither.
           "usr/lib/x86_64-linux-gnu/tc/q_atm.so",
           "usr/lib/x86_64-linux-gnu/libgpiodcxx.so.1.1.2",
-          "usr/lib/x86_64-linux-gnu/libgpiodcxx.so.1")
+          "usr/lib/x86_64-linux-gnu/libgpiodcxx.so.1",
+          # udev: only udevadm (the selftests' `udevadm settle`); no hardware database,
+          # no probes for disks, cameras or security keys.
+          "usr/lib/udev/hwdb.d", "usr/lib/udev/ata_id", "usr/lib/udev/cdrom_id",
+          "usr/lib/udev/dmi_memory_id", "usr/lib/udev/fido_id", "usr/lib/udev/mtd_probe",
+          "usr/lib/udev/scsi_id", "usr/lib/udev/v4l_id", "usr/bin/systemd-hwdb",
+          "usr/lib/udev/rules.d", "usr/share/initramfs-tools", "usr/share/bug",
+          # diffutils' three-way and side-by-side tools; netsniff-ng's vendor and port
+          # tables (for its sniffer; mausezahn is there for the tests that require it):
+          "usr/bin/diff3", "usr/bin/sdiff", "etc/netsniff-ng",
+          # socat's two diagnostic tools; netsniff-ng's tools but mausezahn:
+          "usr/bin/filan", "usr/bin/procan", "usr/sbin/astraceroute", "usr/sbin/bpfc",
+          "usr/sbin/curvetun", "usr/sbin/flowtop", "usr/sbin/ifpps", "usr/sbin/netsniff-ng",
+          "usr/sbin/trafgen")
 """Documentation, translations and service files: never used by a test, a third of the size."""
 MERGED_DIRS = ("bin", "sbin", "lib", "lib64")
 """Debian 12 merges these into /usr; packages still ship some files under the old names."""
 SKELETON_DIRS = ("dev", "etc", "mnt", "proc", "root", "run", "sys", "tmp", "var/cache",
-                 "var/log", "var/spool", "var/tmp", "usr/local/bin")
+                 "var/log", "var/spool", "var/tmp", "usr/local/bin",
+                 # Where the kernel's firmware loader looks first (the firmware selftests
+                 # mount a tmpfs there):
+                 "usr/lib/firmware")
 SKELETON_FILES = {
     "etc/passwd": "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/:/bin/false\n",
     "etc/group": "root:x:0:\nnogroup:x:65534:\n",
     "etc/hosts": "127.0.0.1\tlocalhost\n",
     "etc/nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
 }
-SKELETON_LINKS = {"usr/bin/sh": "bash", "usr/bin/python3": "python3.11"}
+SKELETON_LINKS = {"usr/bin/sh": "bash", "usr/bin/python3": "python3.11",
+                  # What Debian's alternatives and base-files would link:
+                  "usr/bin/awk": "mawk", "var/run": "/run"}
 # The kernel opens /dev/console for init before anything can mount devtmpfs.
 DEVICE_NODES = {"dev/console": (stat.S_IFCHR | 0o600, 5, 1),
                 "dev/null": (stat.S_IFCHR | 0o666, 1, 3)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from pytest_umtt.cache import cache_root
 from pytest_umtt.ktap import KtapCase, KtapStatus, parse_ktap
+from pytest_umtt.plugin.suites import KunitResults
 
 CRAFTED = """\
 random console noise
@@ -262,3 +264,43 @@ def test_results_without_a_name_as_kselftest_prints_skips() -> None:
         ("CLOCK_REALTIME", KtapStatus.PASSED, ""),
         ("case-2", KtapStatus.SKIPPED, "CLOCK_PROCESS_CPUTIME_ID"),
         ("case-3", KtapStatus.PASSED, "")]
+
+
+def kunit_items(test: Any) -> list[str]:
+    """The items a listing boot gives for the cases in kunit.py's tree: ``suite.case``
+    for each case of each top-level suite (lib/kunit/executor.c's list action)."""
+    return [f"{suite.name}.{case.name}" for suite in test.subtests if suite.subtests
+            for case in suite.subtests if case.name]
+
+
+@pytest.mark.parametrize("log", KUNIT_LOGS or [None],
+                         ids=lambda log: log.name if log else "no-kernel-tree")
+def test_each_kunit_py_result_is_one_item_or_one_parameter_report(
+        kunit_parser: ModuleType, log: Path) -> None:
+    # The items and the subtest reports they make, in order, are kunit.py's leaf tests
+    # with their statuses: a case with parameters reports each as a subtest. A case the
+    # kernel died before naming is an item by its listed name, failing as not reported.
+    text = log.read_text(errors="replace")
+    tree = kunit_parser.parse_run_tests(text.splitlines())
+    results = KunitResults.from_text("*", text)
+    reported = [(name, case.status) for item in kunit_items(tree)
+                for name, case in results.reported(item)]
+    expected = [(name, status) for name, status in kunit_leaves(tree)
+                if name.count(".") >= 1 and not re.search(r"\.case-\d+$", name)]
+    assert reported == expected
+
+
+def test_a_parameterised_case_is_one_item_with_its_parameters_reported() -> None:
+    text = ("KTAP version 1\n1..1\n    KTAP version 1\n    # Subtest: suite\n    1..2\n"
+            "        KTAP version 1\n        # Subtest: by_param\n"
+            "        ok 1 zero\n        not ok 2 one\n        ok 3 two # SKIP no two\n"
+            "    not ok 1 by_param\n    ok 2 plain\nnot ok 1 suite\n")
+    results = KunitResults.from_text("suite", text)
+    assert results.cases["suite.by_param"].status is KtapStatus.FAILED
+    assert [(name, case.status, case.reason) for name, case in
+            results.reported("suite.by_param")] == [
+        ("suite.by_param.zero", KtapStatus.PASSED, ""),
+        ("suite.by_param.one", KtapStatus.FAILED, ""),
+        ("suite.by_param.two", KtapStatus.SKIPPED, "no two")]
+    assert [name for name, _ in results.reported("suite.plain")] == ["suite.plain"]
+    assert results.reported("suite.missing") == []

@@ -9,7 +9,7 @@ import pytest
 
 from pytest_umtt.cache import cache_root
 from pytest_umtt.ktap import parse_ktap
-from pytest_umtt.plugin.suites import crash_console
+from pytest_umtt.plugin.suites import KunitBoot, crash_console, listed_cases
 from pytest_umtt.uml.console import Console
 
 pytestmark = pytest.mark.kernel
@@ -298,12 +298,15 @@ def test_kunit_cases_run_when_selected_in_one_boot(pytester: pytest.Pytester,
 
 def test_kunit_cases_spread_over_xdist_workers(pytester: pytest.Pytester,
                                                kernel_args: list[str]) -> None:
-    # Each worker lists once and runs its share in one boot: four boots in all.
+    # The workers share one listing boot and one boot that runs the cases: the first to
+    # ask boots, the other reads what it recorded. Two boots in all, as without xdist.
     result = pytester.runpytest_subprocess(*kernel_args, "--umtt-kunit=list-kunit-test",
-                                           "-n", "2")
+                                           "-n", "2", "-v")
     outcomes = result.parseoutcomes()
     assert outcomes["passed"] > 30 and "failed" not in outcomes
-    result.stdout.fnmatch_lines(["4 simulations: *"])
+    result.stdout.fnmatch_lines_random(["*gw0*PASSED*kunit::list-kunit-test.*",
+                                        "*gw1*PASSED*kunit::list-kunit-test.*"])
+    result.stdout.fnmatch_lines(["2 simulations: *"])
 
 
 def test_kunit_glob_that_matches_nothing_fails_clearly(pytester: pytest.Pytester,
@@ -331,6 +334,18 @@ def test_xdist_workers_have_their_own_simulations(pytester: pytest.Pytester,
     result.stdout.fnmatch_lines(["*4 simulations: * s of virtual time in * s wall*"])
 
 
+def test_the_listing_gives_cases_and_each_empty_suite() -> None:
+    # lib/kunit/executor.c prints each suite's name, then its cases; a suite with none
+    # (kunit_fault where the architecture cannot fault on purpose) is one skipped test
+    # for the kernel and kunit.py alike, so it is an item too.
+    console = ("Linux version 6.12\nKTAP version 1\nexample\nexample.example_simple_test\n"
+               "kunit_fault\nlist-kunit-test\nlist-kunit-test.list_test_list_init\n"
+               "random: crng init done\nmctp\nRun /bin/bash as init process\nstray\n")
+    assert listed_cases(console) == ["example.example_simple_test", "kunit_fault",
+                                     "list-kunit-test.list_test_list_init", "mctp"]
+    assert listed_cases("no listing here\n") == []
+
+
 def test_a_crashed_kunit_case_shows_the_crash_and_its_times(tmp_path: Path) -> None:
     logs = sorted(cache_root().glob("src/*/tools/testing/kunit/test_data"))
     if not logs:
@@ -339,7 +354,11 @@ def test_a_crashed_kunit_case_shows_the_crash_and_its_times(tmp_path: Path) -> N
     console.feed((logs[0] / "test_kernel_panic_interrupt.log").read_bytes(), 1_500_000)
     crashed = [case for case in parse_ktap(console.text) if case.crashed]
     assert crashed
-    shown = crash_console(console, crashed[0])
+    boot = KunitBoot(console, "", None)
+    shown = crash_console(boot, crashed[0])
     assert "Kernel panic - not syncing" in shown
     assert "[0.001500000 s]" in shown
+    # Another xdist worker reads the same from what this boot recorded.
+    recorded = KunitBoot.from_record(json.loads(json.dumps(boot.record())))
+    assert recorded.console is None and crash_console(recorded, crashed[0]) == shown
     console.close()

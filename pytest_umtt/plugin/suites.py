@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shlex
 import time
@@ -11,13 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from filelock import FileLock
 
 from ..errors import KselftestFailure, KunitFailure, UmttError
 from ..kselftest import (
     GUEST_TREE,
+    KnownOutcome,
     KselftestResult,
     KselftestTest,
     Outcome,
+    known_outcomes,
     read_tests,
     run_kselftest,
     virtual_budget,
@@ -42,6 +47,30 @@ def rerun_alone(item: pytest.Item, suite_option: str) -> str:
 
 KUNIT_LISTED = re.compile(r"^([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+)$")
 """A case as ``kunit.action=list`` prints it: ``suite.case`` (lib/kunit/executor.c)."""
+KUNIT_LISTED_SUITE = re.compile(r"^[A-Za-z0-9_-]+$")
+"""A suite as the listing prints it, on its own line before its cases."""
+LISTING_OVER = (" as init process", "Freeing unused kernel")
+"""What the kernel prints once the listing (in its init, before userspace) is over."""
+
+
+def listed_cases(text: str) -> list[str]:
+    """The cases a listing boot printed, in order, and each suite that has none by its own
+    name: the kernel reports an empty suite as one skipped test, and kunit.py counts it."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "KTAP version 1"), None)
+    found: list[str] = []
+    empty: str | None = None  # the last suite listed, while no case of it has been
+    for line in lines[len(lines) if start is None else start + 1:]:
+        word = line.strip()
+        if any(mark in line for mark in LISTING_OVER):
+            break
+        if KUNIT_LISTED.match(word):
+            empty = None if word.startswith(f"{empty}.") else empty
+            found.append(word)
+        elif KUNIT_LISTED_SUITE.match(word):
+            found += [empty] if empty else []
+            empty = word
+    return [*found, *([empty] if empty else [])]
 
 
 class KunitRun(pytest.Collector):
@@ -52,10 +81,9 @@ class KunitRun(pytest.Collector):
     def collect(self) -> list[pytest.Item]:
         settings = self.config.stash[STATE].settings
         glob = settings.kunit or "*"
-        listing = boot_kunit(self.config, settings, glob, action="list")
+        listing = shared_kunit_boot(self.config, settings, glob, action="list")
         boot_error, tail = listing.error, listing.tail
-        names = [line.strip() for line in listing.text.splitlines()
-                 if KUNIT_LISTED.match(line.strip())]
+        names = listed_cases(listing.text)
         items: list[pytest.Item] = [KunitCase.from_parent(self, name=name)
                                     for name in dict.fromkeys(names)]
         if boot_error is not None:
@@ -69,16 +97,65 @@ class KunitRun(pytest.Collector):
 
 @dataclass(frozen=True, slots=True)
 class KunitBoot:
-    """What a KUnit machine printed, and the error if it did not come up."""
+    """What a KUnit machine printed, and the error if it did not come up. A boot another
+    xdist worker made has no console, only what it recorded (:func:`shared_kunit_boot`)."""
 
     console: Console | None
     tail: str
     error: UmttError | None
+    recorded_text: str = ""
+    recorded_lines: tuple[str, ...] = ()
 
     @property
     def text(self) -> str:
         """The whole console."""
-        return self.console.text if self.console else ""
+        return self.console.text if self.console else self.recorded_text
+
+    def timed_lines(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """Console lines ``start`` to ``stop``, each with its virtual time."""
+        if self.console is not None:
+            return [str(line) for line in self.console.lines[start:stop]]
+        return list(self.recorded_lines[start:stop])
+
+    def record(self) -> dict[str, object]:
+        """What another worker needs to read this boot (JSON)."""
+        return {"text": self.text, "lines": self.timed_lines(),
+                "tail": self.tail, "error": None if self.error is None else str(self.error)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> KunitBoot:
+        """A boot as :meth:`record` wrote it."""
+        error = record.get("error")
+        return cls(None, str(record["tail"]), None if error is None else UmttError(error),
+                   str(record["text"]), tuple(record["lines"]))
+
+
+def shared_kunit_boot(config: pytest.Config, settings: Settings, glob: str,
+                      action: str | None = None) -> KunitBoot:
+    """:func:`boot_kunit`, once per run: under xdist the first worker to ask boots and
+    records what it saw beside the workers' temporary directories, and the others read
+    it (the same kernel, seed and glob give the same boot), so ``-n 2`` lists and runs
+    the cases once, not once per worker."""
+    shared = _shared_directory(config)
+    if shared is None:
+        return boot_kunit(config, settings, glob, action)
+    name = hashlib.sha256(f"{settings.kernel}\0{settings.seed}\0{glob}\0{action}".encode())
+    record = shared / f"umtt-kunit-{name.hexdigest()[:16]}.json"
+    with FileLock(str(record) + ".lock"):
+        if record.is_file():
+            return KunitBoot.from_record(json.loads(record.read_text()))
+        boot = boot_kunit(config, settings, glob, action)
+        record.write_text(json.dumps(boot.record()))
+        return boot
+
+
+def _shared_directory(config: pytest.Config) -> Path | None:
+    """The directory an xdist run's workers share (their temporary directories' parent,
+    as xdist documents for work done once per run); None outside xdist."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    if not hasattr(config, "workerinput") or factory is None:
+        return None
+    return Path(factory.getbasetemp()).parent
 
 
 def boot_kunit(config: pytest.Config, settings: Settings, glob: str,
@@ -88,7 +165,9 @@ def boot_kunit(config: pytest.Config, settings: Settings, glob: str,
     started = time.monotonic()
     sim = open_simulation(config, settings)
     boot_error: UmttError | None = None
-    cmdline = ["kunit.enable=1", f"kunit.filter_glob={glob}"]
+    # Any filter drops the suites that have no case (lib/kunit/executor.c), which the
+    # kernel otherwise reports as skipped, as kunit.py, which passes none, counts them.
+    cmdline = ["kunit.enable=1", *([f"kunit.filter_glob={glob}"] if glob != "*" else [])]
     if action is not None:
         cmdline.append(f"kunit.action={action}")
     try:
@@ -104,24 +183,63 @@ def boot_kunit(config: pytest.Config, settings: Settings, glob: str,
 
 
 KUNIT_RUNS = pytest.StashKey[dict[str, "KunitResults"]]()
+KUNIT_GLOB = pytest.StashKey[str]()
+"""The glob the session's KUnit boot runs, once its items are known."""
+
+
+def narrowest_glob(selected: list[str], session_glob: str) -> str:
+    """One case, one suite, or else the session's glob: what a boot that runs the
+    ``selected`` cases needs."""
+    suites = {name.split(".")[0] for name in selected}
+    if len(selected) == 1:
+        return selected[0]
+    if len(suites) == 1:
+        return suites.pop()
+    return session_glob
 
 
 @dataclass(frozen=True, slots=True)
 class KunitResults:
-    """What one boot reported: each case by name, and what to say of a case it did not."""
+    """What one boot reported: each case by name (suites and parameterised cases too),
+    the subtests of each, and what to say of a case it did not report."""
 
     glob: str
     cases: dict[str, KtapCase]
-    console: Console | None
+    subtests: dict[str, list[KtapCase]]
+    boot: KunitBoot | None
     missing: str
 
+    @classmethod
+    def from_boot(cls, glob: str, boot: KunitBoot) -> KunitResults:
+        """What ``boot``'s console says of each case."""
+        missing = (f"the machine did not come up: {boot.error}" if boot.error is not None else
+                   f"the kernel stopped reporting before it (console tail:\n{boot.tail})")
+        return cls.from_text(glob, boot.text, boot, missing)
 
-def crash_console(console: Console | None, case: KtapCase) -> str:
+    @classmethod
+    def from_text(cls, glob: str, text: str, boot: KunitBoot | None = None,
+                  missing: str = "") -> KunitResults:
+        """What a KUnit console's ``text`` says of each case."""
+        cases = parse_ktap(text, parents=True)
+        subtests: dict[str, list[KtapCase]] = {}
+        for case in cases:
+            subtests.setdefault(case.parent, []).append(case)
+        return cls(glob, {case.name: case for case in cases}, subtests, boot, missing)
+
+    def reported(self, item: str) -> list[tuple[str, KtapCase]]:
+        """What the item for case ``item`` reports, by full name: its parameters (each a
+        subtest report) if it has any, else the case itself."""
+        params = self.subtests.get(item)
+        if params:
+            return [(param.name, param) for param in params]
+        case = self.cases.get(item)
+        return [(item, case)] if case is not None else []
+
+
+def crash_console(boot: KunitBoot | None, case: KtapCase) -> str:
     """The console from a crashed case on, each line with its virtual time."""
-    if console is None:
-        return ""
-    shown = console.lines[case.lines.start:case.lines.start + CONSOLE_TAIL]
-    return "console from the crash on:\n" + "\n".join(str(line) for line in shown)
+    shown = boot.timed_lines(case.lines.start, case.lines.start + CONSOLE_TAIL) if boot else []
+    return "console from the crash on:\n" + "\n".join(shown) if shown else ""
 
 
 class KunitCase(pytest.Item):
@@ -143,7 +261,11 @@ class KunitCase(pytest.Item):
             raise KunitFailure(f"not reported by the boot that ran {results.glob!r}: "
                                f"{results.missing}")
         if case.crashed:
-            self.detail = crash_console(results.console, case)
+            self.detail = crash_console(results.boot, case)
+        for name, param in results.reported(self.name):
+            if param is not case:
+                queue_subtest_report(self, param, f"KUnit {self.name}",
+                                     name.removeprefix(f"{self.name}."))
         if case.skipped:
             pytest.skip(case.reason or "skipped by KUnit")
         if not case.ok:
@@ -154,23 +276,19 @@ class KunitCase(pytest.Item):
         runs = self.config.stash.setdefault(KUNIT_RUNS, {})
         if glob not in runs:
             settings = self.config.stash[STATE].settings
-            boot = boot_kunit(self.config, settings, glob)
-            missing = (f"the machine did not come up: {boot.error}" if boot.error is not None else
-                       f"the kernel stopped reporting before it (console tail:\n{boot.tail})")
-            runs[glob] = KunitResults(glob, {c.name: c for c in parse_ktap(boot.text)},
-                                      boot.console, missing)
+            runs[glob] = KunitResults.from_boot(
+                glob, shared_kunit_boot(self.config, settings, glob))
         return runs[glob]
 
     def _glob(self) -> str:
         """The narrowest glob for the cases selected in this session: one case, one
-        suite, or the session's own (``--umtt-kunit``); a case outside it still runs."""
-        selected = [item.name for item in self.session.items if isinstance(item, KunitCase)]
-        suites = {name.split(".")[0] for name in selected}
-        if len(selected) == 1:
-            return selected[0]
-        if len(suites) == 1:
-            return f"{suites.pop()}"
-        return self.config.stash[STATE].settings.kunit or "*"
+        suite, or the session's own (``--umtt-kunit``); a case outside it still runs.
+        Worked out once per session (each case asks: once each would be quadratic)."""
+        if KUNIT_GLOB not in self.config.stash:
+            selected = [item.name for item in self.session.items if isinstance(item, KunitCase)]
+            self.config.stash[KUNIT_GLOB] = narrowest_glob(
+                selected, self.config.stash[STATE].settings.kunit or "*")
+        return self.config.stash[KUNIT_GLOB]
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
                      style: Any = None) -> str:
@@ -198,21 +316,35 @@ class KselftestRun(pytest.Collector):
     def collect(self) -> list[pytest.Item]:
         settings = self.config.stash[STATE].settings
         assert settings.kselftest is not None
-        return [KselftestItem.from_parent(self, name=test.id, test=test)
-                for test in read_tests(settings.kselftest)]
+        known = known_outcomes()
+        items: list[pytest.Item] = []
+        for test in read_tests(settings.kselftest):
+            item = KselftestItem.from_parent(self, name=test.id, test=test,
+                                             known=known.get(test.id))
+            if item.known is not None and item.known.kind == "xfail":
+                # Run; its failure (not a splat) is expected.
+                item.add_marker(pytest.mark.xfail(reason=item.known.reason,
+                                                  raises=KselftestFailure, strict=False))
+            items.append(item)
+        return items
 
 
 class KselftestItem(pytest.Item):
     """One kselftest: it runs in a machine of its own when the item runs."""
 
-    def __init__(self, *, test: KselftestTest, **kwargs: Any) -> None:
+    def __init__(self, *, test: KselftestTest, known: KnownOutcome | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.test = test
+        self.known = known
+        """What data/kselftest/known.txt says of it, if anything."""
         self.result: KselftestResult | None = None
         self.splats: list[Splat] = []
         """What the test's kernel reported and survived (a splat fails the test)."""
 
     def runtest(self) -> None:
+        if self.known is not None and self.known.kind == "skip":
+            pytest.skip(f"not under UML: {self.known.reason}")
         try:
             self._outcome()
         except pytest.skip.Exception:
@@ -228,7 +360,7 @@ class KselftestItem(pytest.Item):
         self.user_properties += [("umtt_virtual_seconds", f"{result.virtual:.9f}"),
                                  ("umtt_wall_seconds", f"{result.wall_seconds:.3f}")]
         for case in result.cases:
-            self._report_subtest(case)
+            queue_subtest_report(self, case, f"kselftest {self.name}", case.name)
         if result.outcome is Outcome.SKIP:
             pytest.skip(result.detail)
         if result.outcome is not Outcome.PASS:
@@ -256,29 +388,6 @@ class KselftestItem(pytest.Item):
             self.splats = [splat for machine in sim.machines.values()
                            for splat in machine.splats]
 
-    def _report_subtest(self, case: KtapCase) -> None:
-        """A KTAP subtest's result as a report of its own (``TEST/SUBTEST``): they are
-        known only once the test ran, too late to be collected as items. Logged once the
-        test's own reports are (:func:`pytest_runtest_protocol`), outside its capture."""
-        longrepr: Any = None
-        outcome: Literal["passed", "failed", "skipped"] = "passed"
-        if case.skipped:
-            outcome = "skipped"
-            longrepr = (str(self.path), 0, f"Skipped: {case.reason or 'skipped (KTAP)'}")
-        elif not case.ok:
-            outcome = "failed"
-            longrepr = (f"kselftest {self.name}/{case.name}: "
-                        + ("\n".join(case.diagnostics) or "not ok"))
-        # pytest's subtest reports: the test's own node id (xdist requires it), the
-        # subtest's name as their context; shown as SUBPASSED[name] and counted apart.
-        report = pytest.SubtestReport(
-            nodeid=self.nodeid, location=self.location, keywords={}, outcome=outcome,
-            longrepr=longrepr, when="call", user_properties=[("umtt_ktap_subtest", case.name)])
-        report.context = KtapContext(msg=case.name)  # type: ignore[assignment]
-        self.config.stash.setdefault(SUBTEST_REPORTS, {}).setdefault(self.nodeid, []).append(
-            report)
-
-
     def _failure_text(self) -> str:
         result = self.result
         assert result is not None
@@ -300,6 +409,28 @@ class KselftestItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Path, None, str]:
         return self.path, None, f"kselftest: {self.name}"
+
+
+def queue_subtest_report(item: pytest.Item, case: KtapCase, label: str, name: str) -> None:
+    """A KTAP subtest's result (a kselftest's subtest, a KUnit case's parameter) as a
+    report of its own, ``name`` in its context: they are known only once the item ran,
+    too late to be collected as items. Logged once the item's own reports are
+    (:func:`pytest_runtest_protocol`), outside its capture."""
+    longrepr: Any = None
+    outcome: Literal["passed", "failed", "skipped"] = "passed"
+    if case.skipped:
+        outcome = "skipped"
+        longrepr = (str(item.path), 0, f"Skipped: {case.reason or 'skipped (KTAP)'}")
+    elif not case.ok:
+        outcome = "failed"
+        longrepr = f"{label}/{name}: " + ("\n".join(case.diagnostics) or "not ok")
+    # pytest's subtest reports: the item's own node id (xdist requires it), the
+    # subtest's name as their context; shown as SUBPASSED[name] and counted apart.
+    report = pytest.SubtestReport(
+        nodeid=item.nodeid, location=item.location, keywords={}, outcome=outcome,
+        longrepr=longrepr, when="call", user_properties=[("umtt_ktap_subtest", name)])
+    report.context = KtapContext(msg=name)  # type: ignore[assignment]
+    item.config.stash.setdefault(SUBTEST_REPORTS, {}).setdefault(item.nodeid, []).append(report)
 
 
 @dataclass(frozen=True, slots=True)
