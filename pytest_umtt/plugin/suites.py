@@ -118,6 +118,28 @@ class KunitResults:
     cases: dict[str, KtapCase]
     console: Console | None
     missing: str
+    splats: dict[str, list[Splat]] = field(default_factory=dict)
+    """The boot's splats, by the case they appeared in (:func:`splats_by_case`)."""
+
+
+def splats_by_case(console: Console | None, cases: list[KtapCase]) -> dict[str, list[Splat]]:
+    """Each splat of a KUnit boot, given to the case during which it appeared: the last
+    case whose console lines start at or before the splat's header (what a suite's exit
+    or the next suite's init prints goes with the case before it), or the first case
+    (the boot before any). Cases' lines are indices into the console's ``text.splitlines()``."""
+    if console is None or not cases or not console.splats:
+        return {}
+    position, index = {}, 0
+    for line in console.lines:
+        position[id(line)] = index
+        index += max(1, len(line.text.splitlines()))  # splitlines splits at \f, \x1c...
+    ordered = sorted(cases, key=lambda case: case.lines.start)
+    found: dict[str, list[Splat]] = {}
+    for splat in console.splats:
+        at = position.get(id(splat.header), 0)
+        case = next((c for c in reversed(ordered) if c.lines.start <= at), ordered[0])
+        found.setdefault(case.name, []).append(splat)
+    return found
 
 
 def crash_console(console: Console | None, case: KtapCase) -> str:
@@ -142,6 +164,18 @@ class KunitCase(pytest.Item):
         if self.listing_error:
             raise KunitFailure(self.listing_error)
         results = self._results()
+        splats = results.splats.get(self.name, [])
+        try:
+            self._outcome(results)
+        except pytest.skip.Exception:
+            judge(self, "call", splats, already_failed=False)  # a splat still fails
+            raise
+        except Exception:
+            judge(self, "call", splats, already_failed=True)
+            raise
+        judge(self, "call", splats, already_failed=False)
+
+    def _outcome(self, results: KunitResults) -> None:
         self.case = case = results.cases.get(self.name)
         if case is None:
             raise KunitFailure(f"not reported by the boot that ran {results.glob!r}: "
@@ -161,8 +195,9 @@ class KunitCase(pytest.Item):
             boot = boot_kunit(self.config, settings, glob)
             missing = (f"the machine did not come up: {boot.error}" if boot.error is not None else
                        f"the kernel stopped reporting before it (console tail:\n{boot.tail})")
-            runs[glob] = KunitResults(glob, {c.name: c for c in parse_ktap(boot.text)},
-                                      boot.console, missing)
+            cases = parse_ktap(boot.text)
+            runs[glob] = KunitResults(glob, {c.name: c for c in cases}, boot.console, missing,
+                                      splats_by_case(boot.console, cases))
         return runs[glob]
 
     def _glob(self) -> str:
