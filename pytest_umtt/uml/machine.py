@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import pexpect
 
+from ..coverage import GCOV_ENVIRONMENT, CoverageSink, wait_for_exit
 from ..devices import VirtioDevice
 from ..devices.console import VirtioConsole
 from ..errors import (
@@ -70,6 +71,9 @@ REBOOT_MARKS = (b"reboot: Restarting system", b"sysrq: Resetting")
 """What the kernel prints before UML re-executes itself to reboot: reboot(2)'s line
 (kernel/reboot.c), or a sysrq reset's, which prints only its action (drivers/tty/sysrq.c)."""
 REBOOT_MARK_MAX = max(map(len, REBOOT_MARKS))
+COVERAGE_EXIT_WALL_TIMEOUT = 60.0
+"""Wall seconds a coverage kernel may take from its halt to its exit: libgcov writes a
+file per object file then (~3,000)."""
 MAX_HELD_CONSOLE = 1 << 20
 """Bytes of console output held for a timestamp before they get the run's start time."""
 
@@ -205,6 +209,8 @@ class MachineHost(Protocol):
     confined: bool
     time_travel_start_ns: int
     wall_timeout: float
+    coverage: CoverageSink | None
+    """Where a coverage kernel's counts go as each machine closes (None: not gathered)."""
 
     @property
     def now_ns(self) -> int: ...
@@ -293,6 +299,8 @@ class Machine:
         command = uml_command(self.kernel, client_id=self.client_id, mem=self.mem, extra=extra,
                               time_travel_start_ns=start_ns, rootfs=self.rootfs)
         env = uml_environment(self.sim.shim, derive_seed(self.sim.seed, self.name))
+        if self.sim.coverage is not None:
+            env.update(GCOV_ENVIRONMENT)
         self.process = spawn_uml(command, self.directory, env, confined=self.sim.confined)
         self._pty_fd = int(self.process.child_fd)
         self.sim.calendar.add_reader(self._pty_fd, self._read_console)
@@ -691,10 +699,24 @@ class Machine:
         try:
             if polite and self.alive and self.state is MachineState.READY:
                 self.poweroff()
+                self._gather_coverage()
         except MachineError:
             pass  # the kill below ends it either way; the error stays in self.error
         finally:
             self._release(keep_directory)
+
+    def _gather_coverage(self) -> None:
+        """A coverage kernel writes its counts as its process exits, after the halt that
+        powered it off: wait for that (bounded in wall time), then take them."""
+        sink = self.sim.coverage
+        if sink is None or self.state is not MachineState.OFF or self.process is None:
+            return
+        assert self.process.pid is not None
+        if wait_for_exit(self.process.pid, COVERAGE_EXIT_WALL_TIMEOUT):
+            sink.harvest(self.name, self.directory)
+        else:
+            sink.missed.append(f"{self.name}: the kernel did not exit within "
+                               f"{COVERAGE_EXIT_WALL_TIMEOUT:g} s of its halt")
 
     def _release(self, keep_directory: bool) -> None:
         self.kill()
