@@ -250,16 +250,26 @@ def read_tracefile(path: Path) -> list[Record]:
 
 
 def summarise(records: Sequence[Record], prefix: str, name: str) -> Summary:
-    """Lines and functions found and hit in the files under ``prefix``."""
-    totals = {"LF": 0, "LH": 0, "FNF": 0, "FNH": 0}
+    """Lines and functions found and hit in the files under ``prefix``, counted from
+    the records' own data (``DA:line,count``, ``FNDA:count,name``): lcov writes the
+    LF/LH totals or not, by version."""
+    lines_found = lines_hit = functions_found = functions_hit = 0
     for source, lines in records:
         if not source.startswith(prefix):
             continue
         for line in lines:
             key, _, value = line.partition(":")
-            if key in totals and value.isdigit():
-                totals[key] += int(value)
-    return Summary(name, totals["LF"], totals["LH"], totals["FNF"], totals["FNH"])
+            if key == "DA":
+                lines_found += 1
+                lines_hit += _count(value.split(",")[1:2]) > 0
+            elif key == "FNDA":
+                functions_found += 1
+                functions_hit += _count(value.split(",")[:1]) > 0
+    return Summary(name, lines_found, lines_hit, functions_found, functions_hit)
+
+
+def _count(fields: list[str]) -> int:
+    return int(fields[0]) if fields and fields[0].isdigit() else 0
 
 
 def _extract(records: Sequence[Record], prefixes: Sequence[str], target: Path) -> None:
