@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_umtt import KernelConfig
+from pytest_umtt.cache import cache_root
 from pytest_umtt.coverage import (
     GCOV_DIR,
     GCOV_ENVIRONMENT,
@@ -24,7 +26,7 @@ from pytest_umtt.coverage import (
     summarise,
     write_report,
 )
-from pytest_umtt.kernel import COVERAGE_NOTES, VARIANT_FILE
+from pytest_umtt.kernel import COVERAGE_NOTES, VARIANT_FILE, build_kernel, debian_source
 
 PROGRAM = """\
 int branch(int n)
@@ -121,7 +123,7 @@ def test_no_counts_no_report(tmp_path: Path) -> None:
     sink = CoverageSink(kernel, tmp_path / "session")
     (tmp_path / "m1").mkdir()
     sink.harvest("m1", tmp_path / "m1")
-    with pytest.raises(CoverageError, match="no machine left coverage counts: m1: no .gcda"):
+    with pytest.raises(CoverageError, match=r"no machine left coverage counts: m1: no \.gcda"):
         write_report(sink, src, [""])
 
 
@@ -146,3 +148,44 @@ def test_the_report_has_html_and_a_summary_per_directory(tmp_path: Path) -> None
     assert drivers.line() == "drivers/: lines - (0 of 0), functions - (0 of 0)"
     assert summarise(read_tracefile(report.tracefile), str(src) + "/", "").lines_found == (
         lib.lines_found)
+
+
+@pytest.fixture(scope="module")
+def coverage_kernel(uml_kernel: Path) -> Path:
+    """The coverage variant, built once (nearly a full build, with debug info) and cached."""
+    return build_kernel(debian_source(cache_root(), print), config=KernelConfig(coverage=True))
+
+
+@pytest.mark.kernel
+@needs_lcov
+def test_a_session_reports_the_kernel_code_its_tests_ran(
+        pytester: pytest.Pytester, real_cache: Path, coverage_kernel: Path) -> None:
+    pytester.makepyfile("""
+        def test_sleeps(uml):
+            assert uml.run("sleep 1").ok
+
+        def test_two_machines(uml_factory):
+            first, second = uml_factory(), uml_factory()
+            assert first.run("cat /proc/uptime").ok and second.run("true").ok
+    """)
+    result = pytester.runpytest_subprocess("--umtt-coverage=kernel/time/,drivers/gpio/",
+                                           "-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=2)
+    root = pytester.path / "umtt-coverage"
+    result.stdout.fnmatch_lines([
+        f"umtt coverage: {root}/html/index.html (lcov: {root}/kernel.info)",
+        "  kernel/time/: lines *% (* of *), functions *% (* of *)",
+        "  drivers/gpio/: lines *",
+    ])
+    assert (root / "html" / "index.html").is_file()
+    records = read_tracefile(root / "kernel.info")
+    source = next(path for path, _lines in records if path.endswith("/kernel/time/hrtimer.c"))
+    tree = source.removesuffix("kernel/time/hrtimer.c")
+    timers = summarise(records, tree + "kernel/time/", "kernel/time/")
+    assert 0 < timers.lines_hit < timers.lines_found  # sleep ran hrtimers, not all of them
+    # Three machines' counts, from two workers, added up: every boot runs start_kernel once.
+    main = summarise(records, tree + "init/main.c", "init/main.c")
+    assert main.lines_hit > 0
+    start = next(line for path, lines in records if path.endswith("/init/main.c")
+                 for line in lines if line.endswith(",start_kernel"))
+    assert start == "FNDA:3,start_kernel"
