@@ -22,7 +22,6 @@ package to install.
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import stat
 import subprocess
@@ -32,11 +31,8 @@ from pathlib import Path
 
 from .errors import UmttError
 from .kernel import coverage_notes
+from .uml.launch import GCOV_DIR
 
-GCOV_DIR = ".gcov"
-GCOV_ENVIRONMENT = {"GCOV_PREFIX": GCOV_DIR}
-"""What a coverage machine's UML process gets beside its environment (relative: UML runs
-in its machine directory)."""
 MAX_GCDA_FILES = 20_000
 """More .gcda files than a whole-kernel build has objects (~3,000 for ARCH=um defconfig
 and pytest-umtt's fragment)."""
@@ -113,19 +109,6 @@ class CoverageSink:
         shutil.rmtree(self.data)
         merged.rename(self.data)
         shutil.rmtree(incoming, ignore_errors=True)
-
-
-def wait_for_exit(pid: int, timeout: float) -> bool:
-    """Whether process ``pid`` exits (or has) within ``timeout`` wall seconds: its pidfd
-    becomes readable when it does."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
 
 
 def _copy_counts(source: Path, target: Path) -> int:

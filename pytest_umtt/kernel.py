@@ -437,8 +437,7 @@ def _build_and_publish(source: KernelSource, merged: MergedConfig, final_dir: Pa
         for option in missed:
             say(f"warning: {option}: olddefconfig did not keep it (a dependency UML lacks?)")
         _publish(objdir, final_dir, log, source,
-                 {"variant": variant, "requested": merged.requested, "did_not_take": missed,
-                  "objdir": str(objdir)})
+                 {"variant": variant, "requested": merged.requested, "did_not_take": missed})
 
 
 def _run_build(source: KernelSource, objdir: Path, merged: MergedConfig, *, jobs: int,
@@ -561,6 +560,7 @@ def _publish(objdir: Path, final_dir: Path, log: Path, source: KernelSource,
                             ignore=shutil.ignore_patterns("build", "source"))
         if GCOV_LINE in (objdir / ".config").read_text().splitlines():
             _copy_coverage_notes(objdir, staging / COVERAGE_NOTES)
+            variant = {**variant, "objdir": str(objdir)}  # where its counts would go
         (staging / VARIANT_FILE).write_text(json.dumps(variant, indent=2) + "\n")
         shutil.rmtree(final_dir, ignore_errors=True)
         staging.rename(final_dir)

@@ -18,8 +18,6 @@ import pytest
 from pytest_umtt import KernelConfig
 from pytest_umtt.cache import cache_root
 from pytest_umtt.coverage import (
-    GCOV_DIR,
-    GCOV_ENVIRONMENT,
     CoverageError,
     CoverageSink,
     read_tracefile,
@@ -27,6 +25,7 @@ from pytest_umtt.coverage import (
     write_report,
 )
 from pytest_umtt.kernel import COVERAGE_NOTES, VARIANT_FILE, build_kernel, debian_source
+from pytest_umtt.uml.launch import GCOV_DIR, GCOV_ENVIRONMENT
 
 PROGRAM = """\
 int branch(int n)

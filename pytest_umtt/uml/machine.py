@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Protocol
 
 import pexpect
 
-from ..coverage import GCOV_ENVIRONMENT, CoverageSink, wait_for_exit
 from ..devices import VirtioDevice
 from ..devices.console import VirtioConsole
 from ..errors import (
@@ -43,12 +42,14 @@ from .channel_files import FilesChannel
 from .console import Console
 from .launch import DEFAULT_MEM as DEFAULT_MEM  # noqa: PLC0414 (the plugin's default too)
 from .launch import (
+    GCOV_ENVIRONMENT,
     GUEST_MOUNT,
     derive_seed,
     kill_process_tree,
     spawn_uml,
     uml_command,
     uml_environment,
+    wait_for_exit,
 )
 from .splats import Splat
 
@@ -196,6 +197,18 @@ class BackgroundCommand:
         return self.machine._await_background(self.record, timeout)
 
 
+class CountsSink(Protocol):
+    """Where a coverage kernel's counts go as its machine closes
+    (:class:`pytest_umtt.coverage.CoverageSink`)."""
+
+    missed: list[str]
+    """Machines that left no counts, and why."""
+
+    def harvest(self, machine: str, machine_dir: Path) -> int:
+        """Take the counts the kernel wrote at exit into ``machine_dir``."""
+        ...
+
+
 class MachineHost(Protocol):
     """What a machine needs from the simulation it runs in (a
     :class:`~pytest_umtt.simulation.Simulation`): its clock and calendar, where machines
@@ -209,8 +222,12 @@ class MachineHost(Protocol):
     confined: bool
     time_travel_start_ns: int
     wall_timeout: float
-    coverage: CoverageSink | None
-    """Where a coverage kernel's counts go as each machine closes (None: not gathered)."""
+
+    @property
+    def coverage(self) -> CountsSink | None:
+        """Where a coverage kernel's counts go as each machine closes (None: not
+        gathered)."""
+        ...
 
     @property
     def now_ns(self) -> int: ...
