@@ -175,7 +175,7 @@ def write_report(sink: CoverageSink, source_tree: Path, directories: Sequence[st
     if not sink.data.is_dir():
         raise CoverageError("no machine left coverage counts: "
                             + ("; ".join(sink.missed) or "no machine ran"))
-    _ensure_lcov()
+    ensure_lcov()
     shutil.copytree(sink.notes, sink.data, dirs_exist_ok=True)
     tracefile = sink.directory / "kernel.info"
     _run(["lcov", "--quiet", "--capture", "--directory", str(sink.data), "--base-directory",
@@ -191,7 +191,8 @@ def write_report(sink: CoverageSink, source_tree: Path, directories: Sequence[st
     return Report(tracefile, html / "index.html", summaries)
 
 
-def _ensure_lcov() -> None:
+def ensure_lcov() -> None:
+    """Raise a CoverageError naming the package if lcov's tools are missing."""
     missing = [tool for tool in ("lcov", "genhtml") if shutil.which(tool) is None]
     if missing:
         raise CoverageError(f"--umtt-coverage needs {' and '.join(missing)} (Debian's "

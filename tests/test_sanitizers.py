@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,21 @@ PROVOKE = ("mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/ker
 
 
 # --- options (no kernel) ------------------------------------------------------------------
+
+def test_coverage_without_lcov_is_a_usage_error_before_any_build(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    bare = pytester.path / "bin"
+    bare.mkdir()
+    for tool in ("gcc", "cc", "make"):  # whatever else may be looked up, but no lcov
+        if found := shutil.which(tool):
+            (bare / tool).symlink_to(found)
+    monkeypatch.setenv("PATH", str(bare))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--umtt-coverage")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--umtt-coverage needs lcov and genhtml (Debian's lcov "
+                                 "package): sudo apt-get install lcov, or ./bootstrap lcov*"])
+
 
 @pytest.mark.parametrize(("args", "error"), [
     (["--umtt-debug-kernel", "--uml-kernel=/bin/true"],

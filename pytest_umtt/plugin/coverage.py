@@ -37,10 +37,10 @@ def start_coverage(config: pytest.Config, settings: Settings) -> CoverageSink:
     assert settings.kernel is not None and settings.coverage is not None
     root = coverage_root(config, settings)
     worker = getattr(config, "workerinput", None)
-    if worker is None:
-        _fresh(root)
     where = root / "counts" / worker["workerid"] if worker is not None else root
     try:
+        if worker is None:
+            _fresh(root)
         sink = CoverageSink(settings.kernel, where)
     except CoverageError as exc:
         raise pytest.UsageError(f"--umtt-coverage: {exc}") from None

@@ -17,6 +17,7 @@ import pytest
 
 from .. import kselftest
 from ..cache import cache_root, writable_dir
+from ..coverage import CoverageError, ensure_lcov
 from ..errors import KernelError
 from ..kconfig import DEFAULT_CONFIG, KernelConfig, parse_spec
 from ..kernel import build_kernel, debian_source, default_kernel
@@ -429,6 +430,11 @@ def _own_variants(values: dict[str, Any]) -> KernelConfig:
     debug, coverage = bool(values["debug_kernel"]), values["coverage"] is not None
     if not (debug or coverage):
         return config
+    if coverage:
+        try:
+            ensure_lcov()  # before a kernel is built for it, not after the session
+        except CoverageError as exc:
+            raise pytest.UsageError(str(exc)) from None
     if values["kernel"] is not None:
         flag = "--umtt-debug-kernel" if debug else "--umtt-coverage"
         raise pytest.UsageError(f"{flag} builds its own kernel: it cannot run on the kernel "
