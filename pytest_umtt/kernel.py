@@ -424,9 +424,30 @@ def _variant(source: KernelSource, config: KernelConfig,
     return source, merged, cache / "kernels" / kernel_key(source, merged.text)
 
 
+def gcov_link_problem(source: Path) -> str | None:
+    """Why a kernel with UML's gcov (``CONFIG_GCOV``) cannot link here, if it cannot:
+    it is linked with the host compiler's libgcov.a, and gcc 12's defines a global
+    ``mangle_path``, as the kernel's fs/seq_file.c does (``multiple definition of
+    `mangle_path'`, after a near-full build). Asked of ``nm`` in a second instead."""
+    library = subprocess.run(["gcc", "-print-file-name=libgcov.a"], capture_output=True,
+                             text=True, check=False).stdout.strip()
+    symbols = subprocess.run(["nm", "-g", "--defined-only", library], capture_output=True,
+                             text=True, check=False).stdout
+    seq_file = source / "fs" / "seq_file.c"
+    ours = seq_file.is_file() and "char *mangle_path(" in seq_file.read_text(errors="replace")
+    if ours and re.search(r" T mangle_path$", symbols, re.MULTILINE):
+        return (f"UML's gcov kernel cannot link with this compiler: {library} defines "
+                f"mangle_path, and so does {seq_file} (ld: multiple definition of "
+                f"`mangle_path')")
+    return None
+
+
 def _build_and_publish(source: KernelSource, merged: MergedConfig, final_dir: Path, *,
                        jobs: int, say: Callable[[str], None], stream: TextIO,
                        variant: str) -> None:
+    if merged.requested.get("CONFIG_GCOV") == "y" and (
+            problem := gcov_link_problem(source.path)) is not None:
+        raise KernelError(f"{problem}; see README, Kernel coverage")
     cache = final_dir.parent.parent
     objdir = writable_dir(cache / "build" / hashlib.sha256(
         source.identity.encode()).hexdigest()[:16])
