@@ -4,7 +4,9 @@ A kernel is ARCH=um defconfig, then pytest-umtt's fragment (``data/umtt.config``
 travel, the devices, the agent's console), then whatever the user asks for, in order:
 config fragments (``--kconfig FILE``), KUnit's ``.kunitconfig`` files (``--kunitconfig``),
 a kselftest target's own ``config`` (``--kselftest-config TARGET``), single options
-(``--kconfig-add CONFIG_X=y``); later settings win. What time travel needs
+(``--kconfig-add CONFIG_X=y``); later settings win. pytest-umtt's own variants come
+first of these: the sanitizer kernel (``--debug``, ``data/debug.config``) and the coverage
+kernel (``--coverage``, ``data/coverage.config``). What time travel needs
 (:data:`REQUIRED`) wins over everything: a request that contradicts it is an error naming
 the option and where it came from. The merged text is what names the kernel in the
 cache, so each combination is built once.
@@ -40,6 +42,15 @@ def fragment_text() -> str:
     return resources.files("pytest_umtt").joinpath("data/umtt.config").read_text()
 
 
+VARIANT_FRAGMENTS = {"debug": "data/debug.config", "coverage": "data/coverage.config"}
+"""pytest-umtt's own variants: what ``KernelConfig(debug=True)`` and ``coverage=True`` add."""
+
+
+def variant_text(name: str) -> str:
+    """The fragment of one of pytest-umtt's own variants (:data:`VARIANT_FRAGMENTS`)."""
+    return resources.files("pytest_umtt").joinpath(VARIANT_FRAGMENTS[name]).read_text()
+
+
 def fragment_options(text: str) -> dict[str, str]:
     """``{"CONFIG_X": "y", "CONFIG_Y": "n", ...}`` from a fragment (``is not set`` = n);
     a later line for one option wins."""
@@ -69,24 +80,35 @@ class KernelConfig:
     kunitconfigs: tuple[Path, ...] = ()
     kselftest_targets: tuple[str, ...] = ()
     options: tuple[str, ...] = ()
+    debug: bool = False
+    """The sanitizers: KASAN, UBSAN, lockdep, DEBUG_OBJECTS (``data/debug.config``)."""
+    coverage: bool = False
+    """gcov over the whole kernel (``data/coverage.config``)."""
 
     @property
     def empty(self) -> bool:
         """Whether this is the default kernel (nothing asked beside the fragment)."""
         return not (self.fragments or self.kunitconfigs or self.kselftest_targets
-                    or self.options)
+                    or self.options or self.debug or self.coverage)
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """Which of pytest-umtt's own variants are asked for (``debug``, ``coverage``)."""
+        return tuple(name for name in VARIANT_FRAGMENTS if getattr(self, name))
 
     def describe(self) -> str:
         """How the header names the variant: ``default``, or what was added."""
         if self.empty:
             return "default"
-        parts = [*(p.name for p in self.fragments), *(f"kunit:{p.name}" for p in self.kunitconfigs),
+        parts = [*self.variants, *(p.name for p in self.fragments),
+                 *(f"kunit:{p.name}" for p in self.kunitconfigs),
                  *(f"kselftest:{t}" for t in self.kselftest_targets), *self.options]
         return "default + " + " + ".join(parts)
 
     def to_spec(self) -> str:
         """The one-string form :func:`parse_spec` reads (option and ini value)."""
-        words = [*map(str, self.fragments), *(f"kunit:{p}" for p in self.kunitconfigs),
+        words = [*(f"+{name}" for name in self.variants), *map(str, self.fragments),
+                 *(f"kunit:{p}" for p in self.kunitconfigs),
                  *(f"kselftest:{t}" for t in self.kselftest_targets), *self.options]
         return shlex.join(words)
 
@@ -97,14 +119,18 @@ DEFAULT_CONFIG = KernelConfig()
 
 def parse_spec(spec: str, where: str) -> KernelConfig:
     """A KernelConfig from one string of words: ``CONFIG_X=y`` (an option), ``kunit:FILE``
-    (a .kunitconfig), ``kselftest:TARGET`` (its config), else a fragment FILE."""
+    (a .kunitconfig), ``kselftest:TARGET`` (its config), ``+debug`` or ``+coverage``
+    (pytest-umtt's own variants), else a fragment FILE."""
     try:
         words = shlex.split(spec)
     except ValueError as exc:
         raise KernelError(f"{where}: {exc} in {spec!r}") from None
     fragments, kunit, targets, options = [], [], [], []
+    variants: set[str] = set()
     for word in words:
-        if word.startswith("CONFIG_"):
+        if word.startswith("+"):
+            variants.add(_variant_word(word, where))
+        elif word.startswith("CONFIG_"):
             options.append(word)
         elif word.startswith("kunit:"):
             kunit.append(Path(word.removeprefix("kunit:")).expanduser().absolute())
@@ -112,7 +138,16 @@ def parse_spec(spec: str, where: str) -> KernelConfig:
             targets.append(word.removeprefix("kselftest:"))
         else:
             fragments.append(Path(word).expanduser().absolute())
-    return KernelConfig(tuple(fragments), tuple(kunit), tuple(targets), tuple(options))
+    return KernelConfig(tuple(fragments), tuple(kunit), tuple(targets), tuple(options),
+                        debug="debug" in variants, coverage="coverage" in variants)
+
+
+def _variant_word(word: str, where: str) -> str:
+    name = word.removeprefix("+")
+    if name not in VARIANT_FRAGMENTS:
+        raise KernelError(f"{where}: {word!r} is none of pytest-umtt's own variants "
+                          f"({', '.join('+' + n for n in VARIANT_FRAGMENTS)})")
+    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +167,8 @@ class MergedConfig:
 def merge(config: KernelConfig, source_tree: Path) -> MergedConfig:
     """pytest-umtt's fragment, then the user's parts in order, then :data:`REQUIRED`
     again; a user part that contradicts REQUIRED is a KernelError naming it."""
-    parts = [(f"{path}", _read(path, "--kconfig")) for path in config.fragments]
+    parts = [(f"--{name}", variant_text(name)) for name in config.variants]
+    parts += [(f"{path}", _read(path, "--kconfig")) for path in config.fragments]
     parts += [(f"{path}", _read(path, "--kunitconfig")) for path in config.kunitconfigs]
     for target in config.kselftest_targets:
         parts += kselftest_parts(source_tree, target)

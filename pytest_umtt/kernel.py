@@ -424,9 +424,30 @@ def _variant(source: KernelSource, config: KernelConfig,
     return source, merged, cache / "kernels" / kernel_key(source, merged.text)
 
 
+def gcov_link_problem(source: Path) -> str | None:
+    """Why a kernel with UML's gcov (``CONFIG_GCOV``) cannot link here, if it cannot:
+    it is linked with the host compiler's libgcov.a, and gcc 12's defines a global
+    ``mangle_path``, as the kernel's fs/seq_file.c does (``multiple definition of
+    `mangle_path'`, after a near-full build). Asked of ``nm`` in a second instead."""
+    library = subprocess.run(["gcc", "-print-file-name=libgcov.a"], capture_output=True,
+                             text=True, check=False).stdout.strip()
+    symbols = subprocess.run(["nm", "-g", "--defined-only", library], capture_output=True,
+                             text=True, check=False).stdout
+    seq_file = source / "fs" / "seq_file.c"
+    ours = seq_file.is_file() and "char *mangle_path(" in seq_file.read_text(errors="replace")
+    if ours and re.search(r" T mangle_path$", symbols, re.MULTILINE):
+        return (f"UML's gcov kernel cannot link with this compiler: {library} defines "
+                f"mangle_path, and so does {seq_file} (ld: multiple definition of "
+                f"`mangle_path')")
+    return None
+
+
 def _build_and_publish(source: KernelSource, merged: MergedConfig, final_dir: Path, *,
                        jobs: int, say: Callable[[str], None], stream: TextIO,
                        variant: str) -> None:
+    if merged.requested.get("CONFIG_GCOV") == "y" and (
+            problem := gcov_link_problem(source.path)) is not None:
+        raise KernelError(f"{problem}; see README, Kernel coverage")
     cache = final_dir.parent.parent
     objdir = writable_dir(cache / "build" / hashlib.sha256(
         source.identity.encode()).hexdigest()[:16])
@@ -558,9 +579,40 @@ def _publish(objdir: Path, final_dir: Path, log: Path, source: KernelSource,
         if modules.is_dir():
             shutil.copytree(modules, staging / MODULES_DIR, symlinks=True,
                             ignore=shutil.ignore_patterns("build", "source"))
+        if GCOV_LINE in (objdir / ".config").read_text().splitlines():
+            _copy_coverage_notes(objdir, staging / COVERAGE_NOTES)
+            variant = {**variant, "objdir": str(objdir)}  # where its counts would go
         (staging / VARIANT_FILE).write_text(json.dumps(variant, indent=2) + "\n")
         shutil.rmtree(final_dir, ignore_errors=True)
         staging.rename(final_dir)
+
+
+GCOV_LINE = "CONFIG_GCOV=y"
+COVERAGE_NOTES = "gcno"
+"""Beside a coverage kernel: the compiler's .gcno notes, at their paths under the object
+directory. The object directory is shared by every variant and rebuilt by the next
+build, so a coverage report reads the notes kept here."""
+
+
+def _copy_coverage_notes(objdir: Path, target: Path) -> None:
+    for note in objdir.rglob("*.gcno"):
+        relative = note.relative_to(objdir)
+        if relative.parts[0] == MODULES_STAGING:
+            continue
+        (target / relative.parent).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(note, target / relative)
+
+
+def coverage_notes(kernel: Path) -> tuple[Path, Path] | None:
+    """A coverage kernel's notes (:data:`COVERAGE_NOTES`) and the object directory it was
+    compiled in (where its .gcda files would go), or None for any other kernel."""
+    directory = kernel.resolve().parent
+    try:
+        objdir = json.loads((directory / VARIANT_FILE).read_text()).get("objdir")
+    except (OSError, ValueError, AttributeError):
+        return None
+    notes = directory / COVERAGE_NOTES
+    return (notes, Path(objdir)) if isinstance(objdir, str) and notes.is_dir() else None
 
 
 def source_description(source: KernelSource) -> str:
@@ -843,14 +895,23 @@ def variant_kernel(config: KernelConfig, *, source: Path | None = None,
                    say: Callable[[str], None] = lambda _: None) -> Path:
     """Where the kernel for ``config`` (built from ``source``, default Debian's) is or
     will be, without building it."""
+    return variant_location(config, source=source, say=say)[1] / "linux"
+
+
+def variant_location(config: KernelConfig, *, source: Path | None = None,
+                     say: Callable[[str], None] = lambda _: None) -> tuple[KernelSource, Path]:
+    """The (patched) source the kernel for ``config`` is built from, and the cache
+    directory it is or will be published in."""
     tree = user_source(source) if source else debian_source(writable_dir(cache_root()), say)
-    return _variant(tree, config, say)[2] / "linux"
+    patched, _merged, directory = _variant(tree, config, say)
+    return patched, directory
 
 
 def _config_of(args: argparse.Namespace) -> KernelConfig:
     return KernelConfig(tuple(Path(p).absolute() for p in args.kconfig),
                         tuple(Path(p).absolute() for p in args.kunitconfig),
-                        tuple(args.kselftest_config), tuple(args.kconfig_add))
+                        tuple(args.kselftest_config), tuple(args.kconfig_add),
+                        debug=args.debug, coverage=args.coverage)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -889,6 +950,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                         help="the config file of these kselftest targets (e.g. gpio)")
     parser.add_argument("--kconfig-add", nargs="+", default=[], metavar="CONFIG_X=V",
                         help="single options, merged last (e.g. CONFIG_GPIO_SIM=m)")
+    parser.add_argument("--debug", action="store_true",
+                        help="the sanitizer kernel: KASAN, UBSAN, lockdep, DEBUG_OBJECTS "
+                             "(pytest_umtt/data/debug.config)")
+    parser.add_argument("--coverage", action="store_true",
+                        help="the coverage kernel: gcov over the whole kernel "
+                             "(pytest_umtt/data/coverage.config)")
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -47,14 +47,17 @@ REPORTING_FRAMES = re.compile(
     r"|__kasan_\w+|kasan_check_range|__asan_\w+|print_report|print_address_description"
     r"|kfence_report_error|kfence_handle_page_fault|__kfence_\w+|kmemleak_alloc\w*"
     r"|create_object|__create_object|lock_acquire|__lock_acquire|lock_release"
+    r"|save_stack_trace|save_trace|__mutex_lock\w*|mutex_lock\w*|_raw_(?:spin|read|write)_lock\w*"
+    r"|down_(?:read|write)\w*"
     r"|__lock_release|validate_chain|check_prev_add|check_prevs_add|check_noncircular"
     r"|print_circular_bug|check_deadlock|print_deadlock_bug|print_usage_bug|mark_lock"
     r"|mark_lock_irq|valid_state|lockdep_\w+|lock_is_held_type|debug_show_all_locks"
     r"|watchdog_timer_fn|rcu_dump_cpu_stacks|print_cpu_stall|check_cpu_stall"
     r"|rcu_sched_clock_irq|_printk|vprintk\w*)")
 """Frames of the code that prints a report, or of the API that detected the misuse (the
-refcount_t helpers), rather than the code it reports on: skipped while they lead a
-trace."""
+refcount_t helpers; the locking calls whose acquisition lockdep saved, and UML's
+save_stack_trace, which lead each entry of a lockdep chain), rather than the code it
+reports on: skipped while they lead a trace."""
 
 HEADER_CHARS = 160
 """Characters of a masked first line a signature keeps."""

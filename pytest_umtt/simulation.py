@@ -33,6 +33,7 @@ from .controller import (
     WallBudget,
 )
 from .controller.spin import SpinPolicy
+from .coverage import CoverageSink
 from .devices import VirtioDevice
 from .errors import (
     NS_PER_S,
@@ -241,8 +242,12 @@ class Simulation:
         confine: bool = True,
         decisions: Decisions | None = None,
         shim: Path | None = None,
+        coverage: CoverageSink | None = None,
     ) -> None:
         self.kernel = None if kernel is None else Path(kernel)
+        self.coverage = coverage
+        """Where a coverage kernel's counts go as each machine closes
+        (:mod:`pytest_umtt.coverage`); None: not gathered."""
         self.confined = _confinement(confine)
         """Whether UML processes may change nothing outside their machine directory
         (:mod:`pytest_umtt.uml.confine`): ``confine=True`` (the default) on a host that

@@ -110,3 +110,42 @@ def test_uml_additions_follow_a_targets_own_config(tmp_path: Path) -> None:
                                 "CONFIG_NET_SCHED": "y", "CONFIG_NET_CLS_ACT": "y"}
     assert merged.text.index("# --- from kselftest drivers/net/bonding") < merged.text.index(
         "# --- from pytest-umtt for kselftest drivers/net/bonding under UML")
+
+
+def test_the_debug_and_coverage_kernels_are_fragments_of_our_own(tmp_path: Path) -> None:
+    debug = KernelConfig(debug=True)
+    merged = merge(debug, tmp_path)
+    assert not debug.empty and debug.describe() == "default + debug"
+    assert "\n# --- from --debug\n" in merged.text
+    for option in ("CONFIG_KASAN", "CONFIG_UBSAN", "CONFIG_PROVE_LOCKING",
+                   "CONFIG_DEBUG_OBJECTS", "CONFIG_KASAN_VMALLOC"):
+        assert merged.requested[option] == "y"
+    assert merged.requested["CONFIG_UBSAN_ALIGNMENT"] == "n"  # UML would report itself
+    assert "CONFIG_KFENCE" not in merged.requested  # arch/um has no HAVE_ARCH_KFENCE
+    coverage = merge(KernelConfig(coverage=True), tmp_path)
+    assert coverage.requested["CONFIG_GCOV"] == "y"
+    assert coverage.requested["CONFIG_MODULES"] == "n"  # UML's GCOV depends on !MODULES
+    # Each its own kernel, named by what it asks (the path of the package never counts).
+    digests = {merge(config, tmp_path).digest for config in
+               (DEFAULT_CONFIG, debug, KernelConfig(coverage=True))}
+    assert len(digests) == 3
+
+
+def test_a_users_fragment_goes_over_the_debug_kernel(tmp_path: Path) -> None:
+    fragment = tmp_path / "no-vmalloc.config"
+    fragment.write_text("# CONFIG_KASAN_VMALLOC is not set\n")
+    merged = merge(KernelConfig(fragments=(fragment,), debug=True), tmp_path)
+    assert fragment_options(merged.text)["CONFIG_KASAN_VMALLOC"] == "n"
+    assert merged.requested["CONFIG_KASAN_VMALLOC"] == "n"
+
+
+def test_our_own_variants_are_words_of_the_spec(tmp_path: Path) -> None:
+    config = parse_spec(f"+debug {tmp_path}/a.config", "--umtt-kconfig")
+    assert config == KernelConfig((tmp_path / "a.config",), debug=True)
+    assert config.to_spec() == f"+debug {tmp_path}/a.config"
+    assert parse_spec(config.to_spec(), "again") == config
+    both = parse_spec("+coverage +debug", "ini")
+    assert both.variants == ("debug", "coverage")
+    with pytest.raises(KernelError, match=r"ini: '\+kasan' is none of pytest-umtt's own "
+                                          r"variants \(\+debug, \+coverage\)"):
+        parse_spec("+kasan", "ini")

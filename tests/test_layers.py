@@ -20,7 +20,7 @@ LAYERS = [
     {"controller"},
     {"devices"},
     {"uml"},
-    {"cache", "kconfig", "kernel", "rootfs", "ktap", "identity"},
+    {"cache", "kconfig", "kernel", "rootfs", "ktap", "identity", "extmod", "coverage"},
     {"simulation"},
     {"canary", "kselftest", "summary", "tracetool", "divergence", "bundle", "triage"},
     {"plugin", "hookspecs"},

@@ -212,7 +212,7 @@ DEBUG_CAPTURES = {
     "lockdep-invalid-wait-context": [  # SPINLOCKUP returns to user space holding a lock
         ("BUG", "BUG: __fput:____fput:task_work_run:interrupt_end:userspace", 44),
         ("UBSAN", "UBSAN: do_coredump:get_signal:do_signal:interrupt_end:userspace", 55),
-        ("lockdep", "lockdep: down_read:acct_collect:do_exit:sys_exit_group:get_signal", 75),
+        ("lockdep", "lockdep: acct_collect:do_exit:sys_exit_group:get_signal:do_signal", 75),
         ("BUG", "BUG: do_task_dead:make_task_dead:sys_exit_group:get_signal:do_signal", 62),
         ("UBSAN", "UBSAN: print_modules:__schedule_bug:__schedule:do_task_dead:make_task_dead",
          73),

@@ -18,6 +18,7 @@ import pytest
 from .. import hookspecs
 from ..simulation import remove_stale_directories
 from ..summary import SummaryReporter
+from .coverage import start_coverage
 from .fixtures import uml as uml
 from .fixtures import uml_factory as uml_factory
 from .fixtures import uml_module as uml_module
@@ -54,6 +55,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         if option.metavar is None:
             group.addoption(*flags, dest=option.name, action="store_const", const="true",
                             help=help_text)
+        elif option.const is not None:
+            group.addoption(option.flag, dest=option.name, metavar=option.metavar, nargs="?",
+                            const=option.const, help=help_text)
         elif option.repeated:
             group.addoption(*flags, dest=option.name, metavar=option.metavar,
                             action="append", help=help_text)
@@ -71,6 +75,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", text)
     state = SessionState(resolve_settings(config))
     config.stash[STATE] = state
+    if state.settings.coverage is not None:
+        state.coverage = start_coverage(config, state.settings)
     if state.settings.replay is not None:
         start_replay(config, state)
         config.pluginmanager.register(ReplayReporter(state), "umtt-replay")

@@ -17,6 +17,7 @@ import pytest
 
 from .. import kselftest
 from ..cache import cache_root, writable_dir
+from ..coverage import CoverageError, ensure_lcov
 from ..errors import KernelError
 from ..kconfig import DEFAULT_CONFIG, KernelConfig, parse_spec
 from ..kernel import build_kernel, debian_source, default_kernel
@@ -67,6 +68,10 @@ class Settings:
     shrink: bool = False
     schedule: Path | None = None
     explore_json: Path | None = None
+    debug_kernel: bool = False
+    coverage: tuple[str, ...] | None = None
+    """Kernel source directories whose coverage the session reports (``("",)``: the whole
+    kernel); None: no coverage."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,8 @@ class Option:
     repeated: bool = False
     """Given any number of times (the CLI flag repeated, one per ini line, one per line
     of the environment variable); ``parse`` gets them one per line."""
+    const: str | None = None
+    """What the CLI flag means without a value (None: it needs one)."""
 
     @property
     def env(self) -> str:
@@ -279,6 +286,19 @@ def _text(text: str, _where: str) -> str:
     return text
 
 
+def _source_directories(text: str, where: str) -> tuple[str, ...]:
+    """Comma-separated directories of the kernel's source (``drivers/gpio/``), each
+    normalised to end in ``/``; ``.`` or nothing is the whole kernel (``""``)."""
+    found = []
+    for word in (part.strip() for part in text.split(",")):
+        path = Path(word or ".")
+        if path.is_absolute() or ".." in path.parts:
+            raise pytest.UsageError(f"{where}: {word!r} is not a directory of the kernel's "
+                                    f"source (expected a relative path like drivers/gpio/)")
+        found.append("" if str(path) == "." else f"{path}/")
+    return tuple(dict.fromkeys(found))
+
+
 OPTIONS = (
     Option("umtt_kernel", "--uml-kernel", "UML kernel with time-travel support "
            "(default: the one `umtt-kernel build` made)", "PATH",
@@ -368,6 +388,17 @@ OPTIONS = (
            "PATTERN pass every test; repeat for more (default: every splat fails its test)",
            "PATTERN",
            "allow_splat", _allowances, (), repeated=True),
+    Option("umtt_debug_kernel", "--umtt-debug-kernel", "run on the sanitizer kernel: KASAN, "
+           "UBSAN, lockdep and DEBUG_OBJECTS over the kernel --umtt-kconfig names (umtt-kernel "
+           "build --debug; built once and cached); their reports fail the tests they appear "
+           "in", None,
+           "debug_kernel", _switch, False),
+    Option("umtt_coverage", "--umtt-coverage", "run on the coverage kernel (gcov; umtt-kernel "
+           "build --coverage) and write the kernel code the session's tests ran as an lcov "
+           "report: HTML and one summary line per directory in DIRS (comma-separated kernel "
+           "source directories, e.g. drivers/gpio/; default: the whole kernel). Needs lcov",
+           "DIRS",
+           "coverage", _source_directories, None, const="."),
 )
 
 
@@ -378,6 +409,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         found = _raw_setting(config, option)
         values[option.field] = option.default if found is None else option.parse(*found)
     values["seed"], values["seed_source"] = values["seed"]
+    values["kconfig"] = _own_variants(values)
     if values["kernel"] is None and not values["kconfig"].empty:
         values["kernel"] = built_variant(values["kconfig"], "--umtt-kconfig")
     values["kernel"] = values["kernel"] or default_kernel()
@@ -387,6 +419,25 @@ def resolve_settings(config: pytest.Config) -> Settings:
         raise pytest.UsageError(f"--umtt-bundle={values['bundle']} needs --umtt-artifacts=DIR "
                                 f"(bundles are written there)")
     return Settings(**values)
+
+
+def _own_variants(values: dict[str, Any]) -> KernelConfig:
+    """--umtt-kconfig's config with the sanitizers and coverage asked for; those build a
+    kernel of their own, so a given kernel binary cannot go with them."""
+    config: KernelConfig = values["kconfig"]
+    debug, coverage = bool(values["debug_kernel"]), values["coverage"] is not None
+    if not (debug or coverage):
+        return config
+    if coverage:
+        try:
+            ensure_lcov()  # before a kernel is built for it, not after the session
+        except CoverageError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    if values["kernel"] is not None:
+        flag = "--umtt-debug-kernel" if debug else "--umtt-coverage"
+        raise pytest.UsageError(f"{flag} builds its own kernel: it cannot run on the kernel "
+                                f"--uml-kernel gives ({values['kernel']}); leave one out")
+    return replace(config, debug=debug, coverage=coverage)
 
 
 # --- markers ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from ..controller import Decisions
+from ..coverage import CoverageSink
 from ..devices import VirtioDevice
 from ..divergence import FINGERPRINT_FILE
 from ..rootfs import Rootfs, build_rootfs
@@ -44,6 +45,8 @@ class SessionState:
     """The getrandom shim a replay bundle brought (None: the cache's, built if needed)."""
     replay: Any = None
     """The replay under way (:class:`.replay.Replay`), if ``--umtt-replay`` was given."""
+    coverage: CoverageSink | None = None
+    """Where machines' coverage counts go, with ``--umtt-coverage``."""
 
     def guest_root(self) -> Rootfs | None:
         """The pinned root filesystem (built once per session, cached across sessions),
@@ -71,7 +74,8 @@ def open_simulation(config: pytest.Config, settings: Settings,
                      wall_timeout=settings.wall_timeout, perturb=settings.perturb,
                      confine=settings.confine, decisions=decisions,
                      shim=config.stash[STATE].shim,
-                     rootfs=config.stash[STATE].guest_root())
+                     rootfs=config.stash[STATE].guest_root(),
+                     coverage=config.stash[STATE].coverage)
     sim.on_doorbell.append(
         lambda machine, value: config.hook.pytest_umtt_doorbell(machine=machine, value=value))
     config.stash[STATE].open.add(sim)

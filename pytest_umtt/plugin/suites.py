@@ -7,7 +7,7 @@ import json
 import re
 import shlex
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +28,7 @@ from ..kselftest import (
     virtual_budget,
 )
 from ..ktap import KtapCase, parse_ktap
-from ..uml.console import Console
+from ..uml.console import Console, ConsoleLine
 from ..uml.splats import Splat
 from .settings import CONSOLE_TAIL, Settings
 from .splats import judge
@@ -97,14 +97,16 @@ class KunitRun(pytest.Collector):
 
 @dataclass(frozen=True, slots=True)
 class KunitBoot:
-    """What a KUnit machine printed, and the error if it did not come up. A boot another
-    xdist worker made has no console, only what it recorded (:func:`shared_kunit_boot`)."""
+    """What a KUnit machine printed, its splats (each with its header's line index:
+    :func:`positioned_splats`), and the error if it did not come up. A boot another xdist
+    worker made has no console, only what it recorded (:func:`shared_kunit_boot`)."""
 
     console: Console | None
     tail: str
     error: UmttError | None
     recorded_text: str = ""
     recorded_lines: tuple[str, ...] = ()
+    splats: tuple[tuple[int, Splat], ...] = ()
 
     @property
     def text(self) -> str:
@@ -120,14 +122,30 @@ class KunitBoot:
     def record(self) -> dict[str, object]:
         """What another worker needs to read this boot (JSON)."""
         return {"text": self.text, "lines": self.timed_lines(),
-                "tail": self.tail, "error": None if self.error is None else str(self.error)}
+                "tail": self.tail, "error": None if self.error is None else str(self.error),
+                "splats": [_splat_record(at, splat) for at, splat in self.splats]}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> KunitBoot:
         """A boot as :meth:`record` wrote it."""
         error = record.get("error")
         return cls(None, str(record["tail"]), None if error is None else UmttError(error),
-                   str(record["text"]), tuple(record["lines"]))
+                   str(record["text"]), tuple(record["lines"]),
+                   tuple(_splat_from_record(entry) for entry in record.get("splats", [])))
+
+
+def _splat_record(at: int, splat: Splat) -> dict[str, object]:
+    return {"at": at, "kind": splat.kind, "machine": splat.machine,
+            "header": next(i for i, line in enumerate(splat.lines) if line is splat.header),
+            "lines": [[line.time_ns, line.text] for line in splat.lines],
+            "complete": splat.complete, "truncated": splat.truncated}
+
+
+def _splat_from_record(entry: dict[str, Any]) -> tuple[int, Splat]:
+    lines: list[Any] = [ConsoleLine(int(time_ns), str(text)) for time_ns, text in entry["lines"]]
+    header = lines[int(entry["header"])]  # a splat knows its header among its lines by identity
+    return int(entry["at"]), Splat(str(entry["kind"]), str(entry["machine"]), header, lines,
+                                   bool(entry["complete"]), bool(entry["truncated"]))
 
 
 def shared_kunit_boot(config: pytest.Config, settings: Settings, glob: str,
@@ -179,7 +197,8 @@ def boot_kunit(config: pytest.Config, settings: Settings, glob: str,
         console = machine.console if machine else None
         tail = machine.console_tail() if machine else ""
         close_simulation(config, sim, started, None)
-    return KunitBoot(console, tail, boot_error)
+    splats = positioned_splats(console) if console is not None else ()
+    return KunitBoot(console, tail, boot_error, splats=splats)
 
 
 KUNIT_RUNS = pytest.StashKey[dict[str, "KunitResults"]]()
@@ -208,6 +227,8 @@ class KunitResults:
     subtests: dict[str, list[KtapCase]]
     boot: KunitBoot | None
     missing: str
+    splats: dict[str, list[Splat]] = field(default_factory=dict)
+    """The boot's splats, by the leaf case they appeared in (:func:`splats_by_case`)."""
 
     @classmethod
     def from_boot(cls, glob: str, boot: KunitBoot) -> KunitResults:
@@ -224,7 +245,14 @@ class KunitResults:
         subtests: dict[str, list[KtapCase]] = {}
         for case in cases:
             subtests.setdefault(case.parent, []).append(case)
-        return cls(glob, {case.name: case for case in cases}, subtests, boot, missing)
+        leaves = [case for case in cases if case.name not in subtests]
+        splats = splats_by_case(boot.splats if boot else (), leaves)
+        return cls(glob, {case.name: case for case in cases}, subtests, boot, missing, splats)
+
+    def splats_of(self, item: str) -> list[Splat]:
+        """The splats that fail the item for case ``item``: its own, or its parameters'."""
+        names = [item, *(name for name, _ in self.reported(item))]
+        return [splat for name in dict.fromkeys(names) for splat in self.splats.get(name, [])]
 
     def reported(self, item: str) -> list[tuple[str, KtapCase]]:
         """What the item for case ``item`` reports, by full name: its parameters (each a
@@ -234,6 +262,32 @@ class KunitResults:
             return [(param.name, param) for param in params]
         case = self.cases.get(item)
         return [(item, case)] if case is not None else []
+
+
+def splats_by_case(splats: Iterable[tuple[int, Splat]],
+                   cases: list[KtapCase]) -> dict[str, list[Splat]]:
+    """Each splat of a KUnit boot (with the index of its header among the console's
+    ``text.splitlines()``, the numbering of the cases' lines), given to the case during
+    which it appeared: the last case whose lines start at or before the header (what a
+    suite's exit or the next suite's init prints goes with the case before it), or the
+    first case (the boot before any)."""
+    ordered = sorted(cases, key=lambda case: case.lines.start)
+    found: dict[str, list[Splat]] = {}
+    for at, splat in splats:
+        if ordered:
+            case = next((c for c in reversed(ordered) if c.lines.start <= at), ordered[0])
+            found.setdefault(case.name, []).append(splat)
+    return found
+
+
+def positioned_splats(console: Console) -> tuple[tuple[int, Splat], ...]:
+    """The console's splats, each with the index of its header among the console's
+    ``text.splitlines()`` (a line holding a form feed is two there)."""
+    position, index = {}, 0
+    for line in console.lines:
+        position[id(line)] = index
+        index += max(1, len(line.text.splitlines()))
+    return tuple((position.get(id(splat.header), 0), splat) for splat in console.splats)
 
 
 def crash_console(boot: KunitBoot | None, case: KtapCase) -> str:
@@ -256,6 +310,18 @@ class KunitCase(pytest.Item):
         if self.listing_error:
             raise KunitFailure(self.listing_error)
         results = self._results()
+        splats = results.splats_of(self.name)
+        try:
+            self._outcome(results)
+        except pytest.skip.Exception:
+            judge(self, "call", splats, already_failed=False)  # a splat still fails
+            raise
+        except Exception:
+            judge(self, "call", splats, already_failed=True)
+            raise
+        judge(self, "call", splats, already_failed=False)
+
+    def _outcome(self, results: KunitResults) -> None:
         self.case = case = results.cases.get(self.name)
         if case is None:
             raise KunitFailure(f"not reported by the boot that ran {results.glob!r}: "

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import resource
+import select
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -62,6 +63,26 @@ name keeps the command line the same on every host."""
 UML_ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
 """All of the host environment a UML process gets (plus the shim's): UML prints what it
 finds in TMPDIR, so the host's variables would change the console."""
+
+
+GCOV_DIR = ".gcov"
+GCOV_ENVIRONMENT = {"GCOV_PREFIX": GCOV_DIR}
+"""What a coverage kernel's UML process gets beside its environment: libgcov writes its
+counts under this prefix (relative: from UML's working directory, its machine directory),
+the one place a confined machine can write (:mod:`pytest_umtt.coverage`)."""
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` exits (or has) within ``timeout`` wall seconds: its pidfd
+    becomes readable when it does."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 NO_ASLR = ("setarch", "-R")

@@ -45,12 +45,14 @@ from .channel_files import FilesChannel
 from .console import Console
 from .launch import DEFAULT_MEM as DEFAULT_MEM  # noqa: PLC0414 (the plugin's default too)
 from .launch import (
+    GCOV_ENVIRONMENT,
     GUEST_MOUNT,
     derive_seed,
     kill_process_tree,
     spawn_uml,
     uml_command,
     uml_environment,
+    wait_for_exit,
 )
 from .splats import Splat
 
@@ -72,6 +74,9 @@ REBOOT_MARKS = (b"reboot: Restarting system", b"sysrq: Resetting")
 """What the kernel prints before UML re-executes itself to reboot: reboot(2)'s line
 (kernel/reboot.c), or a sysrq reset's, which prints only its action (drivers/tty/sysrq.c)."""
 REBOOT_MARK_MAX = max(map(len, REBOOT_MARKS))
+COVERAGE_EXIT_WALL_TIMEOUT = 60.0
+"""Wall seconds a coverage kernel may take from its halt to its exit: libgcov writes a
+file per object file then (~3,000)."""
 MAX_HELD_CONSOLE = 1 << 20
 """Bytes of console output held for a timestamp before they get the run's start time."""
 
@@ -190,6 +195,18 @@ class BackgroundCommand:
         return self.machine._await_background(self.record, timeout)
 
 
+class CountsSink(Protocol):
+    """Where a coverage kernel's counts go as its machine closes
+    (:class:`pytest_umtt.coverage.CoverageSink`)."""
+
+    missed: list[str]
+    """Machines that left no counts, and why."""
+
+    def harvest(self, machine: str, machine_dir: Path) -> int:
+        """Take the counts the kernel wrote at exit into ``machine_dir``."""
+        ...
+
+
 class MachineHost(Protocol):
     """What a machine needs from the simulation it runs in (a
     :class:`~pytest_umtt.simulation.Simulation`): its clock and calendar, where machines
@@ -203,6 +220,12 @@ class MachineHost(Protocol):
     confined: bool
     time_travel_start_ns: int
     wall_timeout: float
+
+    @property
+    def coverage(self) -> CountsSink | None:
+        """Where a coverage kernel's counts go as each machine closes (None: not
+        gathered)."""
+        ...
 
     @property
     def now_ns(self) -> int: ...
@@ -292,6 +315,8 @@ class Machine:
         command = uml_command(self.kernel, client_id=self.client_id, mem=self.mem, extra=extra,
                               time_travel_start_ns=start_ns, rootfs=self.rootfs)
         env = uml_environment(self.sim.shim, derive_seed(self.sim.seed, self.name))
+        if self.sim.coverage is not None:
+            env.update(GCOV_ENVIRONMENT)
         self.process = spawn_uml(command, self.directory, env, confined=self.sim.confined)
         self._pty_fd = int(self.process.child_fd)
         self._pty_poll.register(self._pty_fd, select.POLLIN)
@@ -696,10 +721,24 @@ class Machine:
         try:
             if polite and self.alive and self.state is MachineState.READY:
                 self.poweroff()
+                self._gather_coverage()
         except MachineError:
             pass  # the kill below ends it either way; the error stays in self.error
         finally:
             self._release(keep_directory)
+
+    def _gather_coverage(self) -> None:
+        """A coverage kernel writes its counts as its process exits, after the halt that
+        powered it off: wait for that (bounded in wall time), then take them."""
+        sink = self.sim.coverage
+        if sink is None or self.state is not MachineState.OFF or self.process is None:
+            return
+        assert self.process.pid is not None
+        if wait_for_exit(self.process.pid, COVERAGE_EXIT_WALL_TIMEOUT):
+            sink.harvest(self.name, self.directory)
+        else:
+            sink.missed.append(f"{self.name}: the kernel did not exit within "
+                               f"{COVERAGE_EXIT_WALL_TIMEOUT:g} s of its halt")
 
     def _release(self, keep_directory: bool) -> None:
         self.kill()
