@@ -408,7 +408,7 @@ def build_kernel(source: KernelSource, *, jobs: int | None = None, force: bool =
             ensure_build_tools(say)
             _build_and_publish(source, merged, final_dir, jobs=jobs or os.cpu_count() or 1,
                                say=say, stream=progress_stream or sys.stderr,
-                               variant=config.describe())
+                               variant=config.describe(), tree=object_tree(source, config))
         if config.empty:
             _mark_default(kernels, key, source)
     return final_dir / "linux"
@@ -442,15 +442,23 @@ def gcov_link_problem(source: Path) -> str | None:
     return None
 
 
+def object_tree(source: KernelSource, config: KernelConfig) -> str:
+    """The object directory's name for ``config``'s kernels from ``source``: one per
+    source for every variant (a changed fragment rebuilds incrementally), and one of their
+    own for the sanitizer and coverage kernels, which recompile every object with other
+    flags (sharing a tree, each switch between them and the rest would too)."""
+    flavour = "".join(f"\0{name}" for name in config.variants)
+    return hashlib.sha256(f"{source.identity}{flavour}".encode()).hexdigest()[:16]
+
+
 def _build_and_publish(source: KernelSource, merged: MergedConfig, final_dir: Path, *,
                        jobs: int, say: Callable[[str], None], stream: TextIO,
-                       variant: str) -> None:
+                       variant: str, tree: str) -> None:
     if merged.requested.get("CONFIG_GCOV") == "y" and (
             problem := gcov_link_problem(source.path)) is not None:
         raise KernelError(f"{problem}; see README, Kernel coverage")
     cache = final_dir.parent.parent
-    objdir = writable_dir(cache / "build" / hashlib.sha256(
-        source.identity.encode()).hexdigest()[:16])
+    objdir = writable_dir(cache / "build" / tree)
     log = final_dir.with_name(f"{final_dir.name}.build.log")
     with FileLock(str(objdir) + ".lock"):
         missed = _run_build(source, objdir, merged, jobs=jobs, log=log, progress=BuildProgress(

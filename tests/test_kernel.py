@@ -315,3 +315,18 @@ def test_source_identity_is_part_of_the_key() -> None:
     one = KernelSource(Path("/a"), "6.12", "debian 1")
     two = KernelSource(Path("/a"), "6.12", "debian 2")
     assert kernel.kernel_key(one, "x") != kernel.kernel_key(two, "x")
+
+
+def test_sanitizer_and_coverage_kernels_build_in_object_trees_of_their_own() -> None:
+    # Their flags recompile every object: in the shared tree, each switch between them
+    # and any other variant would rebuild the whole kernel.
+    source = KernelSource(Path("/a"), "6.12", "debian 1")
+    trees = {config: kernel.object_tree(source, config) for config in (
+        KernelConfig(), KernelConfig(kselftest_targets=("gpio",)), KernelConfig(debug=True),
+        KernelConfig(debug=True, options=("CONFIG_GPIO_SIM=y",)), KernelConfig(coverage=True))}
+    assert len(set(trees.values())) == 3
+    assert trees[KernelConfig()] == trees[KernelConfig(kselftest_targets=("gpio",))]
+    assert trees[KernelConfig(debug=True)] == trees[
+        KernelConfig(debug=True, options=("CONFIG_GPIO_SIM=y",))]
+    assert kernel.object_tree(KernelSource(Path("/a"), "6.12", "debian 2"),
+                              KernelConfig()) != trees[KernelConfig()]
