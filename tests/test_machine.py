@@ -207,6 +207,23 @@ def test_panic_raises_with_cause_and_others_go_on(sim: Simulation) -> None:
         victim.run("true")  # remembered: later calls fail with the same cause
 
 
+@pytest.mark.parametrize("console", [True, False], ids=["console", "files"])
+def test_a_machine_powers_off_and_its_kernel_exits_cleanly(sim: Simulation, console: bool) -> None:
+    # The power-off removes the agent's console before the halt: an agent that exited
+    # then made the kernel panic ("Attempted to kill init"), and a coverage kernel's
+    # counts are written only by a process that exits, not by one that panics.
+    machine = sim.machine("m", agent_console=console)
+    assert machine.process is not None
+    machine.poweroff()
+    assert machine.state is MachineState.OFF
+    status = machine.process.wait()
+    machine.close()  # reads the console to its end
+    texts = [line.text for line in machine.console.lines]
+    assert "reboot: Power down" in texts
+    assert not [text for text in texts if "Kernel panic" in text], texts[-5:]
+    assert status == 0, texts[-5:]
+
+
 def test_init_that_exits_is_reported(sim: Simulation, tmp_path: Path) -> None:
     agent = tmp_path / "agent.sh"
     agent.write_text("#!/bin/sh\nexit 0\n")

@@ -24,7 +24,8 @@ COMMANDS_DIR = "cmd"
 BOOT_SCRIPT = "boot.sh"
 FSTAB = "fstab"
 MODULES_LINK = "lib-modules"
-POWEROFF_COMMAND = "echo o > /proc/sysrq-trigger"
+POWEROFF_COMMAND = ": > /run/umtt-poweroff; echo o > /proc/sysrq-trigger"
+"""The marker tells the agent its console is about to go (agent.sh, serve_console)."""
 
 
 class Bell(enum.IntEnum):

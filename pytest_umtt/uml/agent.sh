@@ -37,6 +37,7 @@ X=/mnt
 BELL=/sys/kernel/um-ext-time/bc-message
 IDLE=/run/umtt-idle
 GROUP=/run/umtt-group
+POWEROFF=/run/umtt-poweroff  # agent.POWEROFF_COMMAND
 READY=1 DONE=2 STARTED=3  # agent.Bell
 IDLE_MIN_US=1000
 IDLE_MAX_US=${UMTT_IDLE_MAX_US:-100000}
@@ -112,12 +113,19 @@ serve_console() {
         if [ "$n" = K ]; then
             stop_foreground "$kill"
         elif [[ $n =~ ^[0-9]{1,9}$ ]] && [ -e "$X/cmd/$n/background" ]; then
-            { run_one "$X/cmd/$n"; echo "D $n $status" > /dev/hvc0; } 4>&- 5>&- 6>&- &
+            { run_one "$X/cmd/$n"; echo "D $n $status" 2> /dev/null > /dev/hvc0; } 4>&- 5>&- 6>&- &
             disown
         elif [[ $n =~ ^[0-9]{1,9}$ ]]; then
             echo "$n" >&5
         fi
     done
+    # The console ends when the kernel powers off: its devices go in the exitcalls,
+    # before the halt. init must not exit then, or the kernel panics ("Attempted to kill
+    # init") instead of halting, and a coverage kernel, ended by its panic, writes no
+    # counts. So wait on the foreground shell's output, where nothing comes.
+    if [ -e "$POWEROFF" ]; then
+        while read -r -u 6 _; do :; done
+    fi
 }
 
 # Foreground commands one after the other, while the loop above goes on reading hvc0:
