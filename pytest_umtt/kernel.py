@@ -269,11 +269,18 @@ class KernelPatch:
     text: bytes
 
 
-def shipped_patches() -> list[KernelPatch]:
-    """The patches shipped with the package, in the order they apply."""
-    folder = resources.files("pytest_umtt").joinpath("data/patches")
+def shipped_patches(coverage: bool = False) -> list[KernelPatch]:
+    """The patches shipped with the package, in the order they apply; with ``coverage``,
+    those a coverage kernel needs too (``data/patches-coverage``: a source of their own,
+    so every other kernel keeps its key)."""
+    folders = ["data/patches", *(["data/patches-coverage"] if coverage else [])]
+    return [patch for folder in folders for patch in _patches_in(folder)]
+
+
+def _patches_in(folder: str) -> list[KernelPatch]:
+    entries = resources.files("pytest_umtt").joinpath(folder).iterdir()
     return sorted((KernelPatch(entry.name.removesuffix(".patch"), entry.read_bytes())
-                   for entry in folder.iterdir() if entry.name.endswith(".patch")),
+                   for entry in entries if entry.name.endswith(".patch")),
                   key=lambda patch: patch.name)
 
 
@@ -419,7 +426,7 @@ def _variant(source: KernelSource, config: KernelConfig,
     """The patched source, the merged config and the cache directory of the kernel they
     make: how a build and a look-up name the same kernel."""
     cache = writable_dir(cache_root())
-    source = patched_source(source, shipped_patches(), cache, say)
+    source = patched_source(source, shipped_patches(coverage=config.coverage), cache, say)
     merged = merge(config, source.path)
     return source, merged, cache / "kernels" / kernel_key(source, merged.text)
 

@@ -141,22 +141,22 @@ def test_a_sanitizer_report_fails_its_test_unless_allowed(
     pytester.makepyfile(f"""
         import pytest
 
-        def load(uml, bug):
-            name = uml.push({str(bugs_module)!r})
-            return uml.run(f"insmod {{name}} bug={{bug}}")
+        def load(machine, bug):
+            name = machine.push({str(bugs_module)!r})
+            return machine.run(f"insmod {{name}} bug={{bug}}")
 
-        def test_overruns_a_buffer(uml):
-            assert load(uml, "oob").ok
+        def test_overruns_a_buffer(umtt_machine):
+            assert load(umtt_machine, "oob").ok
 
         @pytest.mark.umtt_allow_splat("^lockdep$", reason="the inversion is planted")
-        def test_inverts_locks_allowed(uml):
-            assert load(uml, "inversion").ok
+        def test_inverts_locks_allowed(umtt_machine):
+            assert load(umtt_machine, "inversion").ok
 
-        def test_shifts_too_far(uml):
-            assert load(uml, "shift").ok
+        def test_shifts_too_far(umtt_machine):
+            assert load(umtt_machine, "shift").ok
 
-        def test_loads_quietly(uml):
-            assert load(uml, "none").ok
+        def test_loads_quietly(umtt_machine):
+            assert load(umtt_machine, "none").ok
     """)
     result = pytester.runpytest_subprocess("--umtt-debug-kernel", "-p", "no:cacheprovider",
                                            "-v", "-rA")
@@ -183,11 +183,11 @@ def test_a_sanitizer_report_fails_its_test_unless_allowed(
 def test_the_debug_kernel_runs_the_same_twice_for_one_seed(
         pytester: pytest.Pytester, real_cache: Path, debug_kernel: Path) -> None:
     pytester.makepyfile("""
-        def test_entropy_timers_and_locks(uml):
-            uml.run("head -c 16 /dev/urandom | od -An -tx1; sleep 0.5; cat /proc/loadavg")
+        def test_entropy_timers_and_locks(umtt_machine):
+            umtt_machine.run("head -c 16 /dev/urandom | od -An -tx1; sleep 0.5; cat /proc/loadavg")
 
-        def test_a_lockdep_heavy_path(uml):
-            uml.run("for i in 1 2 3; do mkdir -p /tmp/d$i && echo $i > /tmp/d$i/f; done; "
+        def test_a_lockdep_heavy_path(umtt_machine):
+            umtt_machine.run("for i in 1 2 3; do mkdir -p /tmp/d$i && echo $i > /tmp/d$i/f; done; "
                     "sync; cat /proc/lockdep_stats | head -3")
     """)
     result = pytester.runpytest_subprocess("--umtt-debug-kernel", "-p", "no:cacheprovider",
