@@ -218,6 +218,7 @@ def test_a_machine_powers_off_and_its_kernel_exits_cleanly(sim: Simulation, cons
     assert machine.state is MachineState.OFF
     status = machine.process.wait()
     machine.close()  # reads the console to its end
+    assert machine.console is not None
     texts = [line.text for line in machine.console.lines]
     assert "reboot: Power down" in texts
     assert not [text for text in texts if "Kernel panic" in text], texts[-5:]
