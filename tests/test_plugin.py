@@ -306,7 +306,28 @@ def test_kunit_cases_spread_over_xdist_workers(pytester: pytest.Pytester,
     assert outcomes["passed"] > 30 and "failed" not in outcomes
     result.stdout.fnmatch_lines_random(["*gw0*PASSED*kunit::list-kunit-test.*",
                                         "*gw1*PASSED*kunit::list-kunit-test.*"])
-    result.stdout.fnmatch_lines(["2 simulations: *"])
+    # The listing boot, unless an earlier session's listing of this kernel was kept.
+    result.stdout.fnmatch_lines(["[12] simulations: *"])
+
+
+def test_a_kernels_kunit_listing_is_kept_for_the_next_session(
+        pytester: pytest.Pytester, kernel_args: list[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UMTT_CACHE_DIR", str(tmp_path / "cache"))
+    run = [*kernel_args, "--umtt-rootfs=host", "--umtt-kunit=list-kunit-test", "-q"]
+    first = pytester.runpytest_subprocess(*run)
+    first.stdout.fnmatch_lines(["2 simulations: *"])  # the listing, then the run
+    [kept] = (tmp_path / "cache" / "kunit-lists").glob("*.json")
+    again = pytester.runpytest_subprocess(*run)
+    again.stdout.fnmatch_lines(["1 simulations: *"])  # the run only
+    assert again.parseoutcomes()["passed"] == first.parseoutcomes()["passed"] > 30
+    kept.write_text("{not json")  # a damaged record is listed again, and replaced
+    third = pytester.runpytest_subprocess(*run)
+    third.stdout.fnmatch_lines(["2 simulations: *"])
+    assert third.parseoutcomes()["passed"] == first.parseoutcomes()["passed"]
+    assert json.loads(kept.read_text())["error"] is None
+    other = pytester.runpytest_subprocess(*run, "--umtt-cmdline=loglevel=7")
+    other.stdout.fnmatch_lines(["2 simulations: *"])  # another command line, another listing
 
 
 def test_kunit_glob_that_matches_nothing_fails_clearly(pytester: pytest.Pytester,

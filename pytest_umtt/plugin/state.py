@@ -69,12 +69,15 @@ def settings_of(item: pytest.Item) -> Settings:
 
 
 def open_simulation(config: pytest.Config, settings: Settings,
-                    decisions: Decisions | None = None) -> Simulation:
+                    decisions: Decisions | None = None, host_root: bool = False) -> Simulation:
+    """A simulation for ``settings``; with ``host_root``, its machines boot the host's root
+    read-only (hostfs) instead of unpacking the pinned one: for boots whose work is done
+    before userspace starts (KUnit)."""
     sim = Simulation(kernel=settings.kernel, seed=settings.seed,
                      wall_timeout=settings.wall_timeout, perturb=settings.perturb,
                      confine=settings.confine, decisions=decisions,
                      shim=config.stash[STATE].shim,
-                     rootfs=config.stash[STATE].guest_root(),
+                     rootfs=None if host_root else config.stash[STATE].guest_root(),
                      coverage=config.stash[STATE].coverage)
     sim.on_doorbell.append(
         lambda machine, value: config.hook.pytest_umtt_doorbell(machine=machine, value=value))

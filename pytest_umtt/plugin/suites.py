@@ -15,7 +15,9 @@ from typing import Any, Literal
 import pytest
 from filelock import FileLock
 
+from ..cache import cache_root, writable_dir
 from ..errors import KselftestFailure, KunitFailure, UmttError
+from ..kernel import kernel_identity
 from ..kselftest import (
     GUEST_TREE,
     KnownOutcome,
@@ -154,6 +156,13 @@ def shared_kunit_boot(config: pytest.Config, settings: Settings, glob: str,
     records what it saw beside the workers' temporary directories, and the others read
     it (the same kernel, seed and glob give the same boot), so ``-n 2`` lists and runs
     the cases once, not once per worker."""
+    if action == "list":
+        return kept_listing(config, settings, glob)
+    return _boot_once_per_run(config, settings, glob, action)
+
+
+def _boot_once_per_run(config: pytest.Config, settings: Settings, glob: str,
+                       action: str | None) -> KunitBoot:
     shared = _shared_directory(config)
     if shared is None:
         return boot_kunit(config, settings, glob, action)
@@ -165,6 +174,44 @@ def shared_kunit_boot(config: pytest.Config, settings: Settings, glob: str,
         boot = boot_kunit(config, settings, glob, action)
         record.write_text(json.dumps(boot.record()))
         return boot
+
+
+def kept_listing(config: pytest.Config, settings: Settings, glob: str) -> KunitBoot:
+    """The cases a kernel lists for ``glob``: the listing runs nothing, so the same
+    binary (and modules) with the same command line lists the same cases; a listing that
+    worked is kept in the cache (``kunit-lists/``) and the next session boots no machine
+    for it."""
+    record = _listing_record(settings, glob)
+    if record is None:
+        return _boot_once_per_run(config, settings, glob, "list")
+    with FileLock(str(record) + ".lock"):
+        try:
+            return KunitBoot.from_record(json.loads(record.read_text()))
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            pass  # none yet, or not one of ours: list again and keep what the boot says
+        listing = _boot_once_per_run(config, settings, glob, "list")
+        if listing.error is None:
+            staging = record.with_suffix(".tmp")
+            staging.write_text(json.dumps(listing.record()))
+            staging.replace(record)
+        return listing
+
+
+def _listing_record(settings: Settings, glob: str) -> Path | None:
+    if settings.kernel is None:
+        return None
+    try:
+        identity = kernel_identity(settings.kernel)
+        folder = writable_dir(cache_root() / "kunit-lists")
+    except (OSError, UmttError):
+        return None  # no cache to keep it in: list every session
+    key = json.dumps([identity.sha256, identity.modules, glob, list(settings.cmdline),
+                      settings.mem, LISTING_FORMAT])
+    return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+LISTING_FORMAT = 1
+"""Changes when a kept listing's record changes meaning (:meth:`KunitBoot.record`)."""
 
 
 def _shared_directory(config: pytest.Config) -> Path | None:
@@ -181,7 +228,9 @@ def boot_kunit(config: pytest.Config, settings: Settings, glob: str,
     """Boot a machine that runs (or lists) the KUnit cases matching ``glob`` (a case may
     crash it: that is reported, not raised)."""
     started = time.monotonic()
-    sim = open_simulation(config, settings)
+    # KUnit runs its cases in the kernel's init, before userspace: the pinned root would
+    # only be unpacked (1.4-1.6 s of CPU per boot) for the agent to say it is up.
+    sim = open_simulation(config, settings, host_root=True)
     boot_error: UmttError | None = None
     # Any filter drops the suites that have no case (lib/kunit/executor.c), which the
     # kernel otherwise reports as skipped, as kunit.py, which passes none, counts them.
