@@ -27,7 +27,6 @@ import functools
 import itertools
 import os
 import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -53,6 +52,7 @@ from ..wire import (
     Op,
     SharedMemory,
     op_name,
+    pack_message,
 )
 from .clock import Clock, Job, ScheduledCall
 from .perturb import Decisions, Perturbation
@@ -225,7 +225,15 @@ class Calendar:
         self.expected_clients = expected_clients
         self.shm_enabled = shm
         self.late_joiners_shm = late_joiners_shm
-        self._init_records()
+        # The public record of the run: clients, errors, counters and hooks.
+        self.errors: list[ProtocolError] = []
+        self.messages_received = 0
+        self.messages_sent = 0
+        self.runs = 0
+        self.on_drop: list[Callable[[Client, ProtocolError | None], None]] = []
+        self.on_broadcast: list[Callable[[Client, int], None]] = []
+        self.on_wait: list[Callable[[Client], None]] = []
+        self.clients: list[Client] = []
         self._reactor: Reactor[Client] = Reactor(
             on_frame=self._receive, on_close=self._disconnected, on_error=self._fail,
             on_accept=self.attach, frame_size=MESSAGE_SIZE)
@@ -235,26 +243,7 @@ class Calendar:
             else Perturbation(tie_seed, doorbell_latency, decisions)
         self._clock = Clock() if self.perturbation is None else Clock(
             ties=self.perturbation.ties, judge=self.perturbation.keeps_tie_order)
-        self._init_schedule()
-        self._map: ScheduleMap[Client] = ScheduleMap(self._clock, shm_clients + 1)
-        self._own_log_fd = log_fd is None
-        self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if log_fd is None \
-            else log_fd
-        self._handlers = self._handler_table()
-
-    def _init_records(self) -> None:
-        """The public record of the run: clients, errors, counters and hooks."""
-        self.errors: list[ProtocolError] = []
-        self.messages_received = 0
-        self.messages_sent = 0
-        self.runs = 0
-        self.on_drop: list[Callable[[Client, ProtocolError | None], None]] = []
-        self.on_broadcast: list[Callable[[Client, int], None]] = []
-        self.on_wait: list[Callable[[Client], None]] = []
-        self.clients: list[Client] = []
-
-    def _init_schedule(self) -> None:
-        """Who starts, who runs and until when, and what is still owed."""
+        # Who starts, who runs and until when, and what is still owed.
         self._delayed_doorbells: list[tuple[Client, int, int]] = []  # with the ring's time
         self._serials = itertools.count(1)
         self._seq = itertools.count(1)
@@ -270,6 +259,11 @@ class Calendar:
         self._holds: dict[int, str] = {}
         self._hold_serials = itertools.count(1)
         self._closed = False
+        self._map: ScheduleMap[Client] = ScheduleMap(self._clock, shm_clients + 1)
+        self._own_log_fd = log_fd is None
+        self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if log_fd is None \
+            else log_fd
+        self._handlers = self._handler_table()
 
     def _handler_table(self) -> dict[int, Callable[[Client, Message], None]]:
         """Keyed by int: an IntEnum hashes like its value, and unknown ops must be looked up."""
@@ -637,7 +631,7 @@ class Calendar:
         if fds:
             self._send_with_fds(client, message, fds)
             return
-        self._reactor.send(client, _pack(message.op, message.seq, message.time & U64_MAX))
+        self._reactor.send(client, pack_message(message.op, message.seq, message.time & U64_MAX))
 
     def _send_with_fds(self, client: Client, message: Message, fds: list[int]) -> None:
         try:
@@ -1073,8 +1067,6 @@ class Calendar:
         if self._closed:
             raise CalendarClosedError("the calendar is closed")
 
-
-_pack = struct.Struct("=IIQ").pack
 
 # Recorded when handled rather than when read, because they arrive in host-timing order:
 # STARTs from kernels booting side by side, ACKs from the recipients of a broadcast.
