@@ -10,8 +10,9 @@ protocol on them), and :mod:`~pytest_umtt.controller.cli` (``umtt-controller``).
 Device models can use the clock and the reactor without the protocol.
 """
 
+from .client import Client, ClientState
 from .clock import Clock, Job, ScheduledCall
-from .engine import Calendar, Client, ClientState, Stop, StopReason, WallBudget
+from .engine import Calendar, Stop, StopReason, WallBudget
 from .perturb import Decision, Decisions, Perturbation
 from .reactor import Connection, Reactor
 from .trace import Trace, TraceEvent

@@ -18,7 +18,8 @@ from types import FrameType
 from typing import TextIO
 
 from ..errors import ProtocolError, StallError, UmttError, format_ns
-from .engine import Calendar, Client, StopReason
+from .client import Client
+from .engine import Calendar, StopReason
 from .trace import Trace, TraceEvent
 
 EXIT_STALLED = 3

@@ -30,7 +30,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import (
@@ -54,9 +54,10 @@ from ..wire import (
     op_name,
     pack_message,
 )
+from .client import Broadcast, Client, ClientState, PendingAck, start_order
 from .clock import Clock, Job, ScheduledCall
 from .perturb import Decisions, Perturbation
-from .reactor import Connection, Reactor
+from .reactor import Reactor
 from .shm import ScheduleMap
 from .spin import SpinPolicy
 from .trace import Trace
@@ -87,16 +88,6 @@ class WallBudget:
     min_rate: float
 
 
-class ClientState(enum.Enum):
-    """Where a socket client is in its life (§3 client states)."""
-
-    CONNECTED = "connected"
-    STARTING = "starting"
-    RUNNING = "running"
-    WAITING = "waiting"
-    GONE = "gone"
-
-
 class StopReason(enum.Enum):
     """Why :meth:`Calendar.run_until` returned."""
 
@@ -115,68 +106,6 @@ class Stop:
     time: int
     client: Client | None = None
     value: int | None = None
-
-
-@dataclass(eq=False)
-class _PendingAck:
-    """An ACK a client owes; ``then`` runs on it, or with None when the client leaves."""
-
-    seq: int
-    op: Op
-    then: Callable[[Message | None], None] | None = None
-
-
-@dataclass(eq=False)
-class _Broadcast:
-    sender: Client
-    seq: int
-    value: int
-    waiting: set[Client] = field(default_factory=set)
-
-
-class Client(Connection):
-    """A participant connected over the socket: normally one UML kernel."""
-
-    def __init__(self, sock: socket.socket, serial: int, label: str | None) -> None:
-        super().__init__(sock)
-        self.serial = serial
-        self.label = label
-        self.state = ClientState.CONNECTED
-        self.start_id: int | None = None
-        self.start_seq = 0
-        self.id = 0
-        self.shm = False
-        # Whether its id has an entry inside the map, and whether it was offered the map
-        # and has not yet said (through capa) whether it took it.
-        self.in_map = False
-        self.capa_pending = False
-        self.offset = 0
-        self.job: Job | None = None
-        self.pending_acks: deque[_PendingAck] = deque()
-        self.error: ProtocolError | None = None
-
-    @property
-    def name(self) -> str:
-        """A label for messages: the caller's label, else the START id, else the serial."""
-        if self.label:
-            return self.label
-        if self.start_id is not None and self.start_id != NO_ID:
-            return f"client {self.start_id:#x}"
-        return f"client #{self.serial}"
-
-    @property
-    def request(self) -> int | None:
-        """The absolute virtual time this client asked to run at next, if any."""
-        return None if self.job is None or self.job.cancelled else self.job.time
-
-    @property
-    def started(self) -> bool:
-        """True once its START was acknowledged, until it leaves."""
-        return self.state in (ClientState.RUNNING, ClientState.WAITING)
-
-    def __repr__(self) -> str:
-        mode = "shm" if self.shm else "msg"
-        return f"<Client {self.name} id={self.id} {mode} {self.state.value}>"
 
 
 class Calendar:
@@ -254,7 +183,7 @@ class Calendar:
         self._short_run_began = 0.0  # wall time a run that ends at its first step began
         self._horizon = U64_MAX
         self._limit: int | None = None
-        self._broadcasts: list[_Broadcast] = []
+        self._broadcasts: list[Broadcast] = []
         self._stops: deque[Stop] = deque()
         self._holds: dict[int, str] = {}
         self._hold_serials = itertools.count(1)
@@ -568,7 +497,7 @@ class Calendar:
 
     def _dispatch_next(self) -> bool:
         if self._starting and self._starts_seen >= self.expected_clients:
-            self._process_start(min(self._starting, key=_start_order))
+            self._process_start(min(self._starting, key=start_order))
             return True
         job = self._clock.pop_due(self._limit)
         if job is None:
@@ -624,7 +553,7 @@ class Calendar:
         if client.state is ClientState.GONE:
             return
         if then is not None:
-            client.pending_acks.append(_PendingAck(message.seq, Op(message.op), then))
+            client.pending_acks.append(PendingAck(message.seq, Op(message.op), then))
         if self.trace is not None:
             self._record("tx", client, message)
         self.messages_sent += 1
@@ -761,7 +690,7 @@ class Calendar:
             return
         self._sync_now()  # the doorbell rings at the instant the runner published
         value = message.time
-        pending = _Broadcast(client, message.seq, value)
+        pending = Broadcast(client, message.seq, value)
         if self.pause_on_broadcast:
             self._ring_doorbell(client, value)
         for other in self.live_clients():
@@ -815,12 +744,12 @@ class Calendar:
         for value, at in rung:
             self._delay_doorbell(client, value, at)
 
-    def _broadcast_acked(self, pending: _Broadcast, recipient: Client,
+    def _broadcast_acked(self, pending: Broadcast, recipient: Client,
                          _ack: Message | None = None) -> None:
         pending.waiting.discard(recipient)
         self._maybe_finish_broadcast(pending)
 
-    def _maybe_finish_broadcast(self, pending: _Broadcast) -> None:
+    def _maybe_finish_broadcast(self, pending: Broadcast) -> None:
         if pending.waiting or pending not in self._broadcasts:
             return
         self._broadcasts.remove(pending)
@@ -1071,13 +1000,6 @@ class Calendar:
 # Recorded when handled rather than when read, because they arrive in host-timing order:
 # STARTs from kernels booting side by side, ACKs from the recipients of a broadcast.
 _RECORDED_LATER = frozenset((Op.START, Op.ACK))
-
-
-def _start_order(client: Client) -> tuple[int, int]:
-    """STARTs are served by ID, ascending and stable (as usfstl does); a kernel started
-    without one (id -1, time.c:648) sorts as ID 0, since usfstl keeps its name at 0."""
-    start_id = client.start_id
-    return (0 if start_id is None or start_id == NO_ID else start_id, client.serial)
 
 
 def _absolute(client: Client, local: int) -> int | None:
