@@ -12,7 +12,8 @@ Device models can use the clock and the reactor without the protocol.
 
 from .client import Client, ClientState
 from .clock import Clock, Job, ScheduledCall
-from .engine import Calendar, Stop, StopReason, WallBudget
+from .core import Stop, StopReason
+from .engine import Calendar, WallBudget
 from .perturb import Decision, Decisions, Perturbation
 from .reactor import Connection, Reactor
 from .trace import Trace, TraceEvent

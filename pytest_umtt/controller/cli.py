@@ -19,7 +19,8 @@ from typing import TextIO
 
 from ..errors import ProtocolError, StallError, UmttError, format_ns
 from .client import Client
-from .engine import Calendar, StopReason
+from .core import StopReason
+from .engine import Calendar
 from .trace import Trace, TraceEvent
 
 EXIT_STALLED = 3
