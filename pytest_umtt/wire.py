@@ -29,6 +29,10 @@ START_ACK_ID_MASK = 0xFFFF
 
 _MESSAGE = struct.Struct("=IIQ")
 
+pack_message = _MESSAGE.pack
+"""``pack_message(op, seq, time)``: the 16-byte wire form, without making a
+:class:`Message` first (the calendar's hot path); ``time`` must already fit in a u64."""
+
 
 class Op(enum.IntEnum):
     """Message opcodes (H:enum um_timetravel_ops)."""

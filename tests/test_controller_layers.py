@@ -12,7 +12,8 @@ from pytest_umtt.controller.clock import Clock
 from pytest_umtt.controller.reactor import Connection, Reactor
 from pytest_umtt.controller.trace import Trace, TraceEvent
 
-LAYERS = ["trace", "clock", "shm", "reactor", "spin", "perturb", "engine", "cli"]
+LAYERS = ["trace", "clock", "shm", "reactor", "spin", "perturb", "client", "core",
+          "membership", "handlers", "engine", "cli"]
 """Bottom up: each module may import only those before it."""
 
 

@@ -18,7 +18,9 @@ from types import FrameType
 from typing import TextIO
 
 from ..errors import ProtocolError, StallError, UmttError, format_ns
-from .engine import Calendar, Client, StopReason
+from .client import Client
+from .core import StopReason
+from .engine import Calendar
 from .trace import Trace, TraceEvent
 
 EXIT_STALLED = 3

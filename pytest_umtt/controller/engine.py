@@ -1,11 +1,17 @@
 """The calendar: a controller for UML's ``time-travel=ext`` protocol.
 
-It owns the virtual clock and the queue of every participant's next event
-(:mod:`.clock`), the sockets (:mod:`.reactor`, which knows nothing of the protocol),
-the shared memory (schedshm v2, :mod:`.shm`) and the perturbation policy
-(:mod:`.perturb`); this module is the protocol engine on top of them. It never runs on
-its own: the caller's thread drives it with :meth:`Calendar.run_until` (and friends),
-so whatever the caller does between two calls happens at one virtual instant.
+:class:`Calendar` is what its users see: the virtual time (:attr:`~Calendar.now`), the
+run (:meth:`~Calendar.run_until`, :meth:`~Calendar.step`, :meth:`~Calendar.advance`),
+in-process events on the shared clock (:meth:`~Calendar.call_at`), clients
+(:meth:`~Calendar.listen`, :meth:`~Calendar.attach`) and other descriptors to serve
+(:meth:`~Calendar.add_reader`). This module holds that surface and the run loop; the
+protocol engine under it is in layers it inherits, each in its own module: the state,
+sending and scheduling (:mod:`.core`), joining and leaving (:mod:`.membership`) and the
+message handlers (:mod:`.handlers`), on the clock (:mod:`.clock`), the sockets
+(:mod:`.reactor`, which knows nothing of the protocol), the shared memory (schedshm v2,
+:mod:`.shm`) and the perturbation policy (:mod:`.perturb`). It never runs on its own:
+the caller's thread drives it with :meth:`Calendar.run_until` (and friends), so
+whatever the caller does between two calls happens at one virtual instant.
 
 The design differs from the reference controller (usfstl, PROTOCOL.md §3) in one
 structural way: it never waits for one client inside the handler of another. Every
@@ -22,49 +28,20 @@ ACK (a kernel sets it before its first message, arch/um/kernel/time.c:103).
 
 from __future__ import annotations
 
-import enum
-import functools
-import itertools
 import os
 import socket
-import struct
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import (
-    NS_PER_S,
-    CalendarClosedError,
-    ProtocolError,
-    StallError,
-    WallBudgetError,
-    format_ns,
-)
-from ..wire import (
-    FREE_RUN_SPAN,
-    MESSAGE_SIZE,
-    NO_ID,
-    S64_MAX,
-    START_ACK_ID_MASK,
-    U64_MAX,
-    Message,
-    Op,
-    SharedMemory,
-    op_name,
-)
-from .clock import Clock, Job, ScheduledCall
-from .perturb import Decisions, Perturbation
-from .reactor import Connection, Reactor
-from .shm import ScheduleMap
-from .spin import SpinPolicy
-from .trace import Trace
+from ..errors import NS_PER_S, StallError, WallBudgetError, format_ns
+from ..wire import Op, SharedMemory
+from .client import Client, start_order
+from .clock import Clock, ScheduledCall
+from .core import Stop, StopReason
+from .handlers import Handlers
 
-DEFAULT_SHM_CLIENTS = 63
-"""Clients served over shared memory; the map has one more entry, the controller's (§2)."""
-
-MAX_CLIENT_ID = START_ACK_ID_MASK
 DEFAULT_STALL_TIMEOUT = 30.0
 
 
@@ -87,99 +64,7 @@ class WallBudget:
     min_rate: float
 
 
-class ClientState(enum.Enum):
-    """Where a socket client is in its life (§3 client states)."""
-
-    CONNECTED = "connected"
-    STARTING = "starting"
-    RUNNING = "running"
-    WAITING = "waiting"
-    GONE = "gone"
-
-
-class StopReason(enum.Enum):
-    """Why :meth:`Calendar.run_until` returned."""
-
-    CONDITION = "condition"
-    DEADLINE = "deadline"
-    QUIESCENT = "quiescent"
-    DOORBELL = "doorbell"
-    PAUSE = "pause"
-
-
-@dataclass(frozen=True, slots=True)
-class Stop:
-    """The outcome of a run: why it stopped, when, and for a doorbell who rang it."""
-
-    reason: StopReason
-    time: int
-    client: Client | None = None
-    value: int | None = None
-
-
-@dataclass(eq=False)
-class _PendingAck:
-    """An ACK a client owes; ``then`` runs on it, or with None when the client leaves."""
-
-    seq: int
-    op: Op
-    then: Callable[[Message | None], None] | None = None
-
-
-@dataclass(eq=False)
-class _Broadcast:
-    sender: Client
-    seq: int
-    value: int
-    waiting: set[Client] = field(default_factory=set)
-
-
-class Client(Connection):
-    """A participant connected over the socket: normally one UML kernel."""
-
-    def __init__(self, sock: socket.socket, serial: int, label: str | None) -> None:
-        super().__init__(sock)
-        self.serial = serial
-        self.label = label
-        self.state = ClientState.CONNECTED
-        self.start_id: int | None = None
-        self.start_seq = 0
-        self.id = 0
-        self.shm = False
-        # Whether its id has an entry inside the map, and whether it was offered the map
-        # and has not yet said (through capa) whether it took it.
-        self.in_map = False
-        self.capa_pending = False
-        self.offset = 0
-        self.job: Job | None = None
-        self.pending_acks: deque[_PendingAck] = deque()
-        self.error: ProtocolError | None = None
-
-    @property
-    def name(self) -> str:
-        """A label for messages: the caller's label, else the START id, else the serial."""
-        if self.label:
-            return self.label
-        if self.start_id is not None and self.start_id != NO_ID:
-            return f"client {self.start_id:#x}"
-        return f"client #{self.serial}"
-
-    @property
-    def request(self) -> int | None:
-        """The absolute virtual time this client asked to run at next, if any."""
-        return None if self.job is None or self.job.cancelled else self.job.time
-
-    @property
-    def started(self) -> bool:
-        """True once its START was acknowledged, until it leaves."""
-        return self.state in (ClientState.RUNNING, ClientState.WAITING)
-
-    def __repr__(self) -> str:
-        mode = "shm" if self.shm else "msg"
-        return f"<Client {self.name} id={self.id} {mode} {self.state.value}>"
-
-
-class Calendar:
+class Calendar(Handlers):
     """The virtual clock and scheduler that UML kernels and in-process jobs share.
 
     ``shm`` offers the shared-memory scheduler to clients (each decides to take it);
@@ -197,94 +82,6 @@ class Calendar:
     order, and doorbells a seeded 0..``doorbell_latency`` ns late; ``decisions`` records
     each such choice and says which to apply (:class:`~.perturb.Decisions`).
     """
-
-    def __init__(
-        self,
-        *,
-        shm: bool = True,
-        shm_clients: int = DEFAULT_SHM_CLIENTS,
-        time_at_start: int = 0,
-        expected_clients: int = 0,
-        pause_on_broadcast: bool = True,
-        max_free_run: int | None = None,
-        tie_seed: int | None = None,
-        doorbell_latency: int = 0,
-        trace: Trace | None = None,
-        log_fd: int | None = None,
-        busy_poll: float = 0.0,
-        late_joiners_shm: bool = False,
-        decisions: Decisions | None = None,
-        spin: SpinPolicy | None = None,
-    ) -> None:
-        self.busy_poll = busy_poll
-        self.spin = spin
-        self.max_free_run = max_free_run
-        self.time_at_start = time_at_start
-        self.pause_on_broadcast = pause_on_broadcast
-        self.trace = trace
-        self.expected_clients = expected_clients
-        self.shm_enabled = shm
-        self.late_joiners_shm = late_joiners_shm
-        self._init_records()
-        self._reactor: Reactor[Client] = Reactor(
-            on_frame=self._receive, on_close=self._disconnected, on_error=self._fail,
-            on_accept=self.attach, frame_size=MESSAGE_SIZE)
-        # Ties run first-in-first-out, or in a seeded shuffled order when asked to (to
-        # shake out races between machines that happen to share an instant).
-        self.perturbation = None if tie_seed is None \
-            else Perturbation(tie_seed, doorbell_latency, decisions)
-        self._clock = Clock() if self.perturbation is None else Clock(
-            ties=self.perturbation.ties, judge=self.perturbation.keeps_tie_order)
-        self._init_schedule()
-        self._map: ScheduleMap[Client] = ScheduleMap(self._clock, shm_clients + 1)
-        self._own_log_fd = log_fd is None
-        self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if log_fd is None \
-            else log_fd
-        self._handlers = self._handler_table()
-
-    def _init_records(self) -> None:
-        """The public record of the run: clients, errors, counters and hooks."""
-        self.errors: list[ProtocolError] = []
-        self.messages_received = 0
-        self.messages_sent = 0
-        self.runs = 0
-        self.on_drop: list[Callable[[Client, ProtocolError | None], None]] = []
-        self.on_broadcast: list[Callable[[Client, int], None]] = []
-        self.on_wait: list[Callable[[Client], None]] = []
-        self.clients: list[Client] = []
-
-    def _init_schedule(self) -> None:
-        """Who starts, who runs and until when, and what is still owed."""
-        self._delayed_doorbells: list[tuple[Client, int, int]] = []  # with the ring's time
-        self._serials = itertools.count(1)
-        self._seq = itertools.count(1)
-        self._starting: list[Client] = []
-        self._held_acks = 0  # requesters' ACKs held for a runner's FREE_UNTIL ACK
-        self._starts_seen = 0
-        self._runner: Client | None = None
-        self._short_run_began = 0.0  # wall time a run that ends at its first step began
-        self._horizon = U64_MAX
-        self._limit: int | None = None
-        self._broadcasts: list[_Broadcast] = []
-        self._stops: deque[Stop] = deque()
-        self._holds: dict[int, str] = {}
-        self._hold_serials = itertools.count(1)
-        self._closed = False
-
-    def _handler_table(self) -> dict[int, Callable[[Client, Message], None]]:
-        """Keyed by int: an IntEnum hashes like its value, and unknown ops must be looked up."""
-        return {
-            Op.ACK: self._on_ack,
-            Op.START: self._on_start,
-            Op.REQUEST: self._on_request,
-            Op.WAIT: self._on_wait,
-            Op.GET: self._on_get,
-            Op.UPDATE: self._on_update,
-            Op.RUN: self._on_controller_op,
-            Op.FREE_UNTIL: self._on_controller_op,
-            Op.GET_TOD: self._on_get_tod,
-            Op.BROADCAST: self._on_broadcast,
-        }
 
     # --- public surface -------------------------------------------------------------
 
@@ -336,10 +133,6 @@ class Calendar:
         reactor = self._reactor
         return {"sleeps": reactor.sleeps, "spun": reactor.spun,
                 "reactions": reactor.reactions, "reaction_time": reactor.reaction_time}
-
-    def live_clients(self) -> list[Client]:
-        """Clients that have not left."""
-        return [c for c in self.clients if c.state is not ClientState.GONE]
 
     def listen(self, path: str | os.PathLike[str]) -> Path:
         """Listen for clients on a Unix socket at ``path``. A stale socket there (nobody
@@ -574,7 +367,7 @@ class Calendar:
 
     def _dispatch_next(self) -> bool:
         if self._starting and self._starts_seen >= self.expected_clients:
-            self._process_start(min(self._starting, key=_start_order))
+            self._process_start(min(self._starting, key=start_order))
             return True
         job = self._clock.pop_due(self._limit)
         if job is None:
@@ -591,7 +384,7 @@ class Calendar:
             owner.fn()
         return True
 
-    # --- I/O ------------------------------------------------------------------------
+    # --- waiting for I/O -------------------------------------------------------------
 
     def _pump(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for socket events and handle them all; spin first for
@@ -602,496 +395,3 @@ class Calendar:
             assert self.spin is not None
             return self._reactor.pump(timeout, max(self.busy_poll, self.spin.budget()))
         return self._reactor.pump(timeout, self.busy_poll)
-
-    def _receive(self, client: Client, data: bytes) -> None:
-        """A message from ``client`` (the reactor reads one per read)."""
-        message = Message.unpack(data)
-        self.messages_received += 1
-        if client.capa_pending:
-            self._read_capa(client)
-        if self.trace is not None and message.op not in _RECORDED_LATER:
-            self._record("rx", client, message)
-        handler = self._handlers.get(message.op)
-        if handler is None:
-            # usfstl ACKs unknown ops with time 0 (§1, scenario 27); so do we.
-            self._send(client, Message(Op.ACK, message.seq, 0))
-            return
-        handler(client, message)
-
-    def _send(self, client: Client, message: Message,
-              then: Callable[[Message | None], None] | None = None,
-              fds: list[int] | None = None) -> None:
-        """Queue a message; if ``then`` is given, an ACK is expected and ``then`` runs on it.
-
-        Messages go out at the end of the step that made them (the reactor's flush), in order,
-        and consecutive ones to one client in a single write: ACK(WAIT), FREE_UNTIL and
-        RUN to a kernel cost one syscall and one wake-up instead of three. Writes never
-        block: what a client does not take stays queued, up to MAX_BACKLOG."""
-        if client.state is ClientState.GONE:
-            return
-        if then is not None:
-            client.pending_acks.append(_PendingAck(message.seq, Op(message.op), then))
-        if self.trace is not None:
-            self._record("tx", client, message)
-        self.messages_sent += 1
-        if fds:
-            self._send_with_fds(client, message, fds)
-            return
-        self._reactor.send(client, _pack(message.op, message.seq, message.time & U64_MAX))
-
-    def _send_with_fds(self, client: Client, message: Message, fds: list[int]) -> None:
-        try:
-            self._reactor.send_with_fds(client, message.pack(), fds)
-        except OSError as exc:
-            self._fail(client, f"write error: {exc.strerror or exc}", message)
-
-    def _send_expecting_ack(self, client: Client, op: Op, value: int,
-                            then: Callable[[Message | None], None] = lambda _: None) -> None:
-        self._send(client, Message(op, next(self._seq), value), then)
-
-    def _ack(self, client: Client, request: Message, value: int = 0) -> None:
-        self._send(client, Message(Op.ACK, request.seq, value))
-
-    # --- message handlers (§3 "Messages arriving while waiting") ---------------------
-
-    def _on_start(self, client: Client, message: Message) -> None:
-        if client.state is not ClientState.CONNECTED:
-            self._fail(client, "START sent twice", message)
-            return
-        client.start_id = message.time
-        client.start_seq = message.seq
-        client.state = ClientState.STARTING
-        self._starting.append(client)
-        self._starts_seen += 1
-
-    def _on_request(self, client: Client, message: Message) -> None:
-        if not self._require_started(client, message):
-            return
-        when = _absolute(client, message.time)
-        if when is not None and when < self._clock.now:
-            self._fail(client, f"request for {format_ns(when)}, which is in the past", message)
-            return
-        if client.in_map:
-            # Mirrored, so that a later collection sees this and not a stale entry.
-            self._map.mirror_request(client.id, message.time + client.offset)
-        runner = self._runner
-        if runner is not None and runner.shm and client.in_map:
-            # Picked up at the runner's WAIT with the requests written into shared memory,
-            # in start order, as usfstl does; the runner only has to stop in time.
-            if when is not None:
-                self._map.lower_free_until(when)
-            self._ack(client, message)
-        elif runner is not None and not runner.shm and when is not None \
-                and when < self._horizon:
-            # The runner must know before the requester goes on: a kernel polling a
-            # device socket (time.c:236-250) could otherwise run past this event.
-            self._horizon = when
-            self._held_acks += 1
-            self._set_request(client, when)
-            self._send_expecting_ack(runner, Op.FREE_UNTIL, when - runner.offset,
-                                     functools.partial(self._release_ack, client, message))
-        else:
-            self._set_request(client, when)
-            self._ack(client, message)
-
-    def _release_ack(self, client: Client, request: Message, _ack: Message | None) -> None:
-        """The runner ACKed its lowered horizon (or left): the requester may go on."""
-        self._held_acks -= 1
-        self._ack(client, request)
-
-    def _on_wait(self, client: Client, message: Message) -> None:
-        if client is self._runner:
-            self._end_run(client, message)
-        elif self._runner is None and client.started:
-            if not client.shm:
-                self._ack(client, message)
-        else:
-            self._fail(client, "WAIT from a client that is not running", message)
-
-    def _on_get(self, client: Client, message: Message) -> None:
-        if self._require_started(client, message):
-            self._ack(client, message, self._sync_now() - client.offset)
-
-    def _on_get_tod(self, client: Client, message: Message) -> None:
-        # GET_TOD is absolute: no offset, even for late joiners (M:474, §2).
-        if self._require_started(client, message):
-            self._ack(client, message, self.time_at_start + self._sync_now())
-
-    def _on_update(self, client: Client, message: Message) -> None:
-        if client is not self._runner:
-            self._fail(client, "UPDATE from a client that is not running", message)
-            return
-        new_time = message.time + client.offset
-        problem = self._update_problem(new_time)
-        if problem:
-            self._fail(client, f"UPDATE {problem}", message)
-            return
-        self._set_now(new_time)
-        self._ack(client, message)
-
-    def _update_problem(self, new_time: int) -> str:
-        """Why the runner may not say its clock is at ``new_time``, or "" if it may:
-        it can neither go back nor pass what it was allowed to run to."""
-        if new_time < self._sync_now():
-            return f"goes backwards to {format_ns(new_time)}"
-        nxt = self._clock.peek()
-        if nxt is not None and new_time > nxt.time:
-            return (f"to {format_ns(new_time)} passes the next event at "
-                    f"{format_ns(nxt.time)}")
-        if new_time > self._horizon:
-            return f"to {format_ns(new_time)} passes its horizon at {format_ns(self._horizon)}"
-        if self._limit is not None and new_time > self._limit:
-            return (f"to {format_ns(new_time)} passes the end of the run at "
-                    f"{format_ns(self._limit)}")
-        return ""
-
-    def _on_controller_op(self, client: Client, message: Message) -> None:
-        self._fail(client, f"{op_name(message.op)} is the controller's to send", message)
-
-    def _on_ack(self, client: Client, message: Message) -> None:
-        if not client.pending_acks:
-            self._fail(client, "ACK that answers nothing", message)
-            return
-        expected = client.pending_acks.popleft()
-        if expected.op is not Op.BROADCAST:
-            self._record("rx", client, message)
-        if expected.seq != message.seq:
-            self._fail(client, f"ACK with seq {message.seq}, expected {expected.seq} "
-                               f"for {expected.op.name}", message)
-            return
-        if expected.then is not None:
-            expected.then(message)
-
-    def _on_broadcast(self, client: Client, message: Message) -> None:
-        if not self._require_started(client, message):
-            return
-        self._sync_now()  # the doorbell rings at the instant the runner published
-        value = message.time
-        pending = _Broadcast(client, message.seq, value)
-        if self.pause_on_broadcast:
-            self._ring_doorbell(client, value)
-        for other in self.live_clients():
-            if other is not client and other.started:
-                pending.waiting.add(other)
-                self._send_expecting_ack(other, Op.BROADCAST, value,
-                                         functools.partial(self._broadcast_acked, pending, other))
-        self._broadcasts.append(pending)
-        self._maybe_finish_broadcast(pending)
-        for hook in self.on_broadcast:
-            hook(client, value)
-
-    def _ring_doorbell(self, client: Client, value: int) -> None:
-        """Make the ringing client yield at its very next time step (DESIGN.md fact 6).
-
-        Under perturbation the pause comes a seeded 0..doorbell_latency ns later instead:
-        it is then an in-process job, whose arrival lowers the runner's horizon like any
-        other event, so the kernel yields exactly there."""
-        perturbed = self.perturbation is not None and self.perturbation.delays_doorbells
-        if client is self._runner:
-            # Only the kernel's view shrinks: the calendar's horizon still bounds how far
-            # the client may have run, which _end_run needs.
-            self._tell_horizon(client, self._clock.now)
-            if perturbed:
-                # The ring's instant is known only once the kernel yields (it ran on since
-                # it last told its time): the delay counts from there (_end_run).
-                self._delayed_doorbells.append((client, value, self._clock.now))
-                return
-        if perturbed:
-            self._delay_doorbell(client, value, self._clock.now)
-            return
-        self._stops.append(Stop(StopReason.DOORBELL, self._clock.now, client, value))
-
-    def _delay_doorbell(self, client: Client, value: int, rung_at: int) -> None:
-        """Pause a seeded delay from now; a reverted decision pauses as an unperturbed
-        run does (the delay is drawn all the same, so later ones keep theirs)."""
-        assert self.perturbation is not None
-        delay = self.perturbation.doorbell_delay()
-        if not self.perturbation.decisions.decide("doorbell", client.name, self._clock.now,
-                                                  delay):
-            self._stops.append(Stop(StopReason.DOORBELL, rung_at, client, value))
-            return
-        self.call_at(self._clock.now + delay, lambda: self._stops.append(
-            Stop(StopReason.DOORBELL, self._clock.now, client, value)), "doorbell")
-
-    def _release_delayed_doorbells(self, client: Client) -> None:
-        if not self._delayed_doorbells:
-            return
-        rung = [(value, at) for owner, value, at in self._delayed_doorbells if owner is client]
-        self._delayed_doorbells = [d for d in self._delayed_doorbells if d[0] is not client]
-        for value, at in rung:
-            self._delay_doorbell(client, value, at)
-
-    def _broadcast_acked(self, pending: _Broadcast, recipient: Client,
-                         _ack: Message | None = None) -> None:
-        pending.waiting.discard(recipient)
-        self._maybe_finish_broadcast(pending)
-
-    def _maybe_finish_broadcast(self, pending: _Broadcast) -> None:
-        if pending.waiting or pending not in self._broadcasts:
-            return
-        self._broadcasts.remove(pending)
-        self._record("bcast-acked", pending.sender, time=pending.value)
-        self._send(pending.sender, Message(Op.ACK, pending.seq, 0))
-
-    def _require_started(self, client: Client, message: Message) -> bool:
-        if client.started:
-            return True
-        self._fail(client, f"{op_name(message.op)} before START was acknowledged", message)
-        return False
-
-    # --- scheduling ---------------------------------------------------------------
-
-    def _set_request(self, client: Client, when: int | None) -> None:
-        """Queue ``client`` at absolute time ``when``; None, or S64_MAX and beyond, is "no
-        request": the idle kernel's "sleep forever" (K:600-612), never to be granted, as a
-        RUN there panics it (time.c:55-56). Callers check for the past."""
-        if when is None or when >= S64_MAX:
-            self._unqueue(client)
-            return
-        if client.job is not None and not client.job.cancelled and client.job.time == when:
-            return  # already queued there: keep its place among ties
-        self._unqueue(client)
-        client.job = self._push(when, client)
-
-    def _unqueue(self, client: Client) -> None:
-        if client.job is not None:
-            client.job.cancelled = True
-            client.job = None
-
-    def _push(self, when: int, owner: Client) -> Job:
-        job = self._clock.schedule(when, owner)
-        self._pushed(when)
-        return job
-
-    def _pushed(self, when: int) -> None:
-        """Something was queued at ``when``: the runner may have to stop earlier."""
-        if self._runner is not None and when < self._horizon:
-            self._lower_horizon(when)
-
-    def _collect_shm_requests(self) -> None:
-        """Pick up requests written into shared memory (time.c:284-288), by kernels or
-        mirrored from REQUEST messages, in start order.
-
-        Called when a runner WAITs: requests are only written there while a shm client
-        runs (running_id names no shm client otherwise, so everyone uses messages), and
-        the runner itself is WAITING by then, so nothing written can be missed."""
-        for client, when in self._map.written_requests(ClientState.WAITING):
-            if when < self._clock.now:
-                self._fail(client, f"request for {format_ns(when)} in shared memory, "
-                                   f"which is in the past")
-            else:
-                self._set_request(client, when)
-
-    def _next_horizon(self) -> int:
-        """How far a client may free-run: the next event, bounded by the run's deadline."""
-        span = FREE_RUN_SPAN if self.max_free_run is None else self.max_free_run
-        horizon = min(self._clock.now + span, U64_MAX)
-        job = self._clock.peek()
-        if job is not None:
-            horizon = min(horizon, job.time)
-        if self._limit is not None:
-            horizon = min(horizon, self._limit + 1)
-        return horizon
-
-    def _lower_horizon(self, when: int) -> None:
-        """A new event before the runner's horizon: tell the runner before anyone else
-        learns of it (the invariant of §3, scenario 13)."""
-        assert self._runner is not None
-        self._horizon = min(self._horizon, when)
-        self._tell_horizon(self._runner, when)
-
-    def _tell_horizon(self, runner: Client, when: int) -> None:
-        if runner.shm:
-            self._map.lower_free_until(when)
-        else:
-            self._send_expecting_ack(runner, Op.FREE_UNTIL, when - runner.offset)
-
-    def _grant(self, client: Client) -> None:
-        """RUN ``client`` now (§3 run_client)."""
-        self._begin_run(client)
-        if not client.shm:
-            if client.in_map:
-                # Its request may have been mirrored into shared memory; a kernel clears
-                # REQ_RUN itself on RUN, a message client cannot (M:693-695).
-                self._map.clear_request(client.id)
-            self._send_expecting_ack(client, Op.FREE_UNTIL, self._horizon - client.offset)
-        run = Message(Op.RUN, next(self._seq), self._clock.now - client.offset)
-        # A shm client does not ACK RUN (K:158-167).
-        self._send(client, run, None if client.shm else _ignore_ack)
-
-    def _begin_run(self, client: Client, horizon: int | None = None) -> None:
-        client.state = ClientState.RUNNING
-        self._horizon = self._next_horizon() if horizon is None else horizon
-        self._runner = client
-        self.runs += 1
-        if self.spin is not None:
-            self._short_run_began = time.perf_counter() if self._horizon <= self._clock.now \
-                else 0.0
-        self._map.begin_run(client, client.in_map, self._horizon)
-        if self.trace is not None:
-            self._record("run", client, time=self._clock.now)
-
-    def _end_run(self, client: Client, message: Message) -> None:
-        if self._short_run_began:
-            assert self.spin is not None
-            self.spin.ran(time.perf_counter() - self._short_run_began)
-            self._short_run_began = 0.0
-        if client.shm:
-            self._sync_now()
-        self._runner = None
-        client.state = ClientState.WAITING
-        self._map.end_run()
-        if not client.shm:
-            self._ack(client, message)
-        self._collect_shm_requests()
-        self._move_to_safe_instant()
-        self._release_delayed_doorbells(client)
-        for hook in self.on_wait:
-            hook(client)
-
-    def _move_to_safe_instant(self) -> None:
-        """A shm client free-ran without publishing its clock; the latest instant that is
-        safe to call "now" is the earlier of its next event and its horizon (fact 7)."""
-        if self._starting:
-            # STARTs that came in while it ran join at the instant it reached: that is how
-            # several shm kernels boot together at t=0 (§6a).
-            return
-        job = self._clock.peek()
-        safe = min(self._horizon, job.time if job else U64_MAX)
-        if self._limit is not None:
-            safe = min(safe, self._limit)
-        # With nothing due, no deadline and a bounded free run, the kernel may still have
-        # run its own timers up to the horizon: a device must not interrupt it earlier.
-        if job is not None or self._limit is not None or self.max_free_run is not None:
-            self._set_now(max(self._clock.now, safe))
-
-    def _sync_now(self) -> int:
-        """Now, as far as a running shm kernel published it (§7.3, :meth:`.ScheduleMap.sync`)."""
-        return self._map.sync(self._runner, self._limit)
-
-    def _set_now(self, when: int) -> None:
-        self._clock.move_to(when)
-        runner = self._runner
-        if runner is None or not runner.shm:
-            self._map.publish()
-
-    # --- joining ------------------------------------------------------------------
-
-    def _process_start(self, client: Client) -> None:
-        """ACK a START; the client then runs until its first WAIT (§3 process_starting_client)."""
-        self._starting.remove(client)
-        self._record("rx", client, Message(Op.START, client.start_seq, client.start_id or 0))
-        client.offset = self._clock.now
-        client.id = self._free_id()
-        if client.id == 0:
-            self._fail(client, f"no free client id (limit {MAX_CLIENT_ID})")
-            return
-        client.in_map = self._map.has_entry(client.id)
-        client.capa_pending = client.in_map and self._map.can_offer(
-            enabled=self.shm_enabled, late_joiners=self.late_joiners_shm)
-        if client.in_map:
-            self._map.join(client, 0 if client.start_id == NO_ID else (client.start_id or 0))
-        # No free run for a joiner: it yields at its first time step, so clients that
-        # start together run together, and a late joiner cannot run past a pending
-        # event (usfstl 963e035, §6d).
-        self._begin_run(client, horizon=self._clock.now)
-        self._record("join", client, detail="offered shm" if client.capa_pending
-                     else "over messages")
-        fds = [self._map.fd if client.capa_pending else self._map.decoy_fd, self._log_fd]
-        self._send(client, Message(Op.ACK, client.start_seq, client.id & START_ACK_ID_MASK),
-                   fds=fds)
-
-    def _read_capa(self, client: Client) -> None:
-        """Its first message after the START ACK: a kernel sets capa before it sends
-        anything (time.c:103), so capa now says whether it took the map."""
-        client.capa_pending = False
-        client.shm = self._map.took_map(client.id)
-        self._record("mode", client, detail="uses shm" if client.shm
-                     else "declined shm: over messages")
-
-    def _free_id(self) -> int:
-        used = {c.id for c in self.clients if c.id and c.state is not ClientState.GONE}
-        for candidate in range(1, MAX_CLIENT_ID + 1):
-            if candidate not in used:
-                return candidate
-        return 0
-
-    # --- leaving ------------------------------------------------------------------
-
-    def _fail(self, client: Client, detail: str, message: Message | None = None) -> None:
-        error = ProtocolError(client.name, detail, self._clock.now,
-                              str(message) if message else None)
-        client.error = error
-        self.errors.append(error)
-        self._remove(client, error)
-
-    def _disconnected(self, client: Client) -> None:
-        self._remove(client, None)
-
-    def _remove(self, client: Client, error: ProtocolError | None) -> None:
-        """Drop a client: no trace of it remains in the schedule (§3 Removal)."""
-        if client.state is ClientState.GONE:
-            return
-        self._record("drop", client, detail=str(error) if error else "disconnected")
-        client.state = ClientState.GONE
-        self._reactor.discard(client)
-        self._unqueue(client)
-        if client in self._starting:
-            self._starting.remove(client)
-        self._map.leave(client)
-        if client is self._runner:
-            self._runner = None
-            self._map.end_run()
-            # What others wrote into shared memory while it ran is collected at a WAIT
-            # that now never comes.
-            self._collect_shm_requests()
-        for pending in list(self._broadcasts):
-            if pending.sender is client:
-                self._broadcasts.remove(pending)
-        # What waited for its ACKs goes on: broadcasts, held requesters.
-        while client.pending_acks:
-            owed = client.pending_acks.popleft()
-            if owed.then is not None:
-                owed.then(None)
-        for hook in self.on_drop:
-            hook(client, error)
-
-    # --- helpers ------------------------------------------------------------------
-
-    def _record(self, kind: str, client: Client | None, message: Message | None = None,
-                time: int = 0, detail: str = "") -> None:
-        if self.trace is None:
-            return
-        name = client.name if client is not None else "calendar"
-        if message is None:
-            self.trace.record((self._clock.now, kind, name, "", 0, time, detail))
-        else:
-            self.trace.record((self._clock.now, kind, name, op_name(message.op),
-                               message.seq, message.time, detail))
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise CalendarClosedError("the calendar is closed")
-
-
-_pack = struct.Struct("=IIQ").pack
-
-# Recorded when handled rather than when read, because they arrive in host-timing order:
-# STARTs from kernels booting side by side, ACKs from the recipients of a broadcast.
-_RECORDED_LATER = frozenset((Op.START, Op.ACK))
-
-
-def _start_order(client: Client) -> tuple[int, int]:
-    """STARTs are served by ID, ascending and stable (as usfstl does); a kernel started
-    without one (id -1, time.c:648) sorts as ID 0, since usfstl keeps its name at 0."""
-    start_id = client.start_id
-    return (0 if start_id is None or start_id == NO_ID else start_id, client.serial)
-
-
-def _absolute(client: Client, local: int) -> int | None:
-    """A client's local request time on the shared clock; None for "no request"."""
-    return None if local >= S64_MAX else local + client.offset
-
-
-def _ignore_ack(_ack: Message | None) -> None:
-    """The continuation of an ACK that only has to arrive (RUN, FREE_UNTIL)."""
