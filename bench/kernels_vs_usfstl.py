@@ -36,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -55,31 +57,43 @@ sleep 10
 KERNELS = 4
 
 
+@contextmanager
+def usfstl_controller(controller: list[str], socket_path: Path, clients: int,
+                      *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """usfstl's controller for ``clients`` kernels, once its socket is there; killed after."""
+    ctl = subprocess.Popen([*controller, f"--time={socket_path}", f"--clients={clients}",
+                            *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not socket_path.exists():
+            if ctl.poll() is not None:
+                raise RuntimeError(f"{controller[0]} exited with {ctl.returncode}")
+            time.sleep(0.005)  # bench start-up only: waits for the socket to appear
+        yield ctl
+    finally:
+        ctl.kill()
+        ctl.wait()
+
+
+def guests_finished(sim: Path, machines: int, failure: str = "") -> None:
+    """Each guest's console says it finished its loop (and not ``failure``)."""
+    for n in range(1, machines + 1):
+        log = (sim / f"m{n}" / "console.log").read_text(errors="replace")
+        if "done " not in log or (failure and failure in log):
+            raise RuntimeError(f"guest m{n} did not finish:\n{log[-1500:]}")
+
+
 def run_once(controller: list[str], kernel: Path, shm: bool) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         sim = Path(tmp)
-        socket_path = sim / "time.sock"
-        command = [*controller, f"--time={socket_path}", f"--clients={KERNELS}"]
-        ctl = subprocess.Popen(command + ([] if shm else ["--no-shm"]),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            while not socket_path.exists():
-                if ctl.poll() is not None:
-                    raise RuntimeError(f"{controller[0]} exited with {ctl.returncode}")
-                time.sleep(0.005)  # bench start-up only: waits for the socket to appear
+        with usfstl_controller(controller, sim / "time.sock", KERNELS,
+                               *([] if shm else ["--no-shm"])):
             started = time.perf_counter()
             guests = [start_guest(kernel, sim, n) for n in range(1, KERNELS + 1)]
             for guest in guests:
                 guest.wait(timeout=300)
             wall = time.perf_counter() - started
-            for n in range(1, KERNELS + 1):
-                log = (sim / f"m{n}" / "console.log").read_text(errors="replace")
-                if "done " not in log or "Bad file descriptor" in log:
-                    raise RuntimeError(f"guest m{n} did not finish:\n{log[-1500:]}")
-            return wall
-        finally:
-            ctl.kill()
-            ctl.wait()
+        guests_finished(sim, KERNELS, "Bad file descriptor")
+        return wall
 
 
 def start_guest(kernel: Path, sim: Path, n: int) -> subprocess.Popen[bytes]:

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil
 
+from bench.kernels_vs_usfstl import guests_finished, usfstl_controller
 from pytest_umtt import Simulation
 from pytest_umtt.kernel import default_kernel
 from pytest_umtt.rootfs import Rootfs, build_rootfs
@@ -116,29 +117,15 @@ def _tree_cpu(pid: int) -> float:
 def usfstl_run(controller: list[str], kernel: Path, machines: int, loop: str) -> Run:
     with tempfile.TemporaryDirectory() as tmp:
         sim = Path(tmp)
-        socket_path = sim / "time.sock"
-        ctl = subprocess.Popen([*controller, f"--time={socket_path}",
-                                f"--clients={machines}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            while not socket_path.exists():
-                if ctl.poll() is not None:
-                    raise RuntimeError(f"{controller[0]} exited with {ctl.returncode}")
-                time.sleep(0.005)  # bench start-up only: waits for the socket to appear
+        with usfstl_controller(controller, sim / "time.sock", machines) as ctl:
             started = time.perf_counter()
             guests = [_start_guest(kernel, sim, n, loop) for n in range(1, machines + 1)]
             for guest in guests:
                 guest.wait(timeout=600)
             wall = time.perf_counter() - started
             cpu = _cpu_seconds(ctl.pid)
-            for n in range(1, machines + 1):
-                log = (sim / f"m{n}" / "console.log").read_text(errors="replace")
-                if "done " not in log:
-                    raise RuntimeError(f"guest m{n} did not finish:\n{log[-1500:]}")
-            return Run(wall, cpu)
-        finally:
-            ctl.kill()
-            ctl.wait()
+        guests_finished(sim, machines)
+        return Run(wall, cpu)
 
 
 def _cpu_seconds(pid: int) -> float:
