@@ -116,7 +116,7 @@ def run_kunitpy(tree: Path, build_dir: Path) -> tuple[float, Results]:
         return wall, leaves(json.loads(out.read_text()))
 
 
-def run_pytest(kunitconfigs: list[Path], workers: int) -> tuple[float, float, Results]:
+def run_pytest(variant: KernelConfig, workers: int) -> tuple[float, float, Results]:
     """pytest over every KUnit case of the variant: wall time in all, of which the run
     (after collection), and the results."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -124,7 +124,7 @@ def run_pytest(kunitconfigs: list[Path], workers: int) -> tuple[float, float, Re
         (Path(scratch) / "test_none.py").write_text("")
         command = [sys.executable, "-m", "pytest", "-p", "kunit_vs_kunitpy", "-q",
                    "-p", "no:cacheprovider",
-                   "--umtt-kconfig=" + " ".join(f"kunit:{path}" for path in kunitconfigs),
+                   f"--umtt-kconfig={variant.to_spec()}",
                    "--umtt-kunit=*", *([f"-n{workers}"] if workers else ["-p", "no:xdist"]),
                    # arch_uml.config turns on PCI over virtio with no device for it, and
                    # the kernel WARNs so at boot (arch/um/drivers/virt-pci.c, um_pci_init);
@@ -166,16 +166,21 @@ def main() -> None:
     parser.add_argument("--without-arch-config", action="store_true",
                         help="pytest's variant without arch_uml.config (its suites that "
                         "need PCI are then missing on pytest's side)")
+    parser.add_argument("--kconfig-add", nargs="+", default=[], metavar="CONFIG_X=V",
+                        help="options pytest's variant adds (e.g. "
+                        "CONFIG_CC_OPTIMIZE_FOR_PERFORMANCE=y, as kunit.py's kernels are)")
     args = parser.parse_args()
     tree = kunit_tree()
     configs = tree / "tools/testing/kunit/configs"
     kunitconfigs = [(args.kunitconfig or configs / "all_tests.config").absolute()]
     if not args.without_arch_config:
         kunitconfigs.append(configs / "arch_uml.config")  # what kunit.py --arch=um merges in
-    kernel = variant_kernel(KernelConfig(kunitconfigs=tuple(kunitconfigs)))
+    variant = KernelConfig(kunitconfigs=tuple(kunitconfigs), options=tuple(args.kconfig_add))
+    kernel = variant_kernel(variant)
     if not kernel.is_file():
         sys.exit(f"build the variant first: umtt-kernel build --kunitconfig "
-                 f"{' '.join(map(str, kunitconfigs))}")
+                 f"{' '.join(map(str, kunitconfigs))}"
+                 + (f" --kconfig-add {' '.join(args.kconfig_add)}" if args.kconfig_add else ""))
     # Interleaved, so that a load that comes and goes falls on every runner alike.
     walls: dict[str, list[float]] = {}
     runs: dict[str, list[float]] = {}
@@ -185,7 +190,7 @@ def main() -> None:
         walls.setdefault("kunit.py exec", []).append(wall)
         for workers in args.workers:
             label = f"pytest -n {workers}" if workers else "pytest"
-            wall, run, results[label] = run_pytest(kunitconfigs, workers)
+            wall, run, results[label] = run_pytest(variant, workers)
             walls.setdefault(label, []).append(wall)
             runs.setdefault(label, []).append(run)
     print(f"{'runner':16} {'wall s':>7} {'run s':>6} {'cases':>6} {'passed':>6} "

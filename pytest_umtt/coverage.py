@@ -111,6 +111,24 @@ class CoverageSink:
         shutil.rmtree(incoming, ignore_errors=True)
 
 
+@dataclass
+class SplitSink:
+    """A machine's counts to the session's sink and to one test's as well."""
+
+    session: CoverageSink
+    test: CoverageSink
+
+    @property
+    def missed(self) -> list[str]:
+        """Machines that left no counts, and why (the session's record)."""
+        return self.session.missed
+
+    def harvest(self, machine: str, machine_dir: Path) -> int:
+        """Take the counts into both sinks (each copies them from ``machine_dir``)."""
+        self.test.harvest(machine, machine_dir)
+        return self.session.harvest(machine, machine_dir)
+
+
 def _copy_counts(source: Path, target: Path) -> int:
     """Copy the regular ``*.gcda`` files under ``source`` (never through a link) to the
     same paths under ``target``, within :data:`MAX_GCDA_FILES` and :data:`MAX_GCDA_BYTES`."""
@@ -172,6 +190,20 @@ class Report:
 def write_report(sink: CoverageSink, source_tree: Path, directories: Sequence[str]) -> Report:
     """The lcov report of what ``sink`` gathered: ``kernel.info`` (every file), HTML of
     the ``directories`` asked for (``""``: the whole kernel) and their summaries."""
+    tracefile, summaries, records = write_tracefile(sink, source_tree, directories)
+    prefix = f"{source_tree}/"
+    shown = sink.directory / "shown.info"
+    _extract(records, [prefix + wanted for wanted in directories], shown)
+    html = sink.directory / "html"
+    _run(["genhtml", "--quiet", "--prefix", str(source_tree), "--output-directory", str(html),
+          str(shown)], "genhtml", LCOV_PACKAGE)
+    return Report(tracefile, html / "index.html", summaries)
+
+
+def write_tracefile(sink: CoverageSink, source_tree: Path, directories: Sequence[str]
+                    ) -> tuple[Path, tuple[Summary, ...], list[Record]]:
+    """``kernel.info`` in the sink's directory (lcov's capture of what it gathered), the
+    ``directories``' summaries, and the tracefile's records."""
     if not sink.data.is_dir():
         raise CoverageError("no machine left coverage counts: "
                             + ("; ".join(sink.missed) or "no machine ran"))
@@ -183,12 +215,7 @@ def write_report(sink: CoverageSink, source_tree: Path, directories: Sequence[st
     records = read_tracefile(tracefile)
     prefix = f"{source_tree}/"
     summaries = tuple(summarise(records, prefix + wanted, wanted) for wanted in directories)
-    shown = sink.directory / "shown.info"
-    _extract(records, [prefix + wanted for wanted in directories], shown)
-    html = sink.directory / "html"
-    _run(["genhtml", "--quiet", "--prefix", str(source_tree), "--output-directory", str(html),
-          str(shown)], "genhtml", LCOV_PACKAGE)
-    return Report(tracefile, html / "index.html", summaries)
+    return tracefile, summaries, records
 
 
 def ensure_lcov() -> None:

@@ -33,7 +33,6 @@ from .controller import (
     WallBudget,
 )
 from .controller.spin import SpinPolicy
-from .coverage import CoverageSink
 from .devices import VirtioDevice
 from .errors import (
     NS_PER_S,
@@ -61,6 +60,7 @@ from .uml.confine import confinement_problem, refusal
 from .uml.launch import DEFAULT_MEM, DEFAULT_TIME_TRAVEL_START_NS, ROOTFS_FROM_MACHINE_DIR
 from .uml.machine import (
     DEFAULT_COMMAND_TIMEOUT,
+    CountsSink,
     Machine,
     MachineState,
 )
@@ -242,7 +242,7 @@ class Simulation:
         confine: bool = True,
         decisions: Decisions | None = None,
         shim: Path | None = None,
-        coverage: CoverageSink | None = None,
+        coverage: CountsSink | None = None,
     ) -> None:
         self.kernel = None if kernel is None else Path(kernel)
         self.coverage = coverage

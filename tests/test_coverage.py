@@ -206,6 +206,7 @@ def test_a_session_reports_the_kernel_code_its_tests_ran(
             assert first.run("cat /proc/uptime").ok and second.run("true").ok
     """)
     result = pytester.runpytest_subprocess("--umtt-coverage=kernel/time/,drivers/gpio/",
+                                           "--umtt-coverage-per-test",
                                            "-p", "no:cacheprovider", "-n", "2")
     result.assert_outcomes(passed=2)
     root = pytester.path / "umtt-coverage"
@@ -226,3 +227,19 @@ def test_a_session_reports_the_kernel_code_its_tests_ran(
     start = next(line for path, lines in records if path.endswith("/init/main.c")
                  for line in lines if line.startswith("FNDA:") and line.endswith(",start_kernel"))
     assert start == "FNDA:3,start_kernel"
+    # Each test's own counts too: one boot, then two.
+    per_test = (root / "tests" / "summary.txt").read_text()
+    result.stdout.fnmatch_lines([f"umtt coverage per test: 2 tracefiles, their summaries in "
+                                 f"{root}/tests/summary.txt"])
+    for name, boots in (("test_sleeps", 1), ("test_two_machines", 2)):
+        [node] = [path for path in (root / "tests").iterdir() if path.name.endswith(name)]
+        assert f"::{name}: {node}/kernel.info\n  kernel/time/: lines " in per_test
+        assert f"FNDA:{boots},start_kernel" in (node / "kernel.info").read_text()
+
+
+def test_per_test_coverage_needs_coverage(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest("--umtt-coverage-per-test")
+    result.stderr.fnmatch_lines(["*--umtt-coverage-per-test splits --umtt-coverage's counts "
+                                 "by test: give --umtt-coverage too*"])
+    assert result.ret == pytest.ExitCode.USAGE_ERROR

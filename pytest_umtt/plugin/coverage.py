@@ -10,16 +10,27 @@ refused, never removed). Under xdist each worker adds up its own machines' count
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from ..coverage import CoverageError, CoverageSink, Report, write_report
+from ..coverage import (
+    CoverageError,
+    CoverageSink,
+    Report,
+    SplitSink,
+    write_report,
+    write_tracefile,
+)
 from ..kernel import variant_location
 from .settings import Settings
 
 COVERAGE_DIR = "umtt-coverage"
+PER_TEST_DIR = "tests"
+NODEID_FILE = "nodeid"
+PER_TEST_SUMMARY = "summary.txt"
 MARK = ".umtt-coverage"
 """In a coverage directory pytest-umtt made: only such a directory is replaced."""
 
@@ -49,6 +60,18 @@ def start_coverage(config: pytest.Config, settings: Settings) -> CoverageSink:
     return sink
 
 
+def node_sink(config: pytest.Config, settings: Settings, session: CoverageSink,
+              nodeid: str) -> SplitSink:
+    """The sink for the machines of node ``nodeid`` (a test, or a module's shared
+    simulation): the session's, and ``tests/<node>`` of the coverage directory (one
+    per node whatever the xdist worker)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_") or "node"
+    directory = coverage_root(config, settings) / PER_TEST_DIR / name
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / NODEID_FILE).write_text(nodeid + "\n")
+    return SplitSink(session, CoverageSink(session.kernel, directory))
+
+
 def _fresh(root: Path) -> None:
     if root.exists() and not (root / MARK).is_file() and any(root.iterdir()):
         raise pytest.UsageError(f"--umtt-coverage: {root} exists and is not a coverage "
@@ -66,6 +89,9 @@ class CoverageReporter:
         self.settings = settings
         self.report: Report | None = None
         self.error: str | None = None
+        self.per_test: Path | None = None
+        """The per-test summary file, once written (``--umtt-coverage-per-test``)."""
+        self.per_test_count = 0
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -75,8 +101,27 @@ class CoverageReporter:
             source = variant_location(self.settings.kconfig)[0].path
             directories = self.settings.coverage or ("",)
             self.report = write_report(self.sink, source, directories)
+            if self.settings.coverage_per_test:
+                self._write_per_test(source, directories)
         except (CoverageError, OSError) as exc:
             self.error = str(exc)
+
+    def _write_per_test(self, source: Path, directories: tuple[str, ...]) -> None:
+        """Each node's tracefile, and one summary file: its lines per directory."""
+        root = self.sink.directory / PER_TEST_DIR
+        lines: list[str] = []
+        for node in sorted(path for path in root.glob("*") if path.is_dir()):
+            nodeid = (node / NODEID_FILE).read_text().strip()
+            sink = CoverageSink(self.sink.kernel, node)
+            try:
+                tracefile, summaries, _ = write_tracefile(sink, source, directories)
+            except CoverageError as exc:
+                lines.append(f"{nodeid}: no report: {exc}")
+                continue
+            lines += [f"{nodeid}: {tracefile}", *(f"  {s.line()}" for s in summaries)]
+            self.per_test_count += 1
+        self.per_test = root / PER_TEST_SUMMARY
+        self.per_test.write_text("\n".join(lines) + "\n")
 
     def _add_workers(self) -> None:
         """xdist: each worker's added-up counts into the session's."""
@@ -92,5 +137,8 @@ class CoverageReporter:
         write(f"umtt coverage: {self.report.html} (lcov: {self.report.tracefile})")
         for summary in self.report.summaries:
             write(f"  {summary.line()}")
+        if self.per_test is not None:
+            write(f"umtt coverage per test: {self.per_test_count} tracefiles, their "
+                  f"summaries in {self.per_test}")
         for missed in self.sink.missed[:10]:
             write(f"  no counts from {missed}")

@@ -56,7 +56,7 @@ def umtt_sim(request: pytest.FixtureRequest, umtt_variant: Variant) -> Iterator[
     if umtt_variant.seed is not None:
         item.user_properties.append((EXPLORED_SEED, str(umtt_variant.seed)))
     started = time.monotonic()
-    sim = open_simulation(request.config, settings, decisions)
+    sim = open_simulation(request.config, settings, decisions, coverage_for=item.nodeid)
     item.stash[ITEM_SIM] = sim
     record_identity(item, settings, sim)
     try:
@@ -116,7 +116,7 @@ def umtt_module_sim(request: pytest.FixtureRequest) -> Iterator[Simulation]:
     """A simulation shared by every test of a module (boot once, run many)."""
     settings = request.config.stash[STATE].settings
     started = time.monotonic()
-    sim = open_simulation(request.config, settings)
+    sim = open_simulation(request.config, settings, coverage_for=request.node.nodeid)
     request.node.stash[MODULE_RUN] = ModuleRun()
     try:
         yield sim

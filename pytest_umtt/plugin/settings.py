@@ -72,6 +72,8 @@ class Settings:
     coverage: tuple[str, ...] | None = None
     """Kernel source directories whose coverage the session reports (``("",)``: the whole
     kernel); None: no coverage."""
+    coverage_per_test: bool = False
+    """Also each test's own counts and report (``--umtt-coverage-per-test``)."""
 
 
 @dataclass(frozen=True)
@@ -399,6 +401,10 @@ OPTIONS = (
            "source directories, e.g. drivers/gpio/; default: the whole kernel). Needs lcov",
            "DIRS",
            "coverage", _source_directories, None, const="."),
+    Option("umtt_coverage_per_test", "--umtt-coverage-per-test", "with --umtt-coverage, "
+           "also each test's own lcov tracefile and summary lines (tests/ in the coverage "
+           "directory; a module's shared machines count for the module)", None,
+           "coverage_per_test", _switch, False),
 )
 
 
@@ -409,6 +415,9 @@ def resolve_settings(config: pytest.Config) -> Settings:
         found = _raw_setting(config, option)
         values[option.field] = option.default if found is None else option.parse(*found)
     values["seed"], values["seed_source"] = values["seed"]
+    if values["coverage_per_test"] and values["coverage"] is None:
+        raise pytest.UsageError("--umtt-coverage-per-test splits --umtt-coverage's counts "
+                                "by test: give --umtt-coverage too")
     values["kconfig"] = _own_variants(values)
     if values["kernel"] is None and not values["kconfig"].empty:
         values["kernel"] = built_variant(values["kconfig"], "--umtt-kconfig")

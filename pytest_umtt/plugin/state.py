@@ -27,7 +27,8 @@ from ..summary import Summary
 from ..summary import Variant as Variant  # noqa: PLC0414 (the plugin's name for it)
 from ..summary import base_nodeid as base_nodeid  # noqa: PLC0414
 from ..uml.agent import COMMANDS_DIR
-from ..uml.machine import Machine
+from ..uml.machine import CountsSink, Machine
+from .coverage import node_sink
 from .settings import Settings
 
 # --- session state ------------------------------------------------------------------
@@ -69,16 +70,22 @@ def settings_of(item: pytest.Item) -> Settings:
 
 
 def open_simulation(config: pytest.Config, settings: Settings,
-                    decisions: Decisions | None = None, host_root: bool = False) -> Simulation:
+                    decisions: Decisions | None = None, host_root: bool = False,
+                    coverage_for: str | None = None) -> Simulation:
     """A simulation for ``settings``; with ``host_root``, its machines boot the host's root
     read-only (hostfs) instead of unpacking the pinned one: for boots whose work is done
-    before userspace starts (KUnit)."""
+    before userspace starts (KUnit). ``coverage_for``: the node whose counts its machines
+    are, with ``--umtt-coverage-per-test``."""
+    session_sink = config.stash[STATE].coverage
+    coverage: CountsSink | None = session_sink
+    if session_sink is not None and coverage_for is not None and settings.coverage_per_test:
+        coverage = node_sink(config, settings, session_sink, coverage_for)
     sim = Simulation(kernel=settings.kernel, seed=settings.seed,
                      wall_timeout=settings.wall_timeout, perturb=settings.perturb,
                      confine=settings.confine, decisions=decisions,
                      shim=config.stash[STATE].shim,
                      rootfs=None if host_root else config.stash[STATE].guest_root(),
-                     coverage=config.stash[STATE].coverage)
+                     coverage=coverage)
     sim.on_doorbell.append(
         lambda machine, value: config.hook.pytest_umtt_doorbell(machine=machine, value=value))
     config.stash[STATE].open.add(sim)

@@ -486,7 +486,7 @@ class KselftestItem(pytest.Item):
         root, test = settings.kselftest, self.test
         assert root is not None
         started = time.monotonic()
-        sim = open_simulation(self.config, settings)
+        sim = open_simulation(self.config, settings, coverage_for=self.nodeid)
         try:
             machine = machine_factory(self.config, sim, settings)("kselftest")
             return run_kselftest(machine, test, tree=machine.push(root, GUEST_TREE),

@@ -199,8 +199,10 @@ class CountsSink(Protocol):
     """Where a coverage kernel's counts go as its machine closes
     (:class:`pytest_umtt.coverage.CoverageSink`)."""
 
-    missed: list[str]
-    """Machines that left no counts, and why."""
+    @property
+    def missed(self) -> list[str]:
+        """Machines that left no counts, and why."""
+        ...
 
     def harvest(self, machine: str, machine_dir: Path) -> int:
         """Take the counts the kernel wrote at exit into ``machine_dir``."""
