@@ -57,6 +57,11 @@ def base_nodeid(nodeid: str) -> str:
     return _VARIANT_PART.sub("", nodeid).replace("[]", "").replace("[-", "[")
 
 
+def node_filename(nodeid: str) -> str:
+    """A node id as one file or directory name (artifacts, schedules, coverage)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")
+
+
 def pair_key(nodeid: str) -> str:
     """What a determinism run's two items share: the node id without the run number
     (an explored seed stays: each seed's runs are a pair of their own)."""

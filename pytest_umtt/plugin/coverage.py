@@ -10,7 +10,6 @@ refused, never removed). Under xdist each worker adds up its own machines' count
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from ..coverage import (
     write_tracefile,
 )
 from ..kernel import variant_location
+from ..summary import node_filename
 from .settings import Settings
 
 COVERAGE_DIR = "umtt-coverage"
@@ -65,7 +65,7 @@ def node_sink(config: pytest.Config, settings: Settings, session: CoverageSink,
     """The sink for the machines of node ``nodeid`` (a test, or a module's shared
     simulation): the session's, and ``tests/<node>`` of the coverage directory (one
     per node whatever the xdist worker)."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_") or "node"
+    name = node_filename(nodeid) or "node"
     directory = coverage_root(config, settings) / PER_TEST_DIR / name
     directory.mkdir(parents=True, exist_ok=True)
     (directory / NODEID_FILE).write_text(nodeid + "\n")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import signal
 import time
@@ -23,7 +22,7 @@ from ..simulation import (
     MachineFactory,
     Simulation,
 )
-from ..summary import Summary
+from ..summary import Summary, node_filename
 from ..summary import Variant as Variant  # noqa: PLC0414 (the plugin's name for it)
 from ..summary import base_nodeid as base_nodeid  # noqa: PLC0414
 from ..uml.agent import COMMANDS_DIR
@@ -124,7 +123,7 @@ def machine_factory(config: pytest.Config, sim: Simulation, settings: Settings) 
 def artifacts_dir(settings: Settings, nodeid: str) -> Path | None:
     if settings.artifacts is None:
         return None
-    return settings.artifacts / re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")
+    return settings.artifacts / node_filename(nodeid)
 
 
 

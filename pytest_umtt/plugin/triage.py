@@ -12,7 +12,6 @@ still fail it with the same signature.
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import time
 from collections import Counter
@@ -27,7 +26,7 @@ from ..bundle import STORE, SUFFIX
 from ..controller.perturb import Decision, Decisions
 from ..kernel import kernel_identity
 from ..simulation import Simulation
-from ..summary import SIGNATURE
+from ..summary import SIGNATURE, node_filename
 from ..triage import ddmin, failure_signature
 from .replay import BUNDLE_REQUEST, BundleRequest, replayed_decisions
 from .settings import Settings
@@ -328,7 +327,7 @@ class Shrink:
         target = artifacts_dir(self.settings, self.item.nodeid)
         if target is not None:
             return target / "schedule.json"
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", base_nodeid(self.item.nodeid)).strip("_")
+        name = node_filename(base_nodeid(self.item.nodeid))
         return (self.item.config.invocation_params.dir / SCHEDULES_DIR
                 / f"{name}.seed{self.settings.seed}.json")
 
