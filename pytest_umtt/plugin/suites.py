@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import shlex
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -155,7 +156,8 @@ def shared_kunit_boot(config: pytest.Config, settings: Settings, glob: str,
     """:func:`boot_kunit`, once per run: under xdist the first worker to ask boots and
     records what it saw beside the workers' temporary directories, and the others read
     it (the same kernel, seed and glob give the same boot), so ``-n 2`` lists and runs
-    the cases once, not once per worker."""
+    the cases once, not once per worker. A listing is also kept across sessions
+    (:func:`kept_listing`)."""
     if action == "list":
         return kept_listing(config, settings, glob)
     return _boot_once_per_run(config, settings, glob, action)
@@ -167,13 +169,8 @@ def _boot_once_per_run(config: pytest.Config, settings: Settings, glob: str,
     if shared is None:
         return boot_kunit(config, settings, glob, action)
     name = hashlib.sha256(f"{settings.kernel}\0{settings.seed}\0{glob}\0{action}".encode())
-    record = shared / f"umtt-kunit-{name.hexdigest()[:16]}.json"
-    with FileLock(str(record) + ".lock"):
-        if record.is_file():
-            return KunitBoot.from_record(json.loads(record.read_text()))
-        boot = boot_kunit(config, settings, glob, action)
-        record.write_text(json.dumps(boot.record()))
-        return boot
+    return _recorded(shared / f"umtt-kunit-{name.hexdigest()[:16]}.json",
+                     lambda: boot_kunit(config, settings, glob, action), keep=lambda _: True)
 
 
 def kept_listing(config: pytest.Config, settings: Settings, glob: str) -> KunitBoot:
@@ -182,19 +179,28 @@ def kept_listing(config: pytest.Config, settings: Settings, glob: str) -> KunitB
     worked is kept in the cache (``kunit-lists/``) and the next session boots no machine
     for it."""
     record = _listing_record(settings, glob)
+    boot = functools.partial(_boot_once_per_run, config, settings, glob, "list")
     if record is None:
-        return _boot_once_per_run(config, settings, glob, "list")
+        return boot()
+    return _recorded(record, boot, keep=lambda listing: listing.error is None)
+
+
+def _recorded(record: Path, boot: Callable[[], KunitBoot],
+              keep: Callable[[KunitBoot], bool]) -> KunitBoot:
+    """The boot ``record`` holds, else ``boot()``'s, written there (whole, by renaming)
+    when ``keep`` says so; one process at a time. A record that cannot be read (none
+    yet, damaged, an older format) is booted again and replaced."""
     with FileLock(str(record) + ".lock"):
         try:
             return KunitBoot.from_record(json.loads(record.read_text()))
         except (OSError, ValueError, KeyError, TypeError, IndexError):
-            pass  # none yet, or not one of ours: list again and keep what the boot says
-        listing = _boot_once_per_run(config, settings, glob, "list")
-        if listing.error is None:
+            pass
+        booted = boot()
+        if keep(booted):
             staging = record.with_suffix(".tmp")
-            staging.write_text(json.dumps(listing.record()))
+            staging.write_text(json.dumps(booted.record()))
             staging.replace(record)
-        return listing
+        return booted
 
 
 def _listing_record(settings: Settings, glob: str) -> Path | None:
