@@ -55,6 +55,7 @@ from .kernel import (
     kernel_identity,
     modules_dir,
 )
+from .placement import CpuSetting, Placement, choose_cpu
 from .rootfs import Rootfs
 from .uml.confine import confinement_problem, refusal
 from .uml.launch import DEFAULT_MEM, DEFAULT_TIME_TRAVEL_START_NS, ROOTFS_FROM_MACHINE_DIR
@@ -243,8 +244,12 @@ class Simulation:
         decisions: Decisions | None = None,
         shim: Path | None = None,
         coverage: CountsSink | None = None,
+        cpu: CpuSetting = "auto",
     ) -> None:
         self.kernel = None if kernel is None else Path(kernel)
+        self.placement = Placement(choose_cpu(cpu))
+        """The one CPU the kernels and the calendar's thread (while it drives the
+        calendar) run on (:mod:`pytest_umtt.placement`); ``cpu=None``: not placed."""
         self.coverage = coverage
         """Where a coverage kernel's counts go as each machine closes
         (:mod:`pytest_umtt.coverage`); None: not gathered."""
@@ -272,7 +277,9 @@ class Simulation:
                                  doorbell_latency=PERTURBED_DOORBELL_LATENCY_NS if perturb else 0,
                                  decisions=self.decisions,
                                  trace=Trace() if trace else None, pause_on_broadcast=True,
-                                 time_at_start=time_travel_start_ns, spin=SpinPolicy())
+                                 time_at_start=time_travel_start_ns,
+                                 # Sharing its CPU with the kernels, it must never spin.
+                                 spin=SpinPolicy() if self.placement.cpu is None else None)
         self.calendar.on_drop.append(self._on_drop)
         self.calendar.on_wait.append(self._on_wait)
         self.machines: dict[str, Machine] = {}
@@ -412,9 +419,10 @@ class Simulation:
         for machine in machines:
             machine.spawn()
             self._trace_identity(machine)
-        connected = self.calendar.serve_until(
-            lambda: all(self._client_of(m) is not None or not m.alive for m in machines),
-            wall_timeout=self.wall_timeout)
+        with self.placement.driving():
+            connected = self.calendar.serve_until(
+                lambda: all(self._client_of(m) is not None or not m.alive for m in machines),
+                wall_timeout=self.wall_timeout)
         for machine in machines:
             if self._client_of(machine) is None:
                 machine.kill()
@@ -461,7 +469,11 @@ class Simulation:
         ``deadline_ns``, exact) or quiescence; doorbells are handled on the way. Raises
         when one of ``machines`` crashes or stalls."""
         deadline_ns = either("deadline", deadline, deadline_ns)
-        watched = tuple(machines)
+        with self.placement.driving():
+            return self._run_until(condition, deadline_ns, tuple(machines))
+
+    def _run_until(self, condition: Callable[[], bool] | None, deadline_ns: int | None,
+                   watched: tuple[Machine, ...]) -> RunStop:
         budget = self._wall_budget(deadline_ns)
         while True:
             self._raise_for(watched)

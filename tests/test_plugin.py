@@ -25,6 +25,9 @@ pytestmark = pytest.mark.kernel
     (["--umtt-bundle=sometimes", "--umtt-artifacts=a"],
      "--umtt-bundle: expected one of always, failed, never, got 'sometimes'"),
     (["--umtt-bundle=always"], "--umtt-bundle=always needs --umtt-artifacts=DIR"),
+    (["--umtt-cpu=fast"], "--umtt-cpu: expected auto, off or a CPU number: got 'fast'"),
+    (["--umtt-cpu=4096"], "--umtt-cpu: expected auto, off or a CPU number: CPU 4096 is not "
+                          "one this process may use (allowed: *)"),
     (["--umtt-replay=nothing.umtt-bundle"], "--umtt-replay: no replay bundle at "
                                            "'nothing.umtt-bundle'"),
 ])

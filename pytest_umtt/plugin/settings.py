@@ -24,6 +24,7 @@ from ..kernel import build_kernel, debian_source, default_kernel
 from ..kselftest import (
     LIST_FILE,
 )
+from ..placement import CpuSetting, PlacementError, choose_cpu
 from ..simulation import (
     DEFAULT_WALL_TIMEOUT,
 )
@@ -74,6 +75,8 @@ class Settings:
     kernel); None: no coverage."""
     coverage_per_test: bool = False
     """Also each test's own counts and report (``--umtt-coverage-per-test``)."""
+    cpu: CpuSetting = "auto"
+    """The host CPU each simulation runs on (:mod:`pytest_umtt.placement`)."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,18 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[str, str], str]:
                                     f"got {text!r}")
         return text
     return parse
+
+
+def _cpu(text: str, where: str) -> CpuSetting:
+    """``auto``, ``off`` or a CPU this process may use."""
+    if text in ("auto", "off"):
+        return None if text == "off" else "auto"
+    try:
+        return choose_cpu(int(text))
+    except ValueError as exc:  # not a number, or a PlacementError
+        detail = str(exc) if isinstance(exc, PlacementError) else f"got {text!r}"
+        raise pytest.UsageError(f"{where}: expected auto, off or a CPU number: {detail}") \
+            from None
 
 
 def _kernel(text: str, where: str) -> Path:
@@ -373,6 +388,11 @@ OPTIONS = (
            "refuses the namespaces is an error) or 'off' (the guest can write what the user "
            "running pytest can write)", "on|off",
            "confine", _on_off, True),
+    Option("umtt_cpu", "--umtt-cpu", "the host CPU each simulation's kernels and calendar "
+           "share: 'auto' (default: a pytest-xdist worker's by its number, else the CPU "
+           "pytest runs on), a CPU number, or 'off' (the host scheduler spreads them; "
+           "slower: every hand-over then wakes a process on another CPU)", "auto|off|N",
+           "cpu", _cpu, "auto"),
     Option("umtt_shrink", "--umtt-shrink", "for a test that fails with perturbed decisions "
            "(--umtt-perturb's tie orders and doorbell delays, a seeded network's losses and "
            "reorderings): rerun it to find the fewest decisions that still fail it, print "

@@ -81,7 +81,7 @@ def open_simulation(config: pytest.Config, settings: Settings,
         coverage = node_sink(config, settings, session_sink, coverage_for)
     sim = Simulation(kernel=settings.kernel, seed=settings.seed,
                      wall_timeout=settings.wall_timeout, perturb=settings.perturb,
-                     confine=settings.confine, decisions=decisions,
+                     confine=settings.confine, decisions=decisions, cpu=settings.cpu,
                      shim=config.stash[STATE].shim,
                      rootfs=None if host_root else config.stash[STATE].guest_root(),
                      coverage=coverage)

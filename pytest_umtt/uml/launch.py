@@ -162,13 +162,13 @@ an unlimited stack also changes the host's memory layout for the process."""
 PR_SET_PDEATHSIG = 1
 
 
-def fix_uml_process(parent: int, confine: Path | None = None) -> None:
+def fix_uml_process(parent: int, confine: Path | None = None, cpu: int | None = None) -> None:
     """Between fork and exec of UML: die with the test process (even if it is SIGKILLed;
     UML's own helpers already die with UML), console output that stays blocking
     (:func:`separate_console_output`), fixed resource limits (UML prints the core-dump
-    limits on its console), and, given a directory, confinement to it
-    (:mod:`pytest_umtt.uml.confine`). ``parent`` is the test process's pid, taken before the
-    fork."""
+    limits on its console), given a directory, confinement to it
+    (:mod:`pytest_umtt.uml.confine`), and given a CPU, that CPU only (UML's helpers inherit
+    it). ``parent`` is the test process's pid, taken before the fork."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl took effect
@@ -178,6 +178,8 @@ def fix_uml_process(parent: int, confine: Path | None = None) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_STACK)
     soft = UML_STACK_LIMIT if hard == resource.RLIM_INFINITY else min(UML_STACK_LIMIT, hard)
     resource.setrlimit(resource.RLIMIT_STACK, (soft, hard))
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     if confine is not None:
         confine_to(confine)
 
@@ -236,11 +238,13 @@ def kill_process_tree(pid: int, timeout: float = 5.0, *, reap_root: bool = True)
 
 
 def spawn_uml(command: Sequence[str], directory: Path, env: Mapping[str, str], *,
-              confined: bool) -> pexpect.spawn[bytes]:
+              confined: bool, cpu: int | None = None) -> pexpect.spawn[bytes]:
     """Start ``command`` (from :func:`uml_command`) on a pty, in ``directory``, with
-    ``env``: dying with this process, and (``confined``) able to change ``directory``
-    only. Its pty is non-blocking: the calendar reads it when it has data."""
-    preexec = functools.partial(fix_uml_process, os.getpid(), directory if confined else None)
+    ``env``: dying with this process, (``confined``) able to change ``directory`` only,
+    and (given ``cpu``) on that CPU only (:mod:`pytest_umtt.placement`). Its pty is
+    non-blocking: the calendar reads it when it has data."""
+    preexec = functools.partial(fix_uml_process, os.getpid(), directory if confined else None,
+                                cpu)
     process: pexpect.spawn[bytes] = pexpect.spawn(
         command[0], list(command[1:]), cwd=str(directory), env=dict(env), echo=False,
         timeout=None, preexec_fn=preexec)

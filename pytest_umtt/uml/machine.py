@@ -37,6 +37,7 @@ from ..errors import (
     MachineError,
     format_ns,
 )
+from ..placement import Placement
 from ..units import MAX_SECONDS, seconds_to_ns
 from .agent import COMMANDS_DIR, POWEROFF_COMMAND, install, read_without_links
 from .channel import CommandChannel, CommandRecord
@@ -220,6 +221,7 @@ class MachineHost(Protocol):
     seed: int
     shim: Path | None
     confined: bool
+    placement: Placement
     time_travel_start_ns: int
     wall_timeout: float
 
@@ -319,7 +321,8 @@ class Machine:
         env = uml_environment(self.sim.shim, derive_seed(self.sim.seed, self.name))
         if self.sim.coverage is not None:
             env.update(GCOV_ENVIRONMENT)
-        self.process = spawn_uml(command, self.directory, env, confined=self.sim.confined)
+        self.process = spawn_uml(command, self.directory, env, confined=self.sim.confined,
+                                 cpu=self.sim.placement.cpu)
         self._pty_fd = int(self.process.child_fd)
         self._pty_poll.register(self._pty_fd, select.POLLIN)
         self.sim.calendar.add_reader(self._pty_fd, self._read_console)
