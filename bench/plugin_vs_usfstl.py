@@ -6,12 +6,21 @@ Workload (per machine, as a background command; the loop is timed, boots are not
     read:  mkfifo /tmp/f; for i in $(seq 1000); do read -t 0.001 <> /tmp/f; done
     sleep: for i in $(seq 500); do sleep 0.001; done        (a fork per wake-up)
 
-"plugin" is what a test gets: a Simulation with the pinned root, machines booted
-together (``sim.boot``), each running the loop with ``Machine.start`` and waited for
-with ``BackgroundCommand.wait``. "usfstl" is usfstl's controller with bare kernels
-(bench/kernels_vs_usfstl.py's guest, hostfs root) running the same loop, boots
-included: a comparison that favours usfstl. Runs come in pairs, plugin and usfstl, the
-order alternating from pair to pair; the ratio is the median of the pairs' ratios.
+Sides, each run in turn within a pair (the order rotating from pair to pair):
+
+    plugin         what a test gets: a Simulation with the pinned root, placed on one CPU
+                   (the default, pytest_umtt/placement.py), machines booted together
+                   (``sim.boot``), each running the loop with ``Machine.start``, waited
+                   for with ``BackgroundCommand.wait``; boots not timed.
+    plugin-spread  the same, unplaced (``cpu=None``, --umtt-cpu=off): the host scheduler
+                   spreads kernels and calendar over the CPUs (what the plugin did before).
+    usfstl         usfstl's controller as it ships, with bare kernels
+                   (bench/kernels_vs_usfstl.py's guest, hostfs root) running the same loop,
+                   boots included (which counts against usfstl).
+    usfstl-1cpu    the same, controller and kernels given one CPU (taskset): usfstl with
+                   the plugin's placement, the like-for-like comparison.
+
+The ratios are taken pair by pair (plugin/usfstl, plugin/usfstl-1cpu), their median shown.
 
 Besides wall seconds the table shows CPU seconds of the controller (the pytest process
 for the plugin, usfstl's process), and for the plugin the counts that say where the
@@ -22,7 +31,7 @@ usfstl is not part of this project: build it yourself (git clone
 linux-test-project/usfstl; make -C control) and pass its controller's path.
 
 Run: python bench/plugin_vs_usfstl.py --usfstl /path/to/usfstl/control/controller
-     [--machines 1,2,4,8] [--pairs 5] [--workload read|sleep]
+     [--machines 1,2,4,8] [--pairs 5] [--workload read|sleep] [--sides plugin,usfstl,...]
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import psutil
 from bench.kernels_vs_usfstl import guests_finished, usfstl_controller
 from pytest_umtt import Simulation
 from pytest_umtt.kernel import default_kernel
+from pytest_umtt.placement import choose_cpu
 from pytest_umtt.rootfs import Rootfs, build_rootfs
 from pytest_umtt.uml.launch import uml_command
 
@@ -72,8 +82,8 @@ class Run:
     counts: dict[str, float] = field(default_factory=dict)
 
 
-def plugin_run(rootfs: Rootfs, machines: int, loop: str) -> Run:
-    with Simulation(rootfs=rootfs) as sim:
+def plugin_run(rootfs: Rootfs, machines: int, loop: str, placed: bool = True) -> Run:
+    with Simulation(rootfs=rootfs, cpu="auto" if placed else None) as sim:
         started = [sim.machine(f"m{n}", boot=False) for n in range(1, machines + 1)]
         sim.boot(*started)
         before = _counters(sim)
@@ -114,18 +124,21 @@ def _tree_cpu(pid: int) -> float:
     return total
 
 
-def usfstl_run(controller: list[str], kernel: Path, machines: int, loop: str) -> Run:
+def usfstl_run(controller: list[str], kernel: Path, machines: int, loop: str,
+               cpu: int | None = None) -> Run:
+    """usfstl and bare kernels; given ``cpu``, all of them on that CPU (taskset)."""
+    pin = [] if cpu is None else ["taskset", "-c", str(cpu)]
     with tempfile.TemporaryDirectory() as tmp:
         sim = Path(tmp)
-        with usfstl_controller(controller, sim / "time.sock", machines) as ctl:
+        with usfstl_controller([*pin, *controller], sim / "time.sock", machines) as ctl:
             started = time.perf_counter()
-            guests = [_start_guest(kernel, sim, n, loop) for n in range(1, machines + 1)]
+            guests = [_start_guest(kernel, sim, n, loop, pin) for n in range(1, machines + 1)]
             for guest in guests:
                 guest.wait(timeout=600)
             wall = time.perf_counter() - started
-            cpu = _cpu_seconds(ctl.pid)
+            controller_cpu = _cpu_seconds(ctl.pid)
         guests_finished(sim, machines)
-        return Run(wall, cpu)
+        return Run(wall, controller_cpu)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -133,13 +146,14 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _start_guest(kernel: Path, sim: Path, n: int, loop: str) -> subprocess.Popen[bytes]:
+def _start_guest(kernel: Path, sim: Path, n: int, loop: str,
+                 pin: list[str]) -> subprocess.Popen[bytes]:
     machine = sim / f"m{n}"
     machine.mkdir()
     boot = machine / "boot.sh"
     boot.write_text(USFSTL_GUEST.format(loop=loop))
     boot.chmod(0o755)
-    command = uml_command(kernel, client_id=n, mem="64M")
+    command = [*pin, *uml_command(kernel, client_id=n, mem="64M")]
     with (machine / "console.log").open("wb") as out:
         return subprocess.Popen(command, cwd=machine, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -150,38 +164,52 @@ def spread(values: list[float], digits: int = 2) -> str:
             f"({min(values):.{digits}f}..{max(values):.{digits}f})")
 
 
+SIDES = ("plugin", "plugin-spread", "usfstl", "usfstl-1cpu")
+RATIOS = (("plugin", "usfstl"), ("plugin", "usfstl-1cpu"), ("plugin-spread", "usfstl"))
+Rows = dict[int, dict[str, list[Run]]]
+
+
 def measure(args: argparse.Namespace, rootfs: Rootfs, machines: int,
-            loop: str) -> tuple[list[Run], list[Run]]:
-    """``args.pairs`` pairs, plugin and usfstl in turn, the order alternating."""
-    plugin: list[Run] = []
-    usfstl: list[Run] = []
-    sides = ["plugin", "usfstl"] if args.usfstl else ["plugin"]
+            loop: str) -> dict[str, list[Run]]:
+    """``args.pairs`` rounds of every side, the order rotating from round to round."""
+    sides = [side for side in args.sides if args.usfstl or not side.startswith("usfstl")]
+    cpu = choose_cpu("auto")
+    runners: dict[str, Callable[[], Run]] = {
+        "plugin": lambda: plugin_run(rootfs, machines, loop),
+        "plugin-spread": lambda: plugin_run(rootfs, machines, loop, placed=False),
+        "usfstl": lambda: usfstl_run([str(args.usfstl)], args.kernel, machines, loop),
+        "usfstl-1cpu": lambda: usfstl_run([str(args.usfstl)], args.kernel, machines, loop,
+                                          cpu),
+    }
+    runs: dict[str, list[Run]] = {side: [] for side in sides}
     for pair in range(args.pairs):
-        for side in sides if pair % 2 == 0 else reversed(sides):
-            if side == "plugin":
-                plugin.append(plugin_run(rootfs, machines, loop))
-            else:
-                usfstl.append(usfstl_run([str(args.usfstl)], args.kernel, machines, loop))
-    return plugin, usfstl
+        shift = pair % len(sides)
+        for side in sides[shift:] + sides[:shift]:
+            runs[side].append(runners[side]())
+    return runs
 
 
-def side_by_side(rows: dict[int, tuple[list[Run], list[Run]]]) -> None:
-    print(f"{'machines':>8} {'plugin wall s':>20} {'plugin cpu s':>20} {'usfstl wall s':>20} "
-          f"{'usfstl cpu s':>20} {'plugin/usfstl':>20} {'x one: plugin':>14} {'usfstl':>7}")
-    one_plugin = one_usfstl = None
-    for machines, (plugin, usfstl) in rows.items():
-        wall = statistics.median(r.wall for r in plugin)
-        one_plugin = one_plugin or wall
-        theirs = statistics.median(r.wall for r in usfstl) if usfstl else None
-        one_usfstl = one_usfstl or theirs
-        ratio = spread([p.wall / u.wall for p, u in zip(plugin, usfstl, strict=True)]) \
-            if usfstl else "n/a"
-        print(f"{machines:>8} {spread([r.wall for r in plugin]):>20} "
-              f"{spread([r.cpu for r in plugin]):>20} "
-              f"{spread([r.wall for r in usfstl]) if usfstl else 'n/a':>20} "
-              f"{spread([r.cpu for r in usfstl]) if usfstl else 'n/a':>20} {ratio:>20} "
-              f"{wall / one_plugin:>14.2f} "
-              f"{theirs / one_usfstl if theirs and one_usfstl else float('nan'):>7.2f}")
+def side_by_side(rows: Rows) -> None:
+    sides = list(next(iter(rows.values())))
+    ratios = [(a, b) for a, b in RATIOS if a in sides and b in sides]
+    print(f"{'machines':>8} " + " ".join(f"{f'{side} wall s':>24} {'cpu s':>18}"
+                                         for side in sides)
+          + " " + " ".join(f"{f'{a}/{b}':>26}" for a, b in ratios))
+    for machines, runs in rows.items():
+        cells = [f"{spread([r.wall for r in runs[side]]):>24} "
+                 f"{spread([r.cpu for r in runs[side]]):>18}" for side in sides]
+        cells += [f"{spread([x.wall / y.wall for x, y in zip(runs[a], runs[b], strict=True)]):>26}"
+                  for a, b in ratios]
+        print(f"{machines:>8} " + " ".join(cells))
+    one = next(iter(rows.values()))
+    print(f"\n{'x one machine':>14} " + " ".join(f"{side:>14}" for side in sides))
+    for machines, runs in rows.items():
+        print(f"{machines:>14} " + " ".join(
+            f"{_median_wall(runs[side]) / _median_wall(one[side]):>14.2f}" for side in sides))
+
+
+def _median_wall(runs: list[Run]) -> float:
+    return statistics.median(run.wall for run in runs)
 
 
 Figure = Callable[[Run, int], float]
@@ -220,15 +248,18 @@ def _has_round_trips(run: Run) -> bool:
     return run.counts["runs"] >= 100
 
 
-def where_the_time_goes(rows: dict[int, tuple[list[Run], list[Run]]], wakeups: int) -> None:
-    print("\nwhere the plugin's time goes (medians; a wake-up is one loop turn of one "
-          "machine; a round trip is one RUN..WAIT)")
-    print(f"{'':32} " + " ".join(f"{f'{m} machines':>12}" for m in rows))
-    for label, figure, shape in WHERE:
-        cells = [shape.format(statistics.median(figure(run, machines * wakeups)
-                                                for run in plugin))
-                 for machines, (plugin, _) in rows.items()]
-        print(f"{label:32} " + " ".join(f"{cell:>12}" for cell in cells))
+def where_the_time_goes(rows: Rows, wakeups: int) -> None:
+    for side in ("plugin", "plugin-spread"):
+        if side not in next(iter(rows.values())):
+            continue
+        print(f"\nwhere {side}'s time goes (medians; a wake-up is one loop turn of one "
+              f"machine; a round trip is one RUN..WAIT)")
+        print(f"{'':32} " + " ".join(f"{f'{m} machines':>12}" for m in rows))
+        for label, figure, shape in WHERE:
+            cells = [shape.format(statistics.median(figure(run, machines * wakeups)
+                                                    for run in runs[side]))
+                     for machines, runs in rows.items()]
+            print(f"{label:32} " + " ".join(f"{cell:>12}" for cell in cells))
 
 
 def main() -> None:
@@ -239,6 +270,8 @@ def main() -> None:
     parser.add_argument("--machines", default="1,2,4,8")
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--workload", choices=LOOPS, default="read")
+    parser.add_argument("--sides", type=lambda text: text.split(","), default=list(SIDES),
+                        help=f"which of {', '.join(SIDES)} to run (default: all)")
     args = parser.parse_args()
     if args.kernel is None:
         sys.exit("no kernel: run `umtt-kernel build` or pass --kernel")
@@ -249,7 +282,7 @@ def main() -> None:
           f"(1, 5, 15 min), {os.cpu_count()} cores; {args.pairs} pairs per row, "
           f"medians (min..max); usfstl's walls include its kernels' boots, the plugin's "
           f"do not", flush=True)
-    rows = {}
+    rows: Rows = {}
     for machines in [int(n) for n in args.machines.split(",")]:
         rows[machines] = measure(args, rootfs, machines, loop)
         print(f"  {machines} machines done", flush=True)
