@@ -550,7 +550,11 @@ class Simulation:
             handler(machine, stop.value)
 
     def _trouble(self, machines: tuple[Machine, ...]) -> bool:
-        return any(m.error is not None or m.crash_cause() is not None for m in machines)
+        # Asked before every dispatch: a loop, not any() over a generator.
+        for machine in machines:
+            if machine.error is not None or machine.crash_cause() is not None:
+                return True
+        return False
 
     def _raise_for(self, machines: tuple[Machine, ...]) -> None:
         for machine in machines:

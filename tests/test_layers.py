@@ -16,7 +16,7 @@ from pytest_umtt.uml import machine
 
 PACKAGE = Path(pytest_umtt.__file__).parent
 LAYERS = [
-    {"units", "errors", "wire", "signature"},
+    {"units", "errors", "wire", "signature", "placement"},
     {"controller"},
     {"devices"},
     {"uml"},

@@ -22,7 +22,7 @@ TIE_BITS_SHIFT = 40
 """A seeded tie order puts 32 random bits above the insertion counter (2**40 entries)."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Job:
     """An entry in the event queue; ``cancelled`` implements lazy deletion."""
 
@@ -31,8 +31,10 @@ class Job:
     owner: object
     cancelled: bool = False
 
-    def __lt__(self, other: Job) -> bool:
-        return (self.time, self.order) < (other.time, other.order)
+
+# The queue holds (time, order, job): tuples compare in C, and ``order`` is unique, so
+# a comparison never reaches the job.
+_Entry = tuple[int, int, Job]
 
 
 def _queued_at(job: Job) -> int:
@@ -75,25 +77,22 @@ class Clock:
 
     def __init__(self, ties: random.Random | None = None,
                  judge: Callable[[int, Job, Job], bool] | None = None) -> None:
-        self._now = 0
-        self._queue: list[Job] = []
+        self.now = 0
+        """The virtual time in nanoseconds: read it, move it only with :meth:`move_to`
+        (a plain attribute: the calendar reads it a dozen times per kernel run)."""
+        self._queue: list[_Entry] = []
         self._order = itertools.count()
         self._ties = ties
         self._judge = judge
 
-    @property
-    def now(self) -> int:
-        """The virtual time in nanoseconds."""
-        return self._now
-
     def __repr__(self) -> str:
-        return f"<Clock now={format_ns(self._now)}>"
+        return f"<Clock now={format_ns(self.now)}>"
 
     def move_to(self, when: int) -> None:
         """Set the time to ``when``; ClockError if that is earlier than now."""
-        if when < self._now:
-            raise ClockError(self._now, when)
-        self._now = when
+        if when < self.now:
+            raise ClockError(self.now, when)
+        self.now = when
 
     def schedule(self, when: int, owner: object) -> Job:
         """Queue ``owner`` at ``when`` (the caller checks for the past)."""
@@ -101,28 +100,28 @@ class Clock:
         if self._ties is not None:
             order |= self._ties.getrandbits(32) << TIE_BITS_SHIFT
         job = Job(when, order, owner)
-        heapq.heappush(self._queue, job)
+        heapq.heappush(self._queue, (when, order, job))
         return job
 
     def call_at(self, when: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
         """Queue a call of ``fn`` at virtual time ``when``; ValueError if that is past."""
-        if when < self._now:
+        if when < self.now:
             raise ValueError(f"cannot schedule {name or fn!r} at {format_ns(when)}: "
-                             f"the clock is already at {format_ns(self._now)}")
+                             f"the clock is already at {format_ns(self.now)}")
         call = ScheduledCall(fn, name or getattr(fn, "__name__", "call"))
         call._job = self.schedule(when, call)
         return call
 
     def call_later(self, delay: int, fn: Callable[[], object], name: str = "") -> ScheduledCall:
         """Queue a call of ``fn`` ``delay`` nanoseconds from now."""
-        return self.call_at(self._now + delay, fn, name)
+        return self.call_at(self.now + delay, fn, name)
 
     def peek(self) -> Job | None:
         """The next job, or None when nothing is queued."""
         queue = self._queue
-        while queue and queue[0].cancelled:
+        while queue and queue[0][2].cancelled:
             heapq.heappop(queue)
-        return queue[0] if queue else None
+        return queue[0][2] if queue else None
 
     def pop_due(self, limit: int | None = None) -> Job | None:
         """Take the next job off the queue unless it is due after ``limit``. The clock
@@ -141,8 +140,8 @@ class Clock:
         their keys are a total order, so putting them back changes no later choice."""
         queue = self._queue
         tied = []
-        while queue and queue[0].time == first.time:
-            job = heapq.heappop(queue)
+        while queue and queue[0][0] == first.time:
+            job = heapq.heappop(queue)[2]
             if not job.cancelled:
                 tied.append(job)
         earliest = min(tied, key=_queued_at)
@@ -151,7 +150,7 @@ class Clock:
             chosen = earliest
         for job in tied:
             if job is not chosen:
-                heapq.heappush(queue, job)
+                heapq.heappush(queue, (job.time, job.order, job))
         return chosen
 
     def run_until(self, deadline: int) -> int:

@@ -136,6 +136,7 @@ class Core(ABC):
         self._log_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC) if log_fd is None \
             else log_fd
         self._handlers = self._handler_table()
+        self._trace_record = None if trace is None else trace.recorder()
 
     def live_clients(self) -> list[Client]:
         """Clients that have not left."""
@@ -178,7 +179,7 @@ class Core(ABC):
             return
         if then is not None:
             client.pending_acks.append(PendingAck(message.seq, Op(message.op), then))
-        if self.trace is not None:
+        if self._trace_record is not None:
             self._record("tx", client, message)
         self.messages_sent += 1
         if fds:
@@ -201,14 +202,15 @@ class Core(ABC):
 
     def _record(self, kind: str, client: Client | None, message: Message | None = None,
                 time: int = 0, detail: str = "") -> None:
-        if self.trace is None:
+        record = self._trace_record
+        if record is None:
             return
         name = client.name if client is not None else "calendar"
         if message is None:
-            self.trace.record((self._clock.now, kind, name, "", 0, time, detail))
+            record((self._clock.now, kind, name, "", 0, time, detail))
         else:
-            self.trace.record((self._clock.now, kind, name, op_name(message.op),
-                               message.seq, message.time, detail))
+            record((self._clock.now, kind, name, op_name(message.op), message.seq,
+                    message.time, detail))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -259,13 +261,16 @@ class Core(ABC):
 
     def _next_horizon(self) -> int:
         """How far a client may free-run: the next event, bounded by the run's deadline."""
+        # Comparisons rather than min(): this runs at every grant.
         span = FREE_RUN_SPAN if self.max_free_run is None else self.max_free_run
-        horizon = min(self._clock.now + span, U64_MAX)
+        horizon = self._clock.now + span
+        horizon = min(horizon, U64_MAX)
         job = self._clock.peek()
-        if job is not None:
-            horizon = min(horizon, job.time)
-        if self._limit is not None:
-            horizon = min(horizon, self._limit + 1)
+        if job is not None and job.time < horizon:
+            horizon = job.time
+        limit = self._limit
+        if limit is not None and limit < horizon:
+            horizon = limit + 1
         return horizon
 
     def _lower_horizon(self, when: int) -> None:
@@ -303,7 +308,7 @@ class Core(ABC):
             self._short_run_began = time.perf_counter() if self._horizon <= self._clock.now \
                 else 0.0
         self._map.begin_run(client, client.in_map, self._horizon)
-        if self.trace is not None:
+        if self._trace_record is not None:
             self._record("run", client, time=self._clock.now)
 
     def _sync_now(self) -> int:

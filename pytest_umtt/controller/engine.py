@@ -372,16 +372,19 @@ class Calendar(Handlers):
         job = self._clock.pop_due(self._limit)
         if job is None:
             return False
-        self._set_now(job.time)
         owner = job.owner
         if isinstance(owner, Client):
+            self._clock.move_to(job.time)  # published by the grant
             owner.job = None
             self._grant(owner)
         elif isinstance(owner, ScheduledCall):
+            self._set_now(job.time)
             owner._job = None
             self._record("call", None, detail=owner.name)
             self._map.end_run()
             owner.fn()
+        else:
+            self._set_now(job.time)
         return True
 
     # --- waiting for I/O -------------------------------------------------------------

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import format_ns
-from ..wire import S64_MAX, U64_MAX, Message, Op, op_name
+from ..wire import S64_MAX, Message, Op, op_name
 from .client import Broadcast, Client, ClientState
 from .core import Stop, StopReason
 from .membership import Membership
@@ -43,7 +43,7 @@ class Handlers(Membership):
         self.messages_received += 1
         if client.capa_pending:
             self._read_capa(client)
-        if self.trace is not None and message.op not in _RECORDED_LATER:
+        if self._trace_record is not None and message.op not in _RECORDED_LATER:
             self._record("rx", client, message)
         handler = self._handlers.get(message.op)
         if handler is None:
@@ -134,13 +134,17 @@ class Handlers(Membership):
             # several shm kernels boot together at t=0 (§6a).
             return
         job = self._clock.peek()
-        safe = min(self._horizon, job.time if job else U64_MAX)
-        if self._limit is not None:
-            safe = min(safe, self._limit)
+        limit = self._limit
+        safe = self._horizon  # comparisons rather than min(): this runs at every WAIT
+        if job is not None and job.time < safe:
+            safe = job.time
+        if limit is not None and limit < safe:
+            safe = limit
         # With nothing due, no deadline and a bounded free run, the kernel may still have
         # run its own timers up to the horizon: a device must not interrupt it earlier.
-        if job is not None or self._limit is not None or self.max_free_run is not None:
-            self._set_now(max(self._clock.now, safe))
+        if job is not None or limit is not None or self.max_free_run is not None:
+            now = self._clock.now
+            self._set_now(safe if safe > now else now)
 
     def _on_get(self, client: Client, message: Message) -> None:
         if self._require_started(client, message):

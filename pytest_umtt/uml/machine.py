@@ -400,8 +400,9 @@ class Machine:
         return b"".join(chunks) if chunks else None
 
     def on_wait(self) -> None:
-        """The kernel sent WAIT: all it printed is in the pty; stamp it with now."""
-        self._catch_up_console()
+        """The kernel sent WAIT: all it printed is in the pty; stamp it with now (the
+        clock's: nobody runs, so nothing newer is published)."""
+        self._catch_up_console(self.sim.calendar.clock.now)
 
     def expect(self, pattern: str | re.Pattern[str], timeout: float) -> ConsoleMatch:
         """Run the simulation until the console shows ``pattern`` (after the previous
@@ -685,15 +686,16 @@ class Machine:
         self._catch_up_console()
         return self.console.splats
 
-    def _catch_up_console(self) -> None:
-        """Read what is still in the pty and give everything held the present time."""
+    def _catch_up_console(self, now: int | None = None) -> None:
+        """Read what is still in the pty and give everything held the present time
+        (``now``, if the caller knows it)."""
         # poll() on the pty runs the tty's pending flush first (n_tty_poll), as a read
         # does: it sees all the kernel wrote, and costs less than a read that fails.
         if self.console is not None and self._pty_fd >= 0:
             data = self._drain_pty() if self._pty_poll.poll(0) else None
             if data:
                 self.console.hold(data)
-            self.console.stamp(self.sim.calendar.now)
+            self.console.stamp(self.sim.calendar.now if now is None else now)
 
     # --- teardown -------------------------------------------------------------------
 
