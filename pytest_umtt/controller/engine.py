@@ -287,6 +287,8 @@ class Calendar(Handlers):
     def _run(self, condition: Callable[[], bool] | None, deadline: int | None,
              stall_timeout: float, wall_budget: WallBudget | None) -> Stop:
         last_progress = (self._clock.now, time.monotonic())
+        # Poll often enough that the probe at half the budget comes before the end.
+        wait = min(stall_timeout / 4, 1.0)
         while True:
             if not self._busy():
                 stop = self._stop_if_done(condition)
@@ -295,9 +297,8 @@ class Calendar(Handlers):
                 if self._advance():
                     continue
                 return self._idle_stop(deadline)
-            # Poll often enough that the probe at half the budget comes before the end.
             # Console output or other traffic is no progress: only virtual time is.
-            self._pump(min(stall_timeout / 4, 1.0))
+            self._pump(wait)
             last_progress = self._check_stall(last_progress, stall_timeout)
             if wall_budget is not None:
                 self._check_wall_budget(wall_budget)

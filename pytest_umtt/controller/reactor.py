@@ -243,7 +243,8 @@ class Reactor(Generic[C]):
                 self._accept()
             elif fd in self._readers:
                 self._serve_reader(fd, mask)
-        self.flush()
+        if self._dirty:
+            self.flush()
         return bool(events)
 
     def _serve_reader(self, fd: int, mask: int) -> None:

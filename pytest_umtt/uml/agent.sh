@@ -57,10 +57,6 @@ setup() {
     if [ -L "$X/lib-modules" ] && [ ! -d /sys/kernel/config ]; then
         modprobe -q configfs && mount -t configfs configfs /sys/kernel/config
     fi
-    # An initramfs root gets no automatic devtmpfs; a hostfs root does.
-    local _dev mnt _rest
-    while read -r _dev mnt _rest; do [ "$mnt" = /dev ] && break; done < /proc/mounts
-    [ "$mnt" = /dev ] || mount -t devtmpfs devtmpfs /dev
     [ -n "${UMTT_HOSTNAME:-}" ] && echo "$UMTT_HOSTNAME" > /proc/sys/kernel/hostname
 }
 
