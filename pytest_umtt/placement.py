@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,7 +97,12 @@ class Placement:
             return
         if self._depth == 0:
             self._before = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, {self.cpu})
+            try:
+                os.sched_setaffinity(0, {self.cpu})
+            except OSError as exc:  # the CPU was taken away (a cpuset changed) since
+                warnings.warn(f"simulation no longer placed on CPU {self.cpu}: {exc}; it "
+                              f"runs unplaced (slower, not different)", stacklevel=3)
+                self.cpu, self._before = None, None
         self._depth += 1
         try:
             yield

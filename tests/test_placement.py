@@ -101,3 +101,16 @@ def test_an_unplaced_simulation_pins_nothing(uml_kernel: Path, tmp_path: Path) -
         assert sim.calendar.spin is not None
         sim.machine("m1")
         assert _affinities(directory) == {frozenset(ALLOWED)}
+
+
+def test_a_cpu_taken_away_since_it_was_chosen_leaves_the_run_unplaced(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    placement = Placement(ALLOWED[0])
+
+    def refuse(_pid: int, _cpus: object) -> None:
+        raise OSError(22, "Invalid argument")
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    with pytest.warns(UserWarning, match=rf"no longer placed on CPU {ALLOWED[0]}: .*Invalid"), \
+            placement.driving():
+        pass
+    assert placement.cpu is None

@@ -11,6 +11,7 @@ of that, and :func:`kill_process_tree` ends it with every host process UML made.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -179,7 +180,8 @@ def fix_uml_process(parent: int, confine: Path | None = None, cpu: int | None = 
     soft = UML_STACK_LIMIT if hard == resource.RLIM_INFINITY else min(UML_STACK_LIMIT, hard)
     resource.setrlimit(resource.RLIMIT_STACK, (soft, hard))
     if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
+        with contextlib.suppress(OSError):  # taken away since chosen: unplaced, not different
+            os.sched_setaffinity(0, {cpu})
     if confine is not None:
         confine_to(confine)
 
