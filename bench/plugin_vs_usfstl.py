@@ -262,6 +262,15 @@ def where_the_time_goes(rows: Rows, wakeups: int) -> None:
             print(f"{label:32} " + " ".join(f"{cell:>12}" for cell in cells))
 
 
+def _sides(text: str) -> list[str]:
+    sides = [side for side in text.split(",") if side]
+    unknown = sorted(set(sides) - set(SIDES))
+    if unknown or not any(side.startswith("plugin") for side in sides):
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(SIDES)} with at "
+                                         f"least one plugin side, got {text!r}")
+    return sides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -270,7 +279,7 @@ def main() -> None:
     parser.add_argument("--machines", default="1,2,4,8")
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--workload", choices=LOOPS, default="read")
-    parser.add_argument("--sides", type=lambda text: text.split(","), default=list(SIDES),
+    parser.add_argument("--sides", type=_sides, default=list(SIDES),
                         help=f"which of {', '.join(SIDES)} to run (default: all)")
     args = parser.parse_args()
     if args.kernel is None:

@@ -12,19 +12,22 @@ kernel's boot 0.42 s spread, 0.26 s on one CPU).
 
 A :class:`Placement` pins the kernels (in the child, before exec: UML's helpers inherit
 it) and the thread that drives the calendar, but that thread only while it drives it
-(:meth:`Placement.driving`): the test's own code and the processes it starts keep the
-CPUs they had. :func:`choose_cpu` picks the CPU: an explicit one, or for ``auto`` a
-pytest-xdist worker's by its number (two workers on two CPUs then never share one), and
-otherwise the CPU the process runs on now (the scheduler's own choice of a free one).
+(:meth:`Placement.driving`). What runs there runs pinned too: run conditions, doorbell
+handlers, scheduled calls and device callbacks, and any thread or process they start
+(:meth:`Placement.released` gives such a block its CPUs back). The test's own code
+outside the run keeps the CPUs it had. :func:`choose_cpu` picks the CPU: an explicit
+one, or for ``auto`` the CPU the process runs on now (the scheduler's own choice of a
+free one); a pytest-xdist worker counts on from there by its number, so that two
+workers on two CPUs never share one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -39,26 +42,47 @@ class PlacementError(ValueError):
     """A CPU that this process may not use."""
 
 
+class PlacementWarning(UserWarning):
+    """A simulation could not keep its CPU and runs unplaced (slower, not different)."""
+
+
 def allowed_cpus() -> list[int]:
     """The CPUs this process may run on, ascending."""
     return sorted(os.sched_getaffinity(0))
 
 
+def xdist_worker() -> int | None:
+    """This process's pytest-xdist worker number, if it is one."""
+    worker = _XDIST_WORKER.match(os.environ.get("PYTEST_XDIST_WORKER", ""))
+    return None if worker is None else int(worker.group(1))
+
+
 def choose_cpu(setting: CpuSetting) -> int | None:
-    """The CPU a simulation runs on for ``setting`` (None: not placed)."""
+    """The CPU a simulation runs on for ``setting`` (None: not placed). In a
+    pytest-xdist worker, an explicit CPU is where worker 0 goes, and ``auto`` is the
+    first allowed CPU: worker N takes the Nth allowed CPU after it, in turn."""
     if setting is None:
         return None
     allowed = allowed_cpus()
+    worker = xdist_worker()
     if setting == "auto":
-        worker = _XDIST_WORKER.match(os.environ.get("PYTEST_XDIST_WORKER", ""))
         if worker is not None:
-            return allowed[int(worker.group(1)) % len(allowed)]
+            return allowed[worker % len(allowed)]
         current = current_cpu()
         return current if current in allowed else allowed[0]
-    if setting not in allowed:
-        raise PlacementError(f"CPU {setting} is not one this process may use "
+    check_cpu(setting)
+    if worker is None:
+        return setting
+    return allowed[(allowed.index(setting) + worker) % len(allowed)]
+
+
+def check_cpu(cpu: int) -> int:
+    """``cpu`` if this process may use it, else PlacementError naming those it may."""
+    allowed = allowed_cpus()
+    if cpu not in allowed:
+        raise PlacementError(f"CPU {cpu} is not one this process may use "
                              f"(allowed: {', '.join(map(str, allowed))})")
-    return setting
+    return cpu
 
 
 def current_cpu() -> int | None:
@@ -83,31 +107,45 @@ class Placement:
     def __repr__(self) -> str:
         return f"<Placement cpu={self.cpu}>"
 
-    def pin_child(self) -> None:
-        """In a child before exec (a kernel): run on the simulation's CPU only."""
-        if self.cpu is not None:
-            os.sched_setaffinity(0, {self.cpu})
-
-    @contextmanager
+    @contextlib.contextmanager
     def driving(self) -> Iterator[None]:
         """The calling thread on the simulation's CPU for the block, as it was after it
         (nested blocks pin and restore once)."""
-        if self.cpu is None:
-            yield
-            return
-        if self._depth == 0:
-            self._before = os.sched_getaffinity(0)
-            try:
-                os.sched_setaffinity(0, {self.cpu})
-            except OSError as exc:  # the CPU was taken away (a cpuset changed) since
-                warnings.warn(f"simulation no longer placed on CPU {self.cpu}: {exc}; it "
-                              f"runs unplaced (slower, not different)", stacklevel=3)
-                self.cpu, self._before = None, None
+        if self.cpu is not None and self._depth == 0:
+            self._pin(self.cpu)
         self._depth += 1
         try:
             yield
         finally:
             self._depth -= 1
             if self._depth == 0 and self._before is not None:
-                os.sched_setaffinity(0, self._before)
-                self._before = None
+                before, self._before = self._before, None
+                with contextlib.suppress(OSError):  # some of them were taken away
+                    os.sched_setaffinity(0, before)
+
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        """Inside :meth:`driving` (a run's callback, say), the thread's CPUs from before
+        the run for the block: for a host process or thread that should not share the
+        simulation's CPU. Outside it, nothing changes."""
+        before = self._before
+        if before is None:
+            yield
+            return
+        os.sched_setaffinity(0, before)
+        try:
+            yield
+        finally:
+            if self.cpu is not None:
+                os.sched_setaffinity(0, {self.cpu})
+
+    def _pin(self, cpu: int) -> None:
+        before = os.sched_getaffinity(0)
+        try:
+            os.sched_setaffinity(0, {cpu})
+        except OSError as exc:  # the CPU was taken away (a cpuset changed) since
+            self.cpu = None
+            warnings.warn(f"simulation no longer placed on CPU {cpu}: {exc}; it runs "
+                          f"unplaced (slower, not different)", PlacementWarning, stacklevel=4)
+            return
+        self._before = before

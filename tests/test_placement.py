@@ -11,13 +11,21 @@ import psutil
 import pytest
 
 from pytest_umtt import Simulation
-from pytest_umtt.placement import Placement, PlacementError, allowed_cpus, choose_cpu
+from pytest_umtt.placement import (
+    Placement,
+    PlacementError,
+    PlacementWarning,
+    allowed_cpus,
+    choose_cpu,
+)
 from tests.conftest import uml_processes
 
 ALLOWED = allowed_cpus()
 
 
-def test_unplaced_is_none_and_an_explicit_cpu_is_checked() -> None:
+def test_unplaced_is_none_and_an_explicit_cpu_is_checked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     assert choose_cpu(None) is None
     assert choose_cpu(ALLOWED[-1]) == ALLOWED[-1]
     with pytest.raises(PlacementError, match=r"CPU 4096 is not one this process may use "
@@ -26,10 +34,12 @@ def test_unplaced_is_none_and_an_explicit_cpu_is_checked() -> None:
 
 
 @pytest.mark.parametrize("worker", range(4))
-def test_auto_gives_xdist_workers_cpus_in_turn(monkeypatch: pytest.MonkeyPatch,
-                                               worker: int) -> None:
+def test_xdist_workers_take_cpus_in_turn(monkeypatch: pytest.MonkeyPatch,
+                                         worker: int) -> None:
     monkeypatch.setenv("PYTEST_XDIST_WORKER", f"gw{worker}")
     assert choose_cpu("auto") == ALLOWED[worker % len(ALLOWED)]
+    # An explicit CPU is worker 0's: the others count on from it.
+    assert choose_cpu(ALLOWED[-1]) == ALLOWED[(len(ALLOWED) - 1 + worker) % len(ALLOWED)]
 
 
 def test_auto_outside_xdist_takes_an_allowed_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,6 +47,10 @@ def test_auto_outside_xdist_takes_an_allowed_cpu(monkeypatch: pytest.MonkeyPatch
     assert choose_cpu("auto") in ALLOWED
 
 
+needs_two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason="pinning one CPU changes nothing")
+
+
+@needs_two_cpus
 def test_driving_pins_the_calling_thread_only_and_restores_it_nested() -> None:
     before = os.sched_getaffinity(0)
     placement = Placement(ALLOWED[-1])
@@ -52,6 +66,7 @@ def test_driving_pins_the_calling_thread_only_and_restores_it_nested() -> None:
     assert seen == [{ALLOWED[-1]}]
 
 
+@needs_two_cpus
 def test_driving_restores_the_affinity_when_the_block_raises() -> None:
     before = os.sched_getaffinity(0)
     with pytest.raises(RuntimeError), Placement(ALLOWED[0]).driving():
@@ -72,13 +87,15 @@ def _affinities(directory: Path) -> set[frozenset[int]]:
     return found
 
 
+@needs_two_cpus
 @pytest.mark.kernel
 def test_kernels_and_the_driving_thread_share_the_simulations_cpu(
         uml_kernel: Path, tmp_path: Path) -> None:
-    cpu = ALLOWED[-1]
     before = os.sched_getaffinity(0)
     directory = tmp_path / "sim"
-    with Simulation(kernel=uml_kernel, directory=directory, cpu=cpu) as sim:
+    with Simulation(kernel=uml_kernel, directory=directory, cpu=ALLOWED[-1]) as sim:
+        cpu = sim.placement.cpu  # under pytest-xdist, worker N's is N CPUs further on
+        assert cpu == choose_cpu(ALLOWED[-1])
         assert sim.calendar.spin is None  # sharing the CPU, it never spins
         machines = [sim.machine(f"m{n}", boot=False) for n in (1, 2)]
         sim.boot(*machines)
@@ -110,7 +127,21 @@ def test_a_cpu_taken_away_since_it_was_chosen_leaves_the_run_unplaced(
     def refuse(_pid: int, _cpus: object) -> None:
         raise OSError(22, "Invalid argument")
     monkeypatch.setattr(os, "sched_setaffinity", refuse)
-    with pytest.warns(UserWarning, match=rf"no longer placed on CPU {ALLOWED[0]}: .*Invalid"), \
+    with pytest.warns(PlacementWarning,
+                      match=rf"no longer placed on CPU {ALLOWED[0]}: .*Invalid"), \
             placement.driving():
         pass
     assert placement.cpu is None
+
+
+@needs_two_cpus
+def test_released_gives_a_callback_its_cpus_back_for_the_block() -> None:
+    before = os.sched_getaffinity(0)
+    placement = Placement(ALLOWED[0])
+    with placement.released():
+        assert os.sched_getaffinity(0) == before  # not driving: nothing to give back
+    with placement.driving():
+        with placement.released():
+            assert os.sched_getaffinity(0) == before
+        assert os.sched_getaffinity(0) == {ALLOWED[0]}
+    assert os.sched_getaffinity(0) == before

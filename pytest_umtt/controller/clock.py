@@ -31,6 +31,10 @@ class Job:
     owner: object
     cancelled: bool = False
 
+    def __lt__(self, other: Job) -> bool:
+        """Queue order (the queue itself compares its entries' keys, not jobs)."""
+        return (self.time, self.order) < (other.time, other.order)
+
 
 # The queue holds (time, order, job): tuples compare in C, and ``order`` is unique, so
 # a comparison never reaches the job.
@@ -79,7 +83,7 @@ class Clock:
                  judge: Callable[[int, Job, Job], bool] | None = None) -> None:
         self.now = 0
         """The virtual time in nanoseconds: read it, move it only with :meth:`move_to`
-        (a plain attribute: the calendar reads it a dozen times per kernel run)."""
+        (a plain attribute: the calendar reads it about 15 times per kernel run)."""
         self._queue: list[_Entry] = []
         self._order = itertools.count()
         self._ties = ties

@@ -93,7 +93,7 @@ class Core(ABC):
         self.max_free_run = max_free_run
         self.time_at_start = time_at_start
         self.pause_on_broadcast = pause_on_broadcast
-        self.trace = trace
+        self._trace = trace
         self.expected_clients = expected_clients
         self.shm_enabled = shm
         self.late_joiners_shm = late_joiners_shm
@@ -137,6 +137,12 @@ class Core(ABC):
             else log_fd
         self._handlers = self._handler_table()
         self._trace_record = None if trace is None else trace.recorder()
+
+    @property
+    def trace(self) -> Trace | None:
+        """The record of the run (None: not recorded); fixed at construction, since the
+        hot path binds its recorder once."""
+        return self._trace
 
     def live_clients(self) -> list[Client]:
         """Clients that have not left."""
@@ -261,7 +267,8 @@ class Core(ABC):
 
     def _next_horizon(self) -> int:
         """How far a client may free-run: the next event, bounded by the run's deadline."""
-        # Comparisons rather than min(): this runs at every grant.
+        # Comparisons rather than min() for the next event and the deadline: this runs
+        # at every grant.
         span = FREE_RUN_SPAN if self.max_free_run is None else self.max_free_run
         horizon = self._clock.now + span
         horizon = min(horizon, U64_MAX)

@@ -119,7 +119,8 @@ class DeviceClock(Protocol):
     """What a backend needs of the calendar (:class:`~pytest_umtt.controller.Calendar`
     has it all): the clock, the event queue, the event loop and a way to hold time."""
 
-    trace: Trace | None
+    @property
+    def trace(self) -> Trace | None: ...
 
     @property
     def now(self) -> int: ...

@@ -10,6 +10,7 @@ import pytest
 from ..errors import KernelError, MachineError, format_ns
 from ..identity import root_summary
 from ..kernel import build_shim, kernel_identity
+from ..placement import choose_cpu
 from ..simulation import (
     Simulation,
 )
@@ -38,7 +39,15 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     replay = replay_header(state) if state.replay is not None else []
     return [*replay, f"umtt: kernel {kernel}", f"umtt: guest root {_root_description(state)}",
             f"umtt: seed {settings.seed} ({settings.seed_source}), guest entropy {entropy}",
-            f"umtt: machines {_confinement_description(settings)}"]
+            f"umtt: machines {_confinement_description(settings)}",
+            f"umtt: placement {_placement_description(settings)}"]
+
+
+def _placement_description(settings: Settings) -> str:
+    if settings.cpu is None:
+        return "off (--umtt-cpu=off): kernels and calendar spread by the host scheduler"
+    return (f"one CPU per simulation for its kernels and calendar (--umtt-cpu={settings.cpu}: "
+            f"CPU {choose_cpu(settings.cpu)} here; pytest-xdist workers take CPUs in turn)")
 
 
 def _confinement_description(settings: Settings) -> str:

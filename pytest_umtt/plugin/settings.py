@@ -24,7 +24,7 @@ from ..kernel import build_kernel, debian_source, default_kernel
 from ..kselftest import (
     LIST_FILE,
 )
-from ..placement import CpuSetting, PlacementError, choose_cpu
+from ..placement import CpuSetting, PlacementError, check_cpu
 from ..simulation import (
     DEFAULT_WALL_TIMEOUT,
 )
@@ -209,7 +209,7 @@ def _cpu(text: str, where: str) -> CpuSetting:
     if text in ("auto", "off"):
         return None if text == "off" else "auto"
     try:
-        return choose_cpu(int(text))
+        return check_cpu(int(text))
     except ValueError as exc:  # not a number, or a PlacementError
         detail = str(exc) if isinstance(exc, PlacementError) else f"got {text!r}"
         raise pytest.UsageError(f"{where}: expected auto, off or a CPU number: {detail}") \
@@ -389,9 +389,10 @@ OPTIONS = (
            "running pytest can write)", "on|off",
            "confine", _on_off, True),
     Option("umtt_cpu", "--umtt-cpu", "the host CPU each simulation's kernels and calendar "
-           "share: 'auto' (default: a pytest-xdist worker's by its number, else the CPU "
-           "pytest runs on), a CPU number, or 'off' (the host scheduler spreads them; "
-           "slower: every hand-over then wakes a process on another CPU)", "auto|off|N",
+           "share: 'auto' (default: the CPU pytest runs on; pytest-xdist workers take the "
+           "allowed CPUs in turn), a CPU number (with -n: worker 0's, the others count on "
+           "from it), or 'off' (the host scheduler spreads them; slower: every hand-over "
+           "then wakes a process on another CPU)", "auto|off|N",
            "cpu", _cpu, "auto"),
     Option("umtt_shrink", "--umtt-shrink", "for a test that fails with perturbed decisions "
            "(--umtt-perturb's tie orders and doorbell delays, a seeded network's losses and "
