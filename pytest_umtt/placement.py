@@ -17,8 +17,10 @@ handlers, scheduled calls and device callbacks, and any thread or process they s
 (:meth:`Placement.released` gives such a block its CPUs back). The test's own code
 outside the run keeps the CPUs it had. :func:`choose_cpu` picks the CPU: an explicit
 one, or for ``auto`` the CPU the process runs on now (the scheduler's own choice of a
-free one); a pytest-xdist worker counts on from there by its number, so that two
-workers on two CPUs never share one.
+free one). pytest-xdist workers no more numerous than the CPUs take one each, by their
+number, so that two workers on two CPUs never share one; more workers than CPUs choose
+as a lone process does, at each simulation, so that the last ones running are not
+stuck on one CPU while another idles.
 """
 
 from __future__ import annotations
@@ -57,16 +59,23 @@ def xdist_worker() -> int | None:
     return None if worker is None else int(worker.group(1))
 
 
+def xdist_workers() -> int:
+    """How many pytest-xdist workers this run has (0 outside one)."""
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    return int(count) if count.isdigit() else 0
+
+
 def choose_cpu(setting: CpuSetting) -> int | None:
     """The CPU a simulation runs on for ``setting`` (None: not placed). In a
-    pytest-xdist worker, an explicit CPU is where worker 0 goes, and ``auto`` is the
-    first allowed CPU: worker N takes the Nth allowed CPU after it, in turn."""
+    pytest-xdist worker, an explicit CPU is where worker 0 goes and worker N takes the
+    Nth allowed CPU after it, in turn; so does ``auto`` from the first allowed CPU, as
+    long as there are no more workers than CPUs."""
     if setting is None:
         return None
     allowed = allowed_cpus()
     worker = xdist_worker()
     if setting == "auto":
-        if worker is not None:
+        if worker is not None and xdist_workers() <= len(allowed):
             return allowed[worker % len(allowed)]
         current = current_cpu()
         return current if current in allowed else allowed[0]

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pytest_umtt import Simulation
+from pytest_umtt import Simulation, placement
 from pytest_umtt.placement import (
     Placement,
     PlacementError,
@@ -37,6 +37,7 @@ def test_unplaced_is_none_and_an_explicit_cpu_is_checked(
 def test_xdist_workers_take_cpus_in_turn(monkeypatch: pytest.MonkeyPatch,
                                          worker: int) -> None:
     monkeypatch.setenv("PYTEST_XDIST_WORKER", f"gw{worker}")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", str(len(ALLOWED)))
     assert choose_cpu("auto") == ALLOWED[worker % len(ALLOWED)]
     # An explicit CPU is worker 0's: the others count on from it.
     assert choose_cpu(ALLOWED[-1]) == ALLOWED[(len(ALLOWED) - 1 + worker) % len(ALLOWED)]
@@ -45,6 +46,17 @@ def test_xdist_workers_take_cpus_in_turn(monkeypatch: pytest.MonkeyPatch,
 def test_auto_outside_xdist_takes_an_allowed_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     assert choose_cpu("auto") in ALLOWED
+
+
+@pytest.mark.skipif(len(ALLOWED) < 2, reason="one CPU: every choice is the same")
+def test_more_xdist_workers_than_cpus_take_the_cpu_they_run_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")  # in turn it would take ALLOWED[1]
+    monkeypatch.setattr(placement, "current_cpu", lambda: ALLOWED[0])
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", str(len(ALLOWED)))
+    assert choose_cpu("auto") == ALLOWED[1]
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", str(len(ALLOWED) + 1))
+    assert choose_cpu("auto") == ALLOWED[0]
 
 
 needs_two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason="pinning one CPU changes nothing")

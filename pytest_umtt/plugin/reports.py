@@ -47,7 +47,7 @@ def _placement_description(settings: Settings) -> str:
     if settings.cpu is None:
         return "off (--umtt-cpu=off): kernels and calendar spread by the host scheduler"
     return (f"one CPU per simulation for its kernels and calendar (--umtt-cpu={settings.cpu}: "
-            f"CPU {choose_cpu(settings.cpu)} here; pytest-xdist workers take CPUs in turn)")
+            f"CPU {choose_cpu(settings.cpu)} here)")
 
 
 def _confinement_description(settings: Settings) -> str:

@@ -389,10 +389,10 @@ OPTIONS = (
            "running pytest can write)", "on|off",
            "confine", _on_off, True),
     Option("umtt_cpu", "--umtt-cpu", "the host CPU each simulation's kernels and calendar "
-           "share: 'auto' (default: the CPU pytest runs on; pytest-xdist workers take the "
-           "allowed CPUs in turn), a CPU number (with -n: worker 0's, the others count on "
-           "from it), or 'off' (the host scheduler spreads them; slower: every hand-over "
-           "then wakes a process on another CPU)", "auto|off|N",
+           "share: 'auto' (default: the CPU pytest runs on; pytest-xdist workers no more "
+           "numerous than the CPUs take one each), a CPU number (with -n: worker 0's, the "
+           "others count on from it), or 'off' (the host scheduler spreads them; slower: "
+           "every hand-over then wakes a process on another CPU)", "auto|off|N",
            "cpu", _cpu, "auto"),
     Option("umtt_shrink", "--umtt-shrink", "for a test that fails with perturbed decisions "
            "(--umtt-perturb's tie orders and doorbell delays, a seeded network's losses and "
