@@ -79,15 +79,16 @@ def choose_cpu(setting: CpuSetting) -> int | None:
             return allowed[worker % len(allowed)]
         current = current_cpu()
         return current if current in allowed else allowed[0]
-    check_cpu(setting)
+    check_cpu(setting, allowed)
     if worker is None:
         return setting
     return allowed[(allowed.index(setting) + worker) % len(allowed)]
 
 
-def check_cpu(cpu: int) -> int:
-    """``cpu`` if this process may use it, else PlacementError naming those it may."""
-    allowed = allowed_cpus()
+def check_cpu(cpu: int, allowed: list[int] | None = None) -> int:
+    """``cpu`` if this process may use it (one of ``allowed``, if the caller read them
+    already), else PlacementError naming those it may."""
+    allowed = allowed_cpus() if allowed is None else allowed
     if cpu not in allowed:
         raise PlacementError(f"CPU {cpu} is not one this process may use "
                              f"(allowed: {', '.join(map(str, allowed))})")

@@ -270,8 +270,7 @@ class Core(ABC):
         # Comparisons rather than min() for the next event and the deadline: this runs
         # at every grant.
         span = FREE_RUN_SPAN if self.max_free_run is None else self.max_free_run
-        horizon = self._clock.now + span
-        horizon = min(horizon, U64_MAX)
+        horizon = min(self._clock.now + span, U64_MAX)
         job = self._clock.peek()
         if job is not None and job.time < horizon:
             horizon = job.time

@@ -378,14 +378,13 @@ class Calendar(Handlers):
             self._clock.move_to(job.time)  # published by the grant
             owner.job = None
             self._grant(owner)
-        elif isinstance(owner, ScheduledCall):
-            self._set_now(job.time)
+            return True
+        self._set_now(job.time)
+        if isinstance(owner, ScheduledCall):
             owner._job = None
             self._record("call", None, detail=owner.name)
             self._map.end_run()
             owner.fn()
-        else:
-            self._set_now(job.time)
         return True
 
     # --- waiting for I/O -------------------------------------------------------------
